@@ -144,7 +144,6 @@ def degrade(
         _check_output(hr_out, overwrite)
     vol = _load(scan, series)
     from medldm.degrade import degrade_volume
-
     from medldm.volume import save_nifti
 
     result = degrade_volume(vol, kind=kind.value, axis=axis, scale=scale, profile=profile.value, noise=noise,
@@ -158,3 +157,156 @@ def degrade(
           f"{lr.meta['degrade']['axis']})")
     if result.hr.shape != vol.shape:
         print(f"note: the scan was cropped from {vol.shape} to {result.hr.shape} to hold whole thick voxels")
+
+
+class StageName(str, Enum):
+    all = "all"
+    autoencoder = "autoencoder"
+    diffusion = "diffusion"
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/brain_mri.yaml")],
+    stage: Annotated[StageName, typer.Option(help="which stage to train")] = StageName.all,
+    run_dir: Annotated[Path | None, typer.Option(help="output folder (default: runs/<config name>)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this folder from its last checkpoint")]
+    = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="stop each stage at this step (for chunked runs)")]
+    = None,
+    data_root: Annotated[Path | None, typer.Option(help="folder the config's data globs are relative to "
+                                                         "(default: $MEDLDM_DATA_ROOT)")] = None,
+    lpips_weights: Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")] = None,
+):
+    """Train the autoencoder, then the conditional latent diffusion model (over accelerate: CPU, GPUs, nodes)."""
+    from medldm.config import load_config
+
+    cfg, root = load_config(config, data_root=data_root)
+    folder = resume or run_dir or Path("runs") / cfg.name
+    if resume is None and folder.exists() and any(folder.glob("*/step_*")):
+        raise MedldmError("already holds checkpoints; pass --resume to continue it or choose another --run-dir",
+                          folder)
+    if resume is not None and not folder.is_dir():
+        raise MedldmError("no run to resume here", folder)
+    from medldm.train import Trainer
+
+    trainer = Trainer(cfg, root, folder, lpips_weights=str(lpips_weights) if lpips_weights else None)
+    if trainer.acc.is_main_process:
+        print(f"training {cfg.name} ({stage.value}) in {folder} on {trainer.acc.device} "
+              f"with {trainer.acc.num_processes} process(es), mixed precision {cfg.training.mixed_precision}")
+    trainer.run(stage.value, max_steps)
+    if trainer.acc.is_main_process and (folder / "model").is_dir():
+        print(f"model written to {folder / 'model'}")
+
+
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+
+
+def _batch_inputs(folder: Path) -> list[Path] | None:
+    """The scans of a batch folder (NIfTI/NRRD files and DICOM sub-folders), or None for a DICOM series folder."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES))
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not files and not subdirs:
+        return None  # a DICOM series folder (or nothing): load() decides and explains
+    return files + subdirs
+
+
+def _default_output(scan: Path, out_dir: Path | None) -> Path:
+    name = scan.name
+    for suffix in SCAN_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return (out_dir or scan.parent) / f"{name}_sr.nii.gz"
+
+
+@app.command()
+def upscale(
+    scan: Scan,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="output .nii.gz (a folder in batch mode); "
+                                                                  "default: <name>_sr.nii.gz beside the input")]
+    = None,
+    model: Annotated[str, typer.Option(help="model folder, or 'default' for the shipped model")] = "default",
+    scale: Annotated[int | None, typer.Option(min=2, help="factor (default: the spacing ratio or the model's)")]
+    = None,
+    axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "auto",
+    kind: Annotated[Kind | None, typer.Option(help="degradation to undo (default: thick slices for "
+                                                   "anisotropic scans, in-plane otherwise)")] = None,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="sampler steps")] = 8,
+    sampler: Annotated[str, typer.Option(help="ddim, dpmpp-2m, ddpm, sde or ode")] = "dpmpp-2m",
+    samples: Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")]
+    = 1,
+    seed: Annotated[int, typer.Option(help="random seed; the same seed gives the same output")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    consistency: Annotated[float, typer.Option(min=0.0, max=1.0, help="data-consistency strength")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="slices or patches per network call")] = 16,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")]
+    = False,
+    preview: Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")] = None,
+    series: Series = None,
+    overwrite: Overwrite = False,
+):
+    """Upscale a scan (or every scan in a folder) with the latent diffusion model."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not scan.exists():
+        raise MedldmError("no such file or folder", scan)
+    batch = _batch_inputs(scan) if scan.is_dir() else None
+    if batch is None:
+        jobs = [(scan, out or _default_output(scan, None))]
+    else:
+        if out is not None and out.name.lower().endswith((".nii", ".nii.gz")):
+            raise MedldmError("in batch mode --out is a folder", out)
+        jobs = [(s, _default_output(s, out)) for s in batch]
+    if batch is None:
+        _check_output(jobs[0][1], overwrite)
+    from medldm.pipeline import Upscaler
+    from medldm.volume import save_nifti
+
+    upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, batch_size=batch_size,
+                        consistency=consistency, bf16=bf16)
+    failures, written, skipped = [], [], []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        overall = bar.add_task("all scans", total=len(jobs)) if len(jobs) > 1 else None
+        for source, target in jobs:
+            try:
+                if target.exists() and not overwrite:
+                    if batch is None:
+                        raise MedldmError("already exists; pass --overwrite to replace it", target)
+                    skipped.append(target)  # a resumed batch skips finished outputs
+                    continue
+                vol = _load(source, series)
+                task = bar.add_task(source.name, total=None)
+                result = upscaler.upscale(vol, axis=axis, scale=scale, kind=kind.value if kind else None,
+                                          samples=samples, seed=seed,
+                                          progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
+                save_nifti(result.sr, target, overwrite=overwrite)
+                if result.uncertainty is not None:
+                    save_nifti(result.uncertainty, target.with_name(target.name.replace(".nii", "_uncertainty.nii")),
+                               overwrite=overwrite)
+                if preview is not None and batch is None:
+                    from medldm.figures import before_after
+
+                    before_after(vol, result.sr, preview)
+                written.append(target)
+                bar.console.print(
+                    f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, {result.task.kind} "
+                    f"x{result.task.scale} along voxel axis {result.axis}, consistency residual "
+                    f"{100 * result.residual:.3f}% of range")
+            except MedldmError as err:
+                if batch is None:
+                    raise
+                failures.append(str(err))
+                bar.console.print(f"[red]failed[/]: {err}")
+            finally:
+                if overall is not None:
+                    bar.update(overall, advance=1)
+    if batch is not None:
+        print(f"{len(written)} written, {len(skipped)} skipped (already done), {len(failures)} failed")
+        for failure in failures:
+            print(f"failed: {failure}", file=sys.stderr)
+        if failures:
+            raise typer.Exit(1)

@@ -1,0 +1,128 @@
+"""Checkpoints and model folders: safetensors weights + JSON, written atomically, read without pickles.
+
+A training checkpoint is a folder ``<run>/<stage>/step_0000100/`` holding ``*.safetensors`` (weights and EMA),
+``optim.pt`` (optimizer state, read back with ``weights_only=True``) and ``state.json`` (step, config). It is
+written under a temporary name and renamed when complete, so a killed run never leaves a half checkpoint under
+a real name. A model folder (what ``medldm upscale`` loads) holds ``config.json``, ``model.json``,
+``autoencoder.safetensors``, ``denoiser.safetensors`` and ``SHA256SUMS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medldm.errors import MedldmError
+
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "load_weights", "write_model_folder",
+           "read_model_folder", "sha256", "atomic_write_text"]
+
+STEP_PREFIX = "step_"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; clone to contiguous standalone tensors
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(stage_dir: Path, step: int, *, modules: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], state: dict, keep: int = 2) -> Path:
+    """Write a complete checkpoint atomically and drop all but the ``keep`` newest."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    final = stage_dir / f"{STEP_PREFIX}{step:07d}"
+    tmp = stage_dir / f".partial-{final.name}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    for name, module in modules.items():
+        save_file(_state_dict(module), str(tmp / f"{name}.safetensors"))
+    torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(stage_dir.glob(f"{STEP_PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a stage (temporary folders of killed writes are ignored)."""
+    done = [p for p in sorted(stage_dir.glob(f"{STEP_PREFIX}*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def load_state(ckpt: Path) -> tuple[dict, dict]:
+    """(state.json contents, optimizer state dicts) of a checkpoint."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        optim = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MedldmError(f"checkpoint cannot be read ({exc})", ckpt) from None
+    return state, optim
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights, with a clear error when the file or the architecture does not match."""
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:
+        raise MedldmError(f"weights cannot be read ({exc})", path) from None
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+        raise MedldmError(f"weights do not fit the model in its config ({first})", path) from None
+
+
+def write_model_folder(out: Path, *, config: dict, info: dict, modules: dict[str, torch.nn.Module]) -> Path:
+    """Write a self-contained model folder (atomically: built aside, then renamed into place)."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:6]}")
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "model.json").write_text(json.dumps(info, indent=1))
+    for name, module in modules.items():
+        save_file(_state_dict(module), str(tmp / f"{name}.safetensors"))
+    sums = [f"{sha256(p)}  {p.name}" for p in sorted(tmp.iterdir())]
+    (tmp / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_model_folder(folder: Path, *, verify: bool = True) -> tuple[dict, dict]:
+    """(config, model info) of a model folder, after checking every file against SHA256SUMS."""
+    folder = Path(folder)
+    sums = folder / "SHA256SUMS"
+    if not folder.is_dir() or not sums.is_file():
+        raise MedldmError("not a medldm model folder (no SHA256SUMS)", folder)
+    if verify:
+        for line in sums.read_text().splitlines():
+            digest, name = line.split(maxsplit=1)
+            if not (folder / name).is_file() or sha256(folder / name) != digest:
+                raise MedldmError(f"{name} is missing or does not match its checksum (corrupt or altered)", folder)
+    try:
+        return json.loads((folder / "config.json").read_text()), json.loads((folder / "model.json").read_text())
+    except Exception as exc:
+        raise MedldmError(f"model description cannot be read ({exc})", folder) from None

@@ -1,0 +1,229 @@
+"""Training configuration: pydantic models of the YAML files in configs/. Unknown keys are errors.
+
+Data paths are globs relative to a data root, given (first found wins) by ``--data-root``, the environment
+variable ``MEDLDM_DATA_ROOT``, or ``data.root`` in the file (relative to the file), so the same config runs on
+anyone's copy of the data.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medldm.errors import MedldmError
+
+__all__ = ["Config", "load_config", "DataSource", "Task", "resolve_sources"]
+
+DATA_ROOT_ENV = "MEDLDM_DATA_ROOT"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSource(_Strict):
+    """Scans matching ``glob`` (relative to the data root); the last ``holdout`` files, sorted by name, are the
+    validation subjects and never used for training."""
+
+    glob: str
+    holdout: int = Field(0, ge=0)
+    modality: Literal["MR", "CT"] = "MR"
+
+
+class Task(_Strict):
+    """One degradation the model learns to invert. ``slice-profile``: thick slices along one axis (the axis is
+    chosen per sample among the planes' axes, so the model sees every orientation); ``kspace``/``blur``: in-plane
+    loss of resolution."""
+
+    kind: Literal["slice-profile", "kspace", "blur"]
+    scale: int = Field(ge=2, le=8)
+    profile: Literal["gaussian", "boxcar"] = "gaussian"
+
+
+class Intensity(_Strict):
+    kind: Literal["percentile", "window"] = "percentile"
+    lower: float = Field(0.5, ge=0, lt=50)
+    upper: float = Field(99.5, gt=50, le=100)
+    window: str | None = None  # CT preset name from medldm.intensity.CT_WINDOWS
+
+
+class Data(_Strict):
+    root: str | None = None
+    sources: list[DataSource] = Field(min_length=1)
+    tasks: list[Task] = Field(min_length=1)
+    spatial_dims: Literal[2, 3] = 2
+    patch_size: list[int] = Field(min_length=2, max_length=3)
+    foreground_fraction: float = Field(0.9, ge=0, le=1)
+    intensity: Intensity = Intensity()
+    cache: str | None = None  # HDF5 file of normalised volumes (h5py), relative to the run folder
+    noise: float = Field(0.0, ge=0, le=0.2)  # Rician noise on LR inputs, fraction of the intensity range
+
+    @model_validator(mode="after")
+    def _patch_matches_dims(self):
+        if len(self.patch_size) != self.spatial_dims:
+            raise ValueError(f"patch_size has {len(self.patch_size)} entries but spatial_dims is {self.spatial_dims}")
+        if any(p < 8 for p in self.patch_size):
+            raise ValueError("patch_size entries must be at least 8")
+        return self
+
+
+class Autoencoder(_Strict):
+    kind: Literal["kl", "vq"] = "kl"
+    channels: list[int] = Field([32, 64, 64], min_length=2, max_length=4)  # f = 2 ** (len(channels) - 1)
+    latent_channels: int = Field(4, ge=1, le=16)
+    num_res_blocks: int = Field(1, ge=1, le=4)
+    norm_num_groups: int = Field(16, ge=1)
+    attention: bool = False
+    num_embeddings: int = Field(256, ge=2)  # VQ codebook size
+    # losses
+    perceptual_weight: float = Field(0.3, ge=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    adversarial_weight: float = Field(0.01, ge=0)
+    adversarial_start: int = Field(2000, ge=0)  # step at which the discriminator joins
+    lpips_weights: str | None = None  # folder with the real LPIPS weights; default: see medldm.perceptual
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @model_validator(mode="after")
+    def _groups_divide(self):
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every channel count, not {bad}")
+        return self
+
+
+class Diffusion(_Strict):
+    denoiser: Literal["unet", "dit"] = "unet"
+    channels: list[int] = Field([64, 128, 128], min_length=1, max_length=4)
+    attention_levels: list[bool] = [False, False, True]
+    num_res_blocks: int = Field(1, ge=1, le=4)
+    num_head_channels: int = Field(32, ge=8)
+    norm_num_groups: int = Field(32, ge=1)
+    # DiT option
+    patch: int = Field(2, ge=1)
+    depth: int = Field(6, ge=1)
+    width: int = Field(192, ge=32)
+    heads: int = Field(6, ge=1)
+    # process
+    timesteps: int = Field(1000, ge=10)
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = Field(0.0015, gt=0)
+    beta_end: float = Field(0.0195, gt=0)
+    prediction: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    # noise augmentation of the condition: levels 0..condition_levels-1 spread over [0, condition_max_t]
+    condition_levels: int = Field(8, ge=1)
+    condition_max_t: int = Field(250, ge=0)
+
+    @model_validator(mode="after")
+    def _levels_match(self):
+        if self.denoiser == "unet" and len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels needs one entry per channels entry")
+        if self.condition_max_t >= self.timesteps:
+            raise ValueError("condition_max_t must be below timesteps")
+        return self
+
+
+class Stage(_Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(0.999, gt=0, lt=1)
+    # progressive growing: [[until_step, size...], ...] trains on smaller patches first (None = fixed size)
+    progressive: list[list[int]] | None = None
+
+
+class Training(_Strict):
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    channels_last: bool = False
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    autoencoder: Stage
+    diffusion: Stage
+
+
+class Config(_Strict):
+    name: str
+    data: Data
+    autoencoder: Autoencoder = Autoencoder()
+    diffusion: Diffusion = Diffusion()
+    training: Training
+
+    def digest(self) -> str:
+        """Short hash of the settings, for reports and caches."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    if first["type"] == "missing":
+        return f"{source}: missing key '{key}'"
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
+    return f"{source}: key '{key}': {message}{more}"
+
+
+def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
+                check_files: bool = True) -> tuple[Config, Path]:
+    """Read and validate a YAML config; return it and the resolved data root.
+
+    Raises:
+        MedldmError: bad YAML, an unknown key, a wrong type or value, or data that cannot be found; the
+            message names the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedldmError("config file not found", path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise MedldmError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+    return parse_config(raw, source=str(path), base=path.parent, data_root=data_root, check_files=check_files)
+
+
+def parse_config(raw, *, source: str = "config", base: Path = Path("."), data_root=None,
+                 check_files: bool = True) -> tuple[Config, Path]:
+    """Validate an already-parsed config mapping (e.g. the JSON stored in a checkpoint)."""
+    if not isinstance(raw, dict):
+        raise MedldmError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as err:
+        raise MedldmError(_describe(err, source)) from None
+    root = Path(data_root or os.environ.get(DATA_ROOT_ENV) or base / (config.data.root or "."))
+    if check_files:
+        resolve_sources(config, root)
+    return config, root
+
+
+def resolve_sources(config: Config, root: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(train, validation) lists of (file, modality), split by subject within each source."""
+    if not root.is_dir():
+        raise MedldmError(f"data root not found (set --data-root or {DATA_ROOT_ENV})", root)
+    train, validation = [], []
+    for i, source in enumerate(config.data.sources):
+        files = sorted(Path(p) for p in glob.glob(str(root / source.glob)))
+        if not files:
+            raise MedldmError(f"key 'data.sources.{i}.glob': no files match {source.glob!r} under {root}")
+        if source.holdout >= len(files):
+            raise MedldmError(f"key 'data.sources.{i}.holdout': {source.holdout} leaves no training files "
+                              f"of {len(files)}")
+        cut = len(files) - source.holdout
+        train += [(f, source.modality) for f in files[:cut]]
+        validation += [(f, source.modality) for f in files[cut:]]
+    return train, validation

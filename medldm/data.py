@@ -1,0 +1,186 @@
+"""Training data: (HR, LR) pairs made on the fly from real Volumes with the shared forward model.
+
+A batch is a pure function of (seed, step, rank), so a run resumed at step k draws exactly the batches an
+uninterrupted run would, and data-parallel ranks draw different ones. Slices (2D) come from all three planes;
+patches (3D) from anywhere; both are biased towards the foreground.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medldm.config import Config, resolve_sources
+from medldm.degrade import add_rician_noise, make_operator
+from medldm.errors import MedldmError
+from medldm.intensity import IntensityTransform, hu_window, percentile_scaling
+from medldm.nets import MODALITIES
+from medldm.volume import load
+
+__all__ = ["TrainingVolume", "load_volumes", "PairSampler", "upsample", "normaliser"]
+
+FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as foreground
+FOREGROUND_SAMPLES = 20000  # foreground coordinates kept per volume for biased sampling
+
+
+@dataclass
+class TrainingVolume:
+    name: str
+    data: np.ndarray  # canonical (RAS) orientation, normalised, float16
+    modality: int  # index into nets.MODALITIES
+    foreground: np.ndarray  # (N, 3) voxel coordinates above FOREGROUND_LEVEL
+
+
+def normaliser(config: Config, data: np.ndarray) -> IntensityTransform:
+    """The intensity transform the config asks for, fitted to one scan."""
+    cfg = config.data.intensity
+    if cfg.kind == "window":
+        return hu_window(preset=cfg.window or "brain")
+    return percentile_scaling(data, lower=cfg.lower, upper=cfg.upper)
+
+
+def _prepare(path: Path, modality: str, config: Config) -> TrainingVolume:
+    vol = load(path).to_canonical()
+    data = normaliser(config, vol.data).forward(vol.data).astype(np.float16)
+    coords = np.argwhere(data > FOREGROUND_LEVEL)
+    if len(coords) > FOREGROUND_SAMPLES:
+        coords = coords[np.random.default_rng(0).choice(len(coords), FOREGROUND_SAMPLES, replace=False)]
+    return TrainingVolume(path.name, data, MODALITIES.index(modality), coords.astype(np.int32))
+
+
+def load_volumes(config: Config, root: Path, *, split: str = "train", cache: Path | None = None,
+                 progress=None) -> list[TrainingVolume]:
+    """Load and normalise the split's scans, through an HDF5 cache when ``cache`` is given.
+
+    Args:
+        progress: optional callable(done, total) for a progress bar.
+    """
+    train, validation = resolve_sources(config, root)
+    items = train if split == "train" else validation
+    h5 = None
+    if cache is not None:
+        import h5py
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        h5 = h5py.File(cache, "a")
+    key_settings = config.data.intensity.model_dump_json()
+    volumes = []
+    try:
+        for i, (path, modality) in enumerate(items):
+            stat = os.stat(path)
+            key = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}"
+            if h5 is not None and key in h5 and h5[key].attrs.get("intensity") == key_settings:
+                g = h5[key]
+                volumes.append(TrainingVolume(path.name, g["data"][()], int(g.attrs["modality"]), g["fg"][()]))
+            else:
+                tv = _prepare(path, modality, config)
+                volumes.append(tv)
+                if h5 is not None:
+                    if key in h5:
+                        del h5[key]
+                    g = h5.create_group(key)
+                    g.create_dataset("data", data=tv.data, compression="lzf")
+                    g.create_dataset("fg", data=tv.foreground)
+                    g.attrs["modality"], g.attrs["intensity"] = tv.modality, key_settings
+            if progress is not None:
+                progress(i + 1, len(items))
+    finally:
+        if h5 is not None:
+            h5.close()
+    return volumes
+
+
+def upsample(lr: torch.Tensor, size) -> torch.Tensor:
+    """Interpolate an LR batch (B, C, *spatial) onto the HR grid. With align_corners=False, LR sample m lands
+    at HR index s*m + (s-1)/2: the same grid maths as the forward operators and volume affines."""
+    mode = "bilinear" if lr.dim() == 4 else "trilinear"
+    return F.interpolate(lr, size=tuple(size), mode=mode, align_corners=False)
+
+
+class PairSampler:
+    """Draws batches of (HR patch, interpolated LR patch, task, modality) from training volumes."""
+
+    def __init__(self, volumes: list[TrainingVolume], config: Config, *, rank: int = 0):
+        if not volumes:
+            raise MedldmError("no training volumes")
+        self.volumes, self.config, self.rank = volumes, config, rank
+        self.dims = config.data.spatial_dims
+        self.tasks = config.data.tasks
+
+    def patch_size(self, step: int, progressive: list[list[int]] | None = None) -> tuple[int, ...]:
+        """The configured patch size, or the progressive-growing size scheduled for this step."""
+        for entry in progressive or []:
+            if step < entry[0]:
+                return tuple(entry[1:]) if len(entry) > 2 else (entry[1],) * self.dims
+        return tuple(self.config.data.patch_size)
+
+    def batch(self, step: int, batch_size: int, patch_size=None, *, stream: int = 0) -> dict[str, torch.Tensor]:
+        """Batch number ``step`` of this rank; ``stream`` picks an independent sequence (e.g. for measurements)."""
+        rng = np.random.default_rng([self.config.training.seed, step, self.rank, stream])
+        size = tuple(patch_size or self.config.data.patch_size)
+        hr, lr, task, modality = [], [], [], []
+        for _ in range(batch_size):
+            vol = self.volumes[rng.integers(len(self.volumes))]
+            t = int(rng.integers(len(self.tasks)))
+            h, low = self._pair(vol, self.tasks[t], size, rng)
+            hr.append(h)
+            lr.append(low)
+            task.append(t)
+            modality.append(vol.modality)
+        return {"hr": torch.stack(hr)[:, None], "lr": torch.stack(lr)[:, None],
+                "task": torch.tensor(task), "modality": torch.tensor(modality)}
+
+    def _pair(self, vol: TrainingVolume, task, size, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        data = vol.data
+        if self.dims == 2:
+            plane_axis = int(rng.integers(3))  # slice perpendicular to this axis
+        centre = (vol.foreground[rng.integers(len(vol.foreground))]
+                  if len(vol.foreground) and rng.random() < self.config.data.foreground_fraction
+                  else np.array([rng.integers(n) for n in data.shape]))
+        if self.dims == 2:
+            data = np.take(data, int(centre[plane_axis]), axis=plane_axis)
+            centre = np.delete(centre, plane_axis)
+        # degraded axes: one in-plane axis for thick slices (random orientation), all axes otherwise
+        if task.kind == "slice-profile":
+            axis = int(rng.integers(self.dims))
+            op = make_operator(task.kind, axis=axis, scale=task.scale, spatial_dims=self.dims, profile=task.profile)
+            degraded = [axis]
+        else:
+            axis = None if self.dims == 2 else int(rng.integers(3))
+            op = make_operator(task.kind, axis=axis, scale=task.scale, spatial_dims=self.dims, profile=task.profile)
+            degraded = [a for a in range(self.dims) if a != axis]
+        region = self._region(data, centre, size, degraded, task.scale, rng)
+        hr = torch.from_numpy(region.astype(np.float32))
+        if rng.random() < 0.5:  # mirror augmentation
+            hr = hr.flip(int(rng.integers(self.dims)))
+        low = op.forward(hr)
+        if self.config.data.noise > 0:
+            g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            low = add_rician_noise(low, float(rng.random()) * self.config.data.noise, generator=g)
+        up = upsample(low[None, None], hr.shape)[0, 0]
+        margin = [(m - s) // 2 for m, s in zip(hr.shape, size, strict=True)]
+        crop = tuple(slice(m, m + s) for m, s in zip(margin, size, strict=True))
+        return hr[crop].contiguous(), up[crop].contiguous()
+
+    @staticmethod
+    def _region(data, centre, size, degraded, scale, rng) -> np.ndarray:
+        """The patch around ``centre`` plus a margin, zero-padded at the volume border; degraded axes are a
+        multiple of ``scale`` long so the operator applies, and the margin keeps edge effects out of the patch."""
+        starts, stops, pads = [], [], []
+        for a, (n, c, s) in enumerate(zip(data.shape, centre, size, strict=True)):
+            margin = 2 * scale if a in degraded else 0
+            length = s + 2 * margin
+            if a in degraded:
+                length += (-length) % scale
+            start = int(c) - length // 2 + int(rng.integers(-s // 4, s // 4 + 1))
+            lo, hi = max(start, 0), min(start + length, n)
+            starts.append(lo)
+            stops.append(hi)
+            pads.append((lo - start, start + length - hi))
+        region = data[tuple(slice(a, b) for a, b in zip(starts, stops, strict=True))]
+        return np.pad(region, pads)

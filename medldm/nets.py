@@ -1,0 +1,192 @@
+"""Networks from config: MONAI autoencoders (KL or VQ) and denoisers (MONAI DiffusionModelUNet, or a small
+DiT-style transformer), for any ``spatial_dims``.
+
+The denoiser sees the noisy HR latent concatenated with the (noise-augmented) latent of the interpolated LR scan,
+and one class label that encodes the task (degradation kind and scale), the modality and the noise level
+actually added to the condition, so the network knows how much to trust it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.networks.nets import VQVAE, AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from torch import nn
+
+from medldm.config import Config
+
+__all__ = ["Autoencoder", "Denoiser", "DiT", "ConditionCodec", "build_autoencoder", "build_denoiser",
+           "build_discriminator", "MODALITIES"]
+
+MODALITIES = ("MR", "CT")
+
+
+class Autoencoder(nn.Module):
+    """Perceptual compression: ``encode`` gives a deterministic latent (the KL posterior mean, or the VQ
+    quantised code), ``decode`` maps back; ``forward`` returns (reconstruction, regularisation loss)."""
+
+    def __init__(self, cfg, spatial_dims: int):
+        super().__init__()
+        self.kind = cfg.kind
+        levels = len(cfg.channels)
+        if cfg.kind == "kl":
+            self.net = AutoencoderKL(
+                spatial_dims=spatial_dims, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
+                latent_channels=cfg.latent_channels, num_res_blocks=cfg.num_res_blocks,
+                norm_num_groups=cfg.norm_num_groups, attention_levels=(False,) * levels,
+                with_encoder_nonlocal_attn=cfg.attention, with_decoder_nonlocal_attn=cfg.attention,
+            )
+        else:
+            down = levels - 1
+            self.net = VQVAE(
+                spatial_dims=spatial_dims, in_channels=1, out_channels=1, channels=tuple(cfg.channels[1:]),
+                num_res_layers=cfg.num_res_blocks, num_res_channels=tuple(cfg.channels[1:]),
+                downsample_parameters=((2, 4, 1, 1),) * down, upsample_parameters=((2, 4, 1, 1, 0),) * down,
+                num_embeddings=cfg.num_embeddings, embedding_dim=cfg.latent_channels,
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "kl":
+            recon, mu, sigma = self.net(x)
+            kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1)
+            return recon, kl.flatten(1).sum(1).mean()
+        recon, vq_loss = self.net(x)
+        return recon, vq_loss
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "kl":
+            return self.net.encode(x)[0]
+        return self.net.encode_stage_2_inputs(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.kind == "kl":
+            return self.net.decode(z)
+        return self.net.decode_stage_2_outputs(z)
+
+
+class ConditionCodec:
+    """One integer class label for (task, modality, condition noise level), and the level -> timestep map."""
+
+    def __init__(self, config: Config):
+        self.tasks = len(config.data.tasks)
+        self.levels = config.diffusion.condition_levels
+        self.max_t = config.diffusion.condition_max_t
+
+    @property
+    def num_labels(self) -> int:
+        return len(MODALITIES) * self.tasks * self.levels
+
+    def label(self, task: torch.Tensor, modality: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        return (modality * self.tasks + task) * self.levels + level
+
+    def timestep(self, level: torch.Tensor) -> torch.Tensor:
+        """Diffusion timestep of the noise added to the condition at each level (level 0: none)."""
+        if self.levels == 1:
+            return torch.zeros_like(level)
+        return torch.round(level.double() * self.max_t / (self.levels - 1)).long()
+
+
+class Denoiser(nn.Module):
+    """Wraps a backbone so that ``forward(x_t, t, cond, label)`` concatenates the condition channels."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.backbone(torch.cat([x_t, cond], dim=1), timesteps=t, class_labels=label)
+
+
+class _DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero modulation (Peebles & Xie 2023)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(emb)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        x = x + gate1 * self.attn(h, h, h, need_weights=False)[0]
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.mlp(h)
+
+
+def _sincos_positions(grid: tuple[int, ...], width: int, device) -> torch.Tensor:
+    """Fixed sine-cosine position embedding for any grid size (tokens x width)."""
+    per_axis = 2 * (width // (2 * len(grid)))
+    coords = torch.meshgrid(*[torch.arange(n, device=device, dtype=torch.float32) for n in grid], indexing="ij")
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(per_axis // 2, device=device) / (per_axis // 2))
+    parts = []
+    for c in coords:
+        angles = c.reshape(-1, 1) * freqs
+        parts += [angles.sin(), angles.cos()]
+    emb = torch.cat(parts, dim=1)
+    return nn.functional.pad(emb, (0, width - emb.shape[1]))
+
+
+class DiT(nn.Module):
+    """A small diffusion transformer over latent patches, 2D or 3D, conditioned on timestep and class label
+    through adaLN-Zero. Same call signature as MONAI's DiffusionModelUNet."""
+
+    def __init__(self, *, spatial_dims: int, in_channels: int, out_channels: int, patch: int, width: int,
+                 depth: int, heads: int, num_class_embeds: int):
+        super().__init__()
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.spatial_dims, self.patch, self.width, self.out_channels = spatial_dims, patch, width, out_channels
+        self.embed = conv(in_channels, width, kernel_size=patch, stride=patch)
+        self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.classes = nn.Embedding(num_class_embeds, width)
+        self.blocks = nn.ModuleList(_DiTBlock(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, out_channels * patch**spatial_dims)
+        for layer in (self.final_mod[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x)
+        grid = tokens.shape[2:]
+        tokens = tokens.flatten(2).transpose(1, 2) + _sincos_positions(grid, self.width, x.device)
+        emb = self.time(get_timestep_embedding(timesteps, self.width).to(x.dtype)) + self.classes(class_labels)
+        for block in self.blocks:
+            tokens = block(tokens, emb)
+        shift, scale = self.final_mod(emb)[:, None].chunk(2, dim=-1)
+        out = self.out(self.norm(tokens) * (1 + scale) + shift)  # B x N x (C * p^d)
+        b, p, d, c = x.shape[0], self.patch, self.spatial_dims, self.out_channels
+        out = out.reshape(b, *grid, c, *([p] * d))
+        if d == 2:
+            return out.permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid[0] * p, grid[1] * p)
+        return out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, *(g * p for g in grid))
+
+
+def build_autoencoder(config: Config) -> Autoencoder:
+    return Autoencoder(config.autoencoder, config.data.spatial_dims)
+
+
+def build_discriminator(config: Config) -> PatchDiscriminator:
+    return PatchDiscriminator(spatial_dims=config.data.spatial_dims, channels=32, in_channels=1, num_layers_d=3)
+
+
+def build_denoiser(config: Config) -> Denoiser:
+    cfg, dims, latent = config.diffusion, config.data.spatial_dims, config.autoencoder.latent_channels
+    labels = ConditionCodec(config).num_labels
+    if cfg.denoiser == "dit":
+        backbone = DiT(spatial_dims=dims, in_channels=2 * latent, out_channels=latent, patch=cfg.patch,
+                       width=cfg.width, depth=cfg.depth, heads=cfg.heads, num_class_embeds=labels)
+    else:
+        backbone = DiffusionModelUNet(
+            spatial_dims=dims, in_channels=2 * latent, out_channels=latent, channels=tuple(cfg.channels),
+            attention_levels=tuple(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
+            num_head_channels=cfg.num_head_channels, norm_num_groups=cfg.norm_num_groups, num_class_embeds=labels,
+        )
+    return Denoiser(backbone)

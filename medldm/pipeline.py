@@ -1,0 +1,255 @@
+"""The Upscaler: one Volume in, one upscaled Volume out. No file I/O and no printing (progress goes through a
+callback), so the CLI, evaluation and benchmarks share it.
+
+Steps: pick the axis and task -> normalise intensities -> interpolate the LR scan onto the HR grid (the
+condition) -> 2D models: sample slice batches on the planes that contain the upscaled axis; 3D models:
+overlapping patches blended with a Gaussian window (MONAI sliding_window_inference) -> data consistency with the
+forward model (degrading the output gives back the input) -> mean and standard deviation over N samples ->
+original intensity scale on the HR grid (affine per DESIGN.md: field of view unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medldm.checkpoint import load_weights, read_model_folder
+from medldm.config import Config, Task, parse_config
+from medldm.data import normaliser, upsample
+from medldm.degrade import make_operator
+from medldm.diffusion import NoiseSchedule, make_denoiser, sample
+from medldm.errors import MedldmError
+from medldm.intensity import guess_modality
+from medldm.nets import MODALITIES, ConditionCodec, build_autoencoder, build_denoiser
+from medldm.volume import Volume, rescaled_affine, resolve_axis
+
+__all__ = ["LoadedModel", "load_model", "Upscaler", "UpscaleResult", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class LoadedModel:
+    config: Config
+    info: dict
+    autoencoder: torch.nn.Module
+    denoiser: torch.nn.Module
+    schedule: NoiseSchedule
+    codec: ConditionCodec
+    path: Path
+
+
+def load_model(path: str | Path = "default", *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Read a model folder (checksums verified, safetensors only) and build its networks in eval mode."""
+    folder = DEFAULT_MODEL if str(path) == "default" else Path(path)
+    if str(path) == "default" and not folder.is_dir():
+        raise MedldmError("no default model is installed with this copy of medldm; pass --model PATH", folder)
+    raw, info = read_model_folder(folder)
+    config, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
+    autoencoder, denoiser = build_autoencoder(config), build_denoiser(config)
+    load_weights(autoencoder, folder / "autoencoder.safetensors")
+    load_weights(denoiser, folder / "denoiser.safetensors")
+    d = config.diffusion
+    schedule = NoiseSchedule.from_monai(num_train_timesteps=d.timesteps, schedule=d.schedule,
+                                        beta_start=d.beta_start, beta_end=d.beta_end)
+    return LoadedModel(config, info, autoencoder.to(device).eval().requires_grad_(False),
+                       denoiser.to(device).eval().requires_grad_(False), schedule, ConditionCodec(config), folder)
+
+
+@dataclass
+class UpscaleResult:
+    sr: Volume  # the upscaled scan (mean over samples), float32, original intensity scale
+    uncertainty: Volume | None  # per-voxel standard deviation over samples (None for one sample)
+    residual: float  # RMS of degrade(sr) - input, as a fraction of the input's intensity range
+    task: Task
+    axis: int  # voxel axis: the upscaled one (thick slices) or the slice axis (in-plane kinds)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MedldmError("CUDA was asked for (--device cuda) but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+class Upscaler:
+    """Upscales Volumes with a trained model.
+
+    Args:
+        model: a model folder path, "default", or a :class:`LoadedModel`.
+        device: "auto", "cpu" or "cuda[:n]".
+        steps: sampler steps (network evaluations per sample).
+        sampler: a name from medldm.diffusion.SAMPLERS.
+        batch_size: slices (2D) or patches (3D) per network call.
+        consistency: strength of the data-consistency correction in [0, 1] (1: degrade(output) == input).
+        condition_level: noise-augmentation level of the condition (0: clean, as the test inputs are).
+        bf16: bfloat16 autocast for the networks (CPU and CUDA).
+    """
+
+    def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int = 8,
+                 sampler: str = "dpmpp-2m", batch_size: int = 16, consistency: float = 1.0,
+                 condition_level: int = 0, bf16: bool = False):
+        self.device = _device(device)
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
+        self.model.autoencoder.to(self.device)
+        self.model.denoiser.to(self.device)
+        if not 0.0 <= consistency <= 1.0:
+            raise MedldmError(f"consistency must lie in [0, 1], got {consistency}")
+        if not 0 <= condition_level < self.model.codec.levels:
+            raise MedldmError(f"condition level must lie in 0..{self.model.codec.levels - 1}")
+        self.steps, self.sampler, self.batch_size = steps, sampler, batch_size
+        self.consistency, self.condition_level, self.bf16 = consistency, condition_level, bf16
+        cfg = self.model.config
+        self.dims = cfg.data.spatial_dims
+        # latent sizes must halve cleanly through every denoiser level and the autoencoder
+        levels = len(cfg.diffusion.channels) - 1 if cfg.diffusion.denoiser == "unet" else 0
+        patch = cfg.diffusion.patch if cfg.diffusion.denoiser == "dit" else 1
+        self.multiple = cfg.autoencoder.factor * (2**levels) * patch
+
+    # ------------------------------------------------------------------------------------ choices
+    def choose(self, volume: Volume, *, axis: str | int = "auto", scale: int | None = None,
+               kind: str | None = None) -> tuple[Task, int]:
+        """The model task (kind, scale) and voxel axis for a scan, from the options and the model's tasks."""
+        tasks = self.model.config.data.tasks
+        spacing = np.asarray(volume.spacing)
+        anisotropic = spacing.max() / spacing.min() > 1.2
+        if kind is None:
+            kind = "slice-profile" if (str(axis) != "auto" or anisotropic) else None
+            if kind is None:  # isotropic scan, auto axis: in-plane upscaling
+                kind = next((t.kind for t in tasks if t.kind != "slice-profile"), "slice-profile")
+        voxel_axis = resolve_axis(volume, axis)
+        if scale is None:
+            if kind == "slice-profile" and anisotropic:
+                others = np.delete(spacing, voxel_axis)
+                scale = max(2, int(round(spacing[voxel_axis] / others.mean())))
+            else:
+                scale = max(t.scale for t in tasks if t.kind == kind) if any(t.kind == kind for t in tasks) else 2
+        for t in tasks:
+            if t.kind == kind and t.scale == scale:
+                return t, voxel_axis
+        offered = ", ".join(f"{t.kind} x{t.scale}" for t in tasks)
+        raise MedldmError(f"the model was not trained for {kind} x{scale}; it offers {offered}", volume.path)
+
+    # ----------------------------------------------------------------------------------------- run
+    def upscale(self, volume: Volume, *, axis: str | int = "auto", scale: int | None = None,
+                kind: str | None = None, samples: int = 1, seed: int = 0,
+                progress: Progress | None = None) -> UpscaleResult:
+        """Upscale one scan; see the class docstring for the options fixed at construction."""
+        if samples < 1:
+            raise MedldmError(f"samples must be at least 1, got {samples}")
+        task, a = self.choose(volume, axis=axis, scale=scale, kind=kind)
+        op = make_operator(task.kind, axis=a, scale=task.scale, spatial_dims=3, profile=task.profile)
+        hr_shape = op.input_shape(volume.shape)
+        norm = normaliser(self.model.config, volume.data)
+        lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))
+        cond = upsample(lr[None, None], hr_shape)[0, 0]
+        modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
+        label = self.model.codec.label(torch.tensor(self.model.config.data.tasks.index(task)),
+                                       torch.tensor(modality), torch.tensor(self.condition_level))
+        total, done = samples * self._units(hr_shape, op, a), 0
+
+        def tick():
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        mean = torch.zeros(hr_shape, dtype=torch.float64)
+        m2 = torch.zeros(hr_shape, dtype=torch.float64) if samples > 1 else None
+        for k in range(samples):
+            x = self._sample_volume(cond, op, a, int(label), seed * 1_000_003 + k, tick)
+            x = self._consistent(x, lr, op)
+            delta = x.double() - mean  # Welford: running mean and sum of squared deviations
+            mean += delta / (k + 1)
+            if m2 is not None:
+                m2 += delta * (x.double() - mean)
+        residual = float((op.forward(mean) - lr.double()).pow(2).mean().sqrt())
+        affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
+        meta = {"upscale": {"kind": task.kind, "scale": task.scale, "axis": a, "steps": self.steps,
+                            "sampler": self.sampler, "samples": samples, "seed": seed,
+                            "consistency": self.consistency, "model": str(self.model.path)}}
+        sr = volume.with_data(norm.inverse(mean.float().numpy()), affine, **meta)
+        unc = None
+        if m2 is not None:
+            std = (m2 / (samples - 1)).sqrt().float().numpy() * (norm.high - norm.low)
+            unc = volume.with_data(std, affine, **meta)
+        return UpscaleResult(sr, unc, residual, task, a)
+
+    def _units(self, hr_shape, op, a) -> int:
+        """Progress units per sample: slice batches (2D) or patches (3D, estimated)."""
+        if self.dims == 2:
+            n = hr_shape[self._slice_axis(hr_shape, op, a)]
+            return -(-n // self.batch_size)
+        return 1
+
+    def _slice_axis(self, hr_shape, op, a) -> int:
+        """2D models see planes containing every degraded axis: slice across the axis that is not degraded
+        (in-plane kinds) or, for thick slices, across the other axis with the fewest voxels."""
+        free = [d for d in range(3) if d not in op.axes]
+        return min(free, key=lambda d: hr_shape[d])
+
+    def _consistent(self, x: torch.Tensor, lr: torch.Tensor, op) -> torch.Tensor:
+        """Add the pseudo-inverse of the LR residual: with strength 1, degrade(x) equals the input exactly."""
+        if self.consistency == 0:
+            return x
+        x = x.double()
+        return (x + self.consistency * op.back_project(lr.double() - op.forward(x))).float()
+
+    def _generate(self, cond: torch.Tensor, label: int, seed: int) -> torch.Tensor:
+        """SR images for a batch of HR-grid conditions (B, 1, *spatial), padded to the network's multiple."""
+        m = self.model
+        size = cond.shape[2:]
+        pad = [p for n in reversed(size) for p in (0, (-n) % self.multiple)]
+        cond = F.pad(cond, pad, mode="replicate") if any(pad) else cond
+        cond = cond.to(self.device)
+        scale = float(m.info["latent_scale"])
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            c = m.autoencoder.encode(cond).float() * scale
+            labels = torch.full((c.shape[0],), label, dtype=torch.long, device=self.device)
+
+            def model_fn(x_t, t):
+                with torch.autocast(self.device.type, dtype=dtype, enabled=self.bf16):
+                    return m.denoiser(x_t, t.to(self.device), c, labels).float()
+
+            denoise = make_denoiser(model_fn, m.schedule, m.config.diffusion.prediction)
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn(c.shape, generator=g).to(self.device)
+            z = sample(self.sampler, denoise, noise, m.schedule, steps=self.steps, generator=g)
+            out = m.autoencoder.decode(z / scale).float()
+        crop = (slice(None), slice(None), *[slice(0, n) for n in size])
+        return out[crop].cpu()
+
+    def _sample_volume(self, cond: torch.Tensor, op, a: int, label: int, seed: int, tick) -> torch.Tensor:
+        if self.dims == 3:
+            return self._sample_patches(cond, label, seed, tick)
+        axis = self._slice_axis(cond.shape, op, a)
+        planes = cond.movedim(axis, 0)  # (n, H, W)
+        out = torch.empty_like(planes)
+        for i, start in enumerate(range(0, planes.shape[0], self.batch_size)):
+            batch = planes[start:start + self.batch_size, None]
+            out[start:start + self.batch_size] = self._generate(batch, label, seed * 7919 + i)[:, 0]
+            tick()
+        return out.movedim(0, axis)
+
+    def _sample_patches(self, cond: torch.Tensor, label: int, seed: int, tick) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        roi = tuple(max(self.multiple, n) for n in self.model.config.data.patch_size)
+        calls = iter(range(1 << 30))
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            return self._generate(patch, label, seed * 7919 + next(calls)).to(patch.device)
+
+        out = sliding_window_inference(cond[None, None], roi_size=roi, sw_batch_size=self.batch_size,
+                                       predictor=predictor, overlap=0.25, mode="gaussian", sw_device="cpu",
+                                       device="cpu", progress=False)
+        tick()
+        return out[0, 0]

@@ -1,0 +1,331 @@
+"""The two training stages over accelerate: the perceptual autoencoder, then the conditional latent diffusion model.
+
+Every batch and every noise draw is a function of (seed, step, rank), so resuming from a checkpoint gives the
+same weights as an uninterrupted run, and ranks of a data-parallel run see different data while DDP keeps their
+weights identical. Checkpoints are written atomically (see medldm.checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from medldm import __version__
+from medldm.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint, write_model_folder
+from medldm.config import Config
+from medldm.data import PairSampler, load_volumes
+from medldm.diffusion import NoiseSchedule
+from medldm.errors import MedldmError
+from medldm.nets import ConditionCodec, build_autoencoder, build_denoiser, build_discriminator
+
+__all__ = ["Trainer", "STAGES", "schedule_for", "latent_scale"]
+
+STAGES = ("autoencoder", "diffusion")
+SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
+
+
+def schedule_for(config: Config) -> NoiseSchedule:
+    d = config.diffusion
+    return NoiseSchedule.from_monai(num_train_timesteps=d.timesteps, schedule=d.schedule,
+                                    beta_start=d.beta_start, beta_end=d.beta_end)
+
+
+def _generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
+    value = int(np.random.default_rng([seed, step, rank, stream]).integers(2**62))
+    return torch.Generator().manual_seed(value)
+
+
+@torch.no_grad()
+def latent_scale(autoencoder, sampler: PairSampler, batch_size: int, device) -> float:
+    """1 / std of the latents of a few fixed training batches (Rombach et al. 2022, Sec. G)."""
+    z = [autoencoder.encode(sampler.batch(i, batch_size, stream=1)["hr"].to(device)) for i in range(SCALE_BATCHES)]
+    return float(1.0 / torch.cat([v.flatten() for v in z]).float().std())
+
+
+class Trainer:
+    """Trains one stage at a time in ``run_dir/<stage>/`` and exports ``run_dir/model/`` after stage 2.
+
+    Args:
+        config: the validated config.
+        data_root: folder the config's data globs are relative to.
+        run_dir: where checkpoints, metrics and the exported model go.
+        accelerator: an ``accelerate.Accelerator``; one is made from the config when None.
+        lpips_weights: folder of the real LPIPS weights (default: see medldm.perceptual).
+        progress: show a rich progress bar on the main process.
+    """
+
+    def __init__(self, config: Config, data_root: Path, run_dir: Path, *, accelerator=None,
+                 lpips_weights: str | None = None, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.config, self.data_root, self.run_dir = config, Path(data_root), Path(run_dir)
+        self.acc = accelerator or Accelerator(mixed_precision=config.training.mixed_precision,
+                                              cpu=not torch.cuda.is_available())
+        self.lpips_weights = lpips_weights or config.autoencoder.lpips_weights
+        self.progress = progress and self.acc.is_main_process
+        self._volumes = None
+        self.trained: dict[str, torch.nn.Module] = {}  # each stage's live (non-EMA) model on this rank
+
+    # ------------------------------------------------------------------------------------------ shared
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    def sampler(self) -> PairSampler:
+        if self._volumes is None:
+            cache = self.config.data.cache
+            self._volumes = load_volumes(self.config, self.data_root,
+                                         cache=self.run_dir / cache if cache else None)
+        return PairSampler(self._volumes, self.config, rank=self.rank)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def finished_step(self, stage: str) -> int:
+        ckpt = latest_checkpoint(self.stage_dir(stage))
+        return 0 if ckpt is None else int(json.loads((ckpt / "state.json").read_text())["step"])
+
+    def _restore(self, stage: str, modules: dict, optimizers: dict) -> tuple[int, dict]:
+        ckpt = latest_checkpoint(self.stage_dir(stage))
+        if ckpt is None:
+            return 0, {}
+        state, optim = load_state(ckpt)
+        for name, module in modules.items():
+            load_weights(module, ckpt / f"{name}.safetensors")
+        for name, opt in optimizers.items():
+            opt.load_state_dict(optim[name])
+        return int(state["step"]), state
+
+    def _loop(self, stage: str, *, start: int, stop: int, step_fn: Callable[[int], dict], batch_size: int,
+              save: Callable[[int], None]) -> None:
+        """Run steps [start, stop): log to CSV, checkpoint every N steps and at the end, show progress."""
+        cfg = self.config.training
+        log_path = self.stage_dir(stage) / "metrics.csv"
+        rows = []
+        if self.acc.is_main_process and log_path.exists():  # a resumed run continues the log from its step
+            with open(log_path) as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= start]
+        progress = None
+        if self.progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            task = progress.add_task(stage, total=stop, completed=start, info="")
+            progress.start()
+        try:
+            tic = time.perf_counter()
+            for step in range(start, stop):
+                logs = step_fn(step)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == stop:
+                    elapsed = time.perf_counter() - tic
+                    rate = (done - start) * batch_size * self.acc.num_processes / max(elapsed, 1e-9)
+                    row = {"step": done, **{k: f"{v:.6g}" for k, v in logs.items()},
+                           "samples_per_s": f"{rate:.3g}", "elapsed_s": f"{elapsed:.1f}"}
+                    rows.append(row)
+                    if progress is not None:
+                        progress.update(task, completed=done,
+                                        info=f"loss {logs['loss']:.4f}  {rate:.1f} samples/s")
+                elif progress is not None:
+                    progress.update(task, completed=done)
+                if done % cfg.checkpoint_every == 0 or done == stop:
+                    self.acc.wait_for_everyone()
+                    if self.acc.is_main_process:
+                        save(done)
+                        _write_csv(log_path, rows)
+                    self.acc.wait_for_everyone()
+        finally:
+            if progress is not None:
+                progress.stop()
+
+    # ------------------------------------------------------------------------------------- stage 1
+    def train_autoencoder(self, max_steps: int | None = None) -> Path:
+        from monai.losses import PatchAdversarialLoss
+
+        cfg, stage = self.config, "autoencoder"
+        st, ae_cfg = cfg.training.autoencoder, cfg.autoencoder
+        model, disc = build_autoencoder(cfg), build_discriminator(cfg)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=st.lr, weight_decay=st.weight_decay, betas=(0.5, 0.9))
+        start, _ = self._restore(stage, {"model": model, "ema": ema, "discriminator": disc},
+                                 {"model": opt, "discriminator": opt_d})
+        stop = min(st.steps, max_steps or st.steps)
+        if start >= stop:
+            return self.stage_dir(stage)
+        perceptual = None
+        if ae_cfg.perceptual_weight > 0:
+            from medldm.perceptual import PerceptualLoss
+
+            perceptual = PerceptualLoss(weights=self.lpips_weights).to(self.acc.device)
+        sampler = self.sampler()
+        model, disc, opt, opt_d = self.acc.prepare(model, disc, opt, opt_d)
+        adversarial = PatchAdversarialLoss(criterion="least_squares")
+        reg_weight = ae_cfg.kl_weight if ae_cfg.kind == "kl" else 1.0
+
+        def step_fn(step: int) -> dict:
+            size = sampler.patch_size(step, st.progressive)
+            x = sampler.batch(step, st.batch_size, size)["hr"].to(self.acc.device)
+            use_adv = ae_cfg.adversarial_weight > 0 and step >= ae_cfg.adversarial_start
+            with self.acc.autocast():
+                recon, reg = model(x)
+                recon = recon.float()
+                l1 = (recon - x).abs().mean()
+                loss = l1 + reg_weight * reg
+                logs = {"l1": l1.item(), "reg": reg.item()}
+                if perceptual is not None:
+                    p = perceptual(recon.clamp(0, 1), x.clamp(0, 1))
+                    loss = loss + ae_cfg.perceptual_weight * p
+                    logs["lpips"] = p.item()
+                if use_adv:
+                    g_adv = adversarial(disc(recon)[-1], target_is_real=True, for_discriminator=False)
+                    loss = loss + ae_cfg.adversarial_weight * g_adv
+                    logs["g_adv"] = g_adv.item()
+            opt.zero_grad(set_to_none=True)
+            self.acc.backward(loss)
+            if st.grad_clip:
+                self.acc.clip_grad_norm_(model.parameters(), st.grad_clip)
+            opt.step()
+            if use_adv:
+                with self.acc.autocast():
+                    d_loss = 0.5 * (adversarial(disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
+                                    + adversarial(disc(x)[-1], target_is_real=True, for_discriminator=True))
+                opt_d.zero_grad(set_to_none=True)
+                self.acc.backward(d_loss)
+                opt_d.step()
+                logs["d_adv"] = d_loss.item()
+            ema.update_parameters(self.acc.unwrap_model(model))
+            return {"loss": loss.item(), **logs}
+
+        def save(step: int) -> None:
+            save_checkpoint(self.stage_dir(stage), step,
+                            modules={"model": self.acc.unwrap_model(model), "ema": ema,
+                                     "discriminator": self.acc.unwrap_model(disc)},
+                            optimizers={"model": opt, "discriminator": opt_d},
+                            state={"stage": stage, "config": cfg.model_dump(), "version": __version__},
+                            keep=cfg.training.keep_checkpoints)
+
+        self._loop(stage, start=start, stop=stop, step_fn=step_fn, batch_size=st.batch_size, save=save)
+        self.trained[stage] = self.acc.unwrap_model(model)
+        return self.stage_dir(stage)
+
+    def trained_autoencoder(self):
+        """Stage 1's EMA weights in a frozen autoencoder; stage 1 must have finished."""
+        steps = self.config.training.autoencoder.steps
+        ckpt = latest_checkpoint(self.stage_dir("autoencoder"))
+        done = self.finished_step("autoencoder")
+        if ckpt is None or done < steps:
+            raise MedldmError(f"the autoencoder stage has not finished (step {done} of {steps}); "
+                              "train it first (--stage autoencoder)", self.stage_dir("autoencoder"))
+        model = build_autoencoder(self.config)
+        ema = AveragedModel(model, use_buffers=True)
+        load_weights(ema, ckpt / "ema.safetensors")
+        ae = ema.module.eval().requires_grad_(False)
+        return ae
+
+    # ------------------------------------------------------------------------------------- stage 2
+    def train_diffusion(self, max_steps: int | None = None) -> Path:
+        cfg, stage = self.config, "diffusion"
+        st, d_cfg = cfg.training.diffusion, cfg.diffusion
+        ae = self.trained_autoencoder().to(self.acc.device)
+        model = build_denoiser(cfg)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+        start, state = self._restore(stage, {"model": model, "ema": ema}, {"model": opt})
+        stop = min(st.steps, max_steps or st.steps)
+        sampler = self.sampler()
+        scale = state.get("latent_scale")
+        if scale is None:
+            with self.acc.autocast():
+                scale = latent_scale(ae, sampler, st.batch_size, self.acc.device)
+        if start < stop:
+            model, opt = self.acc.prepare(model, opt)
+            schedule = schedule_for(cfg)
+            codec = ConditionCodec(cfg)
+            seed = cfg.training.seed
+
+            def step_fn(step: int) -> dict:
+                size = sampler.patch_size(step, st.progressive)
+                batch = sampler.batch(step, st.batch_size, size)
+                g = _generator(seed, step, self.rank, 1)
+                n = st.batch_size
+                t = torch.randint(0, d_cfg.timesteps, (n,), generator=g)
+                level = torch.randint(0, codec.levels, (n,), generator=g)
+                with torch.no_grad(), self.acc.autocast():
+                    z0 = ae.encode(batch["hr"].to(self.acc.device)).float() * scale
+                    cond = ae.encode(batch["lr"].to(self.acc.device)).float() * scale
+                noise = torch.randn(z0.shape, generator=g).to(self.acc.device)
+                cond_noise = torch.randn(cond.shape, generator=g).to(self.acc.device)
+                t, level = t.to(self.acc.device), level.to(self.acc.device)
+                t_cond = codec.timestep(level)
+                noisy_cond = schedule.add_noise(cond, cond_noise, t_cond)
+                cond = torch.where((t_cond > 0).view(-1, *[1] * (cond.dim() - 1)), noisy_cond, cond)
+                x_t = schedule.add_noise(z0, noise, t)
+                label = codec.label(batch["task"].to(self.acc.device), batch["modality"].to(self.acc.device), level)
+                target = schedule.training_target(z0, noise, t, d_cfg.prediction)
+                with self.acc.autocast():
+                    out = model(x_t, t, cond, label)
+                loss = F.mse_loss(out.float(), target.float())
+                opt.zero_grad(set_to_none=True)
+                self.acc.backward(loss)
+                if st.grad_clip:
+                    self.acc.clip_grad_norm_(model.parameters(), st.grad_clip)
+                opt.step()
+                ema.update_parameters(self.acc.unwrap_model(model))
+                return {"loss": loss.item()}
+
+            def save(step: int) -> None:
+                save_checkpoint(self.stage_dir(stage), step,
+                                modules={"model": self.acc.unwrap_model(model), "ema": ema},
+                                optimizers={"model": opt},
+                                state={"stage": stage, "config": cfg.model_dump(), "latent_scale": scale,
+                                       "version": __version__},
+                                keep=cfg.training.keep_checkpoints)
+
+            self._loop(stage, start=start, stop=stop, step_fn=step_fn, batch_size=st.batch_size, save=save)
+            self.trained[stage] = self.acc.unwrap_model(model)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self.export(scale)
+        return self.stage_dir(stage)
+
+    def export(self, scale: float) -> Path:
+        """Write ``run_dir/model``: the EMA autoencoder and denoiser with everything upscale needs."""
+        ckpt = latest_checkpoint(self.stage_dir("diffusion"))
+        denoiser = build_denoiser(self.config)
+        ema = AveragedModel(denoiser, use_buffers=True)
+        load_weights(ema, ckpt / "ema.safetensors")
+        info = {"version": __version__, "latent_scale": scale, "spatial_dims": self.config.data.spatial_dims,
+                "autoencoder_steps": self.finished_step("autoencoder"),
+                "diffusion_steps": self.finished_step("diffusion"), "config_digest": self.config.digest()}
+        return write_model_folder(self.run_dir / "model", config=self.config.model_dump(), info=info,
+                                  modules={"autoencoder": self.trained_autoencoder(), "denoiser": ema.module})
+
+    def run(self, stage: str = "all", max_steps: int | None = None) -> None:
+        if stage in ("all", "autoencoder"):
+            self.train_autoencoder(max_steps)
+        if stage in ("all", "diffusion"):
+            if stage == "all" and self.finished_step("autoencoder") < self.config.training.autoencoder.steps:
+                return  # stopped early by max_steps: stage 2 waits for a resumed run
+            self.train_diffusion(max_steps)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".csv.partial")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
