@@ -207,23 +207,24 @@ def parse_config(raw, *, source: str = "config", base: Path = Path("."), data_ro
         raise MedldmError(_describe(err, source)) from None
     root = Path(data_root or os.environ.get(DATA_ROOT_ENV) or base / (config.data.root or "."))
     if check_files:
-        resolve_sources(config, root)
+        resolve_sources(config, root, source=source)
     return config, root
 
 
-def resolve_sources(config: Config, root: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+def resolve_sources(config: Config, root: Path, *, source: str = "config"
+                    ) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """(train, validation) lists of (file, modality), split by subject within each source."""
     if not root.is_dir():
-        raise MedldmError(f"data root not found (set --data-root or {DATA_ROOT_ENV})", root)
+        raise MedldmError(f"{source}: data root {root} not found (set --data-root or {DATA_ROOT_ENV})")
     train, validation = [], []
-    for i, source in enumerate(config.data.sources):
-        files = sorted(Path(p) for p in glob.glob(str(root / source.glob)))
+    for i, src in enumerate(config.data.sources):
+        files = sorted(Path(p) for p in glob.glob(str(root / src.glob)))
         if not files:
-            raise MedldmError(f"key 'data.sources.{i}.glob': no files match {source.glob!r} under {root}")
-        if source.holdout >= len(files):
-            raise MedldmError(f"key 'data.sources.{i}.holdout': {source.holdout} leaves no training files "
-                              f"of {len(files)}")
-        cut = len(files) - source.holdout
-        train += [(f, source.modality) for f in files[:cut]]
-        validation += [(f, source.modality) for f in files[cut:]]
+            raise MedldmError(f"{source}: key 'data.sources.{i}.glob': no files match {src.glob!r} under {root}")
+        if src.holdout >= len(files):
+            raise MedldmError(f"{source}: key 'data.sources.{i}.holdout': {src.holdout} leaves no training "
+                              f"files of {len(files)}")
+        cut = len(files) - src.holdout
+        train += [(f, src.modality) for f in files[:cut]]
+        validation += [(f, src.modality) for f in files[cut:]]
     return train, validation

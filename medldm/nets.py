@@ -174,7 +174,10 @@ def build_autoencoder(config: Config) -> Autoencoder:
 
 
 def build_discriminator(config: Config) -> PatchDiscriminator:
-    return PatchDiscriminator(spatial_dims=config.data.spatial_dims, channels=32, in_channels=1, num_layers_d=3)
+    # each layer halves the patch; keep the last feature map at least 4 voxels wide (3 layers from 64 voxels)
+    smallest = min(config.data.patch_size)
+    layers = max(1, min(3, int(math.log2(smallest)) - 3))
+    return PatchDiscriminator(spatial_dims=config.data.spatial_dims, channels=32, in_channels=1, num_layers_d=layers)
 
 
 def build_denoiser(config: Config) -> Denoiser:

@@ -124,6 +124,8 @@ class Trainer:
         try:
             tic = time.perf_counter()
             for step in range(start, stop):
+                # the global RNG (the KL posterior sample, dropout) restarts from (seed, step, rank) every step
+                torch.manual_seed(_generator(cfg.seed, step, self.rank, 2).initial_seed())
                 logs = step_fn(step)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == stop:
@@ -153,6 +155,7 @@ class Trainer:
 
         cfg, stage = self.config, "autoencoder"
         st, ae_cfg = cfg.training.autoencoder, cfg.autoencoder
+        torch.manual_seed(cfg.training.seed)  # same initial weights on every rank and every run
         model, disc = build_autoencoder(cfg), build_discriminator(cfg)
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
         opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
@@ -237,6 +240,7 @@ class Trainer:
         cfg, stage = self.config, "diffusion"
         st, d_cfg = cfg.training.diffusion, cfg.diffusion
         ae = self.trained_autoencoder().to(self.acc.device)
+        torch.manual_seed(cfg.training.seed + 1)
         model = build_denoiser(cfg)
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
         opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
