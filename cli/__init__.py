@@ -193,7 +193,7 @@ def train(
     trainer = Trainer(cfg, root, folder, lpips_weights=str(lpips_weights) if lpips_weights else None)
     if trainer.acc.is_main_process:
         print(f"training {cfg.name} ({stage.value}) in {folder} on {trainer.acc.device} "
-              f"with {trainer.acc.num_processes} process(es), mixed precision {cfg.training.mixed_precision}")
+              f"with {trainer.acc.num_processes} process(es), mixed precision {trainer.acc.mixed_precision}")
     trainer.run(stage.value, max_steps)
     if trainer.acc.is_main_process and (folder / "model").is_dir():
         print(f"model written to {folder / 'model'}")

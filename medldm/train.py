@@ -32,6 +32,21 @@ STAGES = ("autoencoder", "diffusion")
 SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
 
 
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(setting: str) -> str:
+    """The accelerate mixed-precision mode for a config setting ("auto" picks bf16 only where it is fast)."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
+
+
 def schedule_for(config: Config) -> NoiseSchedule:
     d = config.diffusion
     return NoiseSchedule.from_monai(num_train_timesteps=d.timesteps, schedule=d.schedule,
@@ -67,7 +82,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.config, self.data_root, self.run_dir = config, Path(data_root), Path(run_dir)
-        self.acc = accelerator or Accelerator(mixed_precision=config.training.mixed_precision,
+        self.acc = accelerator or Accelerator(mixed_precision=resolve_precision(config.training.mixed_precision),
                                               cpu=not torch.cuda.is_available())
         self.lpips_weights = lpips_weights or config.autoencoder.lpips_weights
         self.progress = progress and self.acc.is_main_process
