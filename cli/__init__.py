@@ -310,3 +310,64 @@ def upscale(
             print(f"failed: {failure}", file=sys.stderr)
         if failures:
             raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="HR scans: a folder, a .txt list of paths, or one scan")],
+    out: Annotated[Path, typer.Option(help="report folder (report.html, metrics.csv, summary.json)")],
+    model: Annotated[str | None, typer.Option(help="model folder or 'default'; omit to score baselines only")]
+    = None,
+    scale: Annotated[int, typer.Option(min=2, max=8)] = 4,
+    axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "z",
+    kind: Annotated[Kind, typer.Option(help="simulated acquisition")] = Kind.slice_profile,
+    steps: Annotated[int, typer.Option(min=1)] = 8,
+    sampler: Annotated[str, typer.Option()] = "dpmpp-2m",
+    samples: Annotated[int, typer.Option(min=1)] = 1,
+    seed: Annotated[int, typer.Option()] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="first N scans only")] = None,
+    no_mask: Annotated[bool, typer.Option("--no-mask", help="score whole volumes, not the foreground")] = False,
+    rd: Annotated[bool, typer.Option("--rd", help="add the model's rate-distortion curves")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+    lpips_weights: Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")] = None,
+    overwrite: Overwrite = False,
+):
+    """Score the model against nearest, trilinear and B-spline baselines and write a browser report."""
+    from rich.console import Console
+
+    if (out / "report.html").exists() and not overwrite:
+        raise MedldmError("already holds a report; pass --overwrite to replace it", out)
+    from medldm.evaluation.evaluate import evaluate as run_evaluation
+
+    console = Console(stderr=True)
+    with console.status("evaluating") as status:
+        report = run_evaluation(
+            data, out, model=model, kind=kind.value, axis=axis, scale=scale, steps=steps, sampler=sampler,
+            samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
+            lpips_weights=str(lpips_weights) if lpips_weights else None, rd=rd,
+            progress=lambda name, i, n: status.update(f"evaluating {name} ({i + 1}/{n})"))
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    _print_summary(summary)
+    print(f"report: {report}")
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="mean [95% CI]; p: paired Wilcoxon vs the best baseline")
+    rows = summary["summary"]
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    table.add_column("method")
+    for m in metrics:
+        table.add_column(m)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for m in metrics:
+            r = next(x for x in rows if x["method"] == method and x["metric"] == m)
+            p = f" p={r['p_value']:.2g}" if r.get("p_value") is not None else ""
+            cells.append(f"{r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]{p}")
+        table.add_row(method, *cells)
+    Console().print(table)

@@ -28,7 +28,7 @@ from medldm.intensity import guess_modality
 from medldm.nets import MODALITIES, ConditionCodec, build_autoencoder, build_denoiser
 from medldm.volume import Volume, rescaled_affine, resolve_axis
 
-__all__ = ["LoadedModel", "load_model", "Upscaler", "UpscaleResult", "DEFAULT_MODEL"]
+__all__ = ["LoadedModel", "load_model", "Upscaler", "UpscaleResult", "RunningStats", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
 Progress = Callable[[int, int], None]
@@ -69,6 +69,29 @@ class UpscaleResult:
     residual: float  # RMS of degrade(sr) - input, as a fraction of the input's intensity range
     task: Task
     axis: int  # voxel axis: the upscaled one (thick slices) or the slice axis (in-plane kinds)
+
+
+class RunningStats:
+    """Mean and sample standard deviation of a stream of equally shaped tensors (Welford, float64), holding
+    two volumes in memory however many samples are drawn."""
+
+    def __init__(self):
+        self.count, self.mean, self._m2 = 0, None, None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        if self.mean is None:
+            self.mean, self._m2 = torch.zeros_like(x), torch.zeros_like(x)
+        self.count += 1
+        delta = x - self.mean
+        self.mean += delta / self.count
+        self._m2 += delta * (x - self.mean)
+
+    @property
+    def std(self) -> torch.Tensor:
+        if self.count < 2:
+            return torch.zeros_like(self.mean)
+        return (self._m2 / (self.count - 1)).clamp_min(0).sqrt()
 
 
 def _device(name: str) -> torch.device:
@@ -161,15 +184,11 @@ class Upscaler:
             if progress is not None:
                 progress(done, total)
 
-        mean = torch.zeros(hr_shape, dtype=torch.float64)
-        m2 = torch.zeros(hr_shape, dtype=torch.float64) if samples > 1 else None
+        stats = RunningStats()
         for k in range(samples):
             x = self._sample_volume(cond, op, a, int(label), seed * 1_000_003 + k, tick)
-            x = self._consistent(x, lr, op)
-            delta = x.double() - mean  # Welford: running mean and sum of squared deviations
-            mean += delta / (k + 1)
-            if m2 is not None:
-                m2 += delta * (x.double() - mean)
+            stats.add(self._consistent(x, lr, op))
+        mean = stats.mean
         residual = float((op.forward(mean) - lr.double()).pow(2).mean().sqrt())
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
         meta = {"upscale": {"kind": task.kind, "scale": task.scale, "axis": a, "steps": self.steps,
@@ -177,9 +196,8 @@ class Upscaler:
                             "consistency": self.consistency, "model": str(self.model.path)}}
         sr = volume.with_data(norm.inverse(mean.float().numpy()), affine, **meta)
         unc = None
-        if m2 is not None:
-            std = (m2 / (samples - 1)).sqrt().float().numpy() * (norm.high - norm.low)
-            unc = volume.with_data(std, affine, **meta)
+        if samples > 1:
+            unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
         return UpscaleResult(sr, unc, residual, task, a)
 
     def _units(self, hr_shape, op, a) -> int:

@@ -149,9 +149,11 @@ class Trainer:
                     row = {"step": done, **{k: f"{v:.6g}" for k, v in logs.items()},
                            "samples_per_s": f"{rate:.3g}", "elapsed_s": f"{elapsed:.1f}"}
                     rows.append(row)
+                    info = f"loss {logs['loss']:.4f}  {rate:.1f} samples/s"
                     if progress is not None:
-                        progress.update(task, completed=done,
-                                        info=f"loss {logs['loss']:.4f}  {rate:.1f} samples/s")
+                        progress.update(task, completed=done, info=info)
+                        if not progress.console.is_terminal:  # logs and CI: one plain line per log row
+                            print(f"{stage} {done}/{stop} {info}", flush=True)
                 elif progress is not None:
                     progress.update(task, completed=done)
                 if done % cfg.checkpoint_every == 0 or done == stop:

@@ -1,0 +1,95 @@
+"""Metrics agree with their reference implementations; baselines sit on the exact HR grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
+
+from medldm import MedldmError
+from medldm.degrade import degrade_volume
+from medldm.evaluation import foreground_mask, lpips, lpips_volume, nrmse, psnr, ssim
+from medldm.evaluation.baselines import interpolate
+from medldm.volume import Volume, face_corners, load
+from tests.conftest import shared_path
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A real 1 mm brain and its trilinear reconstruction from x4 thick slices."""
+    vol = load(shared_path("data/mri/colin27-mricron/ch2.nii.gz"))
+    lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=4)
+    return interpolate(lr, [1, 1, 4], method="trilinear").data, hr.data
+
+
+def test_psnr_and_ssim_match_scikit_image(pair):
+    pred, ref = pair
+    r = float(ref.max())
+    assert psnr(pred, ref) == pytest.approx(peak_signal_noise_ratio(ref, pred, data_range=r), abs=1e-6)
+    assert ssim(pred, ref, mode="3d") == pytest.approx(structural_similarity(ref, pred, data_range=r), abs=1e-6)
+    per_slice = np.mean([structural_similarity(ref[:, :, k], pred[:, :, k], data_range=r)
+                         for k in range(ref.shape[2])])
+    assert ssim(pred, ref, axis=2) == pytest.approx(per_slice, abs=1e-6)
+    expected = normalized_root_mse(ref.astype(np.float64), pred.astype(np.float64))
+    assert nrmse(pred, ref) == pytest.approx(expected, rel=1e-9)
+
+
+def test_closed_form_cases():
+    ref = np.random.default_rng(0).uniform(0, 100, size=(20, 24, 18))
+    assert psnr(ref + 5.0, ref, data_range=100.0) == pytest.approx(10 * np.log10(100.0**2 / 25.0), abs=1e-9)
+    assert psnr(ref, ref) == float("inf")
+    assert ssim(ref, ref) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(ref, ref, mode="3d") == pytest.approx(1.0, abs=1e-12)
+    mask = np.zeros(ref.shape, bool)
+    mask[5:10, 5:10, 5:10] = True
+    noisy = ref.copy()
+    noisy[~mask] += 50  # errors outside the mask do not count
+    assert psnr(noisy, ref, mask=mask) == float("inf")
+    assert nrmse(noisy, ref, mask=mask) == 0.0
+    with pytest.raises(MedldmError, match="shapes differ"):
+        psnr(ref[:-1], ref)
+
+
+def test_lpips_on_real_slices(pair):
+    pred, ref = pair
+    r = float(ref.max())
+    sl = np.clip(ref[:, :, 90] / r, 0, 1)
+    assert lpips(sl, sl) == pytest.approx(0.0, abs=1e-6)
+    mild, strong = ndimage.gaussian_filter(sl, 1.0), ndimage.gaussian_filter(sl, 3.0)
+    assert lpips(strong, sl) > lpips(mild, sl) > 0.01
+    assert lpips_volume(ref, ref, max_slices=4) == pytest.approx(0.0, abs=1e-6)
+    assert lpips_volume(pred, ref, max_slices=4) > 0.01
+
+
+def test_foreground_mask_is_the_head(pair):
+    _, ref = pair
+    mask = foreground_mask(ref)
+    assert 0.2 < mask.mean() < 0.8
+    assert not mask[0, 0, 0] and mask[tuple(s // 2 for s in ref.shape)]
+
+
+def test_baselines_on_the_exact_grid(ixi_path):
+    vol = load(ixi_path)
+    lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=4, profile="boxcar")
+    for method in ("nearest", "trilinear", "bspline"):
+        up = interpolate(lr, [1, 4, 1], method=method)
+        assert up.shape == hr.shape
+        np.testing.assert_allclose(up.affine, hr.affine, atol=1e-9)
+        np.testing.assert_allclose(face_corners(up.shape, up.affine), face_corners(lr.shape, lr.affine), atol=1e-9)
+    nearest = interpolate(lr, [1, 4, 1], method="nearest").data
+    np.testing.assert_array_equal(nearest, np.repeat(lr.data, 4, axis=1))
+    # scipy's zoom with grid_mode=True uses the same field-of-view-preserving grid
+    for method, order in (("trilinear", 1), ("bspline", 3)):
+        expected = ndimage.zoom(lr.data.astype(np.float64), (1, 4, 1), order=order, grid_mode=True, mode="nearest")
+        np.testing.assert_allclose(interpolate(lr, [1, 4, 1], method=method).data, expected, atol=1e-3)
+
+
+def test_linear_ramp_is_reproduced_inside():
+    n = 128
+    ramp = np.broadcast_to(np.arange(n, dtype=np.float32)[None, None, :], (4, 4, n))
+    lr = Volume(ramp.reshape(4, 4, n // 4, 4).mean(-1), np.diag([1.0, 1.0, 4.0, 1.0]))  # LR m sits at 4m + 1.5
+    trilinear = interpolate(lr, [1, 1, 4], method="trilinear").data
+    np.testing.assert_allclose(trilinear[0, 0, 2:-2], np.arange(n)[2:-2], atol=1e-4)
+    bspline = interpolate(lr, [1, 1, 4], method="bspline").data  # the edge condition fades within a few samples
+    np.testing.assert_allclose(bspline[0, 0, 32:-32], np.arange(n)[32:-32], atol=1e-3)
