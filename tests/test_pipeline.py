@@ -14,7 +14,7 @@ from medldm import MedldmError
 from medldm.degrade import degrade_volume, make_operator
 from medldm.pipeline import RunningStats, Upscaler, load_model
 from medldm.volume import face_corners, load, rescaled_affine, save_nifti
-from tests.test_train import LPIPS, tiny, trainer
+from tests.test_train import tiny, trainer
 
 
 @pytest.fixture(scope="module")
