@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,8 +21,18 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m medldm.demo
 
+# The report test opens report.html in headless Chromium (Debian package `chromium`): installed once, as root
+# with apt-get; where that cannot be done, a note says so and the test reports the missing browser itself.
+browser:
+	@command -v chromium >/dev/null || { \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" -eq 0 ]; then \
+	(apt-get update -qq && apt-get install -y -qq chromium) \
+	|| echo "warning: apt-get could not install chromium; the report test will fail or skip" >&2; \
+	else echo "note: chromium is missing and cannot be installed here (needs apt-get as root);" \
+	"install the Debian package chromium to run the report test" >&2; fi; }
+
 # pytest exits 5 when it collected no test: a broken suite, reported as such.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc
 

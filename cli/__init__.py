@@ -366,7 +366,10 @@ def _print_summary(summary: dict) -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []
         for m in metrics:
-            r = next(x for x in rows if x["method"] == method and x["metric"] == m)
+            r = next((x for x in rows if x["method"] == method and x["metric"] == m), None)
+            if r is None or r.get("mean") is None:
+                cells.append("-")
+                continue
             p = f" p={r['p_value']:.2g}" if r.get("p_value") is not None else ""
             cells.append(f"{r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}]{p}")
         table.add_row(method, *cells)

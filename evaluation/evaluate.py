@@ -166,7 +166,7 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> dic
     cond_slices = torch.nn.functional.pad(cond_slices, pad, mode="replicate")
     task = next(t for t in m.config.data.tasks if t.kind == kind and t.scale == scale)
     label = int(m.codec.label(torch.tensor(m.config.data.tasks.index(task)), torch.tensor(0), torch.tensor(0)))
-    return model_rd(m, hr_slices, cond_images=cond_slices, labels=label,
+    return model_rd(m, hr_slices, cond_images=cond_slices, label=label,
                     timesteps=[999, 750, 500, 250, 100, 50, 0], qsteps=(None, 0.5, 0.25, 0.1))
 
 

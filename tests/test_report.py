@@ -1,0 +1,240 @@
+"""Statistics of per-volume metrics and the self-contained HTML report (opened in headless Chromium)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+from medldm.evaluation.report import write_report
+from medldm.evaluation.stats import bootstrap_ci, paired_wilcoxon, summarise
+from scipy import stats
+
+from medldm import MedldmError
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Flags that work with Debian's chromium (156) as root in a container without a display or D-Bus.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr",
+                  "--v=0"]
+METHODS = ("nearest", "trilinear", "model")
+DIRECTIONS = {"psnr": True, "ssim": True, "lpips": False, "nrmse": False}
+PROTOCOL = {
+    "degradation": "slice-profile x4 along z (gaussian profile)",
+    "scales": [2, 4],
+    "data range": "per-volume maximum of the truth",
+    "mask": "Otsu <foreground> & holes filled",
+    "seeds": {"bootstrap": 0, "sampling": 1234},
+    "software": {"medldm": "0.1.0", "numpy": np.__version__},
+    "config hash": "deadbeefcafe0042",
+}
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_bootstrap_ci_contains_mean_narrows_and_is_seeded():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(10, 2, size=10), rng.normal(10, 2, size=400)
+    mean, low, high = bootstrap_ci(small)
+    assert mean == pytest.approx(small.mean())
+    assert low < mean < high
+    _, low_l, high_l = bootstrap_ci(large)
+    assert high_l - low_l < (high - low) / 3  # ~ 1/sqrt(n): 40x the volumes, about 6x narrower
+    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
+    assert bootstrap_ci(small, seed=3) != bootstrap_ci(small, seed=4)
+    _, low90, high90 = bootstrap_ci(small, confidence=0.90)
+    assert low < low90 < high90 < high
+    assert bootstrap_ci([2.5]) == (2.5, 2.5, 2.5)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+    with pytest.raises(ValueError):
+        bootstrap_ci([1.0, float("nan")])
+
+
+def test_paired_wilcoxon_matches_scipy_and_its_edge_cases():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=12), rng.normal(size=12)
+    assert paired_wilcoxon(a, b) == stats.wilcoxon(a, b).pvalue
+    # 10 volumes all improved (distinct differences): exact two-sided p = 2 / 2**10
+    base = rng.normal(30, 2, size=10)
+    better = base + 0.5 + np.linspace(0.0, 0.09, 10)
+    assert paired_wilcoxon(better, base) == pytest.approx(2 / 2**10)
+    assert paired_wilcoxon(base, base.copy()) is None
+    assert paired_wilcoxon([1.0], [2.0]) is None
+    with pytest.raises(ValueError):
+        paired_wilcoxon([1.0, 2.0], [1.0])
+
+
+def _rows(n_volumes: int = 8, seed: int = 0) -> list[dict]:
+    """Nearest < trilinear < model on every metric, per volume, with noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for v in range(n_volumes):
+        psnr0, ssim0 = rng.normal(28, 1.5), rng.normal(0.82, 0.02)
+        for j, method in enumerate(METHODS):
+            rows.append({"volume": f"sub-{v:02d}.nii.gz", "method": method,
+                         "psnr": psnr0 + 1.5 * j + rng.normal(0, 0.2),
+                         "ssim": ssim0 + 0.03 * j + rng.normal(0, 0.004),
+                         "lpips": 0.30 - 0.05 * j + rng.normal(0, 0.01),
+                         "nrmse": 0.20 - 0.03 * j + rng.normal(0, 0.005),
+                         "seconds": 0.01 if method != "model" else 12.5})
+    return rows
+
+
+def test_summarise_picks_the_best_baseline_in_each_direction():
+    rows = []
+    for v in range(8):
+        d = 0.01 * v  # distinct paired differences
+        rows += [
+            {"volume": f"v{v}", "method": "nearest", "psnr": 28.0 + d, "nrmse": 0.20 + d},
+            {"volume": f"v{v}", "method": "trilinear", "psnr": 30.0 + d, "nrmse": 0.15 + d},
+            {"volume": f"v{v}", "method": "bspline", "psnr": 29.0 + d, "nrmse": 0.10 + d},
+            {"volume": f"v{v}", "method": "model", "psnr": 31.0 + 2 * d, "nrmse": None if v == 0 else 0.05 + d / 2},
+        ]
+    table = summarise(rows, metrics=["psnr", "nrmse"], higher_is_better={"psnr": True, "nrmse": False},
+                      baselines=["nearest", "trilinear", "bspline"])
+    cell = {(r["method"], r["metric"]): r for r in table}
+    assert len(table) == 8
+    assert [r["method"] for r in table[::2]] == ["nearest", "trilinear", "bspline", "model"]
+    assert {r["best_baseline"] for r in table if r["metric"] == "psnr"} == {"trilinear"}
+    assert {r["best_baseline"] for r in table if r["metric"] == "nrmse"} == {"bspline"}
+    assert cell[("nearest", "psnr")]["p_value"] is None and cell[("nearest", "psnr")]["is_baseline"]
+    model_psnr, model_nrmse = cell[("model", "psnr")], cell[("model", "nrmse")]
+    assert model_psnr["p_value"] == pytest.approx(2 / 2**8) and model_psnr["n_pairs"] == 8
+    assert model_psnr["mean"] == pytest.approx(31.07)
+    assert model_psnr["ci_low"] < model_psnr["mean"] < model_psnr["ci_high"]
+    assert (model_nrmse["n"], model_nrmse["n_missing"], model_nrmse["n_pairs"]) == (7, 1, 7)
+    assert model_nrmse["p_value"] == pytest.approx(2 / 2**7)
+    json.dumps(table, allow_nan=False)  # plain JSON
+    with pytest.raises(MedldmError, match="appears twice"):
+        summarise(rows + rows[:1], metrics=["psnr"], higher_is_better={"psnr": True}, baselines=["nearest"])
+    with pytest.raises(MedldmError, match="direction"):
+        summarise(rows, metrics=["ssim"], higher_is_better={}, baselines=["nearest"])
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(2)
+    truth = rng.random((24, 32))
+    model = truth + rng.normal(0, 0.05, truth.shape)
+    example = {"title": "sub-00 <axial> slice 12",
+               "images": {"LR (nearest)": np.repeat(truth[::4], 4, axis=0), "trilinear": truth * 0.9,
+                          "model": model, "truth": truth, "error model": np.abs(model - truth),
+                          "uncertainty (std)": rng.random((24, 32)) * 0.05},
+               "cmap": {"error model": "inferno"}}
+    rd = {"autoencoder": [{"label": f"q={q}", "bits_per_voxel": b, "psnr": p, "rmse": r}
+                          for q, b, p, r in ((0.1, 0.9, 36.0, 0.016), (0.5, 0.4, 33.0, 0.022), (1.0, 0.2, 30.0, 0.03))],
+          "diffusion": [{"t": t, "bits_per_dim": b * 4, "bits_per_voxel": b, "psnr": p, "rmse": r}
+                        for t, b, p, r in ((999, 0.001, 12.0, 0.25), (500, 0.05, 22.0, 0.08), (0, 0.6, 35.0, 0.018))]}
+    out = tmp_path_factory.mktemp("report") / "out"
+    path = write_report(out, rows=_rows(), protocol=PROTOCOL, examples=[example], rd=rd,
+                        timings={"nearest": 0.01, "trilinear": 0.05, "model": 12.5}, higher_is_better=DIRECTIONS)
+    assert path == out / "report.html"
+    return path
+
+
+def test_report_files(report):
+    out = report.parent
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "report.html", "summary.json"]  # no temp files
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 24
+    assert list(rows[0]) == ["volume", "method", "psnr", "ssim", "lpips", "nrmse", "seconds"]
+    assert float(rows[0]["psnr"]) == _rows()[0]["psnr"]  # full precision
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == PROTOCOL
+    assert len(summary["summary"]) == 3 * 4
+    assert summary["timings"]["model"] == 12.5
+    assert summary["rate_distortion"]["diffusion"][0]["t"] == 999
+    assert summary["statistics"]["bootstrap_resamples"] == 10000
+    assert {r["best_baseline"] for r in summary["summary"]} == {"trilinear"}
+    assert all(r["p_value"] < 0.01 for r in summary["summary"] if r["method"] == "model")
+
+
+def test_report_html_is_self_contained_and_complete(report):
+    text = report.read_text()
+    for key, value in PROTOCOL.items():
+        assert html.escape(key) in text
+        for leaf in value.values() if isinstance(value, dict) else [value]:
+            shown = ", ".join(map(str, leaf)) if isinstance(leaf, list) else str(leaf)
+            assert html.escape(shown) in text, shown
+    assert "Otsu &lt;foreground&gt; &amp; holes filled" in text and "<foreground>" not in text
+    for method in METHODS:
+        assert f"<td>{method}" in text
+    assert "Higher is better for PSNR (dB), SSIM." in text and "Lower is better for LPIPS, NRMSE." in text
+    assert text.count("<strong>") >= 4  # the best mean of each metric
+    assert re.search(r"p (=|&lt;) 0\.\d{3}", text)
+    assert "<script" not in text.lower() and "url(" not in text and "@import" not in text
+    links = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)["']""", text)
+    assert not [u for u in links if "http" in u.lower()]
+    sources = re.findall(r"""<img\b[^>]*\bsrc\s*=\s*["']([^"']*)["']""", text)
+    assert len(sources) == 4 + 1 + 1  # per-metric plots, one example, rate-distortion
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        pixels = mpimg.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 200 and pixels[..., :3].std() > 0.05
+    assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', text))
+
+
+def test_report_rejects_bad_input(tmp_path):
+    with pytest.raises(MedldmError, match="no metrics rows"):
+        write_report(tmp_path / "a", rows=[], protocol=PROTOCOL)
+    with pytest.raises(MedldmError, match="2D array"):
+        write_report(tmp_path / "b", rows=_rows(2), protocol=PROTOCOL,
+                     examples=[{"title": "x", "images": {"truth": np.zeros((2, 3, 4))}}])
+    assert not (tmp_path / "b").exists()  # nothing written when rendering fails
+
+
+# ------------------------------------------------------------------------------------------ in a browser
+
+
+def _chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run headless Chromium on ``page`` with a fresh profile folder; fail in CI (skip elsewhere) without it."""
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing; run `make test` (it installs chromium) or apt-get install chromium"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    cmd = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+
+
+def _console_errors(stderr: str) -> list[str]:
+    # Chromium logs page console messages as "...:CONSOLE(line)]" (INFO or ERROR level by version). The report
+    # has no scripts, so any console message is a fault.
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+def test_console_check_catches_a_broken_page(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text("<!DOCTYPE html><html><body><p>x</p><script>undefinedFunction();</script></body></html>")
+    run = _chromium(page, tmp_path / "profile", "--dump-dom")
+    assert any("Uncaught" in line for line in _console_errors(run.stderr)), run.stderr[-2000:]
+
+
+def test_report_opens_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "shot.png"
+    run = _chromium(report, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1200,2000")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not _console_errors(run.stderr)
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (2000, 1200)
+    assert pixels.std() > 0.05 and pixels.mean() < 0.98  # not blank, not all white
+    dom = _chromium(report, tmp_path / "profile-dom", "--dump-dom")
+    assert dom.returncode == 0 and not _console_errors(dom.stderr)
+    assert 'id="results-table"' in dom.stdout and all(f"<td>{m}" in dom.stdout for m in METHODS)
+    if os.environ.get("MEDLDM_KEEP_SCREENSHOT"):  # a path to copy the screenshot to, for a person to look at
+        Path(os.environ["MEDLDM_KEEP_SCREENSHOT"]).write_bytes(shot.read_bytes())
