@@ -28,7 +28,7 @@ class _App(typer.Typer):
                 try:
                     return fn(*a, **k)
                 except MedldmError as err:
-                    print(f"error: {err}", file=sys.stderr)
+                    print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, always
                     raise typer.Exit(1) from None
 
             return register(wrapped)
@@ -269,7 +269,8 @@ def upscale(
                         consistency=consistency, bf16=bf16)
     failures, written, skipped = [], [], []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
+    # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         overall = bar.add_task("all scans", total=len(jobs)) if len(jobs) > 1 else None
         for source, target in jobs:
             try:

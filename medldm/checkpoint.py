@@ -115,6 +115,8 @@ def read_model_folder(folder: Path, *, verify: bool = True) -> tuple[dict, dict]
     """(config, model info) of a model folder, after checking every file against SHA256SUMS."""
     folder = Path(folder)
     sums = folder / "SHA256SUMS"
+    if not folder.exists():
+        raise MedldmError("no such model folder", folder)
     if not folder.is_dir() or not sums.is_file():
         raise MedldmError("not a medldm model folder (no SHA256SUMS)", folder)
     if verify:

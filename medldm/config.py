@@ -193,7 +193,9 @@ def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None 
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise MedldmError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise MedldmError(f"not valid YAML{where} ({problem or str(exc).splitlines()[0]})", path) from None
     return parse_config(raw, source=str(path), base=path.parent, data_root=data_root, check_files=check_files)
 
 

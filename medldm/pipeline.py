@@ -170,7 +170,10 @@ class Upscaler:
         task, a = self.choose(volume, axis=axis, scale=scale, kind=kind)
         op = make_operator(task.kind, axis=a, scale=task.scale, spatial_dims=3, profile=task.profile)
         hr_shape = op.input_shape(volume.shape)
-        norm = normaliser(self.model.config, volume.data)
+        try:
+            norm = normaliser(self.model.config, volume.data)
+        except MedldmError as err:  # e.g. a constant image: name the scan
+            raise MedldmError(err.reason, err.path or volume.path) from None
         lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))
         cond = upsample(lr[None, None], hr_shape)[0, 0]
         modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))

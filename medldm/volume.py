@@ -242,7 +242,30 @@ def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path) -> tuple[int, int, i
     return shape
 
 
+def _raw_nifti_header(path: Path):
+    """The NIfTI-1 header as stored (nibabel repairs some fields on load: a zero pixdim becomes 1 mm), or None
+    when the file does not start with one (NIfTI-2, damaged: nib.load decides and explains)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as fh:
+            hdr = nib.Nifti1Header(fh.read(348), check=False)
+        return hdr if hdr["magic"].item() in (b"n+1", b"ni1") else None
+    except Exception:
+        return None
+
+
 def _load_nifti(path: Path) -> Volume:
+    raw = _raw_nifti_header(path)
+    if raw is not None:
+        offset, size = float(raw["vox_offset"]), path.stat().st_size
+        if path.name.lower().endswith(".nii") and offset >= size:
+            raise MedldmError(f"header says the voxel data start at byte {offset:.0f}, past the end of the file "
+                              f"({size} bytes): wrong vox_offset or a truncated file", path)
+        pixdim = tuple(float(z) for z in raw["pixdim"][1:4])
+        if int(raw["sform_code"]) == 0 and any(not np.isfinite(z) or z == 0 for z in pixdim):
+            raise MedldmError(f"voxel size {pixdim} in the header has a zero entry and no sform gives the "
+                              "geometry", path)
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for broken headers
@@ -252,9 +275,6 @@ def _load_nifti(path: Path) -> Volume:
         raise MedldmError(f"voxel type {dtype} (RGB or complex) is not a scalar image", path)
     shape = _squeeze_to_3d(img.shape, path)
     _check_size(shape, path)
-    pixdim = img.header.get_zooms()[:3]
-    if any(not np.isfinite(z) or z <= 0 for z in pixdim):
-        raise MedldmError(f"voxel size {tuple(float(z) for z in pixdim)} has a zero or negative entry", path)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as exc:  # truncated gzip: EOFError, zlib.error, OSError ...
@@ -279,7 +299,7 @@ def _load_nrrd(path: Path) -> Volume:
     try:
         data, header = nrrd.read(str(path))
     except Exception as exc:
-        raise MedldmError(f"not a readable NRRD file ({exc})", path) from None
+        raise MedldmError(f"not a readable NRRD file, truncated or damaged? ({exc})", path) from None
     if np.issubdtype(data.dtype, np.complexfloating):
         raise MedldmError(f"voxel type {data.dtype} (complex) is not a scalar image", path)
     shape = _squeeze_to_3d(data.shape, path)
@@ -362,6 +382,15 @@ def _frames_of(ds, source: str) -> list[_Frame]:
                    float(getattr(ds, "RescaleIntercept", 0.0) or 0.0), ds, None)]
 
 
+def _decoder_available(syntax) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return get_decoder(syntax).is_available
+    except Exception:  # no decoder class at all for this syntax
+        return False
+
+
 def _read_pixels(frame: _Frame) -> np.ndarray:
     ds = frame.dataset
     if "PixelData" not in ds:
@@ -372,7 +401,7 @@ def _read_pixels(frame: _Frame) -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_compressed:
+        if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
             raise MedldmError(
                 f"pixel data is compressed ({syntax.name}) and no decoder is installed: "
                 "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)", frame.source
@@ -406,9 +435,15 @@ def _load_dicom(files: list[Path], where: Path, series_uid: str | None) -> Volum
     series: dict[str, list] = defaultdict(list)
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=len(files) > 1)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError):
-            continue  # not DICOM (notes, DICOMDIR helpers ...): skipped
+            ds = pydicom.dcmread(f, defer_size="1 KB")  # large values (pixel data) are located, not read
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+            if _is_dicom_file(f):
+                raise MedldmError(f"DICOM file cannot be read, truncated or damaged? ({exc})", f) from None
+            continue  # not DICOM (notes ...): skipped
+        sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+        if len(ds) == 0 or (sop is not None and "Image Storage" in sop.name and "PixelData" not in ds):
+            # pydicom reads a cut-off file without complaint: skipping it would silently drop a slice
+            raise MedldmError("DICOM image ends before its pixel data: the file is truncated or damaged", f)
         if "SeriesInstanceUID" not in ds or ("PixelData" not in ds and len(files) == 1) or not (
             "ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds
         ):
