@@ -79,7 +79,7 @@ def main() -> None:
         s = score(vol, truth, mask=mask, axis=axis)
         table.add_row(name, f"{s['psnr']:.2f}", f"{s['ssim']:.4f}", f"{s['lpips']:.4f}")
     console.print(table)
-    figure = before_after(interpolate(lr, factors, method="nearest"), outputs.get("model", outputs["bspline"]),
+    figure = before_after(lr, outputs.get("model", outputs["bspline"]),
                           OUT / "mni152_comparison.png",
                           titles=("thick-slice input", "model" if "model" in outputs else "bspline"),
                           extra={"bspline": outputs["bspline"], "truth": truth})
