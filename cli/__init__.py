@@ -328,7 +328,8 @@ def evaluate(
     seed: Annotated[int, typer.Option()] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="first N scans only")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="score whole volumes, not the foreground")] = False,
-    rd: Annotated[bool, typer.Option("--rd", help="add the model's rate-distortion curves")] = False,
+    rd: Annotated[bool, typer.Option("--rd", help="the model's rate-distortion curves alone")] = False,
+    with_rd: Annotated[bool, typer.Option("--with-rd", help="metrics and rate-distortion curves")] = False,
     device: Annotated[str, typer.Option()] = "auto",
     lpips_weights: Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")] = None,
     overwrite: Overwrite = False,
@@ -345,7 +346,7 @@ def evaluate(
         report = run_evaluation(
             data, out, model=model, kind=kind.value, axis=axis, scale=scale, steps=steps, sampler=sampler,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
-            lpips_weights=str(lpips_weights) if lpips_weights else None, rd=rd,
+            lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             progress=lambda name, i, n: status.update(f"evaluating {name} ({i + 1}/{n})"))
     import json
 

@@ -75,7 +75,8 @@ def _example(truth: Volume, lr: Volume, outputs: dict[str, Volume], uncertainty:
 def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "slice-profile", axis: str = "z",
              scale: int = 4, profile: str = "gaussian", steps: int = 8, sampler: str = "dpmpp-2m", samples: int = 1,
              seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
-             lpips_weights=None, rd: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Path:
+             lpips_weights=None, rd: bool = False, rd_only: bool = False,
+             progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Run the evaluation and write ``out/report.html``, ``metrics.csv`` and ``summary.json``.
 
     Args:
@@ -87,6 +88,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         use_mask: score inside the Otsu foreground of the truth (else the whole volume).
         limit: evaluate the first N scans only.
         rd: add the rate-distortion curves of the model (medldm.evaluation.rate_distortion).
+        rd_only: the rate-distortion curves alone (no per-volume metrics).
         progress: callable(stage, done, total).
     """
     from medldm.evaluation.report import write_report
@@ -101,7 +103,9 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
 
         upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler)
     rows, examples, timings = [], [], {}
-    for n, path in enumerate(files):
+    if rd_only and upscaler is None:
+        raise MedldmError("rate-distortion needs a model (--model)")
+    for n, path in enumerate([] if rd_only else files):
         if progress:
             progress(path.name, n, len(files))
         hr_full = load(path)
@@ -131,7 +135,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         if n == 0:
             examples.append(_example(truth, lr, outputs, uncertainty, op_axis, factors))
     rd_data = None
-    if rd and upscaler is not None:
+    if (rd or rd_only) and upscaler is not None:
         rd_data = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
     protocol = _protocol(files, model=upscaler.model if upscaler else None, kind=kind, axis=axis, scale=scale,
                          profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed,

@@ -177,3 +177,47 @@ def test_cli_refuses_to_train_over_an_existing_run(tmp_path):
                              "--data-root", str(DATA), "--run-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "--resume" in result.stderr
+
+
+def test_vq_autoencoder_and_dit_denoiser_train_and_upscale(tmp_path, ixi_path):
+    from medldm.degrade import degrade_volume
+    from medldm.pipeline import Upscaler
+    from medldm.volume import crop, load
+
+    config, root = tiny(autoencoder={"kind": "vq", "num_embeddings": 16},
+                        diffusion={"denoiser": "dit", "patch": 2, "depth": 2, "width": 32, "heads": 2})
+    trainer(config, root, tmp_path / "run").run("all")
+    vol = crop(load(ixi_path), (slice(40, 72), slice(None), slice(30, 50)))
+    lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=4)
+    result = Upscaler(tmp_path / "run" / "model", device="cpu", steps=1).upscale(lr, axis="z")
+    assert result.sr.shape == hr.shape and np.isfinite(result.sr.data).all() and result.residual < 1e-6
+
+
+def test_training_killed_with_sigkill_resumes_from_a_complete_checkpoint(tmp_path):
+    import signal
+    import time
+
+    from medldm.checkpoint import load_state
+
+    raw = yaml.safe_load((REPO / "configs" / "tiny_2d.yaml").read_text())
+    raw["training"].update(checkpoint_every=1, keep_checkpoints=3, autoencoder={"steps": 400, "batch_size": 2})
+    cfg_path = tmp_path / "long.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "medldm.cli", "train", "--config", str(cfg_path), "--data-root", str(DATA),
+            "--lpips-weights", str(LPIPS), "--stage", "autoencoder"]
+    proc = subprocess.Popen([*base, "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((run / "autoencoder").glob("step_*"))) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # wherever it is, possibly in the middle of writing a checkpoint
+    proc.wait()
+    ckpt = latest_checkpoint(run / "autoencoder")
+    assert ckpt is not None
+    state, _ = load_state(ckpt)  # the newest complete checkpoint reads back whole
+    step = int(state["step"])
+    assert all((ckpt / f"{n}.safetensors").is_file() for n in ("model", "ema", "discriminator"))
+    result = subprocess.run([*base, "--resume", str(run), "--max-steps", str(step + 2)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert latest_checkpoint(run / "autoencoder").name == f"step_{step + 2:07d}"

@@ -170,3 +170,19 @@ def test_save_refuses_to_overwrite(tmp_path, ixi_path):
     assert out.stat().st_mtime_ns == stamp
     save_nifti(vol, out, overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name != "x.nii.gz"], "temporary files left behind"
+
+
+def test_interrupted_write_leaves_no_output_under_the_final_name(tmp_path, ixi_path, monkeypatch):
+    import os
+
+    vol = load(ixi_path)
+    out = tmp_path / "sr.nii.gz"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process died between writing and renaming
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_nifti(vol, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary file was removed too
