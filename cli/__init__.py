@@ -199,10 +199,9 @@ def train(
         print(f"model written to {folder / 'model'}")
 
 
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
-
-
 def _batch_inputs(folder: Path) -> list[Path] | None:
+    from medldm.volume import SCAN_SUFFIXES
+
     """The scans of a batch folder (NIfTI/NRRD files and DICOM sub-folders), or None for a DICOM series folder."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES))
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -212,6 +211,8 @@ def _batch_inputs(folder: Path) -> list[Path] | None:
 
 
 def _default_output(scan: Path, out_dir: Path | None) -> Path:
+    from medldm.volume import SCAN_SUFFIXES
+
     name = scan.name
     for suffix in SCAN_SUFFIXES:
         if name.lower().endswith(suffix):

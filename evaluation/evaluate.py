@@ -16,13 +16,12 @@ from medldm.evaluation.metrics import foreground_mask, lpips_volume, nrmse, psnr
 from medldm import __version__
 from medldm.degrade import degrade_volume, make_operator
 from medldm.errors import MedldmError
-from medldm.volume import Volume, load
+from medldm.volume import SCAN_SUFFIXES, Volume, load
 
 __all__ = ["evaluate", "score", "scan_list", "METRICS", "HIGHER_IS_BETTER"]
 
 METRICS = ("psnr", "ssim", "ssim3d", "lpips", "nrmse")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ssim3d": True, "lpips": False, "nrmse": False}
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
 
 
 def scan_list(data: str | Path) -> list[Path]:
@@ -37,7 +36,7 @@ def scan_list(data: str | Path) -> list[Path]:
     else:
         raise MedldmError("no such file or folder", data)
     if not files:
-        raise MedldmError("no scans (.nii, .nii.gz, .nrrd) found", data)
+        raise MedldmError(f"no scans ({', '.join(SCAN_SUFFIXES)}) found", data)
     return files
 
 

@@ -28,10 +28,14 @@ STEP_PREFIX = "step_"
 
 
 def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks; an unreadable file is a MedldmError naming it."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as error:
+        raise MedldmError(f"cannot read file: {error.strerror or error}", path) from None
     return h.hexdigest()
 
 

@@ -16,9 +16,10 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 from medldm.config import Config
+from medldm.diffusion import NoiseSchedule
 
 __all__ = ["Autoencoder", "Denoiser", "DiT", "ConditionCodec", "build_autoencoder", "build_denoiser",
-           "build_discriminator", "MODALITIES"]
+           "build_discriminator", "build_schedule", "MODALITIES"]
 
 MODALITIES = ("MR", "CT")
 
@@ -193,3 +194,10 @@ def build_denoiser(config: Config) -> Denoiser:
             num_head_channels=cfg.num_head_channels, norm_num_groups=cfg.norm_num_groups, num_class_embeds=labels,
         )
     return Denoiser(backbone)
+
+
+def build_schedule(config: Config) -> NoiseSchedule:
+    """The noise schedule the denoiser is trained and sampled with."""
+    d = config.diffusion
+    return NoiseSchedule.from_monai(num_train_timesteps=d.timesteps, schedule=d.schedule,
+                                    beta_start=d.beta_start, beta_end=d.beta_end)

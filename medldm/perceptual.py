@@ -22,7 +22,6 @@ module or, for torchvision's files, against the hash prefix in their name.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import re
 import threading
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medldm.checkpoint import sha256
 from medldm.errors import MedldmError
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
 ENV_VAR = "MEDLDM_LPIPS_WEIGHTS"
 CHECKSUM_FILE = "SHA256SUMS"
 _REPO = Path(__file__).resolve().parents[1]
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -163,17 +162,6 @@ def find_lpips_weights(path: str | os.PathLike | None = None, *, net: str = "ale
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-                digest.update(chunk)
-    except OSError as error:
-        raise MedldmError(f"cannot read weights file: {error.strerror or error}", path) from error
-    return digest.hexdigest()
-
-
 def _read_checksums(folder: Path) -> dict[str, str]:
     sums_path = folder / CHECKSUM_FILE
     try:
@@ -197,7 +185,7 @@ def _read_checksums(folder: Path) -> dict[str, str]:
 
 
 def _check(path: Path, expected: str, what: str) -> None:
-    actual = _sha256(path)
+    actual = sha256(path)
     if not actual.startswith(expected):
         raise MedldmError(
             f"checksum mismatch ({what}): SHA-256 is {actual}, expected {expected}; the file is corrupt or was "

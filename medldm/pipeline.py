@@ -25,7 +25,7 @@ from medldm.degrade import make_operator
 from medldm.diffusion import NoiseSchedule, make_denoiser, sample
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality
-from medldm.nets import MODALITIES, ConditionCodec, build_autoencoder, build_denoiser
+from medldm.nets import MODALITIES, ConditionCodec, build_autoencoder, build_denoiser, build_schedule
 from medldm.volume import Volume, rescaled_affine, resolve_axis
 
 __all__ = ["LoadedModel", "load_model", "Upscaler", "UpscaleResult", "RunningStats", "DEFAULT_MODEL"]
@@ -55,9 +55,7 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
     autoencoder, denoiser = build_autoencoder(config), build_denoiser(config)
     load_weights(autoencoder, folder / "autoencoder.safetensors")
     load_weights(denoiser, folder / "denoiser.safetensors")
-    d = config.diffusion
-    schedule = NoiseSchedule.from_monai(num_train_timesteps=d.timesteps, schedule=d.schedule,
-                                        beta_start=d.beta_start, beta_end=d.beta_end)
+    schedule = build_schedule(config)
     return LoadedModel(config, info, autoencoder.to(device).eval().requires_grad_(False),
                        denoiser.to(device).eval().requires_grad_(False), schedule, ConditionCodec(config), folder)
 
@@ -231,14 +229,12 @@ class Upscaler:
         cond = F.pad(cond, pad, mode="replicate") if any(pad) else cond
         cond = cond.to(self.device)
         scale = float(m.info["latent_scale"])
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             c = m.autoencoder.encode(cond).float() * scale
             labels = torch.full((c.shape[0],), label, dtype=torch.long, device=self.device)
 
             def model_fn(x_t, t):
-                with torch.autocast(self.device.type, dtype=dtype, enabled=self.bf16):
-                    return m.denoiser(x_t, t.to(self.device), c, labels).float()
+                return m.denoiser(x_t, t.to(self.device), c, labels).float()
 
             denoise = make_denoiser(model_fn, m.schedule, m.config.diffusion.prediction)
             g = torch.Generator().manual_seed(seed)

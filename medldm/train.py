@@ -22,11 +22,10 @@ from medldm import __version__
 from medldm.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint, write_model_folder
 from medldm.config import Config
 from medldm.data import PairSampler, load_volumes
-from medldm.diffusion import NoiseSchedule
 from medldm.errors import MedldmError
-from medldm.nets import ConditionCodec, build_autoencoder, build_denoiser, build_discriminator
+from medldm.nets import ConditionCodec, build_autoencoder, build_denoiser, build_discriminator, build_schedule
 
-__all__ = ["Trainer", "STAGES", "schedule_for", "latent_scale"]
+__all__ = ["Trainer", "STAGES", "latent_scale", "resolve_precision"]
 
 STAGES = ("autoencoder", "diffusion")
 SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
@@ -45,12 +44,6 @@ def resolve_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
-
-
-def schedule_for(config: Config) -> NoiseSchedule:
-    d = config.diffusion
-    return NoiseSchedule.from_monai(num_train_timesteps=d.timesteps, schedule=d.schedule,
-                                    beta_start=d.beta_start, beta_end=d.beta_end)
 
 
 def _generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
@@ -270,7 +263,7 @@ class Trainer:
                 scale = latent_scale(ae, sampler, st.batch_size, self.acc.device)
         if start < stop:
             model, opt = self.acc.prepare(model, opt)
-            schedule = schedule_for(cfg)
+            schedule = build_schedule(cfg)
             codec = ConditionCodec(cfg)
             seed = cfg.training.seed
 

@@ -34,6 +34,7 @@ __all__ = [
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
+SCAN_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES  # single-file scans (DICOM aside)
 # Relative tolerance on slice gaps before a DICOM series is called uneven (a missing slice doubles one gap).
 SLICE_GAP_RTOL = 0.05
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
