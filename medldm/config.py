@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from medldm.errors import MedldmError
 
@@ -64,6 +64,20 @@ class Data(_Strict):
     intensity: Intensity = Intensity()
     cache: str | None = None  # HDF5 file of normalised volumes (h5py), relative to the run folder
     noise: float = Field(0.0, ge=0, le=0.2)  # Rician noise on LR inputs, fraction of the intensity range
+    # 2.5D: 2D models see the LR planes of `slab` adjacent planes (the target in the middle) as the condition
+    slab: int = Field(1, ge=1)
+
+    @field_validator("slab")
+    @classmethod
+    def _slab_is_odd_and_2d(cls, slab: int, info: ValidationInfo) -> int:
+        # a field validator (not a model validator) so that the error names data.slab; spatial_dims is declared
+        # above, so it is already in info.data (absent only when it was itself invalid)
+        if slab % 2 == 0:
+            raise ValueError(f"slab must be odd (the target plane in the middle), got {slab}")
+        dims = info.data.get("spatial_dims")
+        if slab > 1 and dims is not None and dims != 2:
+            raise ValueError(f"slab {slab} needs spatial_dims 2 (3D models see whole patches), not {dims}")
+        return slab
 
     @model_validator(mode="after")
     def _patch_matches_dims(self):
@@ -151,6 +165,7 @@ class Training(_Strict):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
+    tensorboard: bool = True  # also log the metrics to <run>/<stage>/tensorboard/ when tensorboard is installed
     autoencoder: Stage
     diffusion: Stage
 

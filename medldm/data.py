@@ -2,7 +2,8 @@
 
 A batch is a pure function of (seed, step, rank), so a run resumed at step k draws exactly the batches an
 uninterrupted run would, and data-parallel ranks draw different ones. Slices (2D) come from all three planes;
-patches (3D) from anywhere; both are biased towards the foreground.
+patches (3D) from anywhere; both are biased towards the foreground. With ``data.slab`` > 1 (2D, "2.5D") the LR
+condition holds the target plane and its neighbours along the slicing axis, one channel each.
 """
 
 from __future__ import annotations
@@ -103,7 +104,12 @@ def upsample(lr: torch.Tensor, size) -> torch.Tensor:
 
 
 class PairSampler:
-    """Draws batches of (HR patch, interpolated LR patch, task, modality) from training volumes."""
+    """Draws batches of (HR patch, interpolated LR patch, task, modality) from training volumes.
+
+    ``batch()["hr"]`` is (B, 1, *patch); ``batch()["lr"]`` is (B, slab, *patch): for 2D slabs, channel k is the
+    degraded plane ``centre - slab // 2 + k`` (replicated at the volume border), so the centre plane is channel
+    ``slab // 2``; otherwise one channel.
+    """
 
     def __init__(self, volumes: list[TrainingVolume], config: Config, *, rank: int = 0):
         if not volumes:
@@ -111,6 +117,7 @@ class PairSampler:
         self.volumes, self.config, self.rank = volumes, config, rank
         self.dims = config.data.spatial_dims
         self.tasks = config.data.tasks
+        self.slab = config.data.slab
 
     def patch_size(self, step: int, progressive: list[list[int]] | None = None) -> tuple[int, ...]:
         """The configured patch size, or the progressive-growing size scheduled for this step."""
@@ -132,10 +139,12 @@ class PairSampler:
             lr.append(low)
             task.append(t)
             modality.append(vol.modality)
-        return {"hr": torch.stack(hr)[:, None], "lr": torch.stack(lr)[:, None],
+        return {"hr": torch.stack(hr)[:, None], "lr": torch.stack(lr),
                 "task": torch.tensor(task), "modality": torch.tensor(modality)}
 
     def _pair(self, vol: TrainingVolume, task, size, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """One HR patch (*size) and its interpolated LR channels (C, *size). The RNG draws do not depend on the
+        slab, so a slab's centre channel is exactly the slab-1 LR patch of the same draw."""
         data = vol.data
         if self.dims == 2:
             plane_axis = int(rng.integers(3))  # slice perpendicular to this axis
@@ -143,8 +152,13 @@ class PairSampler:
                   if len(vol.foreground) and rng.random() < self.config.data.foreground_fraction
                   else np.array([rng.integers(n) for n in data.shape]))
         if self.dims == 2:
-            data = np.take(data, int(centre[plane_axis]), axis=plane_axis)
+            # the slab of planes around the centre, index clamped at the border (the pipeline's rule too)
+            r = self.slab // 2
+            index = np.clip(np.arange(-r, r + 1) + int(centre[plane_axis]), 0, data.shape[plane_axis] - 1)
+            data = np.moveaxis(np.take(data, index, axis=plane_axis), plane_axis, 0)  # (slab, H, W)
             centre = np.delete(centre, plane_axis)
+        else:
+            r, data = 0, data[None]  # one channel
         # degraded axes: one in-plane axis for thick slices (random orientation), all axes otherwise
         if task.kind == "slice-profile":
             axis = int(rng.integers(self.dims))
@@ -155,24 +169,33 @@ class PairSampler:
             op = make_operator(task.kind, axis=axis, scale=task.scale, spatial_dims=self.dims, profile=task.profile)
             degraded = [a for a in range(self.dims) if a != axis]
         region = self._region(data, centre, size, degraded, task.scale, rng)
-        hr = torch.from_numpy(region.astype(np.float32))
-        if rng.random() < 0.5:  # mirror augmentation
-            hr = hr.flip(int(rng.integers(self.dims)))
-        low = op.forward(hr)
+        hr = torch.from_numpy(region.astype(np.float32))  # (C, *spatial)
+        if rng.random() < 0.5:  # mirror augmentation, the same for every plane of a slab
+            hr = hr.flip(1 + int(rng.integers(self.dims)))
+        g, sigma = None, 0.0
         if self.config.data.noise > 0:
             g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-            low = add_rician_noise(low, float(rng.random()) * self.config.data.noise, generator=g)
-        up = upsample(low[None, None], hr.shape)[0, 0]
-        margin = [(m - s) // 2 for m, s in zip(hr.shape, size, strict=True)]
+            sigma = float(rng.random()) * self.config.data.noise
+        # every plane goes through the same operator and noise level, one at a time; the centre plane first, so
+        # that it draws the same noise as it would alone
+        up = [None] * len(hr)
+        for k in [r, *(k for k in range(len(hr)) if k != r)]:
+            low = op.forward(hr[k])
+            if g is not None:
+                low = add_rician_noise(low, sigma, generator=g)
+            up[k] = upsample(low[None, None], hr.shape[1:])[0, 0]
+        up = torch.stack(up)
+        margin = [(m - s) // 2 for m, s in zip(hr.shape[1:], size, strict=True)]
         crop = tuple(slice(m, m + s) for m, s in zip(margin, size, strict=True))
-        return hr[crop].contiguous(), up[crop].contiguous()
+        return hr[r][crop].contiguous(), up[(slice(None), *crop)].contiguous()
 
     @staticmethod
     def _region(data, centre, size, degraded, scale, rng) -> np.ndarray:
         """The patch around ``centre`` plus a margin, zero-padded at the volume border; degraded axes are a
-        multiple of ``scale`` long so the operator applies, and the margin keeps edge effects out of the patch."""
+        multiple of ``scale`` long so the operator applies, and the margin keeps edge effects out of the patch.
+        ``data`` is (C, *spatial): every channel is cut the same way."""
         starts, stops, pads = [], [], []
-        for a, (n, c, s) in enumerate(zip(data.shape, centre, size, strict=True)):
+        for a, (n, c, s) in enumerate(zip(data.shape[1:], centre, size, strict=True)):
             margin = 2 * scale if a in degraded else 0
             length = s + 2 * margin
             if a in degraded:
@@ -182,5 +205,5 @@ class PairSampler:
             starts.append(lo)
             stops.append(hi)
             pads.append((lo - start, start + length - hi))
-        region = data[tuple(slice(a, b) for a, b in zip(starts, stops, strict=True))]
-        return np.pad(region, pads)
+        region = data[(slice(None), *(slice(a, b) for a, b in zip(starts, stops, strict=True)))]
+        return np.pad(region, [(0, 0), *pads])

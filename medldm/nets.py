@@ -1,9 +1,10 @@
 """Networks from config: MONAI autoencoders (KL or VQ) and denoisers (MONAI DiffusionModelUNet, or a small
 DiT-style transformer), for any ``spatial_dims``.
 
-The denoiser sees the noisy HR latent concatenated with the (noise-augmented) latent of the interpolated LR scan,
-and one class label that encodes the task (degradation kind and scale), the modality and the noise level
-actually added to the condition, so the network knows how much to trust it.
+The denoiser sees the noisy HR latent concatenated with the (noise-augmented) latent of the interpolated LR scan
+(for 2D slabs, ``data.slab``: the latents of the slab's LR planes, one after another), and one class label that
+encodes the task (degradation kind and scale), the modality and the noise level actually added to the condition,
+so the network knows how much to trust it.
 """
 
 from __future__ import annotations
@@ -184,12 +185,13 @@ def build_discriminator(config: Config) -> PatchDiscriminator:
 def build_denoiser(config: Config) -> Denoiser:
     cfg, dims, latent = config.diffusion, config.data.spatial_dims, config.autoencoder.latent_channels
     labels = ConditionCodec(config).num_labels
+    in_channels = latent * (1 + config.data.slab)  # the noisy latent, then one condition latent per plane
     if cfg.denoiser == "dit":
-        backbone = DiT(spatial_dims=dims, in_channels=2 * latent, out_channels=latent, patch=cfg.patch,
+        backbone = DiT(spatial_dims=dims, in_channels=in_channels, out_channels=latent, patch=cfg.patch,
                        width=cfg.width, depth=cfg.depth, heads=cfg.heads, num_class_embeds=labels)
     else:
         backbone = DiffusionModelUNet(
-            spatial_dims=dims, in_channels=2 * latent, out_channels=latent, channels=tuple(cfg.channels),
+            spatial_dims=dims, in_channels=in_channels, out_channels=latent, channels=tuple(cfg.channels),
             attention_levels=tuple(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
             num_head_channels=cfg.num_head_channels, norm_num_groups=cfg.norm_num_groups, num_class_embeds=labels,
         )

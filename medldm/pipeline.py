@@ -2,7 +2,8 @@
 callback), so the CLI, evaluation and benchmarks share it.
 
 Steps: pick the axis and task -> normalise intensities -> interpolate the LR scan onto the HR grid (the
-condition) -> 2D models: sample slice batches on the planes that contain the upscaled axis; 3D models:
+condition) -> 2D models: sample slice batches on the planes that contain the upscaled axis (2.5D models,
+``data.slab`` > 1, condition each plane on its neighbours' latents too); 3D models:
 overlapping patches blended with a Gaussian window (MONAI sliding_window_inference) -> data consistency with the
 forward model (degrading the output gives back the input) -> mean and standard deviation over N samples ->
 original intensity scale on the HR grid (affine per DESIGN.md: field of view unchanged).
@@ -28,9 +29,10 @@ from medldm.intensity import guess_modality
 from medldm.nets import MODALITIES, ConditionCodec, build_autoencoder, build_denoiser, build_schedule
 from medldm.volume import Volume, rescaled_affine, resolve_axis
 
-__all__ = ["LoadedModel", "load_model", "Upscaler", "UpscaleResult", "RunningStats", "DEFAULT_MODEL"]
+__all__ = ["PLANES", "LoadedModel", "load_model", "Upscaler", "UpscaleResult", "RunningStats", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
+PLANES = ("one", "both")
 Progress = Callable[[int, int], None]
 
 
@@ -70,24 +72,29 @@ class UpscaleResult:
 
 
 class RunningStats:
-    """Mean and sample standard deviation of a stream of equally shaped tensors (Welford, float64), holding
-    two volumes in memory however many samples are drawn."""
+    """Mean and sample standard deviation of a stream of equally shaped tensors (Welford, in the dtype of the
+    first tensor: float32 volumes stay float32), holding at most two volumes however many samples are drawn, and
+    one for a single sample: the first tensor becomes the mean without a copy, so do not modify it afterwards."""
 
     def __init__(self):
         self.count, self.mean, self._m2 = 0, None, None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.double()
-        if self.mean is None:
-            self.mean, self._m2 = torch.zeros_like(x), torch.zeros_like(x)
         self.count += 1
+        if self.mean is None:
+            self.mean = x if x.is_floating_point() else x.double()
+            return
+        x = x.to(self.mean.dtype)
+        if self._m2 is None:
+            self.mean = self.mean.clone()  # no longer the caller's tensor
+            self._m2 = torch.zeros_like(self.mean)
         delta = x - self.mean
         self.mean += delta / self.count
         self._m2 += delta * (x - self.mean)
 
     @property
     def std(self) -> torch.Tensor:
-        if self.count < 2:
+        if self._m2 is None:
             return torch.zeros_like(self.mean)
         return (self._m2 / (self.count - 1)).clamp_min(0).sqrt()
 
@@ -112,11 +119,17 @@ class Upscaler:
         consistency: strength of the data-consistency correction in [0, 1] (1: degrade(output) == input).
         condition_level: noise-augmentation level of the condition (0: clean, as the test inputs are).
         bf16: bfloat16 autocast for the networks (CPU and CUDA).
+        planes: 2D models and thick slices: "one" samples the stack of planes across the shorter free axis;
+            "both" also samples the other stack of planes containing the upscaled axis, with its own noise, and
+            averages the two (twice the time; their errors are less correlated than two samples of one stack).
+        channels_last: channels-last memory format for the autoencoder (see benchmarks/).
     """
+
+    CHUNK_VOXELS = 2 << 20  # float64 working set of data consistency: 16 MiB
 
     def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int = 8,
                  sampler: str = "dpmpp-2m", batch_size: int = 16, consistency: float = 1.0,
-                 condition_level: int = 0, bf16: bool = False):
+                 condition_level: int = 0, bf16: bool = False, planes: str = "one", channels_last: bool = False):
         self.device = _device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.autoencoder.to(self.device)
@@ -125,7 +138,12 @@ class Upscaler:
             raise MedldmError(f"consistency must lie in [0, 1], got {consistency}")
         if not 0 <= condition_level < self.model.codec.levels:
             raise MedldmError(f"condition level must lie in 0..{self.model.codec.levels - 1}")
-        self.steps, self.sampler, self.batch_size = steps, sampler, batch_size
+        if planes not in PLANES:
+            raise MedldmError(f"planes must be one of {', '.join(PLANES)}, got {planes!r}")
+        if channels_last:
+            self.model.autoencoder.to(memory_format=self._memory_format_for(self.model.config.data.spatial_dims))
+        self.steps, self.sampler, self.batch_size, self.planes = steps, sampler, batch_size, planes
+        self.channels_last = channels_last
         self.consistency, self.condition_level, self.bf16 = consistency, condition_level, bf16
         cfg = self.model.config
         self.dims = cfg.data.spatial_dims
@@ -173,7 +191,6 @@ class Upscaler:
         except MedldmError as err:  # e.g. a constant image: name the scan
             raise MedldmError(err.reason, err.path or volume.path) from None
         lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))
-        cond = upsample(lr[None, None], hr_shape)[0, 0]
         modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
         label = self.model.codec.label(torch.tensor(self.model.config.data.tasks.index(task)),
                                        torch.tensor(modality), torch.tensor(self.condition_level))
@@ -186,16 +203,19 @@ class Upscaler:
                 progress(done, total)
 
         stats = RunningStats()
+        encoded: dict = {}  # condition latents, encoded once and reused by every sample
         for k in range(samples):
-            x = self._sample_volume(cond, op, a, int(label), seed * 1_000_003 + k, tick)
+            x = self._sample_volume(lr, hr_shape, op, int(label), seed * 1_000_003 + k, tick, encoded)
             stats.add(self._consistent(x, lr, op))
+        del encoded
         mean = stats.mean
-        residual = float((op.forward(mean) - lr.double()).pow(2).mean().sqrt())
+        residual = self._residual(mean, lr, op)
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
         meta = {"upscale": {"kind": task.kind, "scale": task.scale, "axis": a, "steps": self.steps,
-                            "sampler": self.sampler, "samples": samples, "seed": seed,
+                            "sampler": self.sampler, "samples": samples, "planes": self.planes, "seed": seed,
                             "consistency": self.consistency, "model": str(self.model.path)}}
         sr = volume.with_data(norm.inverse(mean.float().numpy()), affine, **meta)
+        del mean
         unc = None
         if samples > 1:
             unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
@@ -204,33 +224,69 @@ class Upscaler:
     def _units(self, hr_shape, op, a) -> int:
         """Progress units per sample: slice batches (2D) or patches (3D, estimated)."""
         if self.dims == 2:
-            n = hr_shape[self._slice_axis(hr_shape, op, a)]
-            return -(-n // self.batch_size)
+            return sum(-(-hr_shape[axis] // self.batch_size) for axis in self._plane_axes(hr_shape, op))
         return 1
 
-    def _slice_axis(self, hr_shape, op, a) -> int:
-        """2D models see planes containing every degraded axis: slice across the axis that is not degraded
-        (in-plane kinds) or, for thick slices, across the other axis with the fewest voxels."""
-        free = [d for d in range(3) if d not in op.axes]
-        return min(free, key=lambda d: hr_shape[d])
+    def _plane_axes(self, hr_shape, op) -> list[int]:
+        """2D models see planes containing every degraded axis, so they slice across an axis that is not degraded:
+        the one free axis (in-plane kinds), or for thick slices the free axis with the fewest voxels, and with
+        ``planes="both"`` the other free axis too."""
+        free = sorted((d for d in range(3) if d not in op.axes), key=lambda d: hr_shape[d])
+        return free if self.planes == "both" else free[:1]
+
+    @staticmethod
+    def _chunks(x: torch.Tensor, op):
+        """Slabs ``(axis, start, length)`` of about 16 MiB of float64 across an axis the operator leaves alone:
+        the operators are separable, so they act on each slab exactly as on the whole volume, and the float64
+        work never needs a whole volume in memory."""
+        axis = next(d for d in range(3) if d not in op.axes)
+        step = max(1, Upscaler.CHUNK_VOXELS // max(1, x.numel() // x.shape[axis]))
+        return [(axis, start, min(step, x.shape[axis] - start)) for start in range(0, x.shape[axis], step)]
 
     def _consistent(self, x: torch.Tensor, lr: torch.Tensor, op) -> torch.Tensor:
-        """Add the pseudo-inverse of the LR residual: with strength 1, degrade(x) equals the input exactly."""
+        """Add the pseudo-inverse of the LR residual, in place and in float64 slab by slab: with strength 1,
+        degrade(x) equals the input exactly."""
         if self.consistency == 0:
             return x
-        x = x.double()
-        return (x + self.consistency * op.back_project(lr.double() - op.forward(x))).float()
+        for axis, start, n in self._chunks(x, op):
+            part, low = x.narrow(axis, start, n), lr.narrow(axis, start, n).double()
+            fixed = part.double()
+            fixed += self.consistency * op.back_project(low - op.forward(fixed))
+            part.copy_(fixed)
+        return x
 
-    def _generate(self, cond: torch.Tensor, label: int, seed: int) -> torch.Tensor:
-        """SR images for a batch of HR-grid conditions (B, 1, *spatial), padded to the network's multiple."""
+    def _residual(self, x: torch.Tensor, lr: torch.Tensor, op) -> float:
+        """RMS of degrade(x) - lr (the LR images are normalised, so this is a fraction of the intensity range)."""
+        total = 0.0
+        for axis, start, n in self._chunks(x, op):
+            diff = op.forward(x.narrow(axis, start, n).double()) - lr.narrow(axis, start, n).double()
+            total += float(diff.pow(2).sum())
+        return (total / lr.numel()) ** 0.5
+
+    @staticmethod
+    def _memory_format_for(dims: int):
+        return torch.channels_last if dims == 2 else torch.channels_last_3d
+
+    def _memory_format(self):
+        return self._memory_format_for(self.dims)
+
+    def _encode(self, cond: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (on the device) of HR-grid conditions (B, 1, *spatial), padded to the network's multiple."""
         m = self.model
-        size = cond.shape[2:]
-        pad = [p for n in reversed(size) for p in (0, (-n) % self.multiple)]
-        cond = F.pad(cond, pad, mode="replicate") if any(pad) else cond
-        cond = cond.to(self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pad = [p for n in reversed(cond.shape[2:]) for p in (0, (-n) % self.multiple)]
+            cond = F.pad(cond, pad, mode="replicate") if any(pad) else cond
+            cond = cond.to(self.device)
+            if self.channels_last:
+                cond = cond.contiguous(memory_format=self._memory_format())
+            return m.autoencoder.encode(cond).float().contiguous() * float(m.info["latent_scale"])
+
+    def _generate(self, c: torch.Tensor, size, label: int, seed: int) -> torch.Tensor:
+        """SR images (B, 1, *size) for a batch of condition latents ``c`` (from :meth:`_encode`; for 2D slabs, the
+        latents of each plane of the slab concatenated along channels)."""
+        m = self.model
         scale = float(m.info["latent_scale"])
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            c = m.autoencoder.encode(cond).float() * scale
             labels = torch.full((c.shape[0],), label, dtype=torch.long, device=self.device)
 
             def model_fn(x_t, t):
@@ -238,32 +294,64 @@ class Upscaler:
 
             denoise = make_denoiser(model_fn, m.schedule, m.config.diffusion.prediction)
             g = torch.Generator().manual_seed(seed)
-            noise = torch.randn(c.shape, generator=g).to(self.device)
-            z = sample(self.sampler, denoise, noise, m.schedule, steps=self.steps, generator=g)
-            out = m.autoencoder.decode(z / scale).float()
+            latent = m.config.autoencoder.latent_channels  # the sample has one plane's channels, not the slab's
+            noise = torch.randn((c.shape[0], latent, *c.shape[2:]), generator=g).to(self.device)
+            z = sample(self.sampler, denoise, noise, m.schedule, steps=self.steps, generator=g) / scale
+            if self.channels_last:
+                z = z.contiguous(memory_format=self._memory_format())
+            out = m.autoencoder.decode(z).float()
         crop = (slice(None), slice(None), *[slice(0, n) for n in size])
-        return out[crop].cpu()
+        return out[crop].contiguous().cpu()
 
-    def _sample_volume(self, cond: torch.Tensor, op, a: int, label: int, seed: int, tick) -> torch.Tensor:
+    def _plane_latents(self, lr: torch.Tensor, hr_shape, encoded: dict, axis: int) -> torch.Tensor:
+        """Latents (n, latent, h, w) of the conditions of every plane across ``axis`` (not a degraded axis), encoded
+        in batches the first time and kept in ``encoded`` for the other samples. Each batch interpolates its own
+        block of LR planes onto the HR grid (exactly as interpolating the whole volume would, since ``axis`` keeps
+        its length), so the HR-grid condition volume is never held whole."""
+        key = (axis, "planes")
+        if key not in encoded:
+            latents, n = [], lr.shape[axis]
+            for start in range(0, n, self.batch_size):
+                block = lr.narrow(axis, start, min(self.batch_size, n - start))
+                size = [*hr_shape]
+                size[axis] = block.shape[axis]
+                cond = upsample(block[None, None], size)[0, 0].movedim(axis, 0)  # (B, H, W)
+                latents.append(self._encode(cond[:, None]))
+            encoded[key] = torch.cat(latents)
+        return encoded[key]
+
+    def _sample_volume(self, lr: torch.Tensor, hr_shape, op, label: int, seed: int, tick, encoded) -> torch.Tensor:
+        """One sample on the HR grid (normalised intensities, before data consistency)."""
         if self.dims == 3:
-            return self._sample_patches(cond, label, seed, tick)
-        axis = self._slice_axis(cond.shape, op, a)
-        planes = cond.movedim(axis, 0)  # (n, H, W)
-        out = torch.empty_like(planes)
-        for i, start in enumerate(range(0, planes.shape[0], self.batch_size)):
-            batch = planes[start:start + self.batch_size, None]
-            out[start:start + self.batch_size] = self._generate(batch, label, seed * 7919 + i)[:, 0]
-            tick()
-        return out.movedim(0, axis)
+            return self._sample_patches(upsample(lr[None, None], hr_shape)[0, 0], label, seed, tick, encoded)
+        r = self.model.config.data.slab // 2
+        axes = self._plane_axes(hr_shape, op)
+        total = torch.zeros(hr_shape)  # the passes over each stack of planes are summed in place, then averaged
+        for n, axis in enumerate(axes):
+            latents = self._plane_latents(lr, hr_shape, encoded, axis)
+            offsets = torch.arange(-r, r + 1, device=latents.device)
+            planes = total.movedim(axis, 0)  # (n, H, W) view
+            for i, start in enumerate(range(0, planes.shape[0], self.batch_size)):
+                # each target plane with its slab of neighbours, clamped at the ends as in training
+                index = torch.arange(start, min(start + self.batch_size, planes.shape[0]), device=latents.device)
+                near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
+                c = latents[near].flatten(1, 2)  # (B, slab * latent, h, w); slab 1: the planes' own latents
+                planes[start:start + len(index)] += self._generate(c, planes.shape[1:], label,
+                                                                   (seed * 7919 + i) * 2 + n)[:, 0]
+                tick()
+        return total.div_(len(axes)) if len(axes) > 1 else total
 
-    def _sample_patches(self, cond: torch.Tensor, label: int, seed: int, tick) -> torch.Tensor:
+    def _sample_patches(self, cond: torch.Tensor, label: int, seed: int, tick, encoded) -> torch.Tensor:
         from monai.inferers import sliding_window_inference
 
         roi = tuple(max(self.multiple, n) for n in self.model.config.data.patch_size)
-        calls = iter(range(1 << 30))
+        calls = iter(range(1 << 30))  # the windows come in the same order in every sample: their index is the key
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
-            return self._generate(patch, label, seed * 7919 + next(calls)).to(patch.device)
+            i = next(calls)
+            if i not in encoded:
+                encoded[i] = self._encode(patch)
+            return self._generate(encoded[i], patch.shape[2:], label, seed * 7919 + i).to(patch.device)
 
         out = sliding_window_inference(cond[None, None], roi_size=roi, sw_batch_size=self.batch_size,
                                        predictor=predictor, overlap=0.25, mode="gaussian", sw_device="cpu",

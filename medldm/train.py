@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = ["Trainer", "STAGES", "latent_scale", "resolve_precision"]
 
 STAGES = ("autoencoder", "diffusion")
 SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
+_noted_no_tensorboard = False  # say once per process that tensorboard is missing
 
 
 def cpu_has_native_bf16() -> bool:
@@ -44,6 +46,29 @@ def resolve_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
+
+
+def encode_planes(autoencoder, x: torch.Tensor) -> torch.Tensor:
+    """Encode each channel of (B, C, *spatial) as its own one-channel image: (B, C * latent, *latent_spatial),
+    channel c's latent at channels [c * latent, (c + 1) * latent). The LR condition of a 2D slab has one channel
+    per plane; the autoencoder only knows single images."""
+    b, c = x.shape[:2]
+    z = autoencoder.encode(x.reshape(b * c, 1, *x.shape[2:]))
+    return z.reshape(b, c * z.shape[1], *z.shape[2:])
+
+
+def _tensorboard(folder: Path, *, purge_step: int | None):
+    """A SummaryWriter on ``folder``, or None (with one line on stderr, once) when tensorboard is not installed.
+    ``purge_step`` hides the events a resumed run will write again (those at steps >= it, as in metrics.csv)."""
+    global _noted_no_tensorboard
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
+    except ImportError:
+        if not _noted_no_tensorboard:
+            print("tensorboard is not installed: metrics go to metrics.csv only", file=sys.stderr)
+            _noted_no_tensorboard = True
+        return None
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
 def _generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
@@ -114,7 +139,8 @@ class Trainer:
 
     def _loop(self, stage: str, *, start: int, stop: int, step_fn: Callable[[int], dict], batch_size: int,
               save: Callable[[int], None]) -> None:
-        """Run steps [start, stop): log to CSV, checkpoint every N steps and at the end, show progress."""
+        """Run steps [start, stop): log to CSV (and TensorBoard), checkpoint every N steps and at the end, show
+        progress."""
         cfg = self.config.training
         log_path = self.stage_dir(stage) / "metrics.csv"
         rows = []
@@ -129,7 +155,10 @@ class Trainer:
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn())
             task = progress.add_task(stage, total=stop, completed=start, info="")
             progress.start()
+        board = None
         try:
+            if self.acc.is_main_process and cfg.tensorboard:
+                board = _tensorboard(self.stage_dir(stage) / "tensorboard", purge_step=start + 1 if start else None)
             tic = time.perf_counter()
             for step in range(start, stop):
                 # the global RNG (the KL posterior sample, dropout) restarts from (seed, step, rank) every step
@@ -142,6 +171,9 @@ class Trainer:
                     row = {"step": done, **{k: f"{v:.6g}" for k, v in logs.items()},
                            "samples_per_s": f"{rate:.3g}", "elapsed_s": f"{elapsed:.1f}"}
                     rows.append(row)
+                    if board is not None:
+                        for key, value in {**logs, "samples_per_s": rate}.items():
+                            board.add_scalar(key, value, done)
                     info = f"loss {logs['loss']:.4f}  {rate:.1f} samples/s"
                     if progress is not None:
                         progress.update(task, completed=done, info=info)
@@ -154,10 +186,14 @@ class Trainer:
                     if self.acc.is_main_process:
                         save(done)
                         _write_csv(log_path, rows)
+                        if board is not None:
+                            board.flush()
                     self.acc.wait_for_everyone()
         finally:
             if progress is not None:
                 progress.stop()
+            if board is not None:
+                board.close()
 
     # ------------------------------------------------------------------------------------- stage 1
     def train_autoencoder(self, max_steps: int | None = None) -> Path:
@@ -276,7 +312,7 @@ class Trainer:
                 level = torch.randint(0, codec.levels, (n,), generator=g)
                 with torch.no_grad(), self.acc.autocast():
                     z0 = ae.encode(batch["hr"].to(self.acc.device)).float() * scale
-                    cond = ae.encode(batch["lr"].to(self.acc.device)).float() * scale
+                    cond = encode_planes(ae, batch["lr"].to(self.acc.device)).float() * scale
                 noise = torch.randn(z0.shape, generator=g).to(self.acc.device)
                 cond_noise = torch.randn(cond.shape, generator=g).to(self.acc.device)
                 t, level = t.to(self.acc.device), level.to(self.acc.device)

@@ -79,6 +79,91 @@ def test_same_seed_same_output_other_seed_other_sample(models, degraded):
     np.testing.assert_array_equal(many.uncertainty.affine, many.sr.affine)
 
 
+def test_condition_is_encoded_once_for_all_samples(models, degraded):
+    lr, _ = degraded
+    upscaler = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64)
+    calls = []
+    encode = upscaler.model.autoencoder.encode
+    upscaler.model.autoencoder.encode = lambda x: calls.append(x.shape[0]) or encode(x)
+    try:
+        upscaler.upscale(lr, axis="z", samples=3)
+    finally:
+        del upscaler.model.autoencoder.encode
+    planes = min(lr.shape[0], lr.shape[2])  # thick slices along voxel axis 1: planes across the shorter free axis
+    assert sum(calls) == planes  # one encoding per plane, shared by the three samples
+
+
+@pytest.mark.parametrize("name", ["tiny_2d", "tiny_3d"])
+def test_channels_last_is_the_same_autoencoder(models, degraded, name):
+    lr, hr = degraded
+    if name == "tiny_3d":
+        lr = crop(lr, (slice(30, 62), slice(None), slice(20, 52)))
+    plain = Upscaler(models[name], device="cpu", steps=1, batch_size=64)
+    fast = Upscaler(load_model(models[name]), device="cpu", steps=1, batch_size=64, channels_last=True)
+    x = torch.from_numpy(hr.data[None, None, 44:76, 44:76, 29:61] / hr.data.max()).float()  # inside the head
+    if name == "tiny_2d":
+        x = x[..., 0]
+    fmt = torch.channels_last if name == "tiny_2d" else torch.channels_last_3d
+    with torch.no_grad():
+        z = plain.model.autoencoder.encode(x)
+        image = plain.model.autoencoder.decode(z)
+        # the same function in another memory layout: equal up to float32 summation order
+        assert (fast.model.autoencoder.encode(x.contiguous(memory_format=fmt)) - z).abs().max() <= 1e-4 * z.abs().max()
+        assert (fast.model.autoencoder.decode(z.contiguous(memory_format=fmt)) - image).abs().max() <= (
+            1e-4 * image.abs().max())
+    result = fast.upscale(lr, axis="z")
+    assert result.residual < 1e-6 and result.sr.data.flags.c_contiguous
+
+
+def test_both_plane_stacks_average_two_consistent_passes(models, degraded):
+    lr, _ = degraded
+    one = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64).upscale(lr, axis="z")
+    both = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64, planes="both").upscale(lr, axis="z")
+    assert both.sr.shape == one.sr.shape and both.residual < 1e-6
+    np.testing.assert_array_equal(both.sr.affine, one.sr.affine)
+    assert np.abs(both.sr.data - one.sr.data).max() > 1e-3  # the second stack of planes changed the result
+    assert both.sr.meta["upscale"]["planes"] == "both"
+    with pytest.raises(MedldmError, match="planes must be one of"):
+        Upscaler(models["tiny_2d"], device="cpu", planes="three")
+
+
+@pytest.mark.parametrize("denoiser", ["unet", "dit"])
+def test_slab_model_trains_and_upscales_consistently(tmp_path, ixi_path, denoiser):
+    """2.5D (configs/tiny_2d_slab.yaml): both stages train, and the model conditions each plane on 3 LR planes."""
+    vol = crop(load(ixi_path), (slice(40, 72), slice(None), slice(30, 50)))  # a real sub-volume: 20 planes
+    lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=4)
+    changes = {} if denoiser == "unet" else {"diffusion": {"denoiser": "dit", "depth": 2, "width": 32, "heads": 2}}
+    config, root = tiny("tiny_2d_slab", **changes)
+    trainer(config, root, tmp_path / "run").run("all")
+    model = load_model(tmp_path / "run" / "model")
+    assert model.config.data.slab == 3
+    calls = []
+    encode = model.autoencoder.encode
+    model.autoencoder.encode = lambda x: calls.append(x.shape[0]) or encode(x)
+    result = Upscaler(model, device="cpu", steps=1, batch_size=32).upscale(lr, axis="z", samples=2)
+    assert sum(calls) == min(lr.shape[0], lr.shape[2])  # every plane encoded once, for both samples
+    assert result.sr.shape == hr.shape and np.isfinite(result.sr.data).all()
+    np.testing.assert_allclose(result.sr.affine, hr.affine, atol=1e-9)
+    assert result.residual < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["slice-profile", "kspace"])
+def test_slab_by_slab_consistency_equals_the_whole_volume_formula(models, kind, monkeypatch):
+    upscaler = Upscaler(models["tiny_2d"], device="cpu")
+    op = make_operator(kind, axis=1, scale=4 if kind == "slice-profile" else 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((24, 32, 20), generator=g)
+    lr = torch.rand(op.output_shape(x.shape), generator=g)
+    whole = (x.double() + op.back_project(lr.double() - op.forward(x.double()))).float()
+    monkeypatch.setattr(Upscaler, "CHUNK_VOXELS", 100)  # slabs of one plane
+    assert len(upscaler._chunks(x, op)) > 1
+    fixed = upscaler._consistent(x.clone(), lr, op)
+    torch.testing.assert_close(fixed, whole, rtol=0, atol=1e-6)
+    assert upscaler._residual(fixed, lr, op) < 1e-6
+    expected = float((op.forward(x.double()) - lr.double()).pow(2).mean().sqrt())
+    assert upscaler._residual(x, lr, op) == pytest.approx(expected, rel=1e-9)
+
+
 def test_running_stats_are_exact_and_zero_where_samples_agree():
     rng = np.random.default_rng(0)
     draws = [rng.normal(size=(4, 5, 6)) for _ in range(5)]
@@ -90,6 +175,10 @@ def test_running_stats_are_exact_and_zero_where_samples_agree():
     np.testing.assert_allclose(stats.mean.numpy(), np.mean(draws, axis=0), atol=1e-12)
     np.testing.assert_allclose(stats.std.numpy(), np.std(draws, axis=0, ddof=1), atol=1e-12)
     assert np.all(stats.std.numpy()[:2] == 0)
+    single = RunningStats()
+    single.add(torch.from_numpy(draws[0]).float())
+    assert single.mean.dtype == torch.float32 and torch.equal(single.mean, torch.from_numpy(draws[0]).float())
+    assert torch.equal(single.std, torch.zeros_like(single.mean))
 
 
 def test_in_plane_kspace_upscale(models, ixi_path):

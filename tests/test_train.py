@@ -145,6 +145,9 @@ BAD_CONFIGS = {
     "missing folder": ({"data": {"sources": [{"glob": "mri/no-such-folder/*.nii.gz"}]}},
                        "key 'data.sources.0.glob': no files match"),
     "spatial_dims 4": ({"data": {"spatial_dims": 4}}, "key 'data.spatial_dims'"),
+    "even slab": ({"data": {"slab": 2}}, "key 'data.slab': slab must be odd"),
+    "slab in 3D": ({"data": {"spatial_dims": 3, "patch_size": [16, 16, 16], "slab": 3}},
+                   "key 'data.slab': slab 3 needs spatial_dims 2"),
 }
 
 
@@ -221,3 +224,100 @@ def test_training_killed_with_sigkill_resumes_from_a_complete_checkpoint(tmp_pat
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert latest_checkpoint(run / "autoencoder").name == f"step_{step + 2:07d}"
+
+
+def test_slab_channels_are_the_degraded_neighbouring_planes():
+    """2.5D: LR channel k is plane centre - 1 + k of the HR volume, degraded by the same operator and upsampled
+    (built here from the volume and medldm.degrade); the centre channel is what a slab-1 sampler gives."""
+    import torch.nn.functional as F
+
+    from medldm.data import TrainingVolume, load_volumes
+    from medldm.degrade import make_operator
+
+    task = {"kind": "slice-profile", "scale": 4}
+    config, root = tiny("tiny_2d_slab", data={"tasks": [task], "foreground_fraction": 1.0})
+    real = load_volumes(config, root)[0]
+    centre = np.array(real.data.shape) // 2  # interior: the slab and the patch margins stay inside the volume
+    vol = TrainingVolume(real.name, real.data, real.modality, centre[None].astype(np.int32))
+    batch = PairSampler([vol], config).batch(0, 6)
+    assert batch["hr"].shape == (6, 1, 32, 32) and batch["lr"].shape == (6, 3, 32, 32)
+    data = vol.data.astype(np.float32)
+    s, m = 32, 2 * task["scale"]  # patch size, and the margin the sampler degrades beyond a degraded axis
+
+    def expected_lr(plane_axis, origin, degraded, flip):
+        """The three LR channels for a patch at ``origin`` of the planes across ``plane_axis``."""
+        out = []
+        for k in (-1, 0, 1):
+            plane = np.take(data, centre[plane_axis] + k, axis=plane_axis)
+            pad = [m if a == degraded else 0 for a in range(2)]
+            region = torch.from_numpy(plane[origin[0] - pad[0]:origin[0] + s + pad[0],
+                                            origin[1] - pad[1]:origin[1] + s + pad[1]].copy())
+            region = region.flip(flip) if flip is not None else region
+            low = make_operator("slice-profile", axis=degraded, scale=task["scale"], spatial_dims=2).forward(region)
+            up = F.interpolate(low[None, None], size=region.shape, mode="bilinear", align_corners=False)[0, 0]
+            out.append(up[pad[0]:pad[0] + s, pad[1]:pad[1] + s])
+        return torch.stack(out)
+
+    for b in range(6):
+        hr, lr = batch["hr"][b, 0], batch["lr"][b]
+        matches = []
+        # find where the HR patch came from: which planes, where in them (the sampler jitters it) and any mirror
+        for plane_axis in range(3):
+            plane = np.take(data, centre[plane_axis], axis=plane_axis)
+            c = np.delete(centre, plane_axis)
+            for flip in (None, 0, 1):
+                patch = (hr.flip(flip) if flip is not None else hr).numpy()
+                for o0 in range(c[0] - 24, c[0] - 7):
+                    for o1 in range(c[1] - 24, c[1] - 7):
+                        if np.array_equal(plane[o0:o0 + s, o1:o1 + s], patch):
+                            matches.append((plane_axis, (o0, o1), flip))
+        assert len(matches) == 1, matches
+        plane_axis, origin, flip = matches[0]
+        # thick slices along one in-plane axis: the sampler picks which, so one of the two must fit exactly
+        errors = [float((expected_lr(plane_axis, origin, d, flip) - lr).abs().max()) for d in (0, 1)]
+        assert min(errors) < 1e-6, errors
+        assert (lr[0] - lr[1]).abs().max() > 1e-3 and (lr[2] - lr[1]).abs().max() > 1e-3  # real neighbours
+    # the same draw with slab 1: the same HR patches, and LR equal to the slab's centre channel
+    flat, _ = tiny(data={"tasks": [task], "foreground_fraction": 1.0})
+    single = PairSampler([vol], flat).batch(0, 6)
+    assert single["lr"].shape == (6, 1, 32, 32)
+    torch.testing.assert_close(single["hr"], batch["hr"], rtol=0, atol=0)
+    torch.testing.assert_close(single["lr"][:, 0], batch["lr"][:, 1], rtol=0, atol=0)
+
+
+def test_tensorboard_holds_the_logged_scalars_of_the_csv(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config, root = tiny()
+    trainer(config, root, tmp_path / "run").run("autoencoder", max_steps=2)
+    trainer(config, root, tmp_path / "run").run("autoencoder")  # resumed: a second event file, no step twice
+    board = tmp_path / "run" / "autoencoder" / "tensorboard"
+    assert list(board.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(board))
+    events.Reload()
+    log = rows(tmp_path / "run" / "autoencoder" / "metrics.csv")
+    assert {"loss", "l1", "samples_per_s"} <= set(events.Tags()["scalars"])
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [int(r["step"]) for r in log] == [1, 2, 3, 4]
+    np.testing.assert_allclose([e.value for e in loss], [float(r["loss"]) for r in log], rtol=1e-5)
+
+
+def test_training_without_tensorboard_logs_to_csv_only(tmp_path, monkeypatch, capsys):
+    import medldm.train
+
+    off, root = tiny(training={"tensorboard": False})
+    trainer(off, root, tmp_path / "off").run("autoencoder", max_steps=1)
+    assert (tmp_path / "off" / "autoencoder" / "metrics.csv").is_file()
+    assert not (tmp_path / "off" / "autoencoder" / "tensorboard").exists()
+    # not installed: torch.utils.tensorboard raises ImportError; training goes on, saying so once
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(medldm.train, "_noted_no_tensorboard", False)
+    config, root = tiny()
+    capsys.readouterr()
+    trainer(config, root, tmp_path / "run").run("autoencoder", max_steps=1)
+    trainer(config, root, tmp_path / "run").run("autoencoder", max_steps=2)
+    assert [int(r["step"]) for r in rows(tmp_path / "run" / "autoencoder" / "metrics.csv")] == [1, 2]
+    assert not (tmp_path / "run" / "autoencoder" / "tensorboard").exists()
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "tensorboard" in line] == [
+        "tensorboard is not installed: metrics go to metrics.csv only"], err
