@@ -56,6 +56,11 @@ class Profile(str, Enum):
     boxcar = "boxcar"
 
 
+class Planes(str, Enum):  # medldm.pipeline.PLANES
+    one = "one"
+    both = "both"
+
+
 AXIS_HELP = "x, y, z (world L-R, P-A, I-S), i, j, k (voxel axes) or auto (largest spacing, else z)"
 Scan = Annotated[Path, typer.Argument(help="NIfTI, NRRD, DICOM file, or a folder holding a DICOM series")]
 Series = Annotated[str | None, typer.Option("--series", help="DICOM SeriesInstanceUID when a folder holds several")]
@@ -233,15 +238,21 @@ def upscale(
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "auto",
     kind: Annotated[Kind | None, typer.Option(help="degradation to undo (default: thick slices for "
                                                    "anisotropic scans, in-plane otherwise)")] = None,
-    steps: Annotated[int, typer.Option(min=1, max=1000, help="sampler steps")] = 8,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="sampler steps (1: close to the posterior mean, the "
+                                                         "best PSNR; 8 or more: sharper posterior samples)")] = 1,
     sampler: Annotated[str, typer.Option(help="ddim, dpmpp-2m, ddpm, sde or ode")] = "dpmpp-2m",
     samples: Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")]
     = 1,
     seed: Annotated[int, typer.Option(help="random seed; the same seed gives the same output")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     consistency: Annotated[float, typer.Option(min=0.0, max=1.0, help="data-consistency strength")] = 1.0,
+    planes: Annotated[Planes, typer.Option(help="2D models, thick slices: sample one stack of planes containing "
+                                                "the upscaled axis, or both and average them")] = Planes.both,
     batch_size: Annotated[int, typer.Option(min=1, help="slices or patches per network call")] = 16,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")]
+    = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels-last autoencoder (slower on the "
+                                                                          "CPUs measured; see docs/performance.md)")]
     = False,
     preview: Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")] = None,
     series: Series = None,
@@ -267,7 +278,10 @@ def upscale(
     from medldm.volume import save_nifti
 
     upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, batch_size=batch_size,
-                        consistency=consistency, bf16=bf16)
+                        consistency=consistency, bf16=bf16, planes=planes.value, channels_last=channels_last)
+    if samples > 1 and steps < 8:
+        console.print(f"note: with {steps} step(s) the samples stay close to the posterior mean, so their spread "
+                      "understates the uncertainty; use --steps 8 or more for an uncertainty map")
     failures, written, skipped = [], [], []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
@@ -323,8 +337,10 @@ def evaluate(
     scale: Annotated[int, typer.Option(min=2, max=8)] = 4,
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "z",
     kind: Annotated[Kind, typer.Option(help="simulated acquisition")] = Kind.slice_profile,
-    steps: Annotated[int, typer.Option(min=1)] = 8,
+    steps: Annotated[int, typer.Option(min=1)] = 1,
     sampler: Annotated[str, typer.Option()] = "dpmpp-2m",
+    planes: Annotated[Planes, typer.Option(help="2D models, thick slices: one or both stacks of planes")]
+    = Planes.both,
     samples: Annotated[int, typer.Option(min=1)] = 1,
     seed: Annotated[int, typer.Option()] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="first N scans only")] = None,
@@ -346,6 +362,7 @@ def evaluate(
     with console.status("evaluating") as status:
         report = run_evaluation(
             data, out, model=model, kind=kind.value, axis=axis, scale=scale, steps=steps, sampler=sampler,
+            planes=planes.value,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             progress=lambda name, i, n: status.update(f"evaluating {name} ({i + 1}/{n})"))

@@ -72,7 +72,8 @@ def _example(truth: Volume, lr: Volume, outputs: dict[str, Volume], uncertainty:
 
 
 def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "slice-profile", axis: str = "z",
-             scale: int = 4, profile: str = "gaussian", steps: int = 8, sampler: str = "dpmpp-2m", samples: int = 1,
+             scale: int = 4, profile: str = "gaussian", steps: int = 1, sampler: str = "dpmpp-2m", samples: int = 1,
+             planes: str = "both",
              seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
              lpips_weights=None, rd: bool = False, rd_only: bool = False,
              progress: Callable[[str, int, int], None] | None = None) -> Path:
@@ -83,7 +84,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         out: report folder.
         model: model folder or "default"; None scores the baselines alone.
         kind, axis, scale, profile: the simulated acquisition (medldm.degrade).
-        steps, sampler, samples, seed, device: the model's sampling settings.
+        steps, sampler, samples, seed, device, planes: the model's sampling settings (medldm.pipeline.Upscaler).
         use_mask: score inside the Otsu foreground of the truth (else the whole volume).
         limit: evaluate the first N scans only.
         rd: add the rate-distortion curves of the model (medldm.evaluation.rate_distortion).
@@ -100,7 +101,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     if model is not None:
         from medldm.pipeline import Upscaler
 
-        upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler)
+        upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, planes=planes)
     rows, examples, timings = [], [], {}
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
@@ -137,7 +138,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     if (rd or rd_only) and upscaler is not None:
         rd_data = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
     protocol = _protocol(files, model=upscaler.model if upscaler else None, kind=kind, axis=axis, scale=scale,
-                         profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed,
+                         profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed, planes=planes,
                          use_mask=use_mask, lpips_sums=verify_checksums(lpips_folder))
     return write_report(out, rows=rows, protocol=protocol, examples=examples, rd=rd_data,
                         timings={k: float(np.mean(v)) for k, v in timings.items()},
@@ -173,7 +174,7 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> dic
                     timesteps=[999, 750, 500, 250, 100, 50, 0], qsteps=(None, 0.5, 0.25, 0.1))
 
 
-def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, use_mask,
+def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, planes, use_mask,
               lpips_sums) -> dict:
     import monai
     import skimage
@@ -203,5 +204,6 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
         protocol["model"] = (f"{model.path} (config {model.info.get('config_digest')}, "
                              f"autoencoder {model.info.get('autoencoder_steps')} steps, "
                              f"diffusion {model.info.get('diffusion_steps')} steps)")
-        protocol["sampling"] = f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, data consistency on"
+        protocol["sampling"] = (f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, planes {planes}, "
+                                "data consistency on")
     return protocol

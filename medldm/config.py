@@ -161,7 +161,8 @@ class Training(_Strict):
     seed: int = 0
     # auto: bf16 on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX); emulated bf16 was 30x slower here
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
+    channels_last: bool = False  # channels-last memory layout for the networks (see benchmarks/training.py)
+    compile: bool = False  # torch.compile the trained network (see benchmarks/training.py)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)

@@ -108,6 +108,20 @@ class Trainer:
         self.trained: dict[str, torch.nn.Module] = {}  # each stage's live (non-EMA) model on this rank
 
     # ------------------------------------------------------------------------------------------ shared
+    def _memory_format(self):
+        return torch.channels_last if self.config.data.spatial_dims == 2 else torch.channels_last_3d
+
+    def _fast(self, model):
+        """The callable a training step runs: the model in channels-last layout and/or compiled, by config
+        (benchmarks/training.py measures both; the weights, EMA and checkpoints stay those of ``model``)."""
+        cfg = self.config.training
+        if cfg.channels_last:
+            model.to(memory_format=self._memory_format())
+        return torch.compile(model) if cfg.compile else model
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self._memory_format()) if self.config.training.channels_last else x
+
     @property
     def rank(self) -> int:
         return self.acc.process_index
@@ -169,7 +183,7 @@ class Trainer:
                     elapsed = time.perf_counter() - tic
                     rate = (done - start) * batch_size * self.acc.num_processes / max(elapsed, 1e-9)
                     row = {"step": done, **{k: f"{v:.6g}" for k, v in logs.items()},
-                           "samples_per_s": f"{rate:.3g}", "elapsed_s": f"{elapsed:.1f}"}
+                           "samples_per_s": f"{rate:.3g}", "elapsed_s": f"{elapsed:.3f}"}
                     rows.append(row)
                     if board is not None:
                         for key, value in {**logs, "samples_per_s": rate}.items():
@@ -218,15 +232,16 @@ class Trainer:
             perceptual = PerceptualLoss(weights=self.lpips_weights).to(self.acc.device)
         sampler = self.sampler()
         model, disc, opt, opt_d = self.acc.prepare(model, disc, opt, opt_d)
+        forward = self._fast(model)
         adversarial = PatchAdversarialLoss(criterion="least_squares")
         reg_weight = ae_cfg.kl_weight if ae_cfg.kind == "kl" else 1.0
 
         def step_fn(step: int) -> dict:
             size = sampler.patch_size(step, st.progressive)
-            x = sampler.batch(step, st.batch_size, size)["hr"].to(self.acc.device)
+            x = self._layout(sampler.batch(step, st.batch_size, size)["hr"].to(self.acc.device))
             use_adv = ae_cfg.adversarial_weight > 0 and step >= ae_cfg.adversarial_start
             with self.acc.autocast():
-                recon, reg = model(x)
+                recon, reg = forward(x)
                 recon = recon.float()
                 l1 = (recon - x).abs().mean()
                 loss = l1 + reg_weight * reg
@@ -299,6 +314,7 @@ class Trainer:
                 scale = latent_scale(ae, sampler, st.batch_size, self.acc.device)
         if start < stop:
             model, opt = self.acc.prepare(model, opt)
+            forward = self._fast(model)
             schedule = build_schedule(cfg)
             codec = ConditionCodec(cfg)
             seed = cfg.training.seed
@@ -323,7 +339,7 @@ class Trainer:
                 label = codec.label(batch["task"].to(self.acc.device), batch["modality"].to(self.acc.device), level)
                 target = schedule.training_target(z0, noise, t, d_cfg.prediction)
                 with self.acc.autocast():
-                    out = model(x_t, t, cond, label)
+                    out = forward(self._layout(x_t), t, self._layout(cond), label)
                 loss = F.mse_loss(out.float(), target.float())
                 opt.zero_grad(set_to_none=True)
                 self.acc.backward(loss)

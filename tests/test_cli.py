@@ -162,3 +162,20 @@ def test_gzip_module_agrees_file_is_truncated(tmp_path):
     """Guard for the truncated-file case above: the fixture really is a broken gzip stream."""
     with pytest.raises(EOFError), gzip.open(_truncated(tmp_path)) as fh:
         fh.read()
+
+
+def test_cli_defaults_are_the_upscalers():
+    """`medldm upscale` and `medldm evaluate` sample with the library's defaults (one place decides them)."""
+    import inspect
+
+    from medldm.cli import evaluate, upscale
+    from medldm.evaluation.evaluate import evaluate as run_evaluation
+
+    from medldm.pipeline import Upscaler
+
+    library = inspect.signature(Upscaler.__init__).parameters
+    for command in (upscale, evaluate, run_evaluation):
+        params = inspect.signature(command).parameters
+        for name in ("steps", "sampler", "planes"):
+            default = params[name].default
+            assert getattr(default, "value", default) == library[name].default, (command.__name__, name)

@@ -1,0 +1,30 @@
+"""``python -m benchmarks [--quick] [--only NAME ...]``: run the benchmarks, print their tables and write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from benchmarks import scaling, steps_quality, training, upscale_reference
+
+BENCHMARKS = {"upscale_reference": upscale_reference, "scaling": scaling, "steps_quality": steps_quality,
+              "training": training}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few settings (about 5 minutes)")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run these benchmarks only")
+    parser.add_argument("--out", type=Path, default=Path("bench_output"), help="folder for the JSON results")
+    args = parser.parse_args()
+    tic = time.perf_counter()
+    for name in args.only or BENCHMARKS:
+        start = time.perf_counter()
+        BENCHMARKS[name].main(args.quick, args.out)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"all benchmarks: {time.perf_counter() - tic:.0f} s; JSON in {args.out}/", flush=True)
+
+
+if __name__ == "__main__":
+    main()
