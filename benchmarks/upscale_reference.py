@@ -100,6 +100,11 @@ def worker(pipeline: str, planes: int, device: str, bf16: bool) -> None:
     if pipeline == "reference":
         sr = _reference(model, lr, a, cut, device, bf16)
         settings = f"MONAI DDPM, {model.config.diffusion.timesteps} steps, batch 1"
+    elif pipeline == "medldm-ddpm":  # the reference's sampler inside medldm: separates the sampler from the loop
+        up = Upscaler(model, device=device, planes="one", bf16=bf16, sampler="ddpm",
+                      steps=model.config.diffusion.timesteps, consistency=0.0)
+        sr = up.upscale(lr, axis=a, scale=4, kind="slice-profile").sr.data
+        settings = f"medldm ddpm, {up.steps} steps, batch {up.batch_size}, no consistency"
     else:
         up = Upscaler(model, device=device, planes="one", bf16=bf16)
         sr = up.upscale(lr, axis=a, scale=4, kind="slice-profile").sr.data
@@ -122,18 +127,31 @@ def worker(pipeline: str, planes: int, device: str, bf16: bool) -> None:
 def main(quick: bool, out: Path) -> dict:
     import torch
 
+    from medldm.train import cpu_has_native_bf16
+
     planes = 2 if quick else 6
     devices = [("cpu", False)] + ([("cuda", False), ("cuda", True)] if torch.cuda.is_available() else [])
     rows, results = [], []
+
+    def add(r, device, bf16):
+        rows.append([r["pipeline"], f"{device}{' bf16' if bf16 else ''}", r["settings"], r["wall_s"],
+                     r["wall_s"] / planes, r["peak_rss_mb"], r["psnr"], r["ssim"], r["lpips"]])
+
     for device, bf16 in devices:
         ref = run_worker("upscale_reference", "reference", planes, device, int(bf16))
         ours = run_worker("upscale_reference", "medldm", planes, device, int(bf16))
         ratio = ref["wall_s"] / ours["wall_s"]
-        results.append({"reference": ref, "medldm": ours, "speedup": ratio})
-        for r in (ref, ours):
-            rows.append([r["pipeline"], f"{device}{' bf16' if bf16 else ''}", r["settings"], r["wall_s"],
-                         r["wall_s"] / planes, r["peak_rss_mb"], r["psnr"], r["ssim"], r["lpips"]])
+        entry = {"device": device, "bf16": bf16, "reference": ref, "medldm": ours, "speedup": ratio}
+        add(ref, device, bf16)
+        if device == "cpu" and not quick:  # the same 1000-step DDPM in medldm's batched loop
+            entry["medldm_ddpm"] = run_worker("upscale_reference", "medldm-ddpm", planes, device, 0)
+            add(entry["medldm_ddpm"], device, False)
+        add(ours, device, bf16)
         rows.append(["speed ratio", device, "reference / medldm", ratio, "", "", "", "", ""])
+        if device == "cpu" and cpu_has_native_bf16():  # bf16 autocast where the CPU has it natively
+            entry["medldm_bf16"] = run_worker("upscale_reference", "medldm", planes, device, 1)
+            add(entry["medldm_bf16"], device, True)
+        results.append(entry)
     table(f"upscale vs the reference: {SCAN}, x4 thick slices along z, {planes} central planes",
           ["pipeline", "device", "settings", "wall s", "s / plane", "peak RSS MiB", "PSNR", "SSIM", "LPIPS"], rows)
     data = {"scan": SCAN, "task": "slice-profile x4 along z", "planes": planes, "results": results}

@@ -118,7 +118,8 @@ class Upscaler:
             invented detail; more steps draw sharper posterior samples (lower LPIPS, lower PSNR), and only those
             make ``samples > 1`` a meaningful uncertainty map (benchmarks/steps_quality.py measures the curve).
         sampler: a name from medldm.diffusion.SAMPLERS.
-        batch_size: slices (2D) or patches (3D) per network call.
+        batch_size: slices (2D) or patches (3D) per network call; 2D batches of large planes are smaller, so
+            that a call holds at most ``BATCH_PIXELS`` pixels.
         consistency: strength of the data-consistency correction in [0, 1] (1: degrade(output) == input).
         condition_level: noise-augmentation level of the condition (0: clean, as the test inputs are).
         bf16: bfloat16 autocast for the networks (CPU and CUDA).
@@ -129,6 +130,8 @@ class Upscaler:
     """
 
     CHUNK_VOXELS = 2 << 20  # float64 working set of data consistency: 16 MiB
+    BATCH_PIXELS = 1 << 20  # at most this many HR pixels per 2D network call: the decoder's full-resolution
+    # activations (channels x pixels x 4 bytes, a few alive at once) stay a few hundred MiB for any plane size
 
     def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int = 1,
                  sampler: str = "dpmpp-2m", batch_size: int = 16, consistency: float = 1.0,
@@ -217,8 +220,10 @@ class Upscaler:
         meta = {"upscale": {"kind": task.kind, "scale": task.scale, "axis": a, "steps": self.steps,
                             "sampler": self.sampler, "samples": samples, "planes": self.planes, "seed": seed,
                             "consistency": self.consistency, "model": str(self.model.path)}}
-        sr = volume.with_data(norm.inverse(mean.float().numpy()), affine, **meta)
-        del mean
+        voxels = mean.float().numpy()
+        voxels *= norm.high - norm.low  # norm.inverse in place: the mean is ours, and a volume is large
+        voxels += norm.low
+        sr = volume.with_data(voxels, affine, **meta)
         unc = None
         if samples > 1:
             unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
@@ -227,8 +232,13 @@ class Upscaler:
     def _units(self, hr_shape, op, a) -> int:
         """Progress units per sample: slice batches (2D) or patches (3D, estimated)."""
         if self.dims == 2:
-            return sum(-(-hr_shape[axis] // self.batch_size) for axis in self._plane_axes(hr_shape, op))
+            return sum(-(-hr_shape[axis] // self._planes_per_call(np.delete(hr_shape, axis)))
+                       for axis in self._plane_axes(hr_shape, op))
         return 1
+
+    def _planes_per_call(self, plane_shape) -> int:
+        pixels = int(np.prod([n + (-n) % self.multiple for n in plane_shape]))
+        return max(1, min(self.batch_size, self.BATCH_PIXELS // pixels))
 
     def _plane_axes(self, hr_shape, op) -> list[int]:
         """2D models see planes containing every degraded axis, so they slice across an axis that is not degraded:
@@ -314,8 +324,9 @@ class Upscaler:
         key = (axis, "planes")
         if key not in encoded:
             latents, n = [], lr.shape[axis]
-            for start in range(0, n, self.batch_size):
-                block = lr.narrow(axis, start, min(self.batch_size, n - start))
+            per_call = self._planes_per_call(np.delete(hr_shape, axis))
+            for start in range(0, n, per_call):
+                block = lr.narrow(axis, start, min(per_call, n - start))
                 size = [*hr_shape]
                 size[axis] = block.shape[axis]
                 cond = upsample(block[None, None], size)[0, 0].movedim(axis, 0)  # (B, H, W)
@@ -334,9 +345,10 @@ class Upscaler:
             latents = self._plane_latents(lr, hr_shape, encoded, axis)
             offsets = torch.arange(-r, r + 1, device=latents.device)
             planes = total.movedim(axis, 0)  # (n, H, W) view
-            for i, start in enumerate(range(0, planes.shape[0], self.batch_size)):
+            per_call = self._planes_per_call(planes.shape[1:])
+            for i, start in enumerate(range(0, planes.shape[0], per_call)):
                 # each target plane with its slab of neighbours, clamped at the ends as in training
-                index = torch.arange(start, min(start + self.batch_size, planes.shape[0]), device=latents.device)
+                index = torch.arange(start, min(start + per_call, planes.shape[0]), device=latents.device)
                 near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
                 c = latents[near].flatten(1, 2)  # (B, slab * latent, h, w); slab 1: the planes' own latents
                 planes[start:start + len(index)] += self._generate(c, planes.shape[1:], label,

@@ -321,3 +321,17 @@ def test_training_without_tensorboard_logs_to_csv_only(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "tensorboard" in line] == [
         "tensorboard is not installed: metrics go to metrics.csv only"], err
+
+
+@pytest.mark.parametrize("name", ["tiny_2d", "tiny_3d"])
+def test_channels_last_training_follows_the_same_losses(tmp_path, name):
+    """training.channels_last changes the memory layout only: the same batches give the same losses."""
+    losses = {}
+    for layout in (False, True):
+        config, root = tiny(name, training={"channels_last": layout, "autoencoder": {"steps": 3},
+                                            "diffusion": {"steps": 3}})
+        run = tmp_path / f"run_{layout}"
+        trainer(config, root, run).run("all")
+        losses[layout] = [float(r["loss"]) for stage in ("autoencoder", "diffusion")
+                          for r in rows(run / stage / "metrics.csv")]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
