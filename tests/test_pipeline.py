@@ -89,7 +89,7 @@ def test_condition_is_encoded_once_for_all_samples(models, degraded):
         upscaler.upscale(lr, axis="z", samples=3)
     finally:
         del upscaler.model.autoencoder.encode
-    planes = min(lr.shape[0], lr.shape[2])  # thick slices along voxel axis 1: planes across the shorter free axis
+    planes = lr.shape[0] + lr.shape[2]  # thick slices along voxel axis 1: both stacks of planes (the default)
     assert sum(calls) == planes  # one encoding per plane, shared by the three samples
 
 
@@ -117,7 +117,7 @@ def test_channels_last_is_the_same_autoencoder(models, degraded, name):
 
 def test_both_plane_stacks_average_two_consistent_passes(models, degraded):
     lr, _ = degraded
-    one = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64).upscale(lr, axis="z")
+    one = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64, planes="one").upscale(lr, axis="z")
     both = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64, planes="both").upscale(lr, axis="z")
     assert both.sr.shape == one.sr.shape and both.residual < 1e-6
     np.testing.assert_array_equal(both.sr.affine, one.sr.affine)
@@ -141,7 +141,7 @@ def test_slab_model_trains_and_upscales_consistently(tmp_path, ixi_path, denoise
     encode = model.autoencoder.encode
     model.autoencoder.encode = lambda x: calls.append(x.shape[0]) or encode(x)
     result = Upscaler(model, device="cpu", steps=1, batch_size=32).upscale(lr, axis="z", samples=2)
-    assert sum(calls) == min(lr.shape[0], lr.shape[2])  # every plane encoded once, for both samples
+    assert sum(calls) == lr.shape[0] + lr.shape[2]  # every plane of both stacks encoded once, for both samples
     assert result.sr.shape == hr.shape and np.isfinite(result.sr.data).all()
     np.testing.assert_allclose(result.sr.affine, hr.affine, atol=1e-9)
     assert result.residual < 1e-6
