@@ -15,26 +15,27 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDLDM_SHARED", REPO.parent / "shared"))
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (since :func:`reset_peak_rss`, where Linux allows it), in MiB."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (reported in KiB) in MiB, or None where there is no such file."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (since :func:`reset_peak_rss`, where Linux allows it), in MiB."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def rss_mb() -> float:
     """Resident memory of this process now, in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    now = _status_mb("VmRSS")
+    return now if now is not None else float("nan")
 
 
 def reset_peak_rss() -> None:

@@ -41,8 +41,13 @@ class IntensityTransform:
     def forward(self, x):
         return (x - self.low) / (self.high - self.low)
 
-    def inverse(self, y):
-        return y * (self.high - self.low) + self.low
+    def inverse(self, y, *, out=None):
+        """Back to the scan's intensities; ``out=y`` writes over ``y`` instead of allocating (volumes are large)."""
+        if out is None:
+            return y * (self.high - self.low) + self.low
+        np.multiply(y, self.high - self.low, out=out)
+        out += self.low
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)

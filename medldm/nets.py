@@ -20,7 +20,7 @@ from medldm.config import Config
 from medldm.diffusion import NoiseSchedule
 
 __all__ = ["Autoencoder", "Denoiser", "DiT", "ConditionCodec", "build_autoencoder", "build_denoiser",
-           "build_discriminator", "build_schedule", "MODALITIES"]
+           "build_discriminator", "build_schedule", "channels_last_format", "MODALITIES"]
 
 MODALITIES = ("MR", "CT")
 
@@ -169,6 +169,11 @@ class DiT(nn.Module):
         if d == 2:
             return out.permute(0, 3, 1, 4, 2, 5).reshape(b, c, grid[0] * p, grid[1] * p)
         return out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, *(g * p for g in grid))
+
+
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """The channels-last memory format of 2D (NHWC) or 3D (NDHWC) tensors."""
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
 def build_autoencoder(config: Config) -> Autoencoder:

@@ -26,7 +26,14 @@ from medldm.degrade import make_operator
 from medldm.diffusion import NoiseSchedule, make_denoiser, sample
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality
-from medldm.nets import MODALITIES, ConditionCodec, build_autoencoder, build_denoiser, build_schedule
+from medldm.nets import (
+    MODALITIES,
+    ConditionCodec,
+    build_autoencoder,
+    build_denoiser,
+    build_schedule,
+    channels_last_format,
+)
 from medldm.volume import Volume, rescaled_affine, resolve_axis
 
 __all__ = ["PLANES", "LoadedModel", "load_model", "Upscaler", "UpscaleResult", "RunningStats", "DEFAULT_MODEL"]
@@ -147,7 +154,7 @@ class Upscaler:
         if planes not in PLANES:
             raise MedldmError(f"planes must be one of {', '.join(PLANES)}, got {planes!r}")
         if channels_last:
-            self.model.autoencoder.to(memory_format=self._memory_format_for(self.model.config.data.spatial_dims))
+            self.model.autoencoder.to(memory_format=channels_last_format(self.model.config.data.spatial_dims))
         self.steps, self.sampler, self.batch_size, self.planes = steps, sampler, batch_size, planes
         self.channels_last = channels_last
         self.consistency, self.condition_level, self.bf16 = consistency, condition_level, bf16
@@ -221,9 +228,7 @@ class Upscaler:
                             "sampler": self.sampler, "samples": samples, "planes": self.planes, "seed": seed,
                             "consistency": self.consistency, "model": str(self.model.path)}}
         voxels = mean.float().numpy()
-        voxels *= norm.high - norm.low  # norm.inverse in place: the mean is ours, and a volume is large
-        voxels += norm.low
-        sr = volume.with_data(voxels, affine, **meta)
+        sr = volume.with_data(norm.inverse(voxels, out=voxels), affine, **meta)  # in place: the mean is ours
         unc = None
         if samples > 1:
             unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
@@ -276,12 +281,8 @@ class Upscaler:
             total += float(diff.pow(2).sum())
         return (total / lr.numel()) ** 0.5
 
-    @staticmethod
-    def _memory_format_for(dims: int):
-        return torch.channels_last if dims == 2 else torch.channels_last_3d
-
     def _memory_format(self):
-        return self._memory_format_for(self.dims)
+        return channels_last_format(self.dims)
 
     def _encode(self, cond: torch.Tensor) -> torch.Tensor:
         """Scaled latents (on the device) of HR-grid conditions (B, 1, *spatial), padded to the network's multiple."""

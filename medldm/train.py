@@ -24,7 +24,14 @@ from medldm.checkpoint import latest_checkpoint, load_state, load_weights, save_
 from medldm.config import Config
 from medldm.data import PairSampler, load_volumes
 from medldm.errors import MedldmError
-from medldm.nets import ConditionCodec, build_autoencoder, build_denoiser, build_discriminator, build_schedule
+from medldm.nets import (
+    ConditionCodec,
+    build_autoencoder,
+    build_denoiser,
+    build_discriminator,
+    build_schedule,
+    channels_last_format,
+)
 
 __all__ = ["Trainer", "STAGES", "latent_scale", "resolve_precision"]
 
@@ -108,19 +115,18 @@ class Trainer:
         self.trained: dict[str, torch.nn.Module] = {}  # each stage's live (non-EMA) model on this rank
 
     # ------------------------------------------------------------------------------------------ shared
-    def _memory_format(self):
-        return torch.channels_last if self.config.data.spatial_dims == 2 else torch.channels_last_3d
-
     def _fast(self, model):
         """The callable a training step runs: the model in channels-last layout and/or compiled, by config
         (benchmarks/training.py measures both; the weights, EMA and checkpoints stay those of ``model``)."""
         cfg = self.config.training
         if cfg.channels_last:
-            model.to(memory_format=self._memory_format())
+            model.to(memory_format=channels_last_format(self.config.data.spatial_dims))
         return torch.compile(model) if cfg.compile else model
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=self._memory_format()) if self.config.training.channels_last else x
+        if not self.config.training.channels_last:
+            return x
+        return x.contiguous(memory_format=channels_last_format(self.config.data.spatial_dims))
 
     @property
     def rank(self) -> int:

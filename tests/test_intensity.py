@@ -46,3 +46,13 @@ def test_bad_parameters():
         hu_window(preset="liverish")
     with pytest.raises(MedldmError, match="positive width"):
         hu_window(centre=0, width=0)
+
+
+def test_inverse_in_place_equals_the_allocating_inverse():
+    data = np.random.default_rng(0).normal(100, 30, (8, 9, 10)).astype(np.float32)
+    t = percentile_scaling(data)
+    y = t.forward(data)
+    expected = t.inverse(y)
+    buffer = y.copy()
+    assert t.inverse(buffer, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, expected)
