@@ -1,4 +1,5 @@
-"""Interpolation baselines on the exact HR grid: nearest, (tri)linear and cubic B-spline.
+"""Baselines on the exact HR grid: nearest, (tri)linear and cubic B-spline interpolation, and for k-space
+truncation zero filling.
 
 LR sample m along a degraded axis sits at HR continuous index ``s*m + (s-1)/2`` (the grid maths of
 medldm.volume), so HR voxel i is read at LR coordinate ``(i - (s-1)/2) / s``. Borders replicate the edge.
@@ -11,9 +12,28 @@ from scipy import ndimage
 
 from medldm.volume import Volume, rescaled_affine
 
-__all__ = ["BASELINES", "interpolate"]
+__all__ = ["BASELINES", "baselines_for", "interpolate", "zero_fill"]
 
 BASELINES = {"nearest": 0, "trilinear": 1, "bspline": 3}
+ZERO_FILL = "zero-fill"
+
+
+def baselines_for(kind: str) -> tuple[str, ...]:
+    """The baselines of a degradation kind: the interpolations, plus zero filling for k-space truncation (the
+    scanner's own 'zero-fill interpolation', and there the stronger yardstick: it keeps every measured
+    frequency exactly)."""
+    return (*BASELINES, ZERO_FILL) if kind == "kspace" else tuple(BASELINES)
+
+
+def zero_fill(lr: Volume, op) -> Volume:
+    """k-space zero filling onto the HR grid: the pseudo-inverse of the k-space truncation ``op``
+    (:class:`medldm.degrade.KSpaceTruncation`), i.e. the minimum-norm HR image with exactly the LR's central
+    frequencies and none above them (sinc interpolation)."""
+    import torch
+
+    data = op.back_project(torch.from_numpy(lr.data.astype(np.float64))).numpy()
+    affine = rescaled_affine(lr.affine, [1.0 / f for f in op.factors(3)])
+    return lr.with_data(data.astype(np.float32), affine, baseline=ZERO_FILL)
 
 
 def interpolate(lr: Volume, factors, *, method: str = "trilinear") -> Volume:

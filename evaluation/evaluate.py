@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from medldm.evaluation.baselines import BASELINES, interpolate
+from medldm.evaluation.baselines import ZERO_FILL, baselines_for, interpolate, zero_fill
 from medldm.evaluation.metrics import foreground_mask, lpips_volume, nrmse, psnr, ssim
 
 from medldm import __version__
@@ -115,9 +115,9 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         factors = [int(f) for f in op.factors(3)]
         mask = foreground_mask(truth.data) if use_mask else None
         outputs, uncertainty = {}, None
-        for method in BASELINES:
+        for method in baselines_for(kind):
             tic = time.perf_counter()
-            outputs[method] = interpolate(lr, factors, method=method)
+            outputs[method] = zero_fill(lr, op) if method == ZERO_FILL else interpolate(lr, factors, method=method)
             timings.setdefault(method, []).append(time.perf_counter() - tic)
         residual = None
         if upscaler is not None:
@@ -125,10 +125,11 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
             result = upscaler.upscale(lr, axis=op_axis, scale=scale, kind=kind, samples=samples, seed=seed)
             timings.setdefault("model", []).append(time.perf_counter() - tic)
             outputs["model"], uncertainty, residual = result.sr, result.uncertainty, result.residual
-        slice_axis = op_axis if kind == "slice-profile" else 2
+        # op_axis is the thick axis, or for in-plane kinds the slice axis: 2D SSIM over the HR slices across it
+        # (for in-plane kinds, the acquired slices)
         for method, pred in outputs.items():
             row = {"volume": path.name, "method": method,
-                   **score(pred, truth, mask=mask, axis=slice_axis, lpips_weights=lpips_folder)}
+                   **score(pred, truth, mask=mask, axis=op_axis, lpips_weights=lpips_folder)}
             if method == "model":
                 row["consistency_residual"] = residual
             rows.append(row)
@@ -142,7 +143,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
                          use_mask=use_mask, lpips_sums=verify_checksums(lpips_folder))
     return write_report(out, rows=rows, protocol=protocol, examples=examples, rd=rd_data,
                         timings={k: float(np.mean(v)) for k, v in timings.items()},
-                        metrics=METRICS, higher_is_better=HIGHER_IS_BETTER, baselines=tuple(BASELINES))
+                        metrics=METRICS, higher_is_better=HIGHER_IS_BETTER, baselines=baselines_for(kind))
 
 
 def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> dict:
@@ -185,11 +186,13 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
         "scans": f"{len(files)}: " + ", ".join(p.name for p in files),
         "degradation": f"{kind} x{scale} along {axis} (profile {profile}), medldm.degrade; the truth is the input "
                        "cropped to a multiple of the scale",
-        "baselines": "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid",
+        "baselines": "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid"
+                     + (", and zero filling (pseudo-inverse of the k-space truncation: sinc interpolation)"
+                        if kind == "kspace" else ""),
         "data range": "per-volume maximum of the truth (fastMRI convention), original intensity units",
         "mask": "Otsu foreground of the truth, holes filled, largest component" if use_mask else "whole volume",
         "SSIM": "scikit-image, 7-voxel uniform window, K1=0.01, K2=0.03; 'ssim' = mean of 2D slices across the "
-                "degraded axis (axis 2 for in-plane kinds), 'ssim3d' = volumetric 7x7x7",
+                "thick axis (in-plane kinds: the acquired slices, across the slice axis), 'ssim3d' = volumetric 7x7x7",
         "LPIPS": "official lpips 0.1.4, AlexNet, real ImageNet backbone (sha256 "
                  + ", ".join(f"{k} {v[:12]}" for k, v in sorted(lpips_sums.items())) + "); 16 evenly spaced "
                  "slices per orthogonal plane, intensities / data range clipped to [0, 1]",
