@@ -1,5 +1,6 @@
-"""Baselines on the exact HR grid: nearest, (tri)linear and cubic B-spline interpolation, and for k-space
-truncation zero filling.
+"""Baselines on the exact HR grid: nearest, (tri)linear and cubic B-spline interpolation; cubic B-spline with the
+model's data-consistency projection (which separates what the projection adds from what the generative model
+adds); and for k-space truncation, zero filling.
 
 LR sample m along a degraded axis sits at HR continuous index ``s*m + (s-1)/2`` (the grid maths of
 medldm.volume), so HR voxel i is read at LR coordinate ``(i - (s-1)/2) / s``. Borders replicate the edge.
@@ -8,29 +9,42 @@ medldm.volume), so HR voxel i is read at LR coordinate ``(i - (s-1)/2) / s``. Bo
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
 
+from medldm.degrade import enforce_consistency
 from medldm.volume import Volume, rescaled_affine
 
-__all__ = ["BASELINES", "baselines_for", "interpolate", "zero_fill"]
+__all__ = ["BASELINES", "BSPLINE_DC", "ZERO_FILL", "baseline", "baselines_for", "interpolate", "zero_fill"]
 
-BASELINES = {"nearest": 0, "trilinear": 1, "bspline": 3}
+BASELINES = {"nearest": 0, "trilinear": 1, "bspline": 3}  # interpolations: spline order
+BSPLINE_DC = "bspline-dc"
 ZERO_FILL = "zero-fill"
 
 
 def baselines_for(kind: str) -> tuple[str, ...]:
-    """The baselines of a degradation kind: the interpolations, plus zero filling for k-space truncation (the
-    scanner's own 'zero-fill interpolation', and there the stronger yardstick: it keeps every measured
-    frequency exactly)."""
-    return (*BASELINES, ZERO_FILL) if kind == "kspace" else tuple(BASELINES)
+    """The baselines of a degradation kind: the interpolations, cubic B-spline made data-consistent, and for
+    k-space truncation zero filling (the scanner's own 'zero-fill interpolation', and there the stronger
+    yardstick: it keeps every measured frequency exactly)."""
+    return (*BASELINES, BSPLINE_DC, *((ZERO_FILL,) if kind == "kspace" else ()))
+
+
+def baseline(method: str, lr: Volume, op) -> Volume:
+    """The HR estimate of one baseline (see :func:`baselines_for`) from ``lr``, acquired with the operator ``op``
+    (medldm.degrade)."""
+    if method == ZERO_FILL:
+        return zero_fill(lr, op)
+    if method == BSPLINE_DC:
+        up = interpolate(lr, op.factors(3), method="bspline")
+        enforce_consistency(torch.from_numpy(up.data), torch.from_numpy(lr.data.astype(np.float32)), op)  # in place
+        return up.with_data(up.data, up.affine, baseline=BSPLINE_DC)
+    return interpolate(lr, op.factors(3), method=method)
 
 
 def zero_fill(lr: Volume, op) -> Volume:
     """k-space zero filling onto the HR grid: the pseudo-inverse of the k-space truncation ``op``
     (:class:`medldm.degrade.KSpaceTruncation`), i.e. the minimum-norm HR image with exactly the LR's central
     frequencies and none above them (sinc interpolation)."""
-    import torch
-
     data = op.back_project(torch.from_numpy(lr.data.astype(np.float64))).numpy()
     affine = rescaled_affine(lr.affine, [1.0 / f for f in op.factors(3)])
     return lr.with_data(data.astype(np.float32), affine, baseline=ZERO_FILL)

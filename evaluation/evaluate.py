@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from medldm.evaluation.baselines import ZERO_FILL, baselines_for, interpolate, zero_fill
+from medldm.evaluation.baselines import baseline, baselines_for, interpolate
 from medldm.evaluation.metrics import foreground_mask, lpips_volume, nrmse, psnr, ssim
 
 from medldm import __version__
@@ -117,7 +117,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         outputs, uncertainty = {}, None
         for method in baselines_for(kind):
             tic = time.perf_counter()
-            outputs[method] = zero_fill(lr, op) if method == ZERO_FILL else interpolate(lr, factors, method=method)
+            outputs[method] = baseline(method, lr, op)
             timings.setdefault(method, []).append(time.perf_counter() - tic)
         residual = None
         if upscaler is not None:
@@ -186,8 +186,9 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
         "scans": f"{len(files)}: " + ", ".join(p.name for p in files),
         "degradation": f"{kind} x{scale} along {axis} (profile {profile}), medldm.degrade; the truth is the input "
                        "cropped to a multiple of the scale",
-        "baselines": "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid"
-                     + (", and zero filling (pseudo-inverse of the k-space truncation: sinc interpolation)"
+        "baselines": "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid; "
+                     "bspline-dc: cubic B-spline with the model's data-consistency projection x + A^+(y - Ax)"
+                     + ("; zero-fill: zero filling (pseudo-inverse of the k-space truncation, sinc interpolation)"
                         if kind == "kspace" else ""),
         "data range": "per-volume maximum of the truth (fastMRI convention), original intensity units",
         "mask": "Otsu foreground of the truth, holes filled, largest component" if use_mask else "whole volume",

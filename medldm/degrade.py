@@ -36,6 +36,8 @@ __all__ = [
     "slice_profile",
     "make_operator",
     "estimate_norm_sq",
+    "enforce_consistency",
+    "consistency_residual",
     "add_gaussian_noise",
     "add_rician_noise",
     "Degraded",
@@ -331,6 +333,43 @@ def estimate_norm_sq(op: LinearOperator, shape, *, iters: int = 100, generator=N
         x = op.adjoint(op.forward(x))
         value = float(x.norm())
     return value
+
+
+# ------------------------------------------------------------------------------------- data consistency
+CHUNK_VOXELS = 2 << 20  # float64 working set of the consistency functions: 16 MiB
+
+
+def _slabs(x: Tensor, op: LinearOperator, chunk_voxels: int) -> list[tuple[int, int, int]]:
+    """Slabs ``(axis, start, length)`` of about ``chunk_voxels`` voxels across an axis the operator leaves alone:
+    the operators are separable, so they act on each slab exactly as on the whole volume, and the float64 work
+    never needs a whole volume in memory."""
+    axis = next(d for d in range(x.dim()) if d not in op.axes)
+    step = max(1, chunk_voxels // max(1, x.numel() // x.shape[axis]))
+    return [(axis, start, min(step, x.shape[axis] - start)) for start in range(0, x.shape[axis], step)]
+
+
+def enforce_consistency(x: Tensor, y: Tensor, op: LinearOperator, *, strength: float = 1.0,
+                        chunk_voxels: int = CHUNK_VOXELS) -> Tensor:
+    """Add the pseudo-inverse of the LR residual to the HR volume ``x``, in place, slab by slab in float64:
+    ``x + strength * A^+ (y - A x)``. With strength 1, ``op.forward(x)`` then equals ``y`` exactly and only the
+    part of ``x`` that the acquisition cannot see is kept. ``x``: (*spatial) HR, ``y``: the LR volume."""
+    if strength == 0:
+        return x
+    for axis, start, n in _slabs(x, op, chunk_voxels):
+        part, low = x.narrow(axis, start, n), y.narrow(axis, start, n).double()
+        fixed = part.double()
+        fixed += strength * op.back_project(low - op.forward(fixed))
+        part.copy_(fixed)
+    return x
+
+
+def consistency_residual(x: Tensor, y: Tensor, op: LinearOperator, *, chunk_voxels: int = CHUNK_VOXELS) -> float:
+    """RMS of ``op.forward(x) - y`` over the LR voxels, computed slab by slab in float64."""
+    total = 0.0
+    for axis, start, n in _slabs(x, op, chunk_voxels):
+        diff = op.forward(x.narrow(axis, start, n).double()) - y.narrow(axis, start, n).double()
+        total += float(diff.pow(2).sum())
+    return (total / y.numel()) ** 0.5
 
 
 # ---------------------------------------------------------------------------------------------- noise

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from medldm.checkpoint import load_weights, read_model_folder
 from medldm.config import Config, Task, parse_config
 from medldm.data import normaliser, upsample
-from medldm.degrade import make_operator
+from medldm.degrade import CHUNK_VOXELS, consistency_residual, enforce_consistency, make_operator
 from medldm.diffusion import NoiseSchedule, make_denoiser, sample
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality
@@ -136,7 +136,7 @@ class Upscaler:
         channels_last: channels-last memory format for the autoencoder (see benchmarks/).
     """
 
-    CHUNK_VOXELS = 2 << 20  # float64 working set of data consistency: 16 MiB
+    CHUNK_VOXELS = CHUNK_VOXELS  # float64 working set of data consistency (medldm.degrade)
     BATCH_PIXELS = 1 << 20  # at most this many HR pixels per 2D network call: the decoder's full-resolution
     # activations (channels x pixels x 4 bytes, a few alive at once) stay a few hundred MiB for any plane size
 
@@ -252,34 +252,13 @@ class Upscaler:
         free = sorted((d for d in range(3) if d not in op.axes), key=lambda d: hr_shape[d])
         return free if self.planes == "both" else free[:1]
 
-    @staticmethod
-    def _chunks(x: torch.Tensor, op):
-        """Slabs ``(axis, start, length)`` of about 16 MiB of float64 across an axis the operator leaves alone:
-        the operators are separable, so they act on each slab exactly as on the whole volume, and the float64
-        work never needs a whole volume in memory."""
-        axis = next(d for d in range(3) if d not in op.axes)
-        step = max(1, Upscaler.CHUNK_VOXELS // max(1, x.numel() // x.shape[axis]))
-        return [(axis, start, min(step, x.shape[axis] - start)) for start in range(0, x.shape[axis], step)]
-
     def _consistent(self, x: torch.Tensor, lr: torch.Tensor, op) -> torch.Tensor:
-        """Add the pseudo-inverse of the LR residual, in place and in float64 slab by slab: with strength 1,
-        degrade(x) equals the input exactly."""
-        if self.consistency == 0:
-            return x
-        for axis, start, n in self._chunks(x, op):
-            part, low = x.narrow(axis, start, n), lr.narrow(axis, start, n).double()
-            fixed = part.double()
-            fixed += self.consistency * op.back_project(low - op.forward(fixed))
-            part.copy_(fixed)
-        return x
+        """With strength 1, degrade(x) equals the input exactly (in place, slab by slab)."""
+        return enforce_consistency(x, lr, op, strength=self.consistency, chunk_voxels=self.CHUNK_VOXELS)
 
     def _residual(self, x: torch.Tensor, lr: torch.Tensor, op) -> float:
         """RMS of degrade(x) - lr (the LR images are normalised, so this is a fraction of the intensity range)."""
-        total = 0.0
-        for axis, start, n in self._chunks(x, op):
-            diff = op.forward(x.narrow(axis, start, n).double()) - lr.narrow(axis, start, n).double()
-            total += float(diff.pow(2).sum())
-        return (total / lr.numel()) ** 0.5
+        return consistency_residual(x, lr, op, chunk_voxels=self.CHUNK_VOXELS)
 
     def _memory_format(self):
         return channels_last_format(self.dims)

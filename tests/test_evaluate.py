@@ -8,7 +8,7 @@ import csv
 import numpy as np
 import pytest
 import torch
-from medldm.evaluation.baselines import baselines_for, interpolate, zero_fill
+from medldm.evaluation.baselines import baseline, baselines_for, interpolate
 from medldm.evaluation.evaluate import evaluate
 from medldm.evaluation.metrics import foreground_mask, psnr, ssim
 
@@ -30,14 +30,23 @@ def read_rows(out) -> dict:
         return {row["method"]: row for row in csv.DictReader(f)}
 
 
-def test_zero_fill_keeps_the_measured_frequencies(scan):
-    lr, truth = degrade_volume(load(scan), kind="kspace", axis="z", scale=2)
-    op = make_operator("kspace", axis=lr.meta["degrade"]["axis"], scale=2)
-    up = zero_fill(lr, op)
-    assert up.shape == truth.shape
-    np.testing.assert_allclose(up.affine, interpolate(lr, op.factors(3), method="bspline").affine, atol=1e-9)
-    again = op.forward(torch.from_numpy(up.data.astype(np.float64))).numpy()
-    np.testing.assert_allclose(again, lr.data, atol=1e-4 * float(np.abs(lr.data).max()))
+@pytest.mark.parametrize("kind, scale", [("kspace", 2), ("slice-profile", 4)])
+def test_data_consistent_baselines_reproduce_the_input(scan, kind, scale):
+    """zero-fill and bspline-dc degrade back to the input exactly; bspline-dc changes only what the acquisition
+    sees of the B-spline image."""
+    lr, truth = degrade_volume(load(scan), kind=kind, axis="z", scale=scale)
+    op = make_operator(kind, axis=lr.meta["degrade"]["axis"], scale=scale)
+    bspline = interpolate(lr, op.factors(3), method="bspline")
+    as64 = lambda v: torch.from_numpy(v.data.astype(np.float64))  # noqa: E731
+    unseen = lambda x: x - op.back_project(op.forward(x))  # noqa: E731
+    for method in baselines_for(kind)[3:]:
+        up = baseline(method, lr, op)
+        assert up.shape == truth.shape
+        np.testing.assert_allclose(up.affine, bspline.affine, atol=1e-9)
+        np.testing.assert_allclose(op.forward(as64(up)).numpy(), lr.data, atol=1e-4 * float(np.abs(lr.data).max()))
+    dc = as64(baseline("bspline-dc", lr, op))
+    assert not torch.allclose(dc, as64(bspline), atol=1.0)
+    torch.testing.assert_close(unseen(dc), unseen(as64(bspline)), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("kind, scale", [("kspace", 2), ("slice-profile", 4)])
@@ -53,7 +62,7 @@ def test_evaluate_scores_each_baseline_on_the_acquired_slices(scan, tmp_path, ki
     op = make_operator(kind, axis=1, scale=scale)
     mask, r = foreground_mask(truth.data), float(truth.data.max())
     for method, row in rows.items():
-        pred = zero_fill(lr, op) if method == "zero-fill" else interpolate(lr, op.factors(3), method=method)
+        pred = baseline(method, lr, op)
         assert float(row["psnr"]) == pytest.approx(psnr(pred.data, truth.data, data_range=r, mask=mask), abs=1e-6)
         assert float(row["ssim"]) == pytest.approx(ssim(pred.data, truth.data, data_range=r, axis=1, mask=mask),
                                                    abs=1e-6)
