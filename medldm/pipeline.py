@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from medldm.checkpoint import load_weights, read_model_folder
 from medldm.config import Config, Task, parse_config
 from medldm.data import normaliser, upsample
-from medldm.degrade import CHUNK_VOXELS, consistency_residual, enforce_consistency, make_operator
+from medldm.degrade import consistency_residual, enforce_consistency, make_operator
 from medldm.diffusion import NoiseSchedule, make_denoiser, sample
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality
@@ -136,7 +136,6 @@ class Upscaler:
         channels_last: channels-last memory format for the autoencoder (see benchmarks/).
     """
 
-    CHUNK_VOXELS = CHUNK_VOXELS  # float64 working set of data consistency (medldm.degrade)
     BATCH_PIXELS = 1 << 20  # at most this many HR pixels per 2D network call: the decoder's full-resolution
     # activations (channels x pixels x 4 bytes, a few alive at once) stay a few hundred MiB for any plane size
 
@@ -219,10 +218,10 @@ class Upscaler:
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
         for k in range(samples):
             x = self._sample_volume(lr, hr_shape, op, int(label), seed * 1_000_003 + k, tick, encoded)
-            stats.add(self._consistent(x, lr, op))
+            stats.add(enforce_consistency(x, lr, op, strength=self.consistency))  # in place, slab by slab
         del encoded
         mean = stats.mean
-        residual = self._residual(mean, lr, op)
+        residual = consistency_residual(mean, lr, op)  # normalised LR: a fraction of the intensity range
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
         meta = {"upscale": {"kind": task.kind, "scale": task.scale, "axis": a, "steps": self.steps,
                             "sampler": self.sampler, "samples": samples, "planes": self.planes, "seed": seed,
@@ -251,14 +250,6 @@ class Upscaler:
         ``planes="both"`` the other free axis too."""
         free = sorted((d for d in range(3) if d not in op.axes), key=lambda d: hr_shape[d])
         return free if self.planes == "both" else free[:1]
-
-    def _consistent(self, x: torch.Tensor, lr: torch.Tensor, op) -> torch.Tensor:
-        """With strength 1, degrade(x) equals the input exactly (in place, slab by slab)."""
-        return enforce_consistency(x, lr, op, strength=self.consistency, chunk_voxels=self.CHUNK_VOXELS)
-
-    def _residual(self, x: torch.Tensor, lr: torch.Tensor, op) -> float:
-        """RMS of degrade(x) - lr (the LR images are normalised, so this is a fraction of the intensity range)."""
-        return consistency_residual(x, lr, op, chunk_voxels=self.CHUNK_VOXELS)
 
     def _memory_format(self):
         return channels_last_format(self.dims)
