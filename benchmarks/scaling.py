@@ -2,7 +2,9 @@
 
 The volumes are a real 1 mm brain (Colin27) resampled to each HR size, then given x4 thick slices along z and
 written as NIfTI; each size is upscaled in a fresh process that loads that file (as ``medldm upscale`` would),
-so the peak resident memory is that of one upscale. Writing the result is not timed.
+so the peak resident memory is that of one upscale. Writing the result is not timed. One size is also run with
+the settings before the CPU defaults changed (contiguous memory layout, up to 2^20 pixels per network call), so
+the gain of channels-last and cache-sized calls is measured as a ratio in the same job.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb,
 SCAN = "data/mri/colin27-mricron/ch2.nii.gz"
 QUICK = [(128, 128, 92), (192, 192, 136)]
 FULL = [(128, 128, 92), (256, 256, 184), (512, 512, 400)]
+VARIANTS = {"default": {}, "previous": {"channels_last": False, "pixels": 1 << 20}}  # see the docstring
 
 
 def make_inputs(sizes, folder: Path) -> list[Path]:
@@ -41,13 +44,16 @@ def make_inputs(sizes, folder: Path) -> list[Path]:
     return paths
 
 
-def worker(path: str, planes: str) -> None:
+def worker(path: str, planes: str, variant: str = "default") -> None:
     import torch
 
     from medldm.pipeline import Upscaler
     from medldm.volume import load
 
-    up = Upscaler("default", device="cpu", planes=planes)
+    settings = dict(VARIANTS[variant])
+    if "pixels" in settings:
+        Upscaler.BATCH_PIXELS["cpu"] = settings.pop("pixels")
+    up = Upscaler("default", device="cpu", planes=planes, **settings)
     base = rss_mb()  # torch, MONAI and the model, before the scan is read
     reset_peak_rss()
     lr = load(path)
@@ -56,7 +62,8 @@ def worker(path: str, planes: str) -> None:
     wall = time.perf_counter() - tic
     emit({"lr_shape": list(lr.shape), "hr_shape": list(result.sr.shape), "voxels": int(result.sr.data.size),
           "wall_s": wall, "peak_rss_mb": peak_rss_mb(), "rss_before_run_mb": base, "steps": up.steps,
-          "sampler": up.sampler, "planes": planes, "threads": torch.get_num_threads()})
+          "sampler": up.sampler, "planes": planes, "variant": variant, "channels_last": up.channels_last,
+          "batch_pixels": Upscaler.BATCH_PIXELS["cpu"], "threads": torch.get_num_threads()})
 
 
 def main(quick: bool, out: Path, planes: str = "one") -> dict:
@@ -64,6 +71,8 @@ def main(quick: bool, out: Path, planes: str = "one") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_inputs(sizes, Path(tmp))
         results = [run_worker("scaling", p, planes) for p in paths]
+        middle = len(paths) // 2
+        previous = run_worker("scaling", paths[middle], planes, "previous")
     first = results[0]
     rows = []
     for r in results:
@@ -73,14 +82,19 @@ def main(quick: bool, out: Path, planes: str = "one") -> dict:
                      r["time_ratio_vs_smallest_per_voxel"], r["peak_rss_mb"]])
     table(f"scaling: x4 thick slices along z, default sampler, planes={planes}",
           ["HR shape", "Mvoxels", "wall s", "us / voxel", "per-voxel time vs smallest", "peak RSS MiB"], rows)
-    data = {"scan": SCAN, "planes": planes, "results": results}
+    previous["speedup_of_default"] = previous["wall_s"] / results[middle]["wall_s"]
+    table("the same upscale with the previous CPU settings",
+          ["HR shape", "settings", "wall s", "peak RSS MiB", "default's speed-up"],
+          [["x".join(map(str, previous["hr_shape"])), "contiguous, 2^20 pixels per call", previous["wall_s"],
+            previous["peak_rss_mb"], previous["speedup_of_default"]]])
+    data = {"scan": SCAN, "planes": planes, "results": results, "previous_settings": previous}
     save(out, "scaling", data)
     return data
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", nargs=2, metavar=("LR_PATH", "PLANES"))
+    parser.add_argument("--worker", nargs="+", metavar="LR_PATH PLANES [VARIANT]")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--planes", default="one")
     parser.add_argument("--out", type=Path, default=Path("bench_output"))

@@ -251,9 +251,9 @@ def upscale(
     batch_size: Annotated[int, typer.Option(min=1, help="slices or patches per network call")] = 16,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")]
     = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels-last autoencoder (slower on the "
-                                                                          "CPUs measured; see docs/performance.md)")]
-    = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last",
+                                                help="channels-last autoencoder (faster on the CPUs measured; "
+                                                     "see docs/performance.md)")] = True,
     preview: Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")] = None,
     series: Series = None,
     overwrite: Overwrite = False,

@@ -20,13 +20,14 @@ timestep ``T-1, ..., 0`` is visited once. See :func:`timesteps_for` for ``start 
 
 Schedule coefficients are kept and combined in float64 and cast to the tensors' dtype at use; samplers
 run under ``torch.no_grad()`` and draw all randomness from the optional ``generator``, so the same seed
-gives bitwise the same output.
+gives bitwise the same output. A sequence of generators, one per batch element, gives each element its own
+stream, so an element's sample does not depend on which others share its batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -297,8 +298,16 @@ def timesteps_for(schedule: NoiseSchedule, steps: int, start: float = 1.0) -> Te
     return torch.unique_consecutive(torch.tensor(ts, dtype=torch.long))
 
 
-def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise like ``like``, drawn on the generator's device (so a CPU seed works anywhere)."""
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per element
+
+
+def _randn(like: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise like ``like``, drawn on the generator's device (so a CPU seed works anywhere);
+    with a sequence of generators, element ``i`` of the batch comes from ``generator[i]``."""
+    if isinstance(generator, Sequence):
+        if len(generator) != like.shape[0]:
+            raise MedldmError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+        return torch.stack([_randn(like[0], g) for g in generator])
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
@@ -340,7 +349,7 @@ def sample_ddpm(
     schedule: NoiseSchedule,
     *,
     steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     start: float = 1.0,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -384,7 +393,7 @@ def sample_ddim(
     *,
     steps: int,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     start: float = 1.0,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -425,7 +434,7 @@ def sample_dpmpp_2m(
     schedule: NoiseSchedule,
     *,
     steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     start: float = 1.0,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -490,7 +499,7 @@ def sample_sde(
     schedule: NoiseSchedule,
     *,
     steps: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     start: float = 1.0,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -531,7 +540,7 @@ def sample_ode(
     *,
     steps: int,
     method: str = "heun",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     start: float = 1.0,
     callback: Callback | None = None,
 ) -> Tensor:

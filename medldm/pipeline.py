@@ -133,15 +133,18 @@ class Upscaler:
         planes: 2D models and thick slices: "one" samples the stack of planes across the shorter free axis;
             "both" also samples the other stack of planes containing the upscaled axis, with its own noise, and
             averages the two (twice the time; their errors are less correlated than two samples of one stack).
-        channels_last: channels-last memory format for the autoencoder (see benchmarks/).
+        channels_last: channels-last memory format for the autoencoder (faster on the CPUs measured: see
+            docs/performance.md).
     """
 
-    BATCH_PIXELS = 1 << 20  # at most this many HR pixels per 2D network call: the decoder's full-resolution
-    # activations (channels x pixels x 4 bytes, a few alive at once) stay a few hundred MiB for any plane size
+    # At most this many HR pixels per 2D network call. The decoder's full-resolution activations (channels x
+    # pixels x 4 bytes, a few alive at once) then stay bounded for any plane size; on a CPU, calls small enough
+    # for the activations to stay in cache are also faster (docs/performance.md), on a GPU larger calls are.
+    BATCH_PIXELS = {"cpu": 1 << 17, "cuda": 1 << 20}
 
     def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int = 1,
                  sampler: str = "dpmpp-2m", batch_size: int = 16, consistency: float = 1.0,
-                 condition_level: int = 0, bf16: bool = False, planes: str = "both", channels_last: bool = False):
+                 condition_level: int = 0, bf16: bool = False, planes: str = "both", channels_last: bool = True):
         self.device = _device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.autoencoder.to(self.device)
@@ -242,7 +245,8 @@ class Upscaler:
 
     def _planes_per_call(self, plane_shape) -> int:
         pixels = int(np.prod([n + (-n) % self.multiple for n in plane_shape]))
-        return max(1, min(self.batch_size, self.BATCH_PIXELS // pixels))
+        cap = self.BATCH_PIXELS.get(self.device.type, self.BATCH_PIXELS["cuda"])
+        return max(1, min(self.batch_size, cap // pixels))
 
     def _plane_axes(self, hr_shape, op) -> list[int]:
         """2D models see planes containing every degraded axis, so they slice across an axis that is not degraded:
@@ -265,9 +269,10 @@ class Upscaler:
                 cond = cond.contiguous(memory_format=self._memory_format())
             return m.autoencoder.encode(cond).float().contiguous() * float(m.info["latent_scale"])
 
-    def _generate(self, c: torch.Tensor, size, label: int, seed: int) -> torch.Tensor:
+    def _generate(self, c: torch.Tensor, size, label: int, seeds: list[int]) -> torch.Tensor:
         """SR images (B, 1, *size) for a batch of condition latents ``c`` (from :meth:`_encode`; for 2D slabs, the
-        latents of each plane of the slab concatenated along channels)."""
+        latents of each plane of the slab concatenated along channels). Element ``i`` draws its noise from its own
+        ``seeds[i]``, so a plane's output does not depend on how planes are batched (memory caps, devices)."""
         m = self.model
         scale = float(m.info["latent_scale"])
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -277,10 +282,10 @@ class Upscaler:
                 return m.denoiser(x_t, t.to(self.device), c, labels).float()
 
             denoise = make_denoiser(model_fn, m.schedule, m.config.diffusion.prediction)
-            g = torch.Generator().manual_seed(seed)
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
             latent = m.config.autoencoder.latent_channels  # the sample has one plane's channels, not the slab's
-            noise = torch.randn((c.shape[0], latent, *c.shape[2:]), generator=g).to(self.device)
-            z = sample(self.sampler, denoise, noise, m.schedule, steps=self.steps, generator=g) / scale
+            noise = torch.stack([torch.randn((latent, *c.shape[2:]), generator=g) for g in gens]).to(self.device)
+            z = sample(self.sampler, denoise, noise, m.schedule, steps=self.steps, generator=gens) / scale
             if self.channels_last:
                 z = z.contiguous(memory_format=self._memory_format())
             out = m.autoencoder.decode(z).float()
@@ -317,13 +322,13 @@ class Upscaler:
             offsets = torch.arange(-r, r + 1, device=latents.device)
             planes = total.movedim(axis, 0)  # (n, H, W) view
             per_call = self._planes_per_call(planes.shape[1:])
-            for i, start in enumerate(range(0, planes.shape[0], per_call)):
+            for start in range(0, planes.shape[0], per_call):
                 # each target plane with its slab of neighbours, clamped at the ends as in training
                 index = torch.arange(start, min(start + per_call, planes.shape[0]), device=latents.device)
                 near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
                 c = latents[near].flatten(1, 2)  # (B, slab * latent, h, w); slab 1: the planes' own latents
-                planes[start:start + len(index)] += self._generate(c, planes.shape[1:], label,
-                                                                   (seed * 7919 + i) * 2 + n)[:, 0]
+                seeds = [(seed * 4 + n) * 1_000_003 + p for p in index.tolist()]  # per plane, per stack
+                planes[start:start + len(index)] += self._generate(c, planes.shape[1:], label, seeds)[:, 0]
                 tick()
         return total.div_(len(axes)) if len(axes) > 1 else total
 
@@ -331,13 +336,14 @@ class Upscaler:
         from monai.inferers import sliding_window_inference
 
         roi = tuple(max(self.multiple, n) for n in self.model.config.data.patch_size)
-        calls = iter(range(1 << 30))  # the windows come in the same order in every sample: their index is the key
+        seen = [0]  # windows come in the same order in every sample: the first window's index keys the batch
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
-            i = next(calls)
-            if i not in encoded:
-                encoded[i] = self._encode(patch)
-            return self._generate(encoded[i], patch.shape[2:], label, seed * 7919 + i).to(patch.device)
+            first, seen[0] = seen[0], seen[0] + patch.shape[0]
+            if first not in encoded:
+                encoded[first] = self._encode(patch)
+            seeds = [seed * 1_000_003 + w for w in range(first, first + patch.shape[0])]  # per window
+            return self._generate(encoded[first], patch.shape[2:], label, seeds).to(patch.device)
 
         out = sliding_window_inference(cond[None, None], roi_size=roi, sw_batch_size=self.batch_size,
                                        predictor=predictor, overlap=0.25, mode="gaussian", sw_device="cpu",

@@ -262,6 +262,18 @@ def test_stochastic_samplers_follow_the_generator(name, kw):
     assert (a - c).abs().mean() > 0.01
 
 
+@pytest.mark.parametrize("name, kw", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("sde", {})])
+def test_one_generator_per_element_makes_each_sample_independent_of_its_batch(name, kw):
+    x = x_T(5, (3, 64))
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = sample(name, toy_denoiser(), x, SCHED, steps=20, generator=gens(1, 2, 3), **kw)
+    for i, seed in enumerate((1, 2, 3)):  # the same element alone, with its own stream, is the same sample
+        alone = sample(name, toy_denoiser(), x[i:i + 1], SCHED, steps=20, generator=gens(seed), **kw)
+        torch.testing.assert_close(alone[0], batch[i], rtol=0, atol=1e-12)
+    with pytest.raises(MedldmError, match="2 generators for a batch of 3"):
+        sample(name, toy_denoiser(), x, SCHED, steps=20, generator=gens(1, 2), **kw)
+
+
 @pytest.mark.parametrize("name, kw, calls", [
     ("ddpm", {}, 5), ("ddim", {}, 5), ("dpmpp-2m", {}, 5), ("sde", {}, 5), ("ode", {}, 9),
     ("ode", {"method": "euler"}, 5),
