@@ -19,7 +19,6 @@ from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb,
 SCAN = "data/mri/colin27-mricron/ch2.nii.gz"
 QUICK = [(128, 128, 92), (192, 192, 136)]
 FULL = [(128, 128, 92), (256, 256, 184), (512, 512, 400)]
-VARIANTS = {"default": {}, "previous": {"channels_last": False, "pixels": 1 << 20}}  # see the docstring
 
 
 def make_inputs(sizes, folder: Path) -> list[Path]:
@@ -50,10 +49,10 @@ def worker(path: str, planes: str, variant: str = "default") -> None:
     from medldm.pipeline import Upscaler
     from medldm.volume import load
 
-    settings = dict(VARIANTS[variant])
-    if "pixels" in settings:
-        Upscaler.BATCH_PIXELS["cpu"] = settings.pop("pixels")
-    up = Upscaler("default", device="cpu", planes=planes, **settings)
+    previous = variant == "previous"  # the CPU settings before channels-last and cache-sized calls
+    if previous:
+        Upscaler.BATCH_PIXELS["cpu"] = 1 << 20  # this worker process only
+    up = Upscaler("default", device="cpu", planes=planes, channels_last=not previous)
     base = rss_mb()  # torch, MONAI and the model, before the scan is read
     reset_peak_rss()
     lr = load(path)

@@ -42,6 +42,7 @@ __all__ = [
     "NoiseSchedule",
     "make_denoiser",
     "timesteps_for",
+    "randn",
     "sample_ddpm",
     "sample_ddim",
     "sample_dpmpp_2m",
@@ -301,15 +302,19 @@ def timesteps_for(schedule: NoiseSchedule, steps: int, start: float = 1.0) -> Te
 Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per element
 
 
-def _randn(like: Tensor, generator: Generators) -> Tensor:
-    """Standard normal noise like ``like``, drawn on the generator's device (so a CPU seed works anywhere);
-    with a sequence of generators, element ``i`` of the batch comes from ``generator[i]``."""
+def randn(shape, generator: Generators = None, *, device=None, dtype=torch.float32) -> Tensor:
+    """Standard normal noise of ``shape`` on ``device``, drawn on the generator's device (so a CPU seed works
+    anywhere); with a sequence of generators, element ``i`` of the batch comes from ``generator[i]``."""
     if isinstance(generator, Sequence):
-        if len(generator) != like.shape[0]:
-            raise MedldmError(f"{len(generator)} generators for a batch of {like.shape[0]}")
-        return torch.stack([_randn(like[0], g) for g in generator])
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+        if len(generator) != shape[0]:
+            raise MedldmError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([randn(shape[1:], g, device=device, dtype=dtype) for g in generator])
+    draw_on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
+def _randn(like: Tensor, generator: Generators) -> Tensor:
+    return randn(like.shape, generator, device=like.device, dtype=like.dtype)
 
 
 def _prepare(schedule: NoiseSchedule, x: Tensor, steps: int, start: float, generator) -> tuple[list[int], Tensor]:

@@ -23,7 +23,7 @@ from medldm.checkpoint import load_weights, read_model_folder
 from medldm.config import Config, Task, parse_config
 from medldm.data import normaliser, upsample
 from medldm.degrade import consistency_residual, enforce_consistency, make_operator
-from medldm.diffusion import NoiseSchedule, make_denoiser, sample
+from medldm.diffusion import NoiseSchedule, make_denoiser, randn, sample
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality
 from medldm.nets import (
@@ -282,9 +282,10 @@ class Upscaler:
                 return m.denoiser(x_t, t.to(self.device), c, labels).float()
 
             denoise = make_denoiser(model_fn, m.schedule, m.config.diffusion.prediction)
-            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            # seeds are taken modulo 2^64 (what torch does with negative ones), so large user seeds cannot overflow
+            gens = [torch.Generator().manual_seed(s % 2**64) for s in seeds]
             latent = m.config.autoencoder.latent_channels  # the sample has one plane's channels, not the slab's
-            noise = torch.stack([torch.randn((latent, *c.shape[2:]), generator=g) for g in gens]).to(self.device)
+            noise = randn((c.shape[0], latent, *c.shape[2:]), gens, device=self.device)
             z = sample(self.sampler, denoise, noise, m.schedule, steps=self.steps, generator=gens) / scale
             if self.channels_last:
                 z = z.contiguous(memory_format=self._memory_format())
@@ -336,10 +337,11 @@ class Upscaler:
         from monai.inferers import sliding_window_inference
 
         roi = tuple(max(self.multiple, n) for n in self.model.config.data.patch_size)
-        seen = [0]  # windows come in the same order in every sample: the first window's index keys the batch
+        seen = 0  # windows come in the same order in every sample: the first window's index keys the batch
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
-            first, seen[0] = seen[0], seen[0] + patch.shape[0]
+            nonlocal seen
+            first, seen = seen, seen + patch.shape[0]
             if first not in encoded:
                 encoded[first] = self._encode(patch)
             seeds = [seed * 1_000_003 + w for w in range(first, first + patch.shape[0])]  # per window

@@ -73,6 +73,8 @@ def test_same_seed_same_output_other_seed_other_sample(models, degraded):
     c = upscaler.upscale(lr, axis="z", seed=2)
     np.testing.assert_array_equal(a.sr.data, b.sr.data)
     assert np.abs(a.sr.data - c.sr.data).max() > 1e-3
+    huge = upscaler.upscale(lr, axis="z", seed=20261202)  # per-plane seeds past 2^64 wrap, not overflow
+    assert np.isfinite(huge.sr.data).all() and np.abs(huge.sr.data - a.sr.data).max() > 1e-3
     many = upscaler.upscale(lr, axis="z", seed=1, samples=3)
     assert many.uncertainty is not None and many.uncertainty.shape == many.sr.shape
     assert many.uncertainty.data.max() > 0
