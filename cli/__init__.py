@@ -61,6 +61,8 @@ class Planes(str, Enum):  # medldm.pipeline.PLANES
     both = "both"
 
 
+REFINE_HELP = ("models with an estimator stage: how far into the noise schedule the diffusion model starts from "
+               "the regression estimate (0: the estimate alone; default: the model's)")
 AXIS_HELP = "x, y, z (world L-R, P-A, I-S), i, j, k (voxel axes) or auto (largest spacing, else z)"
 Scan = Annotated[Path, typer.Argument(help="NIfTI, NRRD, DICOM file, or a folder holding a DICOM series")]
 Series = Annotated[str | None, typer.Option("--series", help="DICOM SeriesInstanceUID when a folder holds several")]
@@ -167,6 +169,7 @@ def degrade(
 class StageName(str, Enum):
     all = "all"
     autoencoder = "autoencoder"
+    estimator = "estimator"
     diffusion = "diffusion"
 
 
@@ -183,7 +186,8 @@ def train(
                                                          "(default: $MEDLDM_DATA_ROOT)")] = None,
     lpips_weights: Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")] = None,
 ):
-    """Train the autoencoder, then the conditional latent diffusion model (over accelerate: CPU, GPUs, nodes)."""
+    """Train the autoencoder, the fidelity estimator (when the config has one), then the conditional latent diffusion
+    model (over accelerate: CPU, GPUs, nodes)."""
     from medldm.config import load_config
 
     cfg, root = load_config(config, data_root=data_root)
@@ -238,8 +242,10 @@ def upscale(
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "auto",
     kind: Annotated[Kind | None, typer.Option(help="degradation to undo (default: thick slices for "
                                                    "anisotropic scans, in-plane otherwise)")] = None,
-    steps: Annotated[int, typer.Option(min=1, max=1000, help="sampler steps (1: close to the posterior mean, the "
-                                                         "best PSNR; 8 or more: sharper posterior samples)")] = 1,
+    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="sampler steps (default: the model's; 1 from "
+                                                                "noise is close to the posterior mean, 8 or more "
+                                                                "draw sharper posterior samples)")] = None,
+    refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
     sampler: Annotated[str, typer.Option(help="ddim, dpmpp-2m, ddpm, sde or ode")] = "dpmpp-2m",
     samples: Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")]
     = 1,
@@ -278,10 +284,12 @@ def upscale(
     from medldm.volume import save_nifti
 
     upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, batch_size=batch_size,
-                        consistency=consistency, bf16=bf16, planes=planes.value, channels_last=channels_last)
-    if samples > 1 and steps < 8:
-        console.print(f"note: with {steps} step(s) the samples stay close to the posterior mean, so their spread "
-                      "understates the uncertainty; use --steps 8 or more for an uncertainty map")
+                        consistency=consistency, bf16=bf16, planes=planes.value, channels_last=channels_last,
+                        refine=refine)
+    if samples > 1 and (upscaler.steps < 8 or upscaler.model.estimator is not None and upscaler.refine == 0):
+        console.print(f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
+                      "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
+                      "uncertainty map")
     failures, written, skipped = [], [], []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
@@ -337,7 +345,8 @@ def evaluate(
     scale: Annotated[int, typer.Option(min=2, max=8)] = 4,
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "z",
     kind: Annotated[Kind, typer.Option(help="simulated acquisition")] = Kind.slice_profile,
-    steps: Annotated[int, typer.Option(min=1)] = 1,
+    steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default: the model's)")] = None,
+    refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
     sampler: Annotated[str, typer.Option()] = "dpmpp-2m",
     planes: Annotated[Planes, typer.Option(help="2D models, thick slices: one or both stacks of planes")]
     = Planes.both,
@@ -362,7 +371,7 @@ def evaluate(
     with console.status("evaluating") as status:
         report = run_evaluation(
             data, out, model=model, kind=kind.value, axis=axis, scale=scale, steps=steps, sampler=sampler,
-            planes=planes.value,
+            planes=planes.value, refine=refine,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             progress=lambda name, i, n: status.update(f"evaluating {name} ({i + 1}/{n})"))

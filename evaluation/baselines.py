@@ -15,18 +15,23 @@ from scipy import ndimage
 from medldm.degrade import enforce_consistency
 from medldm.volume import Volume, rescaled_affine
 
-__all__ = ["BASELINES", "BSPLINE_DC", "ZERO_FILL", "baseline", "baselines_for", "interpolate", "zero_fill"]
+__all__ = ["BASELINES", "BSPLINE_DC", "ZERO_FILL", "REGRESSION", "baseline", "baselines_for", "interpolate",
+           "zero_fill"]
 
 BASELINES = {"nearest": 0, "trilinear": 1, "bspline": 3}  # interpolations: spline order
 BSPLINE_DC = "bspline-dc"
 ZERO_FILL = "zero-fill"
+# the model's own regression (estimator) stage made data-consistent, without the diffusion model's detail:
+# what the diffusion adds over plain regression (computed by the pipeline, not by :func:`baseline`)
+REGRESSION = "regression"
 
 
-def baselines_for(kind: str) -> tuple[str, ...]:
-    """The baselines of a degradation kind: the interpolations, cubic B-spline made data-consistent, and for
-    k-space truncation zero filling (the scanner's own 'zero-fill interpolation', and there the stronger
-    yardstick: it keeps every measured frequency exactly)."""
-    return (*BASELINES, BSPLINE_DC, *((ZERO_FILL,) if kind == "kspace" else ()))
+def baselines_for(kind: str, *, regression: bool = False) -> tuple[str, ...]:
+    """The baselines of a degradation kind: the interpolations, cubic B-spline made data-consistent, for k-space
+    truncation zero filling (the scanner's own 'zero-fill interpolation', and there the stronger yardstick: it
+    keeps every measured frequency exactly), and with ``regression`` the model's regression stage alone."""
+    return (*BASELINES, BSPLINE_DC, *((ZERO_FILL,) if kind == "kspace" else ()),
+            *((REGRESSION,) if regression else ()))
 
 
 def baseline(method: str, lr: Volume, op) -> Volume:

@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from medldm.evaluation.baselines import baseline, baselines_for, interpolate
-from medldm.evaluation.metrics import foreground_mask, lpips_volume, nrmse, psnr, ssim
+from medldm.evaluation.baselines import REGRESSION, baseline, baselines_for, interpolate
+from medldm.evaluation.metrics import foreground_mask, lpips_volume, nrmse, psnr, ssim, uncertainty_calibration
 
 from medldm import __version__
 from medldm.degrade import degrade_volume, make_operator
@@ -72,8 +72,8 @@ def _example(truth: Volume, lr: Volume, outputs: dict[str, Volume], uncertainty:
 
 
 def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "slice-profile", axis: str = "z",
-             scale: int = 4, profile: str = "gaussian", steps: int = 1, sampler: str = "dpmpp-2m", samples: int = 1,
-             planes: str = "both",
+             scale: int = 4, profile: str = "gaussian", steps: int | None = None, sampler: str = "dpmpp-2m",
+             samples: int = 1, planes: str = "both", refine: float | None = None, baselines=None,
              seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
              lpips_weights=None, rd: bool = False, rd_only: bool = False,
              progress: Callable[[str, int, int], None] | None = None) -> Path:
@@ -84,7 +84,10 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         out: report folder.
         model: model folder or "default"; None scores the baselines alone.
         kind, axis, scale, profile: the simulated acquisition (medldm.degrade).
-        steps, sampler, samples, seed, device, planes: the model's sampling settings (medldm.pipeline.Upscaler).
+        steps, sampler, samples, seed, device, planes, refine: the model's sampling settings
+            (medldm.pipeline.Upscaler; None: the model's defaults).
+        baselines: names of the baselines to score (default: every one that applies, see
+            medldm.evaluation.baselines.baselines_for; ``regression`` needs a model with an estimator stage).
         use_mask: score inside the Otsu foreground of the truth (else the whole volume).
         limit: evaluate the first N scans only.
         rd: add the rate-distortion curves of the model (medldm.evaluation.rate_distortion).
@@ -101,8 +104,15 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     if model is not None:
         from medldm.pipeline import Upscaler
 
-        upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, planes=planes)
-    rows, examples, timings = [], [], {}
+        upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, planes=planes, refine=refine)
+        steps, refine = upscaler.steps, upscaler.refine
+    offered = baselines_for(kind, regression=upscaler is not None and upscaler.model.estimator is not None)
+    methods = offered if baselines is None else tuple(baselines)
+    unknown = [m for m in methods if m not in offered]
+    if unknown:
+        raise MedldmError(f"unknown or unavailable baseline {unknown[0]!r} for {kind}; "
+                          f"choose from {', '.join(offered)}")
+    rows, examples, timings, calibration = [], [], {}, []
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
     for n, path in enumerate([] if rd_only else files):
@@ -115,15 +125,18 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         factors = [int(f) for f in op.factors(3)]
         mask = foreground_mask(truth.data) if use_mask else None
         outputs, uncertainty = {}, None
-        for method in baselines_for(kind):
+        for method in (m for m in methods if m != REGRESSION):
             tic = time.perf_counter()
             outputs[method] = baseline(method, lr, op)
             timings.setdefault(method, []).append(time.perf_counter() - tic)
         residual = None
         if upscaler is not None:
             tic = time.perf_counter()
-            result = upscaler.upscale(lr, axis=op_axis, scale=scale, kind=kind, samples=samples, seed=seed)
+            result = upscaler.upscale(lr, axis=op_axis, scale=scale, kind=kind, samples=samples, seed=seed,
+                                      keep_estimate=REGRESSION in methods)
             timings.setdefault("model", []).append(time.perf_counter() - tic)
+            if result.estimate is not None:
+                outputs[REGRESSION] = result.estimate
             outputs["model"], uncertainty, residual = result.sr, result.uncertainty, result.residual
         # op_axis is the thick axis, or for in-plane kinds the slice axis: 2D SSIM over the HR slices across it
         # (for in-plane kinds, the acquired slices)
@@ -132,6 +145,10 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
                    **score(pred, truth, mask=mask, axis=op_axis, lpips_weights=lpips_folder)}
             if method == "model":
                 row["consistency_residual"] = residual
+                if uncertainty is not None and np.ptp(uncertainty.data) > 0:
+                    cal = uncertainty_calibration(uncertainty.data, pred.data, truth.data, mask=mask)
+                    row["uncertainty_spearman"] = cal["spearman"]
+                    calibration.append({"volume": path.name, **cal})
             rows.append(row)
         if n == 0:
             examples.append(_example(truth, lr, outputs, uncertainty, op_axis, factors))
@@ -140,10 +157,12 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         rd_data = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
     protocol = _protocol(files, model=upscaler.model if upscaler else None, kind=kind, axis=axis, scale=scale,
                          profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed, planes=planes,
+                         refine=refine,
                          use_mask=use_mask, lpips_sums=verify_checksums(lpips_folder))
     return write_report(out, rows=rows, protocol=protocol, examples=examples, rd=rd_data,
                         timings={k: float(np.mean(v)) for k, v in timings.items()},
-                        metrics=METRICS, higher_is_better=HIGHER_IS_BETTER, baselines=baselines_for(kind))
+                        metrics=METRICS, higher_is_better=HIGHER_IS_BETTER, baselines=methods,
+                        calibration=calibration)
 
 
 def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> dict:
@@ -175,7 +194,7 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> dic
                     timesteps=[999, 750, 500, 250, 100, 50, 0], qsteps=(None, 0.5, 0.25, 0.1))
 
 
-def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, planes, use_mask,
+def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, planes, refine, use_mask,
               lpips_sums) -> dict:
     import monai
     import skimage
@@ -189,7 +208,9 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
         "baselines": "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid; "
                      "bspline-dc: cubic B-spline with the model's data-consistency projection x + A^+(y - Ax)"
                      + ("; zero-fill: zero filling (pseudo-inverse of the k-space truncation, sinc interpolation)"
-                        if kind == "kspace" else ""),
+                        if kind == "kspace" else "")
+                     + ("; regression: the model's own regression (estimator) stage with the same projection, without "
+                        "the diffusion model's detail" if model is not None and model.estimator is not None else ""),
         "data range": "per-volume maximum of the truth (fastMRI convention), original intensity units",
         "mask": "Otsu foreground of the truth, holes filled, largest component" if use_mask else "whole volume",
         "SSIM": "scikit-image, 7-voxel uniform window, K1=0.01, K2=0.03; 'ssim' = mean of 2D slices across the "
@@ -207,7 +228,10 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
     if model is not None:
         protocol["model"] = (f"{model.path} (config {model.info.get('config_digest')}, "
                              f"autoencoder {model.info.get('autoencoder_steps')} steps, "
-                             f"diffusion {model.info.get('diffusion_steps')} steps)")
+                             f"diffusion {model.info.get('diffusion_steps')} steps"
+                             + (f", estimator {model.info.get('estimator_steps')} steps" if model.estimator else "")
+                             + ")")
         protocol["sampling"] = (f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, planes {planes}, "
-                                "data consistency on")
+                                + (f"refine {refine} (diffusion from the regression estimate), " if model.estimator
+                                   else "") + "data consistency on")
     return protocol

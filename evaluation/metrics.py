@@ -18,7 +18,7 @@ from skimage.metrics import structural_similarity
 
 from medldm.errors import MedldmError
 
-__all__ = ["psnr", "nrmse", "ssim", "lpips", "lpips_volume", "foreground_mask"]
+__all__ = ["psnr", "nrmse", "ssim", "lpips", "lpips_volume", "foreground_mask", "uncertainty_calibration"]
 
 
 def _pair(pred, ref) -> tuple[np.ndarray, np.ndarray]:
@@ -136,3 +136,33 @@ def foreground_mask(ref, *, threshold: float | None = None) -> np.ndarray:
         sizes = ndimage.sum(mask, labels, range(1, n + 1))
         mask = labels == (1 + int(np.argmax(sizes)))
     return mask
+
+
+def uncertainty_calibration(std, pred, ref, *, mask=None, bins: int = 10, max_voxels: int = 500_000,
+                            seed: int = 0) -> dict:
+    """How well a per-voxel uncertainty (the standard deviation over samples) predicts the error.
+
+    Returns ``spearman``: Spearman's rank correlation between ``std`` and ``|pred - ref|`` over the voxels (of the
+    mask), and per uncertainty decile (``bins`` equal-count groups by ``std``, lowest first) the mean ``std`` and
+    the mean absolute error: a calibrated map has errors that rise with its deciles. At most ``max_voxels``
+    voxels, drawn at random with ``seed``, are used.
+    """
+    from scipy.stats import spearmanr
+
+    pred, ref = _pair(pred, ref)
+    std = np.asarray(std, dtype=np.float64)
+    if std.shape != ref.shape:
+        raise MedldmError(f"shapes differ: uncertainty {std.shape}, reference {ref.shape}")
+    keep = np.ones(ref.shape, bool) if mask is None else np.asarray(mask, bool)
+    u, err = std[keep], np.abs(pred - ref)[keep]
+    if len(u) > max_voxels:
+        pick = np.random.default_rng(seed).choice(len(u), max_voxels, replace=False)
+        u, err = u[pick], err[pick]
+    if len(u) < bins or np.ptp(u) == 0:
+        raise MedldmError("the uncertainty is constant: draw several samples with sampler steps (e.g. --samples 4 "
+                          "--steps 8) for an uncertainty map")
+    order = np.argsort(u, kind="stable")
+    groups = np.array_split(order, bins)
+    return {"spearman": float(spearmanr(u, err).statistic),
+            "std_by_decile": [float(u[g].mean()) for g in groups],
+            "error_by_decile": [float(err[g].mean()) for g in groups]}

@@ -80,7 +80,7 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
                  higher_is_better: Mapping[str, bool] | None = None,
                  baselines: Sequence[str] = ("nearest", "trilinear", "bspline"),
                  title: str = "Super-resolution evaluation", confidence: float = 0.95, n_boot: int = 10000,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, calibration: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Write ``metrics.csv``, ``summary.json`` and ``report.html`` into ``out_dir``; return the HTML path.
 
     Everything is computed and rendered before the first file is written; each file is written atomically and
@@ -109,6 +109,8 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
         confidence: coverage of the bootstrap intervals.
         n_boot: bootstrap resamples.
         seed: seed of the bootstrap and of the plot jitter.
+        calibration: per volume, how the model's uncertainty predicts its error: ``{"volume", "spearman",
+            "std_by_decile", "error_by_decile"}`` (medldm.evaluation.metrics.uncertainty_calibration).
 
     Raises:
         MedldmError: no rows, malformed rows/examples/rd, or ``out_dir`` is a file.
@@ -138,9 +140,10 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
         "summary": table,
         "timings": timings,
         "rate_distortion": rd,
+        "uncertainty_calibration": list(calibration or []),
     }
     page = _page(title=title, created=created, rows=rows, summary=summary, table=table, examples=examples or [],
-                 rd=rd, timings=timings, seed=seed)
+                 rd=rd, timings=timings, seed=seed, calibration=calibration or [])
     texts = {
         "metrics.csv": _csv_text(rows, metrics),
         "summary.json": json.dumps(_jsonable(summary), indent=1, allow_nan=False) + "\n",
@@ -234,13 +237,15 @@ def _label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
-def _page(*, title, created, rows, summary, table, examples, rd, timings, seed) -> str:
+def _page(*, title, created, rows, summary, table, examples, rd, timings, seed, calibration) -> str:
     metrics = summary["metrics"]
     sections = [("protocol", "Protocol", _protocol_section(summary)),
                 ("results", "Results", _results_section(summary, table)),
                 ("per-volume", "Per-volume values", _per_volume_section(rows, table, metrics, seed))]
     if examples:
         sections.append(("examples", "Examples", _examples_section(examples)))
+    if calibration:
+        sections.append(("uncertainty", "Uncertainty", _calibration_section(calibration)))
     if rd:
         sections.append(("rate-distortion", "Rate-distortion", _rd_section(rd)))
     if timings:
@@ -454,6 +459,33 @@ def _rd_section(rd: Mapping[str, Any]) -> str:
     uri = _rd_figure(series)
     figure = f"<figure>{_img(uri, 'rate-distortion curves')}</figure>" if uri else ""
     return note + "\n" + figure + "\n" + table
+
+
+def _calibration_section(calibration: Sequence[Mapping[str, Any]]) -> str:
+    rho = [float(c["spearman"]) for c in calibration]
+    note = ("<p class=\"note\">Does the uncertainty map (per-voxel standard deviation over the samples) say where "
+            "the output is wrong? Spearman's rank correlation between the standard deviation and the absolute "
+            f"error, over the voxels of the mask: mean {np.mean(rho):.3f} over {len(rho)} volume(s) (range "
+            f"{min(rho):.3f} to {max(rho):.3f}). The figure splits each volume's voxels into ten equal groups by "
+            "their standard deviation and shows the mean absolute error of each: a useful map gives errors that "
+            "rise from left to right.</p>")
+    fig = _figure(6.4, 3.6)
+    ax = fig.add_subplot()
+    deciles = np.arange(1, len(calibration[0]["error_by_decile"]) + 1)
+    for c in calibration:
+        ax.plot(deciles, c["error_by_decile"], color="#8c959f", lw=1, alpha=0.7)
+    ax.plot(deciles, np.mean([c["error_by_decile"] for c in calibration], axis=0), color="#0550ae", lw=2.5,
+            marker="o", label="mean over volumes")
+    ax.set_xlabel("uncertainty decile (1 = lowest standard deviation)")
+    ax.set_ylabel("mean absolute error")
+    ax.set_xticks(deciles)
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    body = "".join(f"<tr><td>{_e(c['volume'])}</td><td class=\"num\">{float(c['spearman']):.3f}</td></tr>"
+                   for c in calibration)
+    table = ("<table><thead><tr><th>Volume</th><th class=\"num\">Spearman (std, |error|)</th></tr></thead>"
+             f"<tbody>{body}</tbody></table>")
+    return note + f"\n<figure>{_img(_png_uri(fig), 'uncertainty calibration')}</figure>\n" + table
 
 
 def _number(v: Any) -> str:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from medldm.errors import MedldmError
 
-__all__ = ["Config", "load_config", "DataSource", "Task", "resolve_sources"]
+__all__ = ["Config", "load_config", "DataSource", "Estimator", "Task", "resolve_sources"]
 
 DATA_ROOT_ENV = "MEDLDM_DATA_ROOT"
 
@@ -146,6 +146,23 @@ class Diffusion(_Strict):
         return self
 
 
+class Estimator(_Strict):
+    """The fidelity stage: a pixel-space residual U-Net that maps the interpolated LR planes (``slab`` adjacent
+    planes, the target in the middle) to the HR plane, trained with L1 to give the posterior mean. The diffusion
+    model then adds only the detail this estimate lacks (medldm.pipeline)."""
+
+    channels: list[int] = Field([32, 64, 128], min_length=1, max_length=4)  # one resolution level each
+    num_res_blocks: int = Field(2, ge=1, le=4)
+    slab: int = Field(5, ge=1)
+
+    @field_validator("slab")
+    @classmethod
+    def _odd(cls, slab: int) -> int:
+        if slab % 2 == 0:
+            raise ValueError(f"slab must be odd (the target plane in the middle), got {slab}")
+        return slab
+
+
 class Stage(_Strict):
     steps: int = Field(ge=1)
     batch_size: int = Field(8, ge=1)
@@ -169,6 +186,7 @@ class Training(_Strict):
     tensorboard: bool = True  # also log the metrics to <run>/<stage>/tensorboard/ when tensorboard is installed
     autoencoder: Stage
     diffusion: Stage
+    estimator: Stage | None = None  # needed when the config has an estimator section
 
 
 class Config(_Strict):
@@ -176,11 +194,25 @@ class Config(_Strict):
     data: Data
     autoencoder: Autoencoder = Autoencoder()
     diffusion: Diffusion = Diffusion()
+    estimator: Estimator | None = None  # None: the diffusion model alone (models before 2026-12-03)
     training: Training
 
+    @model_validator(mode="after")
+    def _estimator_has_a_stage(self):
+        if self.estimator is not None and self.training.estimator is None:
+            raise ValueError("an estimator section needs training.estimator (its steps, batch size, lr)")
+        if self.estimator is not None and self.data.spatial_dims != 2:
+            raise ValueError("the estimator is a 2D (2.5D slab) network: it needs data.spatial_dims 2")
+        return self
+
     def digest(self) -> str:
-        """Short hash of the settings, for reports and caches."""
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+        """Short hash of the settings, for reports and caches. Absent optional stages are left out, so configs
+        written before they existed keep their digest."""
+        settings = self.model_dump()
+        for section in (settings, settings["training"]):
+            if section.get("estimator") is None:
+                section.pop("estimator", None)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -111,13 +111,13 @@ class PairSampler:
     ``slab // 2``; otherwise one channel.
     """
 
-    def __init__(self, volumes: list[TrainingVolume], config: Config, *, rank: int = 0):
+    def __init__(self, volumes: list[TrainingVolume], config: Config, *, rank: int = 0, slab: int | None = None):
         if not volumes:
             raise MedldmError("no training volumes")
         self.volumes, self.config, self.rank = volumes, config, rank
         self.dims = config.data.spatial_dims
         self.tasks = config.data.tasks
-        self.slab = config.data.slab
+        self.slab = slab or config.data.slab  # the estimator sees its own slab
 
     def patch_size(self, step: int, progressive: list[list[int]] | None = None) -> tuple[int, ...]:
         """The configured patch size, or the progressive-growing size scheduled for this step."""

@@ -12,14 +12,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import VQVAE, AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 from medldm.config import Config
 from medldm.diffusion import NoiseSchedule
+from medldm.errors import MedldmError
 
-__all__ = ["Autoencoder", "Denoiser", "DiT", "ConditionCodec", "build_autoencoder", "build_denoiser",
+__all__ = ["Autoencoder", "Denoiser", "DiT", "Estimator", "ConditionCodec", "build_autoencoder", "build_denoiser",
+           "build_estimator", "estimator_labels",
            "build_discriminator", "build_schedule", "channels_last_format", "MODALITIES"]
 
 MODALITIES = ("MR", "CT")
@@ -171,6 +174,60 @@ class DiT(nn.Module):
         return out.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, *(g * p for g in grid))
 
 
+class _ResBlock(nn.Module):
+    """conv-ReLU-conv with an identity skip and no normalisation (as in EDSR: normalisation layers shift the
+    intensities a regression network must reproduce exactly)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Estimator(nn.Module):
+    """The fidelity stage: a residual U-Net in pixel space from the interpolated LR slab (B, slab, H, W) to the
+    HR centre plane (B, 1, H, W), the centre LR plane plus a learned correction. It works at half resolution
+    (pixel unshuffle in, pixel shuffle out: no information is lost, and full-resolution convolutions, most of
+    the cost, are avoided). A per-label bias after the first convolution tells it the task and modality.
+    H and W must be multiples of ``multiple``."""
+
+    def __init__(self, *, slab: int, channels: list[int], num_res_blocks: int, num_labels: int):
+        super().__init__()
+        self.slab = slab
+        self.multiple = 2 ** len(channels)
+        self.inp = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * slab, channels[0], 3, padding=1))
+        self.labels = nn.Embedding(num_labels, channels[0])
+        nn.init.zeros_(self.labels.weight)
+        self.down_blocks = nn.ModuleList(
+            nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1])
+        pairs = list(zip(channels, channels[1:], strict=False))
+        self.downs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in pairs)
+        self.middle = nn.Sequential(*[_ResBlock(channels[-1]) for _ in range(num_res_blocks)])
+        self.ups = nn.ModuleList(nn.Conv2d(b, a, 3, padding=1) for a, b in pairs)
+        self.up_blocks = nn.ModuleList(
+            nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1])
+        self.out = nn.Conv2d(channels[0], 4, 3, padding=1)
+        nn.init.zeros_(self.out.weight)  # starts as the identity on the centre plane
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, lr: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        h = self.inp(lr) + self.labels(label)[:, :, None, None]
+        skips = []
+        for block, down in zip(self.down_blocks, self.downs, strict=True):
+            h = block(h)
+            skips.append(h)
+            h = down(h)
+        h = self.middle(h)
+        for block, up in zip(reversed(self.up_blocks), reversed(self.ups), strict=True):
+            h = up(F.interpolate(h, scale_factor=2.0, mode="nearest")) + skips.pop()
+            h = block(h)
+        centre = lr[:, self.slab // 2: self.slab // 2 + 1]
+        return centre + F.pixel_shuffle(self.out(h), 2)
+
+
 def channels_last_format(spatial_dims: int) -> torch.memory_format:
     """The channels-last memory format of 2D (NHWC) or 3D (NDHWC) tensors."""
     return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
@@ -201,6 +258,19 @@ def build_denoiser(config: Config) -> Denoiser:
             num_head_channels=cfg.num_head_channels, norm_num_groups=cfg.norm_num_groups, num_class_embeds=labels,
         )
     return Denoiser(backbone)
+
+
+def estimator_labels(config: Config) -> int:
+    """Number of estimator labels: one per (modality, task)."""
+    return len(MODALITIES) * len(config.data.tasks)
+
+
+def build_estimator(config: Config) -> Estimator:
+    cfg = config.estimator
+    if cfg is None:
+        raise MedldmError("this model has no estimator stage (its config has no estimator section)")
+    return Estimator(slab=cfg.slab, channels=list(cfg.channels), num_res_blocks=cfg.num_res_blocks,
+                     num_labels=estimator_labels(config))
 
 
 def build_schedule(config: Config) -> NoiseSchedule:

@@ -11,6 +11,7 @@ original intensity scale on the HR grid (affine per DESIGN.md: field of view unc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from medldm.nets import (
     ConditionCodec,
     build_autoencoder,
     build_denoiser,
+    build_estimator,
     build_schedule,
     channels_last_format,
 )
@@ -52,6 +54,11 @@ class LoadedModel:
     schedule: NoiseSchedule
     codec: ConditionCodec
     path: Path
+    estimator: torch.nn.Module | None = None  # the fidelity stage, in models that have one
+
+    def defaults(self) -> dict:
+        """Sampling defaults the model was validated with (model.json "sampling"; older models: 1 step)."""
+        return {"steps": 1, "refine": 0.0, **self.info.get("sampling", {})}
 
 
 def load_model(path: str | Path = "default", *, device: str | torch.device = "cpu") -> LoadedModel:
@@ -64,9 +71,15 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
     autoencoder, denoiser = build_autoencoder(config), build_denoiser(config)
     load_weights(autoencoder, folder / "autoencoder.safetensors")
     load_weights(denoiser, folder / "denoiser.safetensors")
+    estimator = None
+    if config.estimator is not None:
+        estimator = build_estimator(config)
+        load_weights(estimator, folder / "estimator.safetensors")
+        estimator = estimator.to(device).eval().requires_grad_(False)
     schedule = build_schedule(config)
     return LoadedModel(config, info, autoencoder.to(device).eval().requires_grad_(False),
-                       denoiser.to(device).eval().requires_grad_(False), schedule, ConditionCodec(config), folder)
+                       denoiser.to(device).eval().requires_grad_(False), schedule, ConditionCodec(config), folder,
+                       estimator)
 
 
 @dataclass
@@ -76,6 +89,7 @@ class UpscaleResult:
     residual: float  # RMS of degrade(sr) - input, as a fraction of the input's intensity range
     task: Task
     axis: int  # voxel axis: the upscaled one (thick slices) or the slice axis (in-plane kinds)
+    estimate: Volume | None = None  # the consistent regression estimate (models with an estimator, when kept)
 
 
 class RunningStats:
@@ -120,10 +134,10 @@ class Upscaler:
     Args:
         model: a model folder path, "default", or a :class:`LoadedModel`.
         device: "auto", "cpu" or "cuda[:n]".
-        steps: sampler steps (network evaluations per sample). The default, 1, returns the denoiser's estimate
-            of the clean latent from pure noise: close to the posterior mean, the highest PSNR/SSIM and the least
-            invented detail; more steps draw sharper posterior samples (lower LPIPS, lower PSNR), and only those
-            make ``samples > 1`` a meaningful uncertainty map (benchmarks/steps_quality.py measures the curve).
+        steps: sampler steps (network evaluations per sample; None: the model's default). From pure noise, 1 step
+            returns the denoiser's estimate of the clean latent: close to the posterior mean, the highest PSNR/SSIM
+            and the least invented detail; more steps draw sharper posterior samples (lower LPIPS, lower PSNR), and
+            only those make ``samples > 1`` a meaningful uncertainty map (benchmarks/steps_quality.py measures it).
         sampler: a name from medldm.diffusion.SAMPLERS.
         batch_size: slices (2D) or patches (3D) per network call; 2D batches of large planes are smaller, so
             that a call holds at most ``BATCH_PIXELS`` pixels.
@@ -135,6 +149,11 @@ class Upscaler:
             averages the two (twice the time; their errors are less correlated than two samples of one stack).
         channels_last: channels-last memory format for the autoencoder (with the 2D default model on the CPUs
             measured, 1.35x faster with the same output up to float rounding: docs/performance.md).
+        refine: models with an estimator (fidelity) stage: the fraction of the noise schedule from which the
+            diffusion model refines the estimate (its latent is noised to that level, then ``steps`` sampler steps
+            run back to 0, and only the detail the diffusion adds, ``decode(z_0) - decode(z_estimate)``, is added
+            to the estimate, so the autoencoder's own reconstruction error cancels). 0 returns the estimate
+            alone (regression + data consistency). None: the model's validated default (model.json).
     """
 
     # At most this many HR pixels per 2D network call. The decoder's full-resolution activations (channels x
@@ -142,13 +161,23 @@ class Upscaler:
     # for the activations to stay in cache are also faster (docs/performance.md), on a GPU larger calls are.
     BATCH_PIXELS = {"cpu": 1 << 17, "cuda": 1 << 20}
 
-    def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int = 1,
+    def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int | None = None,
                  sampler: str = "dpmpp-2m", batch_size: int = 16, consistency: float = 1.0,
-                 condition_level: int = 0, bf16: bool = False, planes: str = "both", channels_last: bool = True):
+                 condition_level: int = 0, bf16: bool = False, planes: str = "both", channels_last: bool = True,
+                 refine: float | None = None):
         self.device = _device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.autoencoder.to(self.device)
         self.model.denoiser.to(self.device)
+        defaults = self.model.defaults()
+        steps = defaults["steps"] if steps is None else steps
+        refine = defaults["refine"] if refine is None else refine
+        if self.model.estimator is None and refine > 0:
+            raise MedldmError("refine needs a model with an estimator stage; this one samples from pure noise",
+                              self.model.path)
+        if not 0.0 <= refine < 1.0:
+            raise MedldmError(f"refine must lie in [0, 1), got {refine}")
+        self.refine = refine
         if not 0.0 <= consistency <= 1.0:
             raise MedldmError(f"consistency must lie in [0, 1], got {consistency}")
         if not 0 <= condition_level < self.model.codec.levels:
@@ -194,8 +223,9 @@ class Upscaler:
     # ----------------------------------------------------------------------------------------- run
     def upscale(self, volume: Volume, *, axis: str | int = "auto", scale: int | None = None,
                 kind: str | None = None, samples: int = 1, seed: int = 0,
-                progress: Progress | None = None) -> UpscaleResult:
-        """Upscale one scan; see the class docstring for the options fixed at construction."""
+                progress: Progress | None = None, keep_estimate: bool = False) -> UpscaleResult:
+        """Upscale one scan; see the class docstring for the options fixed at construction. ``keep_estimate``
+        also returns the regression estimate alone (models with an estimator; one more volume in memory)."""
         if samples < 1:
             raise MedldmError(f"samples must be at least 1, got {samples}")
         task, a = self.choose(volume, axis=axis, scale=scale, kind=kind)
@@ -209,7 +239,9 @@ class Upscaler:
         modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
         label = self.model.codec.label(torch.tensor(self.model.config.data.tasks.index(task)),
                                        torch.tensor(modality), torch.tensor(self.condition_level))
-        total, done = samples * self._units(hr_shape, op, a), 0
+        units = self._units(hr_shape, op, a)
+        passes = samples if self.model.estimator is None else 1 + (samples if self.refine > 0 else 0)
+        total, done = passes * units, 0
 
         def tick():
             nonlocal done
@@ -219,22 +251,34 @@ class Upscaler:
 
         stats = RunningStats()
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
+        estimate = None
+        if self.model.estimator is not None:  # fidelity first: the regression estimate, made consistent
+            estimate = self._estimate_volume(lr, hr_shape, op, self._estimator_label(task, modality), tick)
+            estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
         for k in range(samples):
-            x = self._sample_volume(lr, hr_shape, op, int(label), seed * 1_000_003 + k, tick, encoded)
+            if estimate is not None and self.refine == 0:
+                stats.add(estimate)  # already consistent; every sample is the same
+                continue
+            x = self._sample_volume(lr, hr_shape, op, int(label), seed * 1_000_003 + k, tick, encoded, estimate)
             stats.add(enforce_consistency(x, lr, op, strength=self.consistency))  # in place, slab by slab
         del encoded
         mean = stats.mean
         residual = consistency_residual(mean, lr, op)  # normalised LR: a fraction of the intensity range
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
         meta = {"upscale": {"kind": task.kind, "scale": task.scale, "axis": a, "steps": self.steps,
+                            "refine": self.refine,
                             "sampler": self.sampler, "samples": samples, "planes": self.planes, "seed": seed,
                             "consistency": self.consistency, "model": str(self.model.path)}}
+        kept = None  # before the in-place de-normalisation below: with refine 0 the mean is the estimate
+        if keep_estimate and estimate is not None:
+            kept = volume.with_data(norm.inverse(estimate.float().numpy()), affine,
+                                    **{"upscale": {**meta["upscale"], "refine": 0.0}})
         voxels = mean.float().numpy()
         sr = volume.with_data(norm.inverse(voxels, out=voxels), affine, **meta)  # in place: the mean is ours
         unc = None
         if samples > 1:
             unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
-        return UpscaleResult(sr, unc, residual, task, a)
+        return UpscaleResult(sr, unc, residual, task, a, kept)
 
     def _units(self, hr_shape, op, a) -> int:
         """Progress units per sample: slice batches (2D) or patches (3D, estimated)."""
@@ -242,6 +286,10 @@ class Upscaler:
             return sum(-(-hr_shape[axis] // self._planes_per_call(np.delete(hr_shape, axis)))
                        for axis in self._plane_axes(hr_shape, op))
         return 1
+
+    def _estimator_label(self, task: Task, modality: int) -> int:
+        tasks = self.model.config.data.tasks
+        return modality * len(tasks) + tasks.index(task)
 
     def _planes_per_call(self, plane_shape) -> int:
         pixels = int(np.prod([n + (-n) % self.multiple for n in plane_shape]))
@@ -269,10 +317,13 @@ class Upscaler:
                 cond = cond.contiguous(memory_format=self._memory_format())
             return m.autoencoder.encode(cond).float().contiguous() * float(m.info["latent_scale"])
 
-    def _generate(self, c: torch.Tensor, size, label: int, seeds: list[int]) -> torch.Tensor:
+    def _generate(self, c: torch.Tensor, size, label: int, seeds: list[int],
+                  init: torch.Tensor | None = None) -> torch.Tensor:
         """SR images (B, 1, *size) for a batch of condition latents ``c`` (from :meth:`_encode`; for 2D slabs, the
         latents of each plane of the slab concatenated along channels). Element ``i`` draws its noise from its own
-        ``seeds[i]``, so a plane's output does not depend on how planes are batched (memory caps, devices)."""
+        ``seeds[i]``, so a plane's output does not depend on how planes are batched (memory caps, devices).
+        With ``init`` (scaled latents of the estimate, from :meth:`_encode`), sampling starts from ``init`` noised
+        to ``self.refine`` of the schedule, and the result is the detail it adds: decode(z_0) - decode(init)."""
         m = self.model
         scale = float(m.info["latent_scale"])
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -284,14 +335,22 @@ class Upscaler:
             denoise = make_denoiser(model_fn, m.schedule, m.config.diffusion.prediction)
             # seeds are taken modulo 2^64 (what torch does with negative ones), so large user seeds cannot overflow
             gens = [torch.Generator().manual_seed(s % 2**64) for s in seeds]
-            latent = m.config.autoencoder.latent_channels  # the sample has one plane's channels, not the slab's
-            noise = randn((c.shape[0], latent, *c.shape[2:]), gens, device=self.device)
-            z = sample(self.sampler, denoise, noise, m.schedule, steps=self.steps, generator=gens) / scale
-            if self.channels_last:
-                z = z.contiguous(memory_format=self._memory_format())
-            out = m.autoencoder.decode(z).float()
+            if init is None:
+                latent = m.config.autoencoder.latent_channels  # one plane's channels, not the slab's
+                x, kw = randn((c.shape[0], latent, *c.shape[2:]), gens, device=self.device), {"steps": self.steps}
+            else:  # SDEdit from the estimate: ``steps`` network calls over the last ``refine`` of the schedule
+                x, kw = init, {"steps": math.ceil(self.steps / self.refine - 1e-9), "start": self.refine}
+            z = sample(self.sampler, denoise, x, m.schedule, generator=gens, **kw) / scale
+            out = self._decode(z)
+            if init is not None:
+                out = out - self._decode(init / scale)
         crop = (slice(None), slice(None), *[slice(0, n) for n in size])
         return out[crop].contiguous().cpu()
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            z = z.contiguous(memory_format=self._memory_format())
+        return self.model.autoencoder.decode(z).float()
 
     def _plane_latents(self, lr: torch.Tensor, hr_shape, encoded: dict, axis: int) -> torch.Tensor:
         """Latents (n, latent, h, w) of the conditions of every plane across ``axis`` (not a degraded axis), encoded
@@ -311,8 +370,39 @@ class Upscaler:
             encoded[key] = torch.cat(latents)
         return encoded[key]
 
-    def _sample_volume(self, lr: torch.Tensor, hr_shape, op, label: int, seed: int, tick, encoded) -> torch.Tensor:
-        """One sample on the HR grid (normalised intensities, before data consistency)."""
+    def _estimate_volume(self, lr: torch.Tensor, hr_shape, op, label: int, tick) -> torch.Tensor:
+        """The estimator's regression estimate on the HR grid (normalised intensities, before data consistency),
+        averaged over the stacks of planes like the samples. Each batch interpolates just its block of LR planes
+        (plus the slab's neighbours) onto the HR grid, so the HR-grid input volume is never held whole."""
+        net = self.model.estimator
+        r = net.slab // 2
+        total = torch.zeros(hr_shape)
+        axes = self._plane_axes(hr_shape, op)
+        for axis in axes:
+            planes = total.movedim(axis, 0)  # (n, H, W) view
+            n, per_call = planes.shape[0], self._planes_per_call(planes.shape[1:])
+            for start in range(0, n, per_call):
+                stop = min(start + per_call, n)
+                lo, hi = max(start - r, 0), min(stop + r, n)
+                size = [*hr_shape]
+                size[axis] = hi - lo
+                cond = upsample(lr.narrow(axis, lo, hi - lo)[None, None], size)[0, 0].movedim(axis, 0)
+                # each target plane with its slab of neighbours, clamped at the ends as in training
+                near = (torch.arange(start, stop)[:, None] + torch.arange(-r, r + 1)).clamp(0, n - 1) - lo
+                x = cond[near]  # (B, slab, H, W)
+                pad = [p for k in reversed(x.shape[2:]) for p in (0, (-k) % net.multiple)]
+                x = F.pad(x, pad, mode="replicate") if any(pad) else x
+                labels = torch.full((x.shape[0],), label, dtype=torch.long, device=self.device)
+                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    out = net(x.to(self.device), labels).float().cpu()
+                planes[start:stop] += out[:, 0, :planes.shape[1], :planes.shape[2]]
+                tick()
+        return total.div_(len(axes)) if len(axes) > 1 else total
+
+    def _sample_volume(self, lr: torch.Tensor, hr_shape, op, label: int, seed: int, tick, encoded,
+                       estimate: torch.Tensor | None = None) -> torch.Tensor:
+        """One sample on the HR grid (normalised intensities, before data consistency); with an ``estimate``,
+        the estimate plus the detail the diffusion model adds to it."""
         if self.dims == 3:
             return self._sample_patches(upsample(lr[None, None], hr_shape)[0, 0], label, seed, tick, encoded)
         r = self.model.config.data.slab // 2
@@ -329,9 +419,13 @@ class Upscaler:
                 near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
                 c = latents[near].flatten(1, 2)  # (B, slab * latent, h, w); slab 1: the planes' own latents
                 seeds = [(seed * 4 + n) * 1_000_003 + p for p in index.tolist()]  # per plane, per stack
-                planes[start:start + len(index)] += self._generate(c, planes.shape[1:], label, seeds)[:, 0]
+                init = None
+                if estimate is not None:
+                    init = self._encode(estimate.movedim(axis, 0)[start:start + len(index)][:, None])
+                planes[start:start + len(index)] += self._generate(c, planes.shape[1:], label, seeds, init)[:, 0]
                 tick()
-        return total.div_(len(axes)) if len(axes) > 1 else total
+        total = total.div_(len(axes)) if len(axes) > 1 else total
+        return total.add_(estimate) if estimate is not None else total
 
     def _sample_patches(self, cond: torch.Tensor, label: int, seed: int, tick, encoded) -> torch.Tensor:
         from monai.inferers import sliding_window_inference

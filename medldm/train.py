@@ -29,13 +29,14 @@ from medldm.nets import (
     build_autoencoder,
     build_denoiser,
     build_discriminator,
+    build_estimator,
     build_schedule,
     channels_last_format,
 )
 
 __all__ = ["Trainer", "STAGES", "latent_scale", "resolve_precision"]
 
-STAGES = ("autoencoder", "diffusion")
+STAGES = ("autoencoder", "estimator", "diffusion")
 SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
 _noted_no_tensorboard = False  # say once per process that tensorboard is missing
 
@@ -132,12 +133,12 @@ class Trainer:
     def rank(self) -> int:
         return self.acc.process_index
 
-    def sampler(self) -> PairSampler:
+    def sampler(self, *, slab: int | None = None) -> PairSampler:
         if self._volumes is None:
             cache = self.config.data.cache
             self._volumes = load_volumes(self.config, self.data_root,
                                          cache=self.run_dir / cache if cache else None)
-        return PairSampler(self._volumes, self.config, rank=self.rank)
+        return PairSampler(self._volumes, self.config, rank=self.rank, slab=slab)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -302,6 +303,70 @@ class Trainer:
         ae = ema.module.eval().requires_grad_(False)
         return ae
 
+    # ------------------------------------------------------------------------------- fidelity stage
+    def train_estimator(self, max_steps: int | None = None) -> Path:
+        """The pixel-space regression network (posterior mean, L1), independent of the autoencoder."""
+        cfg, stage = self.config, "estimator"
+        st = cfg.training.estimator
+        if cfg.estimator is None or st is None:
+            raise MedldmError("the config has no estimator section, so there is no estimator stage to train")
+        torch.manual_seed(cfg.training.seed + 2)
+        model = build_estimator(cfg)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
+        start, _ = self._restore(stage, {"model": model, "ema": ema}, {"model": opt})
+        stop = min(st.steps, max_steps or st.steps)
+        if start >= stop:
+            return self.stage_dir(stage)
+        sampler = self.sampler(slab=cfg.estimator.slab)
+        model, opt = self.acc.prepare(model, opt)
+        forward = self._fast(model)
+        tasks = len(cfg.data.tasks)
+        # cosine decay to 10 % over the whole stage: a function of the step, so resumed runs match
+        lr_at = lambda step: st.lr * (0.1 + 0.45 * (1 + np.cos(np.pi * step / st.steps)))  # noqa: E731
+
+        def step_fn(step: int) -> dict:
+            size = sampler.patch_size(step, st.progressive)
+            batch = sampler.batch(step, st.batch_size, size, stream=3)
+            lr_in = self._layout(batch["lr"].to(self.acc.device))
+            hr = batch["hr"].to(self.acc.device)
+            label = (batch["modality"] * tasks + batch["task"]).to(self.acc.device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            with self.acc.autocast():
+                out = forward(lr_in, label)
+            loss = (out.float() - hr).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            self.acc.backward(loss)
+            if st.grad_clip:
+                self.acc.clip_grad_norm_(model.parameters(), st.grad_clip)
+            opt.step()
+            ema.update_parameters(self.acc.unwrap_model(model))
+            return {"loss": loss.item(), "lr": lr_at(step)}
+
+        def save(step: int) -> None:
+            save_checkpoint(self.stage_dir(stage), step,
+                            modules={"model": self.acc.unwrap_model(model), "ema": ema},
+                            optimizers={"model": opt},
+                            state={"stage": stage, "config": cfg.model_dump(), "version": __version__},
+                            keep=cfg.training.keep_checkpoints)
+
+        self._loop(stage, start=start, stop=stop, step_fn=step_fn, batch_size=st.batch_size, save=save)
+        self.trained[stage] = self.acc.unwrap_model(model)
+        return self.stage_dir(stage)
+
+    def trained_estimator(self):
+        """The estimator stage's EMA weights; the stage must have finished."""
+        steps = self.config.training.estimator.steps
+        ckpt = latest_checkpoint(self.stage_dir("estimator"))
+        done = self.finished_step("estimator")
+        if ckpt is None or done < steps:
+            raise MedldmError(f"the estimator stage has not finished (step {done} of {steps}); "
+                              "train it first (--stage estimator)", self.stage_dir("estimator"))
+        ema = AveragedModel(build_estimator(self.config), use_buffers=True)
+        load_weights(ema, ckpt / "ema.safetensors")
+        return ema.module.eval().requires_grad_(False)
+
     # ------------------------------------------------------------------------------------- stage 2
     def train_diffusion(self, max_steps: int | None = None) -> Path:
         cfg, stage = self.config, "diffusion"
@@ -379,16 +444,29 @@ class Trainer:
         info = {"version": __version__, "latent_scale": scale, "spatial_dims": self.config.data.spatial_dims,
                 "autoencoder_steps": self.finished_step("autoencoder"),
                 "diffusion_steps": self.finished_step("diffusion"), "config_digest": self.config.digest()}
+        modules = {"autoencoder": self.trained_autoencoder(), "denoiser": ema.module}
+        if self.config.estimator is not None:
+            info["estimator_steps"] = self.finished_step("estimator")
+            modules["estimator"] = self.trained_estimator()
         return write_model_folder(self.run_dir / "model", config=self.config.model_dump(), info=info,
-                                  modules={"autoencoder": self.trained_autoencoder(), "denoiser": ema.module})
+                                  modules=modules)
 
     def run(self, stage: str = "all", max_steps: int | None = None) -> None:
-        if stage in ("all", "autoencoder"):
-            self.train_autoencoder(max_steps)
-        if stage in ("all", "diffusion"):
-            if stage == "all" and self.finished_step("autoencoder") < self.config.training.autoencoder.steps:
-                return  # stopped early by max_steps: stage 2 waits for a resumed run
-            self.train_diffusion(max_steps)
+        """Train ``stage`` or all stages in order; with ``all``, a stage stopped early by ``max_steps`` makes the
+        later ones wait for a resumed run."""
+        cfg = self.config.training
+        order = [("autoencoder", self.train_autoencoder, cfg.autoencoder.steps)]
+        if self.config.estimator is not None:
+            order.append(("estimator", self.train_estimator, cfg.estimator.steps))
+        elif stage == "estimator":
+            raise MedldmError("the config has no estimator section, so there is no estimator stage to train")
+        order.append(("diffusion", self.train_diffusion, cfg.diffusion.steps))
+        for name, train, steps in order:
+            if stage not in ("all", name):
+                continue
+            train(max_steps)
+            if stage == "all" and self.finished_step(name) < steps:
+                return
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

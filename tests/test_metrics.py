@@ -93,3 +93,19 @@ def test_linear_ramp_is_reproduced_inside():
     np.testing.assert_allclose(trilinear[0, 0, 2:-2], np.arange(n)[2:-2], atol=1e-4)
     bspline = interpolate(lr, [1, 1, 4], method="bspline").data  # the edge condition fades within a few samples
     np.testing.assert_allclose(bspline[0, 0, 32:-32], np.arange(n)[32:-32], atol=1e-3)
+
+
+def test_uncertainty_calibration_ranks_a_map_that_predicts_the_error_above_one_that_does_not():
+    from medldm.evaluation.metrics import uncertainty_calibration
+
+    rng = np.random.default_rng(0)
+    ref = rng.random((20, 30, 40))
+    spread = rng.random(ref.shape) * 0.2
+    pred = ref + spread * rng.choice([-1.0, 1.0], size=ref.shape)  # |error| == spread
+    good = uncertainty_calibration(spread, pred, ref)
+    assert good["spearman"] == pytest.approx(1.0)
+    assert np.all(np.diff(good["error_by_decile"]) > 0) and len(good["error_by_decile"]) == 10
+    useless = uncertainty_calibration(rng.random(ref.shape), pred, ref)
+    assert abs(useless["spearman"]) < 0.05
+    with pytest.raises(MedldmError, match="constant"):
+        uncertainty_calibration(np.zeros(ref.shape), pred, ref)

@@ -1,0 +1,143 @@
+"""The fidelity stage: a pixel-space regression estimate first, then diffusion that adds only the detail it lacks."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from medldm.evaluation.baselines import interpolate
+from medldm.evaluation.evaluate import evaluate
+from safetensors.torch import load_file
+
+from medldm import MedldmError
+from medldm.checkpoint import latest_checkpoint, read_model_folder, write_model_folder
+from medldm.config import parse_config
+from medldm.degrade import degrade_volume, enforce_consistency, make_operator
+from medldm.nets import Estimator, build_autoencoder, build_denoiser, build_estimator
+from medldm.pipeline import Upscaler, load_model
+from medldm.volume import crop, load, save_nifti
+from tests.test_train import _one_batch, rows, tiny, trainer
+
+ESTIMATOR = {"channels": [8, 16], "num_res_blocks": 1, "slab": 3}
+STAGE = {"steps": 4, "batch_size": 2, "lr": 1e-3}
+
+
+def tiny_with_estimator(**training):
+    return tiny(estimator=ESTIMATOR, training={"estimator": {**STAGE, **training}})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    config, root = tiny_with_estimator()
+    run = tmp_path_factory.mktemp("estimator")
+    trainer(config, root, run).run("all")
+    return run
+
+
+def test_all_stages_train_and_the_model_folder_holds_the_estimators_ema(model):
+    for stage in ("autoencoder", "estimator", "diffusion"):
+        assert latest_checkpoint(model / stage).name == "step_0000004"
+    log = rows(model / "estimator" / "metrics.csv")
+    assert [int(r["step"]) for r in log] == [1, 2, 3, 4] and all(np.isfinite(float(r["loss"])) for r in log)
+    _, info = read_model_folder(model / "model")
+    assert info["estimator_steps"] == 4
+    exported = load_file(model / "model" / "estimator.safetensors")
+    ema = load_file(latest_checkpoint(model / "estimator") / "ema.safetensors")
+    for key, value in exported.items():
+        torch.testing.assert_close(value, ema[f"module.{key}"], rtol=0, atol=0)
+
+
+def test_an_untrained_estimator_is_the_identity_on_the_centre_plane():
+    net = Estimator(slab=5, channels=[8, 16, 32], num_res_blocks=1, num_labels=4)
+    x = torch.rand(3, 5, 32, 48)
+    out = net(x, torch.tensor([0, 1, 3]))
+    assert out.shape == (3, 1, 32, 48)
+    torch.testing.assert_close(out, x[:, 2:3], rtol=0, atol=0)
+
+
+def test_refine_zero_gives_the_consistent_estimate_and_refining_adds_detail(model, ixi_path):
+    lr, hr = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=4)
+    loaded = load_model(model / "model")
+    estimate = Upscaler(loaded, device="cpu", steps=2, refine=0.0).upscale(lr, axis="z", keep_estimate=True)
+    refined = Upscaler(loaded, device="cpu", steps=2, refine=0.3).upscale(lr, axis="z", seed=1, keep_estimate=True)
+    assert estimate.sr.shape == hr.shape
+    tol = 1e-5 * hr.data.max()
+    np.testing.assert_allclose(estimate.sr.data, estimate.estimate.data, rtol=0, atol=tol)  # refine 0: the estimate
+    np.testing.assert_array_equal(refined.estimate.data, estimate.estimate.data)  # the estimate does not depend on it
+    detail = np.abs(refined.sr.data - estimate.sr.data).mean()
+    assert detail > 1e-4 * hr.data.max(), "refining from the estimate changed nothing"
+    for result in (estimate, refined):
+        assert result.residual < 1e-6  # degrading the output gives back the input
+    again = Upscaler(loaded, device="cpu", steps=2, refine=0.3).upscale(lr, axis="z", seed=1)
+    np.testing.assert_array_equal(again.sr.data, refined.sr.data)
+
+
+def test_an_untrained_estimator_reproduces_linear_interpolation_made_consistent(tmp_path, ixi_path):
+    config, _ = tiny_with_estimator()
+    modules = {"autoencoder": build_autoencoder(config), "denoiser": build_denoiser(config),
+               "estimator": build_estimator(config)}  # untrained: no training needed
+    write_model_folder(tmp_path / "model", config=config.model_dump(), info={"latent_scale": 1.0}, modules=modules)
+    lr, _ = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=4)
+    out = Upscaler(tmp_path / "model", device="cpu", refine=0.0).upscale(lr, axis="z")
+    op = make_operator("slice-profile", axis=out.axis, scale=4)
+    linear = interpolate(lr, op.factors(3), method="trilinear")
+    data = torch.from_numpy(linear.data.astype(np.float64))
+    enforce_consistency(data, torch.from_numpy(lr.data.astype(np.float64)), op)
+    assert out.sr.shape == linear.shape and out.residual < 1e-6
+    np.testing.assert_allclose(out.sr.data, data.numpy(), rtol=0, atol=1e-3 * lr.data.max())
+
+
+def test_the_estimator_learns_one_batch(tmp_path, monkeypatch):
+    _one_batch(monkeypatch)
+    config, root = tiny_with_estimator(steps=60, lr=3e-3, ema_decay=0.5)
+    config = config.model_copy(update={"training": config.training.model_copy(update={"log_every": 1})})
+    trainer(config, root, tmp_path / "run").run("estimator")
+    losses = [float(r["loss"]) for r in rows(tmp_path / "run" / "estimator" / "metrics.csv")]
+    # it starts as the identity (linear interpolation), so any fall in the loss is learnt
+    assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+
+
+def test_estimator_resume_gives_the_same_weights_as_one_run(tmp_path):
+    config, root = tiny_with_estimator(steps=6)
+    trainer(config, root, tmp_path / "once").run("estimator")
+    trainer(config, root, tmp_path / "twice").run("estimator", max_steps=3)
+    trainer(config, root, tmp_path / "twice").run("estimator")
+    a = load_file(latest_checkpoint(tmp_path / "once" / "estimator") / "ema.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "twice" / "estimator") / "ema.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_config_errors_and_old_digests(model):
+    raw, _ = read_model_folder(model / "model")
+    del raw["training"]["estimator"]
+    with pytest.raises(MedldmError, match="training.estimator"):
+        parse_config(raw, check_files=False)
+    config, _ = tiny()  # no estimator: the digest it had before estimators existed
+    assert config.digest() == "636a82b06053"
+    without = dataclasses.replace(load_model(model / "model"), estimator=None)
+    with pytest.raises(MedldmError, match="refine needs a model with an estimator"):
+        Upscaler(without, device="cpu", refine=0.3)
+
+
+def test_evaluate_reports_the_regression_baseline_and_the_uncertainty_calibration(model, ixi_files, tmp_path):
+    block = save_nifti(crop(load(ixi_files[-20]), (slice(30, 78), slice(20, 68), slice(25, 57))),
+                       tmp_path / "block.nii.gz")
+    out = tmp_path / "report"
+    evaluate(block, out, model=model / "model", steps=2, refine=0.3, samples=2,
+             baselines=["bspline-dc", "regression"])
+    with open(out / "metrics.csv") as fh:
+        methods = {row["method"]: row for row in csv.DictReader(fh)}
+    assert set(methods) == {"bspline-dc", "regression", "model"}
+    assert -1 <= float(methods["model"]["uncertainty_spearman"]) <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baselines"] == ["bspline-dc", "regression"]
+    assert len(summary["uncertainty_calibration"][0]["error_by_decile"]) == 10
+    page = (out / "report.html").read_text()
+    assert 'id="uncertainty"' in page and "regression" in page
+    with pytest.raises(MedldmError, match="unknown or unavailable baseline 'regression'"):
+        evaluate(block, tmp_path / "r2", model=None, baselines=["regression"])
