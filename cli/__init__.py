@@ -352,6 +352,10 @@ def evaluate(
     = Planes.both,
     samples: Annotated[int, typer.Option(min=1)] = 1,
     seed: Annotated[int, typer.Option()] = 0,
+    baseline: Annotated[list[str] | None, typer.Option(
+        "--baseline", help="score only these baselines (repeat the option): nearest, trilinear, bspline, bspline-dc, "
+                           "zero-fill (k-space), regression (models with an estimator); default: all that apply")]
+    = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N scans only")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="score whole volumes, not the foreground")] = False,
     rd: Annotated[bool, typer.Option("--rd", help="the model's rate-distortion curves alone")] = False,
@@ -371,7 +375,7 @@ def evaluate(
     with console.status("evaluating") as status:
         report = run_evaluation(
             data, out, model=model, kind=kind.value, axis=axis, scale=scale, steps=steps, sampler=sampler,
-            planes=planes.value, refine=refine,
+            planes=planes.value, refine=refine, baselines=baseline or None,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             progress=lambda name, i, n: status.update(f"evaluating {name} ({i + 1}/{n})"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -322,8 +323,9 @@ class Trainer:
         model, opt = self.acc.prepare(model, opt)
         forward = self._fast(model)
         tasks = len(cfg.data.tasks)
-        # cosine decay to 10 % over the whole stage: a function of the step, so resumed runs match
-        lr_at = lambda step: st.lr * (0.1 + 0.45 * (1 + np.cos(np.pi * step / st.steps)))  # noqa: E731
+        # cosine decay to 10 % over the whole stage: a function of the step, so resumed runs match (a Python float:
+        # the optimizer state is saved with it and read back with weights_only=True)
+        lr_at = lambda step: st.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / st.steps)))  # noqa: E731
 
         def step_fn(step: int) -> dict:
             size = sampler.patch_size(step, st.progressive)

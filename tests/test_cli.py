@@ -176,6 +176,6 @@ def test_cli_defaults_are_the_upscalers():
     library = inspect.signature(Upscaler.__init__).parameters
     for command in (upscale, evaluate, run_evaluation):
         params = inspect.signature(command).parameters
-        for name in ("steps", "sampler", "planes"):
+        for name in ("steps", "refine", "sampler", "planes"):
             default = params[name].default
             assert getattr(default, "value", default) == library[name].default, (command.__name__, name)
