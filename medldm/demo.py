@@ -59,8 +59,10 @@ def main() -> None:
         console.print("[yellow]no default model is installed in this copy; showing the baselines only[/]")
     else:
         upscaler = Upscaler("default", device="auto")
-        # the uncertainty map needs real posterior samples: a few of them at 8 steps on one stack of planes
-        sampler = Upscaler(upscaler.model, device="auto", steps=8, planes="one")
+        # the uncertainty map needs real posterior samples: a few of them at 8 steps on one stack of planes (models
+        # with an estimator: refined from the estimate, whose default, refine 0, would give identical samples)
+        refine = 0.3 if upscaler.model.estimator is not None else None
+        sampler = Upscaler(upscaler.model, device="auto", steps=8, planes="one", refine=refine)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         tic = time.perf_counter()
         with Progress(*columns, console=console) as bar:
