@@ -226,12 +226,12 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
     }
     if model is not None:
+        staged = model.estimator is not None
         protocol["model"] = (f"{model.path} (config {model.info.get('config_digest')}, "
                              f"autoencoder {model.info.get('autoencoder_steps')} steps, "
                              f"diffusion {model.info.get('diffusion_steps')} steps"
-                             + (f", estimator {model.info.get('estimator_steps')} steps" if model.estimator else "")
-                             + ")")
+                             + (f", estimator {model.info.get('estimator_steps')} steps" if staged else "") + ")")
         protocol["sampling"] = (f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, planes {planes}, "
-                                + (f"refine {refine} (diffusion from the regression estimate), " if model.estimator
-                                   else "") + "data consistency on")
+                                + (f"refine {refine} (diffusion from the regression estimate), " if staged else "")
+                                + "data consistency on")
     return protocol
