@@ -22,7 +22,7 @@ from medldm.diffusion import NoiseSchedule
 from medldm.errors import MedldmError
 
 __all__ = ["Autoencoder", "Denoiser", "DiT", "Estimator", "ConditionCodec", "build_autoencoder", "build_denoiser",
-           "build_estimator", "estimator_labels",
+           "build_estimator",
            "build_discriminator", "build_schedule", "channels_last_format", "MODALITIES"]
 
 MODALITIES = ("MR", "CT")
@@ -80,11 +80,19 @@ class ConditionCodec:
         self.max_t = config.diffusion.condition_max_t
 
     @property
+    def num_task_labels(self) -> int:
+        return len(MODALITIES) * self.tasks
+
+    @property
     def num_labels(self) -> int:
-        return len(MODALITIES) * self.tasks * self.levels
+        return self.num_task_labels * self.levels
+
+    def task_label(self, task, modality):
+        """The (task, modality) part of the label: the estimator's whole label."""
+        return modality * self.tasks + task
 
     def label(self, task: torch.Tensor, modality: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        return (modality * self.tasks + task) * self.levels + level
+        return self.task_label(task, modality) * self.levels + level
 
     def timestep(self, level: torch.Tensor) -> torch.Tensor:
         """Diffusion timestep of the noise added to the condition at each level (level 0: none)."""
@@ -260,17 +268,12 @@ def build_denoiser(config: Config) -> Denoiser:
     return Denoiser(backbone)
 
 
-def estimator_labels(config: Config) -> int:
-    """Number of estimator labels: one per (modality, task)."""
-    return len(MODALITIES) * len(config.data.tasks)
-
-
 def build_estimator(config: Config) -> Estimator:
     cfg = config.estimator
     if cfg is None:
-        raise MedldmError("this model has no estimator stage (its config has no estimator section)")
+        raise MedldmError("the config has no estimator section, so there is no estimator stage")
     return Estimator(slab=cfg.slab, channels=list(cfg.channels), num_res_blocks=cfg.num_res_blocks,
-                     num_labels=estimator_labels(config))
+                     num_labels=ConditionCodec(config).num_task_labels)
 
 
 def build_schedule(config: Config) -> NoiseSchedule:

@@ -237,8 +237,9 @@ class Upscaler:
             raise MedldmError(err.reason, err.path or volume.path) from None
         lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))
         modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
-        label = self.model.codec.label(torch.tensor(self.model.config.data.tasks.index(task)),
-                                       torch.tensor(modality), torch.tensor(self.condition_level))
+        task_index = self.model.config.data.tasks.index(task)
+        label = self.model.codec.label(torch.tensor(task_index), torch.tensor(modality),
+                                       torch.tensor(self.condition_level))
         units = self._units(hr_shape, op, a)
         passes = samples if self.model.estimator is None else 1 + (samples if self.refine > 0 else 0)
         total, done = passes * units, 0
@@ -253,7 +254,7 @@ class Upscaler:
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
         estimate = None
         if self.model.estimator is not None:  # fidelity first: the regression estimate, made consistent
-            estimate = self._estimate_volume(lr, hr_shape, op, self._estimator_label(task, modality), tick)
+            estimate = self._estimate_volume(lr, hr_shape, op, self.model.codec.task_label(task_index, modality), tick)
             estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
         for k in range(samples):
             if estimate is not None and self.refine == 0:
@@ -287,10 +288,6 @@ class Upscaler:
                        for axis in self._plane_axes(hr_shape, op))
         return 1
 
-    def _estimator_label(self, task: Task, modality: int) -> int:
-        tasks = self.model.config.data.tasks
-        return modality * len(tasks) + tasks.index(task)
-
     def _planes_per_call(self, plane_shape) -> int:
         pixels = int(np.prod([n + (-n) % self.multiple for n in plane_shape]))
         cap = self.BATCH_PIXELS.get(self.device.type, self.BATCH_PIXELS["cuda"])
@@ -310,9 +307,7 @@ class Upscaler:
         """Scaled latents (on the device) of HR-grid conditions (B, 1, *spatial), padded to the network's multiple."""
         m = self.model
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pad = [p for n in reversed(cond.shape[2:]) for p in (0, (-n) % self.multiple)]
-            cond = F.pad(cond, pad, mode="replicate") if any(pad) else cond
-            cond = cond.to(self.device)
+            cond = _pad_to_multiple(cond, self.multiple).to(self.device)
             if self.channels_last:
                 cond = cond.contiguous(memory_format=self._memory_format())
             return m.autoencoder.encode(cond).float().contiguous() * float(m.info["latent_scale"])
@@ -389,9 +384,7 @@ class Upscaler:
                 cond = upsample(lr.narrow(axis, lo, hi - lo)[None, None], size)[0, 0].movedim(axis, 0)
                 # each target plane with its slab of neighbours, clamped at the ends as in training
                 near = (torch.arange(start, stop)[:, None] + torch.arange(-r, r + 1)).clamp(0, n - 1) - lo
-                x = cond[near]  # (B, slab, H, W)
-                pad = [p for k in reversed(x.shape[2:]) for p in (0, (-k) % net.multiple)]
-                x = F.pad(x, pad, mode="replicate") if any(pad) else x
+                x = _pad_to_multiple(cond[near], net.multiple)  # (B, slab, H, W)
                 labels = torch.full((x.shape[0],), label, dtype=torch.long, device=self.device)
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     out = net(x.to(self.device), labels).float().cpu()
@@ -446,3 +439,9 @@ class Upscaler:
                                        device="cpu", progress=False)
         tick()
         return out[0, 0]
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Replicate-pad the spatial axes of (B, C, *spatial) at their ends to multiples of ``multiple``."""
+    pad = [p for n in reversed(x.shape[2:]) for p in (0, (-n) % multiple)]
+    return F.pad(x, pad, mode="replicate") if any(pad) else x

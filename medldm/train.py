@@ -292,27 +292,27 @@ class Trainer:
 
     def trained_autoencoder(self):
         """Stage 1's EMA weights in a frozen autoencoder; stage 1 must have finished."""
-        steps = self.config.training.autoencoder.steps
-        ckpt = latest_checkpoint(self.stage_dir("autoencoder"))
-        done = self.finished_step("autoencoder")
+        return self._trained("autoencoder", build_autoencoder(self.config))
+
+    def _trained(self, stage: str, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` with the EMA weights of a finished stage, frozen."""
+        steps = getattr(self.config.training, stage).steps
+        ckpt = latest_checkpoint(self.stage_dir(stage))
+        done = self.finished_step(stage)
         if ckpt is None or done < steps:
-            raise MedldmError(f"the autoencoder stage has not finished (step {done} of {steps}); "
-                              "train it first (--stage autoencoder)", self.stage_dir("autoencoder"))
-        model = build_autoencoder(self.config)
-        ema = AveragedModel(model, use_buffers=True)
+            raise MedldmError(f"the {stage} stage has not finished (step {done} of {steps}); "
+                              f"train it first (--stage {stage})", self.stage_dir(stage))
+        ema = AveragedModel(module, use_buffers=True)
         load_weights(ema, ckpt / "ema.safetensors")
-        ae = ema.module.eval().requires_grad_(False)
-        return ae
+        return ema.module.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------------------- fidelity stage
     def train_estimator(self, max_steps: int | None = None) -> Path:
         """The pixel-space regression network (posterior mean, L1), independent of the autoencoder."""
         cfg, stage = self.config, "estimator"
-        st = cfg.training.estimator
-        if cfg.estimator is None or st is None:
-            raise MedldmError("the config has no estimator section, so there is no estimator stage to train")
         torch.manual_seed(cfg.training.seed + 2)
-        model = build_estimator(cfg)
+        model = build_estimator(cfg)  # refuses configs without an estimator section
+        st = cfg.training.estimator
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
         opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
         start, _ = self._restore(stage, {"model": model, "ema": ema}, {"model": opt})
@@ -322,7 +322,7 @@ class Trainer:
         sampler = self.sampler(slab=cfg.estimator.slab)
         model, opt = self.acc.prepare(model, opt)
         forward = self._fast(model)
-        tasks = len(cfg.data.tasks)
+        codec = ConditionCodec(cfg)
         # cosine decay to 10 % over the whole stage: a function of the step, so resumed runs match (a Python float:
         # the optimizer state is saved with it and read back with weights_only=True)
         lr_at = lambda step: st.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / st.steps)))  # noqa: E731
@@ -332,7 +332,7 @@ class Trainer:
             batch = sampler.batch(step, st.batch_size, size, stream=3)
             lr_in = self._layout(batch["lr"].to(self.acc.device))
             hr = batch["hr"].to(self.acc.device)
-            label = (batch["modality"] * tasks + batch["task"]).to(self.acc.device)
+            label = codec.task_label(batch["task"], batch["modality"]).to(self.acc.device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             with self.acc.autocast():
@@ -359,15 +359,7 @@ class Trainer:
 
     def trained_estimator(self):
         """The estimator stage's EMA weights; the stage must have finished."""
-        steps = self.config.training.estimator.steps
-        ckpt = latest_checkpoint(self.stage_dir("estimator"))
-        done = self.finished_step("estimator")
-        if ckpt is None or done < steps:
-            raise MedldmError(f"the estimator stage has not finished (step {done} of {steps}); "
-                              "train it first (--stage estimator)", self.stage_dir("estimator"))
-        ema = AveragedModel(build_estimator(self.config), use_buffers=True)
-        load_weights(ema, ckpt / "ema.safetensors")
-        return ema.module.eval().requires_grad_(False)
+        return self._trained("estimator", build_estimator(self.config))
 
     # ------------------------------------------------------------------------------------- stage 2
     def train_diffusion(self, max_steps: int | None = None) -> Path:
@@ -456,18 +448,12 @@ class Trainer:
     def run(self, stage: str = "all", max_steps: int | None = None) -> None:
         """Train ``stage`` or all stages in order; with ``all``, a stage stopped early by ``max_steps`` makes the
         later ones wait for a resumed run."""
-        cfg = self.config.training
-        order = [("autoencoder", self.train_autoencoder, cfg.autoencoder.steps)]
-        if self.config.estimator is not None:
-            order.append(("estimator", self.train_estimator, cfg.estimator.steps))
-        elif stage == "estimator":
-            raise MedldmError("the config has no estimator section, so there is no estimator stage to train")
-        order.append(("diffusion", self.train_diffusion, cfg.diffusion.steps))
-        for name, train, steps in order:
+        staged = self.config.estimator is not None or stage == "estimator"  # without a section it says so
+        for name in ("autoencoder", *(("estimator",) if staged else ()), "diffusion"):
             if stage not in ("all", name):
                 continue
-            train(max_steps)
-            if stage == "all" and self.finished_step(name) < steps:
+            getattr(self, f"train_{name}")(max_steps)
+            if stage == "all" and self.finished_step(name) < getattr(self.config.training, name).steps:
                 return
 
 
