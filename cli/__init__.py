@@ -185,6 +185,9 @@ def train(
     data_root: Annotated[Path | None, typer.Option(help="folder the config's data globs are relative to "
                                                          "(default: $MEDLDM_DATA_ROOT)")] = None,
     lpips_weights: Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")] = None,
+    init: Annotated[Path | None, typer.Option(help="start a new run from this model folder (fine-tuning): stages "
+                                                   "whose settings equal the folder's are taken as finished, and "
+                                                   "the denoiser starts from its weights")] = None,
 ):
     """Train the autoencoder, the fidelity estimator (when the config has one), then the conditional latent diffusion
     model (over accelerate: CPU, GPUs, nodes)."""
@@ -197,9 +200,18 @@ def train(
                           folder)
     if resume is not None and not folder.is_dir():
         raise MedldmError("no run to resume here", folder)
+    if resume is not None and init is not None:
+        raise MedldmError("--init starts a new run; a resumed run already has its weights", folder)
     from medldm.train import Trainer
 
     trainer = Trainer(cfg, root, folder, lpips_weights=str(lpips_weights) if lpips_weights else None)
+    if init is not None and trainer.acc.is_main_process:
+        from medldm.pipeline import DEFAULT_MODEL
+
+        model = DEFAULT_MODEL if str(init) == "default" else init
+        for name, what in trainer.init_from(model).items():
+            print(f"{name}: {what}")
+    trainer.acc.wait_for_everyone()
     if trainer.acc.is_main_process:
         print(f"training {cfg.name} ({stage.value}) in {folder} on {trainer.acc.device} "
               f"with {trainer.acc.num_processes} process(es), mixed precision {trainer.acc.mixed_precision}")

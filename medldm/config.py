@@ -136,6 +136,12 @@ class Diffusion(_Strict):
     # noise augmentation of the condition: levels 0..condition_levels-1 spread over [0, condition_max_t]
     condition_levels: int = Field(8, ge=1)
     condition_max_t: int = Field(250, ge=0)
+    # what the denoiser is conditioned on: "lr", the latent(s) of the interpolated LR planes; "estimate", the latent
+    # of the estimator's regression estimate (refinement models: needs an estimator section)
+    condition: Literal["lr", "estimate"] = "lr"
+    # None: trained on the whole schedule (sampling may start from pure noise). R: trained only on the timesteps up
+    # to R of the schedule, the ones a refinement from the estimate at refine <= R meets (and R is its default)
+    refine: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _levels_match(self):
@@ -203,15 +209,23 @@ class Config(_Strict):
             raise ValueError("an estimator section needs training.estimator (its steps, batch size, lr)")
         if self.estimator is not None and self.data.spatial_dims != 2:
             raise ValueError("the estimator is a 2D (2.5D slab) network: it needs data.spatial_dims 2")
+        if self.diffusion.condition == "estimate" and (self.estimator is None or self.data.slab != 1):
+            raise ValueError("diffusion.condition 'estimate' needs an estimator section and data.slab 1 "
+                             "(the estimate already sees the slab)")
+        if self.diffusion.refine is not None and self.estimator is None:
+            raise ValueError("diffusion.refine needs an estimator section (it refines the estimate)")
         return self
 
     def digest(self) -> str:
         """Short hash of the settings, for reports and caches. Absent optional stages are left out, so configs
-        written before they existed keep their digest."""
+        written before they existed keep their digest; so are later options at their defaults."""
         settings = self.model_dump()
         for section in (settings, settings["training"]):
             if section.get("estimator") is None:
                 section.pop("estimator", None)
+        for key, default in (("condition", "lr"), ("refine", None)):
+            if settings["diffusion"][key] == default:
+                del settings["diffusion"][key]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -177,6 +177,10 @@ class Upscaler:
                               self.model.path)
         if not 0.0 <= refine < 1.0:
             raise MedldmError(f"refine must lie in [0, 1), got {refine}")
+        trained = self.model.config.diffusion.refine
+        if trained is not None and refine > trained + 1e-9:
+            raise MedldmError(f"this model's denoiser was trained to refine from at most {trained}, not {refine}",
+                              self.model.path)
         self.refine = refine
         if not 0.0 <= consistency <= 1.0:
             raise MedldmError(f"consistency must lie in [0, 1], got {consistency}")
@@ -401,20 +405,24 @@ class Upscaler:
         r = self.model.config.data.slab // 2
         axes = self._plane_axes(hr_shape, op)
         total = torch.zeros(hr_shape)  # the passes over each stack of planes are summed in place, then averaged
+        on_estimate = self.model.config.diffusion.condition == "estimate"  # refinement models see the estimate
         for n, axis in enumerate(axes):
-            latents = self._plane_latents(lr, hr_shape, encoded, axis)
-            offsets = torch.arange(-r, r + 1, device=latents.device)
+            latents = None if on_estimate else self._plane_latents(lr, hr_shape, encoded, axis)
+            offsets = torch.arange(-r, r + 1)
             planes = total.movedim(axis, 0)  # (n, H, W) view
             per_call = self._planes_per_call(planes.shape[1:])
             for start in range(0, planes.shape[0], per_call):
                 # each target plane with its slab of neighbours, clamped at the ends as in training
-                index = torch.arange(start, min(start + per_call, planes.shape[0]), device=latents.device)
-                near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
-                c = latents[near].flatten(1, 2)  # (B, slab * latent, h, w); slab 1: the planes' own latents
-                seeds = [(seed * 4 + n) * 1_000_003 + p for p in index.tolist()]  # per plane, per stack
+                index = torch.arange(start, min(start + per_call, planes.shape[0]))
                 init = None
                 if estimate is not None:
                     init = self._encode(estimate.movedim(axis, 0)[start:start + len(index)][:, None])
+                if on_estimate:
+                    c = init
+                else:  # (B, slab * latent, h, w); slab 1: the planes' own latents
+                    near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
+                    c = latents[near.to(latents.device)].flatten(1, 2)
+                seeds = [(seed * 4 + n) * 1_000_003 + p for p in index.tolist()]  # per plane, per stack
                 planes[start:start + len(index)] += self._generate(c, planes.shape[1:], label, seeds, init)[:, 0]
                 tick()
         total = total.div_(len(axes)) if len(axes) > 1 else total

@@ -18,11 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medldm import __version__
-from medldm.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint, write_model_folder
-from medldm.config import Config
+from medldm.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    read_model_folder,
+    save_checkpoint,
+    write_model_folder,
+)
+from medldm.config import Config, parse_config
 from medldm.data import PairSampler, load_volumes
 from medldm.errors import MedldmError
 from medldm.nets import (
@@ -153,6 +161,8 @@ class Trainer:
         if ckpt is None:
             return 0, {}
         state, optim = load_state(ckpt)
+        if "taken_from" in state:  # a finished stage taken from a model folder: only its EMA weights exist
+            return int(state["step"]), state
         for name, module in modules.items():
             load_weights(module, ckpt / f"{name}.safetensors")
         for name, opt in optimizers.items():
@@ -216,6 +226,45 @@ class Trainer:
                 progress.stop()
             if board is not None:
                 board.close()
+
+    def init_from(self, folder: Path) -> dict[str, str]:
+        """Start this (new) run from a trained model folder, to fine-tune it. A stage whose network and training
+        settings equal the folder's, and that the folder trained for the configured steps, is taken as finished
+        (the folder's weights become its last checkpoint); a denoiser of the same shape starts the diffusion stage
+        from the folder's weights and latent scale. Returns what happened to each stage, for the log."""
+        folder = Path(folder)
+        raw, info = read_model_folder(folder)
+        old, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
+        cfg, taken = self.config, {}
+        for stage, build in (("autoencoder", build_autoencoder), ("estimator", build_estimator)):
+            if getattr(cfg, stage) is None:
+                continue
+            same = (getattr(cfg, stage) == getattr(old, stage)
+                    and getattr(cfg.training, stage) == getattr(old.training, stage)
+                    and info.get(f"{stage}_steps") == getattr(cfg.training, stage).steps
+                    and (stage != "autoencoder" or cfg.data.intensity == old.data.intensity))
+            if not same:
+                taken[stage] = "trained from scratch (its settings differ from the folder's)"
+                continue
+            module = build(cfg)
+            load_weights(module, folder / f"{stage}.safetensors")
+            save_checkpoint(self.stage_dir(stage), getattr(cfg.training, stage).steps,
+                            modules={"ema": AveragedModel(module, use_buffers=True)}, optimizers={},
+                            state={"stage": stage, "taken_from": str(folder), "version": __version__})
+            taken[stage] = f"taken as finished from {folder}"
+        denoiser = build_denoiser(cfg)
+        try:
+            load_weights(denoiser, folder / "denoiser.safetensors")
+        except MedldmError:
+            taken["diffusion"] = "trained from scratch (the folder's denoiser has another shape)"
+        else:
+            self.stage_dir("diffusion").mkdir(parents=True, exist_ok=True)
+            (self.stage_dir("diffusion") / "init.json").write_text(json.dumps(
+                {"from": str(folder), "latent_scale": info["latent_scale"]}))
+            save_file({k: v.contiguous() for k, v in denoiser.state_dict().items()},
+                      str(self.stage_dir("diffusion") / "init.safetensors"))
+            taken["diffusion"] = f"fine-tuned from {folder}'s denoiser"
+        return taken
 
     # ------------------------------------------------------------------------------------- stage 1
     def train_autoencoder(self, max_steps: int | None = None) -> Path:
@@ -368,12 +417,21 @@ class Trainer:
         ae = self.trained_autoencoder().to(self.acc.device)
         torch.manual_seed(cfg.training.seed + 1)
         model = build_denoiser(cfg)
+        init = self.stage_dir(stage) / "init.json"  # written by init_from: fine-tune a model folder's denoiser
+        init = json.loads(init.read_text()) if init.is_file() else {}
+        if init:
+            load_weights(model, self.stage_dir(stage) / "init.safetensors")
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
         opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
         start, state = self._restore(stage, {"model": model, "ema": ema}, {"model": opt})
         stop = min(st.steps, max_steps or st.steps)
-        sampler = self.sampler()
-        scale = state.get("latent_scale")
+        refining = d_cfg.condition == "estimate"
+        sampler = self.sampler(slab=cfg.estimator.slab if refining else None)
+        estimator = self.trained_estimator().to(self.acc.device) if refining else None
+        # the timesteps trained: all, or those a refinement from ``refine`` of the schedule meets
+        # (medldm.diffusion.timesteps_for starts it at round(refine * (T - 1)))
+        t_stop = d_cfg.timesteps if d_cfg.refine is None else math.floor(d_cfg.refine * (d_cfg.timesteps - 1) + 0.5) + 1
+        scale = state.get("latent_scale", init.get("latent_scale"))
         if scale is None:
             with self.acc.autocast():
                 scale = latent_scale(ae, sampler, st.batch_size, self.acc.device)
@@ -389,11 +447,15 @@ class Trainer:
                 batch = sampler.batch(step, st.batch_size, size)
                 g = _generator(seed, step, self.rank, 1)
                 n = st.batch_size
-                t = torch.randint(0, d_cfg.timesteps, (n,), generator=g)
+                t = torch.randint(0, t_stop, (n,), generator=g)
                 level = torch.randint(0, codec.levels, (n,), generator=g)
                 with torch.no_grad(), self.acc.autocast():
                     z0 = ae.encode(batch["hr"].to(self.acc.device)).float() * scale
-                    cond = encode_planes(ae, batch["lr"].to(self.acc.device)).float() * scale
+                    lr = batch["lr"].to(self.acc.device)
+                    if refining:  # condition on the estimator's estimate, as upscale does
+                        task = codec.task_label(batch["task"], batch["modality"]).to(self.acc.device)
+                        lr = estimator(self._layout(lr), task).float()
+                    cond = encode_planes(ae, lr).float() * scale
                 noise = torch.randn(z0.shape, generator=g).to(self.acc.device)
                 cond_noise = torch.randn(cond.shape, generator=g).to(self.acc.device)
                 t, level = t.to(self.acc.device), level.to(self.acc.device)
@@ -442,6 +504,8 @@ class Trainer:
         if self.config.estimator is not None:
             info["estimator_steps"] = self.finished_step("estimator")
             modules["estimator"] = self.trained_estimator()
+        if self.config.diffusion.refine is not None:  # refinement models: refine from where they were trained
+            info["sampling"] = {"refine": self.config.diffusion.refine}
         return write_model_folder(self.run_dir / "model", config=self.config.model_dump(), info=info,
                                   modules=modules)
 

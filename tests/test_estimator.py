@@ -17,7 +17,7 @@ from medldm import MedldmError
 from medldm.checkpoint import latest_checkpoint, read_model_folder, write_model_folder
 from medldm.config import parse_config
 from medldm.degrade import degrade_volume, enforce_consistency, make_operator
-from medldm.nets import Estimator, build_autoencoder, build_denoiser, build_estimator
+from medldm.nets import Estimator, build_autoencoder, build_denoiser, build_estimator, build_schedule
 from medldm.pipeline import Upscaler, load_model
 from medldm.volume import crop, load, save_nifti
 from tests.test_train import _one_batch, rows, tiny, trainer
@@ -141,3 +141,46 @@ def test_evaluate_reports_the_regression_baseline_and_the_uncertainty_calibratio
     assert 'id="uncertainty"' in page and "regression" in page
     with pytest.raises(MedldmError, match="unknown or unavailable baseline 'regression'"):
         evaluate(block, tmp_path / "r2", model=None, baselines=["regression"])
+
+
+def test_a_refinement_model_fine_tuned_from_a_model_folder(model, tmp_path, ixi_path):
+    """--init takes the folder's finished stages as they are and fine-tunes its denoiser to refine the estimate:
+    conditioned on the estimate's latent, on the timesteps a refinement from ``diffusion.refine`` meets."""
+    config, root = tiny_with_estimator()
+    config = config.model_copy(update={"diffusion": config.diffusion.model_copy(
+        update={"condition": "estimate", "refine": 0.3})})
+    run = tmp_path / "run"
+    tuner = trainer(config, root, run)
+    taken = tuner.init_from(model / "model")
+    assert taken["autoencoder"].startswith("taken as finished") and taken["estimator"].startswith("taken as finished")
+    assert taken["diffusion"].startswith("fine-tuned")
+    seen = []
+    schedule_add_noise = type(build_schedule(config)).add_noise
+
+    def spy(self, x0, noise, t):
+        seen.append(torch.as_tensor(t).max().item())
+        return schedule_add_noise(self, x0, noise, t)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(build_schedule(config)), "add_noise", spy)
+        tuner.run("diffusion")
+    assert max(seen) <= 300  # round(0.3 * 999): never the noise levels a refinement from 0.3 does not meet
+    source, tuned = load_model(model / "model"), load_model(run / "model")
+    for name in ("autoencoder", "estimator"):  # taken as they were
+        torch.testing.assert_close(getattr(tuned, name).state_dict(), getattr(source, name).state_dict(),
+                                   rtol=0, atol=0)
+    assert tuned.info["latent_scale"] == source.info["latent_scale"] and tuned.defaults()["refine"] == 0.3
+    lr, _ = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=4)
+    out = Upscaler(tuned, device="cpu", steps=2).upscale(lr, axis="z", keep_estimate=True)  # refines by default
+    assert out.residual < 1e-6 and np.abs(out.sr.data - out.estimate.data).mean() > 1e-4 * lr.data.max()
+    with pytest.raises(MedldmError, match="trained to refine from at most 0.3"):
+        Upscaler(tuned, device="cpu", refine=0.5)
+
+
+def test_refinement_settings_need_an_estimator(model):
+    raw, _ = read_model_folder(model / "model")
+    for key, value in (("condition", "estimate"), ("refine", 0.3)):
+        bad = {**raw, "estimator": None, "training": {**raw["training"], "estimator": None},
+               "diffusion": {**raw["diffusion"], key: value}}
+        with pytest.raises(MedldmError, match="needs an estimator section"):
+            parse_config(bad, check_files=False)
