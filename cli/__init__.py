@@ -4,6 +4,7 @@ so `medldm --help` and `medldm info` start fast. User mistakes (MedldmError) pri
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -16,6 +17,10 @@ from medldm.errors import MedldmError
 __all__ = ["app"]
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 class _App(typer.Typer):
     """A Typer app whose commands turn MedldmError into one line on stderr and exit code 1."""
 
@@ -25,6 +30,8 @@ class _App(typer.Typer):
         def decorator(fn):
             @functools.wraps(fn)
             def wrapped(*a, **k):
+                # SIGTERM unwinds like Ctrl-C, so temporary files are removed on the way out (exit 143 = 128 + 15)
+                signal.signal(signal.SIGTERM, _terminated)
                 try:
                     return fn(*a, **k)
                 except MedldmError as err:
@@ -69,12 +76,16 @@ Series = Annotated[str | None, typer.Option("--series", help="DICOM SeriesInstan
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    """Refuse a bad output path before any work is done, so a failure writes nothing."""
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        raise MedldmError("output must end in .nii or .nii.gz", path)
-    if path.exists() and not overwrite:
-        raise MedldmError("already exists; pass --overwrite to replace it", path)
+def _check_outputs(scans: list[Path], overwrite: bool, previews: list[Path] = ()) -> None:
+    """Refuse bad output paths (NIfTI scans, PNG previews) before any work is done, so a failure writes nothing
+    (medldm.outputs)."""
+    from medldm.outputs import check_distinct, check_output
+
+    check_distinct([*scans, *previews])
+    for path in scans:
+        check_output(path, overwrite=overwrite)
+    for path in previews:
+        check_output(path, overwrite=overwrite, suffixes=(".png",), what="preview")
 
 
 def _load(scan: Path, series: str | None = None):
@@ -122,7 +133,7 @@ def convert(scan: Scan, out: Annotated[Path, typer.Argument(help="output .nii or
     """Convert a DICOM series (folder or enhanced multi-frame file) or NRRD to NIfTI, geometry exact."""
     from medldm.volume import save_nifti
 
-    _check_output(out, overwrite)
+    _check_outputs([out], overwrite)
     vol = _load(scan, series)
     save_nifti(vol, out, overwrite=overwrite)
     print(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {vol.orientation}, "
@@ -146,9 +157,7 @@ def degrade(
     overwrite: Overwrite = False,
 ):
     """Simulate a low-resolution acquisition with the same forward model training and evaluation use."""
-    _check_output(out, overwrite)
-    if hr_out is not None:
-        _check_output(hr_out, overwrite)
+    _check_outputs([out, *([hr_out] if hr_out is not None else [])], overwrite)
     vol = _load(scan, series)
     from medldm.degrade import degrade_volume
     from medldm.volume import save_nifti
@@ -220,26 +229,37 @@ def train(
         print(f"model written to {folder / 'model'}")
 
 
-def _batch_inputs(folder: Path) -> list[Path] | None:
+def _batch_inputs(folder: Path, out_dir: Path | None) -> list[Path] | None:
+    """The scans of a batch folder (NIfTI/NRRD files and DICOM sub-folders), or None for a DICOM series folder.
+    A batch never takes its own products as inputs: hidden and temporary files, the outputs (and uncertainty maps)
+    of the folder's other scans, and the output folder when it lies inside."""
+    from medldm.outputs import is_temporary
     from medldm.volume import SCAN_SUFFIXES
 
-    """The scans of a batch folder (NIfTI/NRRD files and DICOM sub-folders), or None for a DICOM series folder."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES))
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = [p for p in folder.iterdir() if not is_temporary(p)]
+    files = [p for p in entries if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)]
+    subdirs = [p for p in entries if p.is_dir() and (out_dir is None or p.resolve() != out_dir.resolve())]
     if not files and not subdirs:
         return None  # a DICOM series folder (or nothing): load() decides and explains
-    return files + subdirs
+    products = {q.name for p in files for q in _outputs_of(p, folder)}
+    return sorted(p for p in files if p.name not in products) + sorted(subdirs)
 
 
-def _default_output(scan: Path, out_dir: Path | None) -> Path:
+def _outputs_of(scan: Path, out_dir: Path | None) -> tuple[Path, Path]:
+    """The upscaled scan's default path and its uncertainty map's."""
+    from medldm.outputs import strip_suffix
     from medldm.volume import SCAN_SUFFIXES
 
-    name = scan.name
-    for suffix in SCAN_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return (out_dir or scan.parent) / f"{name}_sr.nii.gz"
+    stem, _ = strip_suffix(scan.name, SCAN_SUFFIXES)
+    folder = out_dir or scan.parent
+    return folder / f"{stem}_sr.nii.gz", folder / f"{stem}_sr_uncertainty.nii.gz"
+
+
+def _uncertainty_path(target: Path) -> Path:
+    from medldm.outputs import NIFTI_SUFFIXES, strip_suffix
+
+    stem, suffix = strip_suffix(target.name, NIFTI_SUFFIXES)
+    return target.with_name(f"{stem}_uncertainty{suffix}")
 
 
 @app.command()
@@ -283,15 +303,19 @@ def upscale(
     console = Console(stderr=True)
     if not scan.exists():
         raise MedldmError("no such file or folder", scan)
-    batch = _batch_inputs(scan) if scan.is_dir() else None
+    batch = _batch_inputs(scan, out) if scan.is_dir() else None
     if batch is None:
-        jobs = [(scan, out or _default_output(scan, None))]
+        jobs = [(scan, out or _outputs_of(scan, None)[0])]
     else:
         if out is not None and out.name.lower().endswith((".nii", ".nii.gz")):
             raise MedldmError("in batch mode --out is a folder", out)
-        jobs = [(s, _default_output(s, out)) for s in batch]
-    if batch is None:
-        _check_output(jobs[0][1], overwrite)
+        if preview is not None:
+            raise MedldmError("--preview takes one scan, not a batch folder", preview)
+        jobs = [(s, _outputs_of(s, out)[0]) for s in batch]
+    # every output of the run is checked before any work (a batch skips finished scans, so it checks the others)
+    todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
+    _check_outputs([*todo, *([_uncertainty_path(t) for t in todo] if samples > 1 else [])], overwrite,
+                   previews=[preview] if preview is not None else [])
     from medldm.pipeline import Upscaler
     from medldm.volume import save_nifti
 
@@ -321,12 +345,11 @@ def upscale(
                                           progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
                 save_nifti(result.sr, target, overwrite=overwrite)
                 if result.uncertainty is not None:
-                    save_nifti(result.uncertainty, target.with_name(target.name.replace(".nii", "_uncertainty.nii")),
-                               overwrite=overwrite)
-                if preview is not None and batch is None:
+                    save_nifti(result.uncertainty, _uncertainty_path(target), overwrite=overwrite)
+                if preview is not None:
                     from medldm.figures import before_after
 
-                    before_after(vol, result.sr, preview)
+                    before_after(vol, result.sr, preview, overwrite=overwrite)
                 written.append(target)
                 bar.console.print(
                     f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, {result.task.kind} "

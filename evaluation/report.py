@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +24,7 @@ from medldm.evaluation.stats import summarise
 
 import medldm
 from medldm.errors import MedldmError
+from medldm.outputs import write_text
 
 __all__ = ["write_report", "DEFAULT_HIGHER_IS_BETTER", "REPORT_FILES"]
 
@@ -151,22 +151,11 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
     }
     out.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
-        _write_atomic(out / name, text)
+        write_text(out / name, text)
     return out / "report.html"
 
 
 # ------------------------------------------------------------------------------------------ files
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _csv_text(rows: list[dict], metrics: Sequence[str]) -> str:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from medldm.errors import MedldmError
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "load_weights", "write_model_folder",
-           "read_model_folder", "sha256", "atomic_write_text"]
+           "read_model_folder", "sha256"]
 
 STEP_PREFIX = "step_"
 
@@ -37,12 +37,6 @@ def sha256(path: Path) -> str:
     except OSError as error:
         raise MedldmError(f"cannot read file: {error.strerror or error}", path) from None
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

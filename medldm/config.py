@@ -25,7 +25,7 @@ DATA_ROOT_ENV = "MEDLDM_DATA_ROOT"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf/.nan in YAML: refused
 
 
 class DataSource(_Strict):

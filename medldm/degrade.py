@@ -412,8 +412,8 @@ def degrade_volume(volume: Volume, *, kind: str, axis: str | int = "z", scale: i
         noise: Rician noise sigma as a fraction of the HR 99th-percentile intensity (0: none).
         seed: noise seed; the same seed gives the same output.
     """
-    if noise < 0:
-        raise MedldmError(f"noise must be >= 0, got {noise}")
+    if not 0 <= noise < float("inf"):  # also refuses NaN
+        raise MedldmError(f"noise must be a finite number >= 0, got {noise}")
     voxel_axis = resolve_axis(volume, axis)
     op = make_operator(kind, axis=voxel_axis, scale=scale, spatial_dims=3, profile=profile)
     hr = volume

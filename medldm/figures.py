@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medldm.outputs import write_atomically
 from medldm.volume import Volume
 
 __all__ = ["three_planes", "before_after"]
@@ -28,7 +29,7 @@ def _centre(volume: Volume) -> np.ndarray:
 
 
 def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("input", "upscaled"),
-                 extra: dict[str, Volume] | None = None) -> Path:
+                 extra: dict[str, Volume] | None = None, overwrite: bool = True) -> Path:
     """PNG with one row per volume (input, output, and any ``extra``), three orthogonal planes each, through the
     same world point, each plane shown with its own voxel aspect (mm-true)."""
     import matplotlib
@@ -50,8 +51,7 @@ def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("in
             if c == 0:
                 ax.set_title(f"{title}  ({' x '.join(f'{s:.2g}' for s in vol.spacing)} mm)", loc="left", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110), overwrite=overwrite, suffixes=(".png",))
+    finally:
+        plt.close(fig)

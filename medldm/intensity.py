@@ -20,6 +20,9 @@ CT_WINDOWS = {"brain": (40.0, 80.0), "subdural": (75.0, 215.0), "bone": (600.0, 
               "soft-tissue": (50.0, 400.0), "lung": (-600.0, 1500.0), "head": (400.0, 2800.0)}
 
 
+MAX_INTENSITY = 1e30  # far beyond any real scan (HU, MR signal), far below float32's 3.4e38
+
+
 @dataclass(frozen=True)
 class IntensityTransform:
     """``y = (x - low) / (high - low)``; ``x = y * (high - low) + low``. Stored in checkpoints and outputs.
@@ -37,6 +40,9 @@ class IntensityTransform:
     def __post_init__(self):
         if not (np.isfinite(self.low) and np.isfinite(self.high)) or self.high <= self.low:
             raise MedldmError(f"intensity range [{self.low}, {self.high}] is empty: a constant image?")
+        if max(abs(self.low), abs(self.high)) > MAX_INTENSITY:  # outputs may overshoot: float32 would overflow
+            raise MedldmError(f"intensities reach {max(abs(self.low), abs(self.high)):.3g}, beyond the "
+                              f"{MAX_INTENSITY:.0e} float32 arithmetic can upscale safely; rescale the scan")
 
     def forward(self, x):
         return (x - self.low) / (self.high - self.low)

@@ -8,6 +8,7 @@ weights identical. Checkpoints are written atomically (see medldm.checkpoint).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -42,6 +43,7 @@ from medldm.nets import (
     build_schedule,
     channels_last_format,
 )
+from medldm.outputs import write_text
 
 __all__ = ["Trainer", "STAGES", "latent_scale", "resolve_precision"]
 
@@ -197,6 +199,10 @@ class Trainer:
                 torch.manual_seed(_generator(cfg.seed, step, self.rank, 2).initial_seed())
                 logs = step_fn(step)
                 done = step + 1
+                if not math.isfinite(logs["loss"]):  # diverged: stop before a NaN model is saved or exported
+                    raise MedldmError(f"the {stage} loss became {logs['loss']} at step {done}: training diverged "
+                                      "and stopped, nothing was exported (lower the learning rate?)",
+                                      self.stage_dir(stage))
                 if done % cfg.log_every == 0 or done == stop:
                     elapsed = time.perf_counter() - tic
                     rate = (done - start) * batch_size * self.acc.num_processes / max(elapsed, 1e-9)
@@ -524,10 +530,8 @@ class Trainer:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".csv.partial")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())

@@ -8,7 +8,6 @@ inferior-superior): the voxel axis closest to that direction. "i", "j", "k" (or 
 from __future__ import annotations
 
 import os
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from nibabel import orientations
 
 from medldm.errors import MedldmError
+from medldm.outputs import NIFTI_SUFFIXES, check_output, write_atomically
 
 __all__ = [
     "Volume",
@@ -32,7 +32,6 @@ __all__ = [
     "face_corners",
 ]
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 SCAN_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES  # single-file scans (DICOM aside)
 # Relative tolerance on slice gaps before a DICOM series is called uneven (a missing slice doubles one gap).
@@ -445,9 +444,11 @@ def _load_dicom(files: list[Path], where: Path, series_uid: str | None) -> Volum
         if len(ds) == 0 or (sop is not None and "Image Storage" in sop.name and "PixelData" not in ds):
             # pydicom reads a cut-off file without complaint: skipping it would silently drop a slice
             raise MedldmError("DICOM image ends before its pixel data: the file is truncated or damaged", f)
-        if "SeriesInstanceUID" not in ds or ("PixelData" not in ds and len(files) == 1) or not (
+        # objects without pixels (reports, presentation states) are skipped; an image without a position is kept,
+        # so that the series is refused by name rather than loaded a slice short
+        if "SeriesInstanceUID" not in ds or "PixelData" not in ds and (len(files) == 1 or not (
             "ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds
-        ):
+        )):
             continue
         series[str(ds.SeriesInstanceUID)].append((f, ds))
     if not series:
@@ -523,32 +524,21 @@ def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
 
 # -------------------------------------------------------------------------------------------------- saving
 def save_nifti(volume: Volume, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``volume`` as float32 NIfTI with sform and qform set, atomically (temporary file, then rename).
+    """Write ``volume`` as float32 NIfTI with sform and qform set, atomically (medldm.outputs).
 
-    Refuses to replace an existing file unless ``overwrite``, and never replaces the volume's own source.
-    """
-    path = Path(path)
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        raise MedldmError("output must end in .nii or .nii.gz", path)
-    if path.exists():
-        source = volume.meta.get("path")
-        if source and Path(source).exists() and path.resolve() == Path(source).resolve():
-            raise MedldmError("refusing to overwrite the input scan", path)
-        if not overwrite:
-            raise MedldmError("already exists; pass --overwrite to replace it", path)
-        if path.is_dir():
-            raise MedldmError("is a folder", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(volume.data.astype(np.float32), volume.affine)
+    Refuses to replace an existing file unless ``overwrite``, never replaces the volume's own source, and never
+    writes non-finite voxels (NaN or inf: a broken model or values beyond float32)."""
+    path = check_output(path, overwrite=overwrite)
+    source = volume.meta.get("path")
+    if path.exists() and source and Path(source).exists() and path.resolve() == Path(source).resolve():
+        raise MedldmError("refusing to overwrite the input scan", path)
+    data = volume.data.astype(np.float32)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise MedldmError(f"refusing to write {bad} non-finite voxels (NaN or inf, {100 * bad / data.size:.3g}% of "
+                          "the volume): the model or the input produced values float32 cannot hold", path)
+    img = nib.Nifti1Image(data, volume.affine)
     img.set_sform(volume.affine, code=1)
     img.set_qform(volume.affine, code=1)  # qform cannot hold shear; readers use the exact sform
     img.header.set_xyzt_units("mm", "sec")
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{suffix}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_atomically(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)

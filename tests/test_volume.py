@@ -181,8 +181,10 @@ def test_interrupted_write_leaves_no_output_under_the_final_name(tmp_path, ixi_p
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process died between writing and renaming
 
-    monkeypatch.setattr(os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        save_nifti(vol, out)
+    monkeypatch.setattr(os, "replace", killed)  # the move into place: a rename, or a link for a new name
+    monkeypatch.setattr(os, "link", killed)
+    for overwrite in (False, True):
+        with pytest.raises(KeyboardInterrupt):
+            save_nifti(vol, out, overwrite=overwrite)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the temporary file was removed too

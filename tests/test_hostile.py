@@ -1,0 +1,203 @@
+"""What a hostile or unlucky user still broke (issue 23), each through the real CLI where it can be: wrong results
+with exit 0 (non-finite voxels, one output written over another, a batch eating its own outputs, a DICOM slice
+dropped) and output problems found only after the computation. Every refusal is one ``error:`` line, exit 1, no
+traceback, and nothing written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from medldm.errors import MedldmError
+from medldm.outputs import check_output, write_atomically
+from tests.test_bad_inputs import (
+    _edit_dicom,
+    _ixi,
+    _save,
+    _series,
+    assert_refused,
+    medldm,
+    out_dir,
+    tiny_model,  # the untrained tiny model folder (a module fixture)
+)
+
+__all__ = ["out_dir", "tiny_model"]  # fixtures used by the tests below
+
+
+def _small_scan(tmp: Path, name: str = "s.nii.gz", peak: float | None = None) -> Path:
+    """A 48 x 48 x 24 block of the IXI scan (rescaled to reach ``peak``): small enough for the untrained tiny model
+    to upscale in seconds."""
+    data, affine = _ixi()
+    block = data[36:84, 36:84, 33:57].astype(np.float64)
+    if peak is not None:
+        block *= peak / block.max()
+    return _save(tmp, name, block.astype(np.float32), affine)
+
+
+def _upscale(*args) -> object:
+    return medldm("upscale", *args, "--device", "cpu")
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------ 1. non-finite
+def test_a_config_with_an_infinite_learning_rate_is_refused(tmp_path):
+    from tests.test_bad_inputs import TINY_CONFIG
+
+    config = tmp_path / "inf.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("lr: 1.0e-3}", "lr: .inf}", 1))
+    result = medldm("train", "--config", config, "--run-dir", tmp_path / "run")
+    assert_refused(result, config, "training.autoencoder.lr")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_training_stops_with_one_line_and_exports_nothing(tmp_path, monkeypatch):
+    from medldm.data import PairSampler
+    from tests.test_train import tiny, trainer
+
+    real = PairSampler.batch
+
+    def poisoned(self, *a, **k):
+        batch = real(self, *a, **k)
+        batch["hr"] = torch.full_like(batch["hr"], float("nan"))
+        return batch
+
+    monkeypatch.setattr(PairSampler, "batch", poisoned)
+    config, root = tiny()
+    with pytest.raises(MedldmError, match="loss became nan at step 1: training diverged"):
+        trainer(config, root, tmp_path / "run").run("all")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_model_that_outputs_nan_writes_nothing(tmp_path, out_dir, tiny_model):
+    model = Path(shutil.copytree(tiny_model / "model", tmp_path / "model"))
+    weights = load_file(model / "denoiser.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()},
+              str(model / "denoiser.safetensors"))
+    from tests.test_bad_inputs import _reseal
+
+    _reseal(model)
+    out = out_dir / "sr.nii.gz"
+    assert_refused(_upscale(_small_scan(tmp_path), "--model", model, "-o", out), out, "non-finite voxels",
+                   out_dir=out_dir)
+
+
+def test_input_values_near_the_float32_limit_are_refused_not_written_as_inf(tmp_path, out_dir, tiny_model):
+    scan = _small_scan(tmp_path, peak=3e38)
+    assert np.isfinite(nib.load(scan).get_fdata(dtype=np.float32)).all()
+    out = out_dir / "sr.nii.gz"
+    result = _upscale(scan, "--model", tiny_model / "model", "-o", out)
+    assert_refused(result, scan, "beyond the 1e+30 float32 arithmetic can upscale safely", out_dir=out_dir)
+
+
+def test_infinite_noise_is_refused(tmp_path, out_dir):
+    result = medldm("degrade", _small_scan(tmp_path), out_dir / "lr.nii.gz", "--scale", "2", "--noise", "inf")
+    assert_refused(result, "noise must be a finite number", out_dir=out_dir)
+
+
+# ----------------------------------------------------------------------- 2. one output over another
+def test_the_uncertainty_map_never_replaces_the_scan(tmp_path, out_dir, tiny_model):
+    out = out_dir / "UP.NII.GZ"
+    result = _upscale(_small_scan(tmp_path), "--model", tiny_model / "model", "-o", out, "--samples", "2")
+    assert result.returncode == 0, result.stderr
+    assert _listing(out_dir) == ["UP.NII.GZ", "UP_uncertainty.NII.GZ"]
+    assert not np.array_equal(nib.load(out).get_fdata(), nib.load(out_dir / "UP_uncertainty.NII.GZ").get_fdata())
+
+
+def test_degrade_refuses_one_path_for_both_of_its_outputs(tmp_path, out_dir):
+    same = out_dir / "same.nii.gz"
+    result = medldm("degrade", _small_scan(tmp_path), same, "--hr-out", same, "--overwrite")
+    assert_refused(result, "two outputs of this command would share one file", out_dir=out_dir)
+
+
+# --------------------------------------------------------------------- 3. a batch and its own outputs
+def test_a_second_batch_run_writes_nothing_and_ignores_its_own_files(tmp_path, tiny_model):
+    batch = tmp_path / "b"
+    batch.mkdir()
+    _small_scan(batch, "a.nii.gz")
+    (batch / ".a_sr.nii.gz.0123abcd.partial.nii.gz").write_bytes(b"left by a killed run")
+    first = _upscale(batch, "--model", tiny_model / "model")
+    assert first.returncode == 0, first.stderr
+    assert "1 written, 0 skipped" in first.stdout
+    before = _listing(batch)
+    second = _upscale(batch, "--model", tiny_model / "model")
+    assert second.returncode == 0, second.stderr
+    assert "0 written, 1 skipped" in second.stdout and _listing(batch) == before  # no a_sr_sr.nii.gz
+    inside = batch / "out"  # an output folder inside the input folder is not an input
+    third = _upscale(batch, "--model", tiny_model / "model", "-o", inside)
+    assert third.returncode == 0, third.stderr
+    assert "1 written" in third.stdout and _listing(inside) == ["a_sr.nii.gz"]
+
+
+# ------------------------------------------------------------------------------- 4. DICOM slices
+def test_a_dicom_edge_slice_without_a_position_is_refused(tmp_path, out_dir):
+    folder, files = _series(tmp_path)
+    _edit_dicom(files[0], lambda ds: delattr(ds, "ImagePositionPatient"))
+    result = medldm("convert", folder, out_dir / "x.nii.gz")
+    assert_refused(result, files[0].name, "ImagePositionPatient", out_dir=out_dir)
+    assert pydicom.dcmread(files[0]).SeriesInstanceUID  # the file itself is a readable image of the series
+
+
+# --------------------------------------------------------------- 5. output problems before computing
+@pytest.mark.parametrize("case", ["parent-is-a-file", "temporary-name-too-long", "preview-suffix", "read-only"])
+def test_output_problems_are_found_before_any_work(tmp_path, out_dir, tiny_model, case):
+    scan = _small_scan(tmp_path)
+    args, phrase = {
+        "parent-is-a-file": (["-o", scan / "x.nii.gz"], "is not a folder"),
+        "temporary-name-too-long": (["-o", out_dir / ("n" * 230 + ".nii.gz")], "temporary file would pass 255"),
+        "preview-suffix": (["-o", out_dir / "x.nii.gz", "--preview", out_dir / "p.txtx"], "preview must end in .png"),
+        "read-only": (["-o", out_dir / "x.nii.gz"], "is not writable"),
+    }[case]
+    if case == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        out_dir.chmod(0o555)
+    try:
+        result = _upscale(scan, "--model", tiny_model / "model", *args)
+    finally:
+        out_dir.chmod(0o755)
+    assert_refused(result, phrase, out_dir=out_dir)
+
+
+def test_a_full_disk_gives_one_line_and_no_partial_file(tmp_path):
+    def full(tmp: Path) -> None:
+        tmp.write_bytes(b"half a volume")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(MedldmError, match="no space left on the device; nothing was written"):
+        write_atomically(tmp_path / "x.nii.gz", full)
+    assert _listing(tmp_path) == []
+
+
+def test_sigterm_during_a_save_leaves_no_temporary_file(tmp_path):
+    def killed(tmp: Path) -> None:
+        tmp.write_bytes(b"half a volume")
+        raise SystemExit(143)  # what the CLI's SIGTERM handler raises
+
+    with pytest.raises(SystemExit):
+        write_atomically(tmp_path / "x.nii.gz", killed)
+    assert _listing(tmp_path) == []
+
+
+def test_of_two_runs_racing_for_one_name_exactly_one_writes_it(tmp_path):
+    target = tmp_path / "x.nii.gz"
+    check_output(target)  # both runs pass the check ...
+
+    def meanwhile(tmp: Path) -> None:  # ... then the other run finishes first
+        tmp.write_bytes(b"ours")
+        target.write_bytes(b"theirs")
+
+    with pytest.raises(MedldmError, match="already exists"):
+        write_atomically(target, meanwhile)
+    assert target.read_bytes() == b"theirs" and _listing(tmp_path) == ["x.nii.gz"]
