@@ -90,10 +90,11 @@ def _check_outputs(scans: list[Path], overwrite: bool, previews: list[Path] = ()
 
 def _load(scan: Path, series: str | None = None):
     from rich.console import Console
+    from rich.markup import escape
 
     from medldm.volume import load
 
-    with Console(stderr=True).status(f"reading {scan}"):
+    with Console(stderr=True).status(f"reading {escape(str(scan))}"):
         return load(scan, series_uid=series)
 
 
@@ -102,13 +103,14 @@ def info(scan: Scan, series: Series = None):
     """Shape, spacing, orientation, intensity range and modality of a scan."""
     import numpy as np
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from medldm.intensity import guess_modality
 
     vol = _load(scan, series)
     p1, p99 = np.percentile(vol.data, [1, 99])
-    table = Table(title=str(scan), show_header=False, title_justify="left")
+    table = Table(title=escape(str(scan)), show_header=False, title_justify="left")
     rows = {
         "format": vol.meta.get("format", "?"),
         "shape": " x ".join(str(n) for n in vol.shape),
@@ -122,7 +124,7 @@ def info(scan: Scan, series: Series = None):
     if "series_uid" in vol.meta:
         rows["series"] = f"{vol.meta['series_uid']} {vol.meta.get('series_description', '')}".strip()
     for key, value in rows.items():
-        table.add_row(key, value)
+        table.add_row(key, escape(value))  # file names and DICOM text may hold rich markup such as "[/]"
     table.add_row("affine", "\n".join("  ".join(f"{v:9.4f}" for v in row) for row in vol.affine))
     Console().print(table)
 
@@ -298,6 +300,7 @@ def upscale(
 ):
     """Upscale a scan (or every scan in a folder) with the latent diffusion model."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
@@ -339,7 +342,7 @@ def upscale(
                     skipped.append(target)  # a resumed batch skips finished outputs
                     continue
                 vol = _load(source, series)
-                task = bar.add_task(source.name, total=None)
+                task = bar.add_task(escape(source.name), total=None)
                 result = upscaler.upscale(vol, axis=axis, scale=scale, kind=kind.value if kind else None,
                                           samples=samples, seed=seed,
                                           progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
@@ -351,15 +354,15 @@ def upscale(
 
                     before_after(vol, result.sr, preview, overwrite=overwrite)
                 written.append(target)
-                bar.console.print(
+                bar.console.print(  # plain text, one line whatever the width (scripts parse it)
                     f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, {result.task.kind} "
                     f"x{result.task.scale} along voxel axis {result.axis}, consistency residual "
-                    f"{100 * result.residual:.3f}% of range")
+                    f"{100 * result.residual:.3f}% of range", markup=False, highlight=False, soft_wrap=True)
             except MedldmError as err:
                 if batch is None:
                     raise
                 failures.append(str(err))
-                bar.console.print(f"[red]failed[/]: {err}")
+                bar.console.print(f"[red]failed[/]: {escape(str(err))}", soft_wrap=True)
             finally:
                 if overall is not None:
                     bar.update(overall, advance=1)
@@ -405,6 +408,7 @@ def evaluate(
     if (out / "report.html").exists() and not overwrite:
         raise MedldmError("already holds a report; pass --overwrite to replace it", out)
     from medldm.evaluation.evaluate import evaluate as run_evaluation
+    from rich.markup import escape
 
     console = Console(stderr=True)
     with console.status("evaluating") as status:
@@ -413,7 +417,7 @@ def evaluate(
             planes=planes.value, refine=refine, baselines=baseline or None,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
-            progress=lambda name, i, n: status.update(f"evaluating {name} ({i + 1}/{n})"))
+            progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"))
     import json
 
     summary = json.loads((out / "summary.json").read_text())

@@ -201,3 +201,18 @@ def test_of_two_runs_racing_for_one_name_exactly_one_writes_it(tmp_path):
     with pytest.raises(MedldmError, match="already exists"):
         write_atomically(target, meanwhile)
     assert target.read_bytes() == b"theirs" and _listing(tmp_path) == ["x.nii.gz"]
+
+
+# ------------------------------------------------------------------------------ 6. rich markup in paths
+def test_paths_that_look_like_rich_markup_are_printed_as_they_are(tmp_path, tiny_model):
+    (tmp_path / "scan[").mkdir()
+    scan = _small_scan(tmp_path / "scan[", "]x.nii.gz")  # the path reads ".../scan[/]x.nii.gz": a closing tag
+    assert str(scan).endswith("scan[/]x.nii.gz")
+    shown = medldm("info", scan)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    (tmp_path / "o[bold").mkdir()
+    out = tmp_path / "o[bold" / "]r[/].nii.gz"
+    result = _upscale(scan, "--model", tiny_model / "model", "-o", out)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("wrote")]
+    assert len(lines) == 1 and lines[0].startswith(f"wrote {out}:") and lines[0].endswith("% of range")  # unwrapped
