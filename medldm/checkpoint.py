@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "load_weights",
            "read_model_folder", "sha256"]
 
 STEP_PREFIX = "step_"
+MODEL_FILES = ("config.json", "model.json", "autoencoder.safetensors", "denoiser.safetensors")  # every model has
 
 
 def sha256(path: Path) -> str:
@@ -109,6 +111,41 @@ def write_model_folder(out: Path, *, config: dict, info: dict, modules: dict[str
     return out
 
 
+def _listed_checksums(folder: Path) -> dict[str, str]:
+    """SHA256SUMS as {file name: digest}: well-formed lines, names of files directly in the folder, and every
+    weight and description file of the folder listed (an empty or partial list must not verify nothing)."""
+    listed: dict[str, str] = {}
+    for number, line in enumerate((folder / "SHA256SUMS").read_text(errors="replace").splitlines(), 1):
+        parts = line.split(maxsplit=1)
+        if not parts:
+            continue
+        name = parts[1].strip().removeprefix("*") if len(parts) == 2 else ""  # "*": sha256sum's binary mark
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]) or not name:
+            raise MedldmError(f"SHA256SUMS line {number} is not '<sha256>  <file name>'", folder)
+        if name in (".", "..") or Path(name).name != name or "\\" in name:
+            raise MedldmError(f"SHA256SUMS names {name!r}, which is not a file of this folder", folder)
+        listed[name] = parts[0].lower()
+    unlisted = sorted(p.name for p in folder.iterdir()
+                      if p.suffix in (".json", ".safetensors") and p.name not in listed)
+    missing = [n for n in MODEL_FILES if n not in listed]
+    if unlisted or missing:
+        raise MedldmError(f"SHA256SUMS does not list {', '.join(unlisted + missing)} (incomplete or altered)", folder)
+    return listed
+
+
+def _check_info(info, folder: Path) -> dict:
+    """model.json: an object with a finite, positive latent_scale and, if present, valid sampling defaults."""
+    scale = info.get("latent_scale") if isinstance(info, dict) else None
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < float("inf"):
+        raise MedldmError("model.json needs a positive number latent_scale", folder)
+    sampling = info.get("sampling", {})
+    steps, refine = (sampling.get("steps", 1), sampling.get("refine", 0.0)) if isinstance(sampling, dict) else (0, 0)
+    if (not isinstance(sampling, dict) or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+            or isinstance(refine, bool) or not isinstance(refine, int | float) or not 0 <= refine < 1):
+        raise MedldmError("model.json sampling must be {\"steps\": integer >= 1, \"refine\": number in [0, 1)}", folder)
+    return info
+
+
 def read_model_folder(folder: Path, *, verify: bool = True) -> tuple[dict, dict]:
     """(config, model info) of a model folder, after checking every file against SHA256SUMS."""
     folder = Path(folder)
@@ -117,12 +154,15 @@ def read_model_folder(folder: Path, *, verify: bool = True) -> tuple[dict, dict]
         raise MedldmError("no such model folder", folder)
     if not folder.is_dir() or not sums.is_file():
         raise MedldmError("not a medldm model folder (no SHA256SUMS)", folder)
+    listed = _listed_checksums(folder)
     if verify:
-        for line in sums.read_text().splitlines():
-            digest, name = line.split(maxsplit=1)
+        for name, digest in listed.items():
             if not (folder / name).is_file() or sha256(folder / name) != digest:
                 raise MedldmError(f"{name} is missing or does not match its checksum (corrupt or altered)", folder)
     try:
-        return json.loads((folder / "config.json").read_text()), json.loads((folder / "model.json").read_text())
+        config, info = json.loads((folder / "config.json").read_text()), json.loads((folder / "model.json").read_text())
     except Exception as exc:
         raise MedldmError(f"model description cannot be read ({exc})", folder) from None
+    if not isinstance(config, dict):
+        raise MedldmError("config.json must hold an object", folder)
+    return config, _check_info(info, folder)

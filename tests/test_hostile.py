@@ -6,6 +6,8 @@ traceback, and nothing written."""
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -216,3 +218,46 @@ def test_paths_that_look_like_rich_markup_are_printed_as_they_are(tmp_path, tiny
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("wrote")]
     assert len(lines) == 1 and lines[0].startswith(f"wrote {out}:") and lines[0].endswith("% of range")  # unwrapped
+
+
+# ------------------------------------------------------------------------------------ 9. model folders
+def _tamper_sums(model: Path, edit) -> None:
+    sums = model / "SHA256SUMS"
+    sums.write_text(edit(sums.read_text()))
+
+
+def _secret_outside(model: Path) -> str:
+    secret = model.parent / "secret.txt"
+    secret.write_text("not for medldm")
+    return f"{hashlib.sha256(secret.read_bytes()).hexdigest()}  ../secret.txt\n"
+
+
+MODEL_CASES = {
+    "empty-sums": (lambda m: _tamper_sums(m, lambda t: ""), "SHA256SUMS does not list"),
+    "partial-sums": (lambda m: _tamper_sums(m, lambda t: "".join(t.splitlines(True)[:2])), "SHA256SUMS does not list"),
+    "name-outside": (lambda m: _tamper_sums(m, lambda t: t + _secret_outside(m)), "not a file of this folder"),
+    "malformed-line": (lambda m: _tamper_sums(m, lambda t: t + "nonsense\n"), "SHA256SUMS line"),
+    "scale-is-text": (lambda m: _set_info(m, latent_scale="big"), "positive number latent_scale"),
+    "scale-missing": (lambda m: _set_info(m, latent_scale=None), "positive number latent_scale"),
+    "info-is-a-list": (lambda m: _set_info(m, whole=[1, 2]), "positive number latent_scale"),
+    "bad-sampling": (lambda m: _set_info(m, sampling={"steps": "many"}), "model.json sampling"),
+}
+
+
+def _set_info(model: Path, whole=None, **changes) -> None:
+    from tests.test_bad_inputs import _reseal
+
+    info = json.loads((model / "model.json").read_text())
+    info.update(changes)
+    info = {k: v for k, v in info.items() if v is not None} if whole is None else whole
+    (model / "model.json").write_text(json.dumps(info))
+    _reseal(model)
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+def test_a_tampered_model_folder_is_refused_with_one_line(tmp_path, out_dir, tiny_model, case):
+    model = Path(shutil.copytree(tiny_model / "model", tmp_path / "model"))
+    damage, phrase = MODEL_CASES[case]
+    damage(model)
+    result = _upscale(_small_scan(tmp_path), "--model", model, "-o", out_dir / "sr.nii.gz")
+    assert_refused(result, model, phrase, out_dir=out_dir)
