@@ -101,8 +101,10 @@ def write_model_folder(out: Path, *, config: dict, info: dict, modules: dict[str
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "model.json").write_text(json.dumps(info, indent=1))
+    mode = (tmp / "config.json").stat().st_mode & 0o777  # what the umask gives; safetensors writes 0600
     for name, module in modules.items():
         save_file(_state_dict(module), str(tmp / f"{name}.safetensors"))
+        os.chmod(tmp / f"{name}.safetensors", mode)
     sums = [f"{sha256(p)}  {p.name}" for p in sorted(tmp.iterdir())]
     (tmp / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     if out.exists():

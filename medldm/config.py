@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -22,6 +22,11 @@ from medldm.errors import MedldmError
 __all__ = ["Config", "load_config", "DataSource", "Estimator", "Task", "resolve_sources"]
 
 DATA_ROOT_ENV = "MEDLDM_DATA_ROOT"
+
+
+MAX_PATCH = 512  # voxels per patch axis: beyond it one batch would not fit in memory on any machine
+Channels = Annotated[int, Field(ge=1, le=2048)]  # per network level: bounded before anything is allocated
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # names that become file names: no folders, nothing hidden
 
 
 class _Strict(BaseModel):
@@ -59,10 +64,11 @@ class Data(_Strict):
     sources: list[DataSource] = Field(min_length=1)
     tasks: list[Task] = Field(min_length=1)
     spatial_dims: Literal[2, 3] = 2
-    patch_size: list[int] = Field(min_length=2, max_length=3)
+    patch_size: list[int] = Field(min_length=2, max_length=3)  # each at most MAX_PATCH (memory)
     foreground_fraction: float = Field(0.9, ge=0, le=1)
     intensity: Intensity = Intensity()
-    cache: str | None = None  # HDF5 file of normalised volumes (h5py), relative to the run folder
+    # HDF5 file of normalised volumes (h5py): a plain file name, kept in the run folder
+    cache: str | None = Field(None, pattern=NAME_PATTERN, max_length=128)
     noise: float = Field(0.0, ge=0, le=0.2)  # Rician noise on LR inputs, fraction of the intensity range
     # 2.5D: 2D models see the LR planes of `slab` adjacent planes (the target in the middle) as the condition
     slab: int = Field(1, ge=1)
@@ -83,14 +89,14 @@ class Data(_Strict):
     def _patch_matches_dims(self):
         if len(self.patch_size) != self.spatial_dims:
             raise ValueError(f"patch_size has {len(self.patch_size)} entries but spatial_dims is {self.spatial_dims}")
-        if any(p < 8 for p in self.patch_size):
-            raise ValueError("patch_size entries must be at least 8")
+        if any(p < 8 or p > MAX_PATCH for p in self.patch_size):
+            raise ValueError(f"patch_size entries must lie in 8..{MAX_PATCH}")
         return self
 
 
 class Autoencoder(_Strict):
     kind: Literal["kl", "vq"] = "kl"
-    channels: list[int] = Field([32, 64, 64], min_length=2, max_length=4)  # f = 2 ** (len(channels) - 1)
+    channels: list[Channels] = Field([32, 64, 64], min_length=2, max_length=4)  # f = 2 ** (len(channels) - 1)
     latent_channels: int = Field(4, ge=1, le=16)
     num_res_blocks: int = Field(1, ge=1, le=4)
     norm_num_groups: int = Field(16, ge=1)
@@ -117,21 +123,21 @@ class Autoencoder(_Strict):
 
 class Diffusion(_Strict):
     denoiser: Literal["unet", "dit"] = "unet"
-    channels: list[int] = Field([64, 128, 128], min_length=1, max_length=4)
+    channels: list[Channels] = Field([64, 128, 128], min_length=1, max_length=4)
     attention_levels: list[bool] = [False, False, True]
     num_res_blocks: int = Field(1, ge=1, le=4)
     num_head_channels: int = Field(32, ge=8)
     norm_num_groups: int = Field(32, ge=1)
     # DiT option
     patch: int = Field(2, ge=1)
-    depth: int = Field(6, ge=1)
-    width: int = Field(192, ge=32)
+    depth: int = Field(6, ge=1, le=64)
+    width: int = Field(192, ge=32, le=4096)
     heads: int = Field(6, ge=1)
     # process
-    timesteps: int = Field(1000, ge=10)
+    timesteps: int = Field(1000, ge=10, le=10000)
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "scaled_linear_beta"
-    beta_start: float = Field(0.0015, gt=0)
-    beta_end: float = Field(0.0195, gt=0)
+    beta_start: float = Field(0.0015, gt=0, lt=1)
+    beta_end: float = Field(0.0195, gt=0, lt=1)
     prediction: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     # noise augmentation of the condition: levels 0..condition_levels-1 spread over [0, condition_max_t]
     condition_levels: int = Field(8, ge=1)
@@ -149,6 +155,8 @@ class Diffusion(_Strict):
             raise ValueError("attention_levels needs one entry per channels entry")
         if self.condition_max_t >= self.timesteps:
             raise ValueError("condition_max_t must be below timesteps")
+        if self.beta_start >= self.beta_end:
+            raise ValueError(f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end})")
         return self
 
 
@@ -157,7 +165,7 @@ class Estimator(_Strict):
     planes, the target in the middle) to the HR plane, trained with L1 to give the posterior mean. The diffusion
     model then adds only the detail this estimate lacks (medldm.pipeline)."""
 
-    channels: list[int] = Field([32, 64, 128], min_length=1, max_length=4)  # one resolution level each
+    channels: list[Channels] = Field([32, 64, 128], min_length=1, max_length=4)  # one resolution level each
     num_res_blocks: int = Field(2, ge=1, le=4)
     slab: int = Field(5, ge=1)
 
@@ -179,6 +187,15 @@ class Stage(_Strict):
     # progressive growing: [[until_step, size...], ...] trains on smaller patches first (None = fixed size)
     progressive: list[list[int]] | None = None
 
+    @field_validator("progressive")
+    @classmethod
+    def _sizes_bounded(cls, stages):
+        for stage in stages or []:
+            if len(stage) < 2 or stage[0] < 1 or any(not 8 <= n <= MAX_PATCH for n in stage[1:]):
+                raise ValueError(f"each progressive entry is [until_step, size...] with sizes in 8..{MAX_PATCH}, "
+                                 f"not {stage}")
+        return stages
+
 
 class Training(_Strict):
     seed: int = 0
@@ -196,7 +213,7 @@ class Training(_Strict):
 
 
 class Config(_Strict):
-    name: str
+    name: str = Field(pattern=NAME_PATTERN, max_length=128)  # names the run folder: no paths
     data: Data
     autoencoder: Autoencoder = Autoencoder()
     diffusion: Diffusion = Diffusion()

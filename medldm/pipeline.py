@@ -36,7 +36,7 @@ from medldm.nets import (
     build_schedule,
     channels_last_format,
 )
-from medldm.volume import Volume, rescaled_affine, resolve_axis
+from medldm.volume import Volume, check_memory, rescaled_affine, resolve_axis
 
 __all__ = ["PLANES", "LoadedModel", "load_model", "Upscaler", "UpscaleResult", "RunningStats", "DEFAULT_MODEL"]
 
@@ -235,6 +235,10 @@ class Upscaler:
         task, a = self.choose(volume, axis=axis, scale=scale, kind=kind)
         op = make_operator(task.kind, axis=a, scale=task.scale, spatial_dims=3, profile=task.profile)
         hr_shape = op.input_shape(volume.shape)
+        # HR-grid float32 volumes alive at once: the sum over stacks, the running mean (and spread), the estimate
+        # (and its kept copy), the output in the scan's units; refused now rather than after minutes of work
+        copies = 3 + (self.model.estimator is not None) + keep_estimate + 2 * (samples > 1)
+        check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
         try:
             norm = normaliser(self.model.config, volume.data)
         except MedldmError as err:  # e.g. a constant image: name the scan

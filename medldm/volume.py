@@ -30,6 +30,7 @@ __all__ = [
     "crop",
     "crop_to_multiple",
     "face_corners",
+    "check_memory",
 ]
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -214,17 +215,18 @@ def _check_voxels(data: np.ndarray, path: Path) -> None:
         raise MedldmError(f"{bad} voxels are NaN or infinite", path)
 
 
-def _check_size(shape, path: Path, bytes_per_voxel: int = 4) -> None:
-    """Refuse up front a volume that cannot fit in memory, with the estimate."""
-    need = float(np.prod(np.asarray(shape, dtype=np.float64))) * bytes_per_voxel
+def check_memory(shape, path, *, copies: float = 1, what: str = "declared size", share: float = 0.5) -> None:
+    """Refuse up front work whose ``copies`` float32 volumes of ``shape`` would take more than ``share`` of this
+    machine's memory, with the estimate."""
+    need = float(np.prod(np.asarray(shape, dtype=np.float64))) * 4 * copies
     try:
         have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return
-    if need > 0.5 * have:
+    if need > share * have:
         raise MedldmError(
-            f"declared size {tuple(int(s) for s in shape)} needs {need / 2**30:.1f} GiB as float32, "
-            f"more than half of this machine's {have / 2**30:.1f} GiB",
+            f"{what} {tuple(int(s) for s in shape)} needs {need / 2**30:.1f} GiB as float32, "
+            f"more than {share:.0%} of this machine's {have / 2**30:.1f} GiB",
             path,
         )
 
@@ -274,7 +276,7 @@ def _load_nifti(path: Path) -> Volume:
     if dtype.fields is not None or np.issubdtype(dtype, np.complexfloating):
         raise MedldmError(f"voxel type {dtype} (RGB or complex) is not a scalar image", path)
     shape = _squeeze_to_3d(img.shape, path)
-    _check_size(shape, path)
+    check_memory(shape, path)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as exc:  # truncated gzip: EOFError, zlib.error, OSError ...
@@ -500,7 +502,7 @@ def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
     pixels = [_read_pixels(fr) for fr in frames]
     if len({p.shape for p in pixels}) != 1:
         raise MedldmError("slices differ in size within the series", where)
-    _check_size((*pixels[0].shape, len(pixels)), where)
+    check_memory((*pixels[0].shape, len(pixels)), where)
     # voxel axis i runs along a row (DICOM column index), j down the columns (row index), k across slices
     data = np.stack([p.T.astype(np.float32) * fr.slope + fr.intercept for p, fr in zip(pixels, frames, strict=True)],
                     axis=-1)

@@ -261,3 +261,48 @@ def test_a_tampered_model_folder_is_refused_with_one_line(tmp_path, out_dir, tin
     damage(model)
     result = _upscale(_small_scan(tmp_path), "--model", model, "-o", out_dir / "sr.nii.gz")
     assert_refused(result, model, phrase, out_dir=out_dir)
+
+
+# --------------------------------------------------------------------------------- 11. training configs
+CONFIG_ESCAPES = {
+    "name-climbs-out": ("name: tiny_2d", "name: ../../escaped", "name"),
+    "cache-climbs-out": ("  patch_size: [32, 32]", "  patch_size: [32, 32]\n  cache: ../../escaped.h5", "data.cache"),
+    "cache-absolute": ("  patch_size: [32, 32]", "  patch_size: [32, 32]\n  cache: /tmp/escaped.h5", "data.cache"),
+    "huge-patch": ("  patch_size: [32, 32]", "  patch_size: [100000, 100000]", "patch_size entries must lie in"),
+    "huge-progressive": ("lr: 1.0e-3}", "lr: 1.0e-3, progressive: [[2, 99999, 99999]]}", "progressive"),
+    "beta-end-above-one": ("  condition_levels: 4", "  condition_levels: 4\n  beta_end: 2.0", "beta_end"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ESCAPES))
+def test_a_training_config_cannot_write_outside_its_run_or_exhaust_memory(tmp_path, case):
+    from tests.test_bad_inputs import TINY_CONFIG
+
+    old, new, phrase = CONFIG_ESCAPES[case]
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    config = work / "bad.yaml"
+    text = TINY_CONFIG.read_text()
+    assert old in text
+    config.write_text(text.replace(old, new, 1))
+    before = _listing(tmp_path)
+    result = medldm("train", "--config", config, "--run-dir", work / "run")
+    assert_refused(result, config, phrase)
+    assert _listing(tmp_path) == before and not Path("/tmp/escaped.h5").exists()  # nothing written anywhere
+
+
+# ---------------------------------------------------------------------------------- 10. output size
+def test_an_output_too_large_for_memory_is_refused_before_any_work(tmp_path, out_dir, tiny_model, monkeypatch):
+    """The scan fits, its x4 upscaled grid would not: refused with the estimate before the networks run."""
+    from medldm.pipeline import Upscaler
+    from medldm.volume import load
+
+    scan = load(_small_scan(tmp_path))
+    upscaler = Upscaler(tiny_model / "model", device="cpu")
+    pages = 4 * 48 * 48 * 24 * 4 * 3 // os.sysconf("SC_PAGE_SIZE")  # memory for about 3 upscaled volumes
+    monkeypatch.setattr(os, "sysconf", lambda name: pages if name == "SC_PHYS_PAGES" else 4096)
+    ran = []
+    monkeypatch.setattr(Upscaler, "_sample_volume", lambda *a, **k: ran.append(1))
+    with pytest.raises(MedldmError, match=r"the upscaled grid \(48, 192, 24\) needs .* GiB as float32, more than 80%"):
+        upscaler.upscale(scan, axis="z", scale=4, kind="slice-profile")
+    assert not ran
