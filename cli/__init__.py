@@ -95,7 +95,10 @@ def _load(scan: Path, series: str | None = None):
     from medldm.volume import load
 
     with Console(stderr=True).status(f"reading {escape(str(scan))}"):
-        return load(scan, series_uid=series)
+        volume = load(scan, series_uid=series)
+    for warning in volume.meta.get("warnings", []):
+        print(f"warning: {scan}: {warning}", file=sys.stderr)
+    return volume
 
 
 @app.command()

@@ -245,16 +245,34 @@ def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path) -> tuple[int, int, i
 
 
 def _raw_nifti_header(path: Path):
-    """The NIfTI-1 header as stored (nibabel repairs some fields on load: a zero pixdim becomes 1 mm), or None
-    when the file does not start with one (NIfTI-2, damaged: nib.load decides and explains)."""
+    """The NIfTI-1 or NIfTI-2 header as stored (nibabel repairs some fields on load: a zero pixdim becomes 1 mm),
+    or None when the file does not start with one (damaged: nib.load decides and explains)."""
     from nibabel.openers import ImageOpener
 
     try:
         with ImageOpener(str(path)) as fh:
-            hdr = nib.Nifti1Header(fh.read(348), check=False)
-        return hdr if hdr["magic"].item() in (b"n+1", b"ni1") else None
+            block = fh.read(540)
+        kinds = ((nib.Nifti1Header, 348, (b"n+1", b"ni1")), (nib.Nifti2Header, 540, (b"n+2", b"ni2")))
+        for header, size, magics in kinds:
+            hdr = header(block[:size], check=False)
+            if hdr["magic"].item()[:3] in magics:
+                return hdr
     except Exception:
         return None
+    return None
+
+
+def _geometry_warnings(img) -> list[str]:
+    """What the header leaves unsure about where the voxels are (the volume still loads)."""
+    sform, s_code = img.header.get_sform(coded=True)
+    qform, q_code = img.header.get_qform(coded=True)
+    if s_code == 0 and q_code == 0:
+        return ["neither sform nor qform is set: the orientation is unknown, so the voxel sizes alone place the "
+                "image (nibabel's default, left-right flipped); check it before trusting left and right"]
+    if s_code and q_code and not np.allclose(sform, qform, atol=1e-3):
+        gap = float(np.abs(sform - qform).max())
+        return [f"the qform and the sform disagree (by up to {gap:.3g} in the affine); the sform is used"]
+    return []
 
 
 def _load_nifti(path: Path) -> Volume:
@@ -288,6 +306,7 @@ def _load_nifti(path: Path) -> Volume:
         "dtype": str(dtype),
         "scl_slope": float(slope) if slope is not None else 1.0,
         "scl_inter": float(inter) if inter is not None else 0.0,
+        "warnings": _geometry_warnings(img),  # the command line prints them as "warning:" lines
     }
     try:
         return Volume(data, img.affine, meta)

@@ -306,3 +306,38 @@ def test_an_output_too_large_for_memory_is_refused_before_any_work(tmp_path, out
     with pytest.raises(MedldmError, match=r"the upscaled grid \(48, 192, 24\) needs .* GiB as float32, more than 80%"):
         upscaler.upscale(scan, axis="z", scale=4, kind="slice-profile")
     assert not ran
+
+
+# ------------------------------------------------------------------------------ 8. geometry invented
+def _nifti_with(tmp: Path, name: str, *, image=nib.Nifti1Image, sform: int, qform: int, qform_shift: float = 0.0,
+                zero_pixdim: bool = False) -> Path:
+    data, affine = _ixi()
+    img = image(data[36:84, 36:84, 33:57].astype(np.float32), None)
+    img.set_sform(affine, code=sform)
+    shifted = affine.copy()
+    shifted[:3, 3] += qform_shift
+    img.set_qform(shifted, code=qform)
+    path = tmp / name
+    nib.save(img, path)
+    if zero_pixdim:  # edited in the bytes: nibabel's save would rewrite the voxel sizes from the affine
+        raw = bytearray(path.read_bytes())
+        raw[120:128] = np.float64(0.0).tobytes()  # NIfTI-2: pixdim is float64[8] at byte 104; pixdim[2]
+        path.write_bytes(bytes(raw))
+        assert nib.Nifti2Header(bytes(raw[:540]), check=False)["pixdim"][2] == 0
+    return path
+
+
+@pytest.mark.parametrize("case", ["no-sform-no-qform", "qform-disagrees", "nifti2-zero-pixdim"])
+def test_invented_geometry_is_said_or_refused(tmp_path, case):
+    if case == "no-sform-no-qform":
+        scan = _nifti_with(tmp_path, "s.nii.gz", sform=0, qform=0)
+        result = medldm("info", scan)
+        assert result.returncode == 0 and "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"warning: {scan}: neither sform nor qform is set"), result.stderr
+    elif case == "qform-disagrees":
+        scan = _nifti_with(tmp_path, "s.nii.gz", sform=1, qform=1, qform_shift=5.0)
+        result = medldm("info", scan)
+        assert result.returncode == 0 and "the qform and the sform disagree (by up to 5" in result.stderr
+    else:  # NIfTI-2 with a zero voxel size and no sform: the geometry is unknowable
+        scan = _nifti_with(tmp_path, "s.nii", image=nib.Nifti2Image, sform=0, qform=0, zero_pixdim=True)
+        assert_refused(medldm("info", scan), scan, "zero entry and no sform")
