@@ -235,12 +235,15 @@ def train(
 
 
 def _batch_inputs(folder: Path, out_dir: Path | None) -> list[Path] | None:
-    """The scans of a batch folder (NIfTI/NRRD files and DICOM sub-folders), or None for a DICOM series folder.
+    """The scans of a batch folder (NIfTI/NRRD files and DICOM sub-folders), or None for a DICOM series folder (one
+    that directly holds DICOM files).
     A batch never takes its own products as inputs: hidden and temporary files, the outputs (and uncertainty maps)
     of the folder's other scans, and the output folder when it lies inside."""
     from medldm.outputs import is_temporary
-    from medldm.volume import SCAN_SUFFIXES
+    from medldm.volume import SCAN_SUFFIXES, holds_dicom
 
+    if holds_dicom(folder):  # one rule for every command (medldm.volume.holds_dicom)
+        return None
     entries = [p for p in folder.iterdir() if not is_temporary(p)]
     files = [p for p in entries if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)]
     subdirs = [p for p in entries if p.is_dir() and (out_dir is None or p.resolve() != out_dir.resolve())]

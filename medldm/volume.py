@@ -31,6 +31,7 @@ __all__ = [
     "crop_to_multiple",
     "face_corners",
     "check_memory",
+    "holds_dicom",
 ]
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -194,7 +195,7 @@ def load(path: str | os.PathLike, *, series_uid: str | None = None) -> Volume:
         raise MedldmError("no such file or folder", path)
     name = path.name.lower()
     if path.is_dir():
-        volume = _load_dicom(sorted(p for p in path.rglob("*") if p.is_file()), path, series_uid)
+        volume = _load_dicom(_series_files(path), path, series_uid)
     elif name.endswith(NIFTI_SUFFIXES):
         volume = _load_nifti(path)
     elif name.endswith(NRRD_SUFFIXES):
@@ -205,6 +206,23 @@ def load(path: str | os.PathLike, *, series_uid: str | None = None) -> Volume:
         raise MedldmError("unknown format: expected .nii, .nii.gz, .nrrd, a DICOM file or a DICOM folder", path)
     _check_voxels(volume.data, path)
     return volume
+
+
+def holds_dicom(folder: Path) -> bool:
+    """The one rule for folders, for every command: a folder that directly holds DICOM files is one DICOM series
+    (other files and sub-folders beside them are ignored); otherwise it is a folder of scans (a batch for upscale)."""
+    return any(p.is_file() and _is_dicom_file(p) for p in folder.iterdir())
+
+
+def _series_files(folder: Path) -> list[Path]:
+    if holds_dicom(folder):
+        return sorted(p for p in folder.iterdir() if p.is_file())
+    scans = [p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)]
+    if scans:
+        raise MedldmError(f"holds scans ({', '.join(sorted(scans)[:3])}{' ...' if len(scans) > 3 else ''}) and no "
+                          "DICOM files of its own: a folder of scans is a batch for 'medldm upscale'; name one scan "
+                          "here", folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file())  # a DICOM tree (patient/study/series/...)
 
 
 def _check_voxels(data: np.ndarray, path: Path) -> None:
