@@ -68,6 +68,7 @@ class Planes(str, Enum):  # medldm.pipeline.PLANES
     both = "both"
 
 
+SEED_MAX = 2**63 - 1  # seeds are mixed and reduced modulo 2^64: larger ones would repeat smaller ones
 REFINE_HELP = ("models with an estimator stage: how far into the noise schedule the diffusion model starts from "
                "the regression estimate (0: the estimate alone; default: the model's)")
 AXIS_HELP = "x, y, z (world L-R, P-A, I-S), i, j, k (voxel axes) or auto (largest spacing, else z)"
@@ -156,7 +157,7 @@ def degrade(
     profile: Annotated[Profile, typer.Option(help="slice profile (slice-profile and blur kinds)")]
     = Profile.gaussian,
     noise: Annotated[float, typer.Option(min=0.0, help="Rician noise, fraction of the 99th percentile")] = 0.0,
-    seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="noise seed")] = 0,
     hr_out: Annotated[Path | None, typer.Option(help="also write the (cropped) high-resolution reference")] = None,
     series: Series = None,
     overwrite: Overwrite = False,
@@ -289,7 +290,8 @@ def upscale(
     sampler: Annotated[str, typer.Option(help="ddim, dpmpp-2m, ddpm, sde or ode")] = "dpmpp-2m",
     samples: Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")]
     = 1,
-    seed: Annotated[int, typer.Option(help="random seed; the same seed gives the same output")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="random seed; the same seed gives the same output")]
+    = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     consistency: Annotated[float, typer.Option(min=0.0, max=1.0, help="data-consistency strength")] = 1.0,
     planes: Annotated[Planes, typer.Option(help="2D models, thick slices: sample one stack of planes containing "
@@ -395,7 +397,7 @@ def evaluate(
     planes: Annotated[Planes, typer.Option(help="2D models, thick slices: one or both stacks of planes")]
     = Planes.both,
     samples: Annotated[int, typer.Option(min=1)] = 1,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX)] = 0,
     baseline: Annotated[list[str] | None, typer.Option(
         "--baseline", help="score only these baselines (repeat the option): nearest, trilinear, bspline, bspline-dc, "
                            "zero-fill (k-space), regression (models with an estimator); default: all that apply")]

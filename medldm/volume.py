@@ -149,7 +149,10 @@ def resolve_axis(volume: Volume, axis: str | int) -> int:
     if name == "auto":
         spacing = np.asarray(volume.spacing)
         if spacing.max() / spacing.min() > 1.2:
-            return int(np.argmax(spacing))
+            # spacings equal up to float noise (3.0 vs 3.0000001) tie: the world-z axis among them, else the first
+            tied = np.nonzero(spacing >= spacing.max() * (1 - 1e-4))[0]
+            z = resolve_axis(volume, "z")
+            return z if z in tied else int(tied[0])
         name = "z"
     if name in ("x", "y", "z"):
         world = "xyz".index(name)

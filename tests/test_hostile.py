@@ -358,3 +358,19 @@ def test_a_folder_means_the_same_to_every_command(tmp_path):
     _small_scan(scans, "a.nii.gz")
     assert _batch_inputs(scans, None) == [scans / "a.nii.gz"]
     assert_refused(medldm("info", scans), scans, "a folder of scans is a batch for 'medldm upscale'")
+
+
+# ------------------------------------------------------------------------------------------- low
+def test_spacings_equal_up_to_float_noise_do_not_pick_the_thick_axis_by_chance(tmp_path):
+    from medldm.volume import Volume, resolve_axis
+
+    data = np.zeros((8, 8, 8), np.float32)
+    for noise in ((0, 1e-7), (1e-7, 0)):  # either of two 3 mm axes a hair larger
+        affine = np.diag([3.0 + noise[0], 1.0, 3.0 + noise[1], 1.0])
+        assert resolve_axis(Volume(data, affine), "auto") == 2  # the world-z one, whatever the noise
+
+
+def test_seeds_beyond_the_mixed_range_are_refused(tmp_path, out_dir):
+    result = medldm("degrade", _small_scan(tmp_path), out_dir / "lr.nii.gz", "--noise", "0.01", "--seed", str(2**64))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--seed" in result.stderr
+    assert _listing(out_dir) == []
