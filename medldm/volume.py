@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,31 @@ def _raw_nifti_header(path: Path):
     return None
 
 
+@contextmanager
+def _nibabel_messages(into: list[str]):
+    """Collect what nibabel says (Python warnings, its 'nibabel.global' log) instead of letting it reach stderr."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("nibabel.global")
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            into.append(" ".join(record.getMessage().split()))
+
+    keep, propagate = _Keep(), logger.propagate
+    logger.addHandler(keep)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        into.extend(" ".join(str(w.message).split()) for w in caught)
+    finally:
+        logger.removeHandler(keep)
+        logger.propagate = propagate
+
+
 def _geometry_warnings(img) -> list[str]:
     """What the header leaves unsure about where the voxels are (the volume still loads)."""
     sform, s_code = img.header.get_sform(coded=True)
@@ -307,8 +333,10 @@ def _load_nifti(path: Path) -> Volume:
         if int(raw["sform_code"]) == 0 and any(not np.isfinite(z) or z == 0 for z in pixdim):
             raise MedldmError(f"voxel size {pixdim} in the header has a zero entry and no sform gives the "
                               "geometry", path)
+    said: list[str] = []  # nibabel's own warnings and log lines, kept for one "warning:" line each
     try:
-        img = nib.load(str(path))
+        with _nibabel_messages(said):
+            img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for broken headers
         raise MedldmError(f"not a readable NIfTI file ({exc})", path) from None
     dtype = img.get_data_dtype()
@@ -317,7 +345,8 @@ def _load_nifti(path: Path) -> Volume:
     shape = _squeeze_to_3d(img.shape, path)
     check_memory(shape, path)
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+        with _nibabel_messages(said):
+            data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as exc:  # truncated gzip: EOFError, zlib.error, OSError ...
         raise MedldmError(f"voxel data cannot be read, the file may be truncated ({exc})", path) from None
     slope, inter = img.dataobj.slope, img.dataobj.inter
@@ -327,7 +356,8 @@ def _load_nifti(path: Path) -> Volume:
         "dtype": str(dtype),
         "scl_slope": float(slope) if slope is not None else 1.0,
         "scl_inter": float(inter) if inter is not None else 0.0,
-        "warnings": _geometry_warnings(img),  # the command line prints them as "warning:" lines
+        # the command line prints them as "warning:" lines (raw library output would break the one-line contract)
+        "warnings": _geometry_warnings(img) + [f"nibabel: {m}" for m in dict.fromkeys(said)],
     }
     try:
         return Volume(data, img.affine, meta)

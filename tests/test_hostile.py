@@ -374,3 +374,14 @@ def test_seeds_beyond_the_mixed_range_are_refused(tmp_path, out_dir):
     result = medldm("degrade", _small_scan(tmp_path), out_dir / "lr.nii.gz", "--noise", "0.01", "--seed", str(2**64))
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--seed" in result.stderr
     assert _listing(out_dir) == []
+
+
+def test_what_nibabel_says_becomes_warning_lines(tmp_path):
+    from tests.test_bad_inputs import _patched_ixi, _set_pixdim
+
+    scan = _patched_ixi(tmp_path, "qfac.nii", lambda hdr: _set_pixdim(hdr, 0, 0.5))  # an invalid qfac
+    result = medldm("info", scan)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith(f"warning: {scan}: ") for line in lines), result.stderr
+    assert any("qfac" in line for line in lines)
