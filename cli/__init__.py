@@ -294,8 +294,9 @@ def upscale(
     = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     consistency: Annotated[float, typer.Option(min=0.0, max=1.0, help="data-consistency strength")] = 1.0,
-    planes: Annotated[Planes, typer.Option(help="2D models, thick slices: sample one stack of planes containing "
-                                                "the upscaled axis, or both and average them")] = Planes.both,
+    planes: Annotated[Planes | None, typer.Option(help="2D models, thick slices: sample one stack of planes "
+                                                       "containing the upscaled axis, or both and average them "
+                                                       "(default: the model's)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="slices or patches per network call")] = 16,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")]
     = False,
@@ -331,8 +332,8 @@ def upscale(
     from medldm.volume import save_nifti
 
     upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, batch_size=batch_size,
-                        consistency=consistency, bf16=bf16, planes=planes.value, channels_last=channels_last,
-                        refine=refine)
+                        consistency=consistency, bf16=bf16, planes=planes.value if planes else None,
+                        channels_last=channels_last, refine=refine)
     if samples > 1 and (upscaler.steps < 8 or upscaler.model.estimator is not None and upscaler.refine == 0):
         console.print(f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
                       "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
@@ -394,8 +395,8 @@ def evaluate(
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default: the model's)")] = None,
     refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
     sampler: Annotated[str, typer.Option()] = "dpmpp-2m",
-    planes: Annotated[Planes, typer.Option(help="2D models, thick slices: one or both stacks of planes")]
-    = Planes.both,
+    planes: Annotated[Planes | None, typer.Option(help="2D models, thick slices: one or both stacks of planes "
+                                                       "(default: the model's)")] = None,
     samples: Annotated[int, typer.Option(min=1)] = 1,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX)] = 0,
     baseline: Annotated[list[str] | None, typer.Option(
@@ -422,7 +423,7 @@ def evaluate(
     with console.status("evaluating") as status:
         report = run_evaluation(
             data, out, model=model, kind=kind.value, axis=axis, scale=scale, steps=steps, sampler=sampler,
-            planes=planes.value, refine=refine, baselines=baseline or None,
+            planes=planes.value if planes else None, refine=refine, baselines=baseline or None,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"))

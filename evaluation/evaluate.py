@@ -73,7 +73,7 @@ def _example(truth: Volume, lr: Volume, outputs: dict[str, Volume], uncertainty:
 
 def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "slice-profile", axis: str = "z",
              scale: int = 4, profile: str = "gaussian", steps: int | None = None, sampler: str = "dpmpp-2m",
-             samples: int = 1, planes: str = "both", refine: float | None = None, baselines=None,
+             samples: int = 1, planes: str | None = None, refine: float | None = None, baselines=None,
              seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
              lpips_weights=None, rd: bool = False, rd_only: bool = False,
              progress: Callable[[str, int, int], None] | None = None) -> Path:
@@ -105,7 +105,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         from medldm.pipeline import Upscaler
 
         upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, planes=planes, refine=refine)
-        steps, refine = upscaler.steps, upscaler.refine
+        steps, refine, planes = upscaler.steps, upscaler.refine, upscaler.planes
     offered = baselines_for(kind, regression=upscaler is not None and upscaler.model.estimator is not None)
     methods = offered if baselines is None else tuple(baselines)
     unknown = [m for m in methods if m not in offered]
@@ -113,6 +113,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         raise MedldmError(f"unknown or unavailable baseline {unknown[0]!r} for {kind}; "
                           f"choose from {', '.join(offered)}")
     rows, examples, timings, calibration = [], [], {}, []
+    regression = None  # the regression baseline's own upscaler, when the model's uses one stack of planes
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
     for n, path in enumerate([] if rd_only else files):
@@ -132,11 +133,19 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         residual = None
         if upscaler is not None:
             tic = time.perf_counter()
+            # the regression baseline is the strongest regression the model gives: its estimate over both stacks of
+            # planes, made consistent; the model's own upscale provides it when it also uses both stacks
+            shared = REGRESSION in methods and upscaler.planes == "both"
             result = upscaler.upscale(lr, axis=op_axis, scale=scale, kind=kind, samples=samples, seed=seed,
-                                      keep_estimate=REGRESSION in methods)
+                                      keep_estimate=shared)
             timings.setdefault("model", []).append(time.perf_counter() - tic)
-            if result.estimate is not None:
+            if shared:
                 outputs[REGRESSION] = result.estimate
+            elif REGRESSION in methods:
+                tic = time.perf_counter()
+                regression = regression or Upscaler(upscaler.model, device=device, planes="both", refine=0.0)
+                outputs[REGRESSION] = regression.upscale(lr, axis=op_axis, scale=scale, kind=kind).sr
+                timings.setdefault(REGRESSION, []).append(time.perf_counter() - tic)
             outputs["model"], uncertainty, residual = result.sr, result.uncertainty, result.residual
         # op_axis is the thick axis, or for in-plane kinds the slice axis: 2D SSIM over the HR slices across it
         # (for in-plane kinds, the acquired slices)
@@ -209,8 +218,9 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
                      "bspline-dc: cubic B-spline with the model's data-consistency projection x + A^+(y - Ax)"
                      + ("; zero-fill: zero filling (pseudo-inverse of the k-space truncation, sinc interpolation)"
                         if kind == "kspace" else "")
-                     + ("; regression: the model's own regression (estimator) stage with the same projection, without "
-                        "the diffusion model's detail" if model is not None and model.estimator is not None else ""),
+                     + ("; regression: the model's own regression (estimator) stage over both stacks of planes with "
+                        "the same projection, without the diffusion model's detail"
+                        if model is not None and model.estimator is not None else ""),
         "data range": "per-volume maximum of the truth (fastMRI convention), original intensity units",
         "mask": "Otsu foreground of the truth, holes filled, largest component" if use_mask else "whole volume",
         "SSIM": "scikit-image, 7-voxel uniform window, K1=0.01, K2=0.03; 'ssim' = mean of 2D slices across the "

@@ -141,10 +141,14 @@ def _check_info(info, folder: Path) -> dict:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < float("inf"):
         raise MedldmError("model.json needs a positive number latent_scale", folder)
     sampling = info.get("sampling", {})
-    steps, refine = (sampling.get("steps", 1), sampling.get("refine", 0.0)) if isinstance(sampling, dict) else (0, 0)
-    if (not isinstance(sampling, dict) or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
-            or isinstance(refine, bool) or not isinstance(refine, int | float) or not 0 <= refine < 1):
-        raise MedldmError("model.json sampling must be {\"steps\": integer >= 1, \"refine\": number in [0, 1)}", folder)
+    if not isinstance(sampling, dict):
+        sampling = {"steps": None}
+    steps, refine = sampling.get("steps", 1), sampling.get("refine", 0.0)
+    if (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or isinstance(refine, bool)
+            or not isinstance(refine, int | float) or not 0 <= refine < 1
+            or sampling.get("planes", "both") not in ("one", "both")):
+        raise MedldmError("model.json sampling must be {\"steps\": integer >= 1, \"refine\": number in [0, 1), "
+                          "\"planes\": \"one\" or \"both\"}", folder)
     return info
 
 

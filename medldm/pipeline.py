@@ -58,7 +58,7 @@ class LoadedModel:
 
     def defaults(self) -> dict:
         """Sampling defaults the model was validated with (model.json "sampling"; older models: 1 step)."""
-        return {"steps": 1, "refine": 0.0, **self.info.get("sampling", {})}
+        return {"steps": 1, "refine": 0.0, "planes": "both", **self.info.get("sampling", {})}
 
 
 def load_model(path: str | Path = "default", *, device: str | torch.device = "cpu") -> LoadedModel:
@@ -147,6 +147,7 @@ class Upscaler:
         planes: 2D models and thick slices: "one" samples the stack of planes across the shorter free axis;
             "both" also samples the other stack of planes containing the upscaled axis, with its own noise, and
             averages the two (twice the time; their errors are less correlated than two samples of one stack).
+            None: the model's default (model.json; "both" for models that do not say).
         channels_last: channels-last memory format for the autoencoder (with the 2D default model on the CPUs
             measured, 1.35x faster with the same output up to float rounding: docs/performance.md).
         refine: models with an estimator (fidelity) stage: the fraction of the noise schedule from which the
@@ -163,7 +164,7 @@ class Upscaler:
 
     def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int | None = None,
                  sampler: str = "dpmpp-2m", batch_size: int = 16, consistency: float = 1.0,
-                 condition_level: int = 0, bf16: bool = False, planes: str = "both", channels_last: bool = True,
+                 condition_level: int = 0, bf16: bool = False, planes: str | None = None, channels_last: bool = True,
                  refine: float | None = None):
         self.device = _device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
@@ -172,6 +173,7 @@ class Upscaler:
         defaults = self.model.defaults()
         steps = defaults["steps"] if steps is None else steps
         refine = defaults["refine"] if refine is None else refine
+        planes = defaults["planes"] if planes is None else planes
         if self.model.estimator is None and refine > 0:
             raise MedldmError("refine needs a model with an estimator stage; this one samples from pure noise",
                               self.model.path)

@@ -184,3 +184,22 @@ def test_refinement_settings_need_an_estimator(model):
                "diffusion": {**raw["diffusion"], key: value}}
         with pytest.raises(MedldmError, match="needs an estimator section"):
             parse_config(bad, check_files=False)
+
+
+def test_the_model_chooses_its_planes_and_the_regression_baseline_always_averages_both(model, ixi_files, tmp_path):
+    loaded = load_model(model / "model")
+    info = {**loaded.info, "sampling": {"steps": 2, "refine": 0.3, "planes": "one"}}
+    folder = write_model_folder(tmp_path / "model", config=loaded.config.model_dump(), info=info,
+                                modules={"autoencoder": loaded.autoencoder, "denoiser": loaded.denoiser,
+                                         "estimator": loaded.estimator})
+    assert Upscaler(folder, device="cpu").planes == "one"
+    assert Upscaler(folder, device="cpu", planes="both").planes == "both"
+    block = save_nifti(crop(load(ixi_files[-20]), (slice(30, 78), slice(20, 68), slice(25, 57))),
+                       tmp_path / "block.nii.gz")
+    scores = {}
+    for planes in ("one", "both"):
+        evaluate(block, tmp_path / planes, model=folder, planes=planes, baselines=["regression"])
+        with open(tmp_path / planes / "metrics.csv") as fh:
+            scores[planes] = {row["method"]: float(row["psnr"]) for row in csv.DictReader(fh)}
+    assert scores["one"]["regression"] == scores["both"]["regression"]  # the same, strongest regression
+    assert scores["one"]["model"] != scores["both"]["model"]
