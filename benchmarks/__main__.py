@@ -10,7 +10,7 @@ from benchmarks import brain_1mm, scaling, steps_quality, training, upscale_refe
 
 BENCHMARKS = {"upscale_reference": upscale_reference, "scaling": scaling, "steps_quality": steps_quality,
               "training": training, "brain_1mm": brain_1mm}
-# brain_1mm (a whole 1 mm brain at 1, 4, 8 and 50 steps, about 12 minutes) runs only when asked for with --only,
+# brain_1mm (a whole 1 mm brain with three sampling variants, several minutes) runs only when asked for with --only,
 # so that the default run stays within about 30 minutes on 2 CPU cores
 DEFAULT = ["upscale_reference", "scaling", "steps_quality", "training"]
 

@@ -1,4 +1,4 @@
-"""Training throughput of both stages of configs/brain_mri.yaml: fp32, bf16 autocast, channels_last and
+"""Training throughput of both stages of configs/brain_mri_from_noise.yaml: fp32, bf16 autocast, channels_last and
 torch.compile, each in a fresh process on the same batches.
 
 The networks, batch sizes and patch sizes are those of the config; the data are a few real IXI volumes (loading
@@ -31,7 +31,7 @@ def worker(variant: str, warmup: int, steps: int) -> None:
     from medldm.config import parse_config
     from medldm.train import Trainer
 
-    raw = yaml.safe_load((REPO / "configs" / "brain_mri.yaml").read_text())
+    raw = yaml.safe_load((REPO / "configs" / "brain_mri_from_noise.yaml").read_text())
     raw["data"]["sources"] = [{"glob": "mri/ixi-t1-2mm/IXI0[0-1]*.nii.gz"}]
     raw["data"]["cache"] = None
     total = warmup + steps
@@ -75,9 +75,9 @@ def main(quick: bool, out: Path) -> dict:
             s["ratio_vs_fp32"] = s["samples_per_s"] / base[stage]["samples_per_s"]
             rows.append([r["variant"], stage, s["samples_per_s"], s["steps_per_s"], s["ratio_vs_fp32"],
                          s["first_steps_s"], r["peak_rss_mb"]])
-    table("training throughput, configs/brain_mri.yaml networks (AE 8 x 64^2 with LPIPS; LDM 16 x 64^2)",
+    table("training throughput, configs/brain_mri_from_noise.yaml networks (AE 8 x 64^2 with LPIPS; LDM 16 x 64^2)",
           ["variant", "stage", "samples/s", "steps/s", "vs fp32", "warm-up s", "peak RSS MiB"], rows)
-    data = {"config": "configs/brain_mri.yaml", "results": results}
+    data = {"config": "configs/brain_mri_from_noise.yaml", "results": results}
     save(out, "training", data)
     return data
 
