@@ -59,9 +59,9 @@ def main() -> None:
         console.print("[yellow]no default model is installed in this copy; showing the baselines only[/]")
     else:
         upscaler = Upscaler("default", device="auto")
-        # the uncertainty map needs real posterior samples: a few of them at 8 steps on one stack of planes (models
-        # with an estimator: refined from the estimate, whose default, refine 0, would give identical samples)
-        refine = 0.3 if upscaler.model.estimator is not None else None
+        # the uncertainty map needs real posterior samples: a few of them at 8 steps on one stack of planes (a model
+        # whose default returns its estimate alone, refine 0, would give identical samples: refine those from 0.3)
+        refine = 0.3 if upscaler.model.estimator is not None and upscaler.refine == 0 else None
         sampler = Upscaler(upscaler.model, device="auto", steps=8, planes="one", refine=refine)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         tic = time.perf_counter()
