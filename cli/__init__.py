@@ -52,6 +52,20 @@ app = _App(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medldm import __version__
+
+        print(f"medldm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Latent diffusion super-resolution for MRI and CT volumes."""
+
+
 class Kind(str, Enum):
     slice_profile = "slice-profile"
     kspace = "kspace"

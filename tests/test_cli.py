@@ -140,6 +140,14 @@ def test_series_option_picks_one_of_two(tmp_path):
     assert "256 x 256 x 6" in result.stdout
 
 
+def test_version_prints_the_package_version():
+    from medldm import __version__
+
+    result = medldm("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"medldm {__version__}"
+
+
 def test_info_reports_geometry_and_modality():
     result = medldm("info", shared_path("data/ct/invesalius-ct-head/invesalius_cranium_ct.nii.gz"))
     assert result.returncode == 0, result.stderr
