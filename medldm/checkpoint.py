@@ -15,15 +15,17 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medldm.errors import MedldmError
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "load_weights", "write_model_folder",
-           "read_model_folder", "sha256"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "load_weights", "build_with_weights",
+           "write_model_folder", "read_model_folder", "sha256"]
 
 STEP_PREFIX = "step_"
 MODEL_FILES = ("config.json", "model.json", "autoencoder.safetensors", "denoiser.safetensors")  # every model has
@@ -92,6 +94,28 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "mismatch"
         raise MedldmError(f"weights do not fit the model in its config ({first})", path) from None
+
+
+def build_with_weights(build: Callable[[], torch.nn.Module], path: Path) -> torch.nn.Module:
+    """``build()`` with the weights of ``path``. The network is first built without memory (meta device) and its
+    tensor names and shapes compared with the safetensors header, so a config that does not match its weights,
+    however large it claims to be, is refused before anything is allocated."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in build().state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise MedldmError(f"weights cannot be read ({exc})", path) from None
+    if found != expected:
+        names = sorted(set(found) ^ set(expected))
+        what = (f"tensor {names[0]} is in only one of them" if names else next(
+            f"{n} is {list(found[n])} in the file, {list(expected[n])} in the config"
+            for n in sorted(expected) if found[n] != expected[n]))
+        raise MedldmError(f"weights do not fit the model in its config ({what})", path)
+    module = build()
+    load_weights(module, path)
+    return module
 
 
 def write_model_folder(out: Path, *, config: dict, info: dict, modules: dict[str, torch.nn.Module]) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medldm.checkpoint import load_weights, read_model_folder
+from medldm.checkpoint import build_with_weights, read_model_folder
 from medldm.config import Config, Task, parse_config
 from medldm.data import normaliser, upsample
 from medldm.degrade import consistency_residual, enforce_consistency, make_operator
@@ -68,13 +68,11 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
         raise MedldmError("no default model is installed with this copy of medldm; pass --model PATH", folder)
     raw, info = read_model_folder(folder)
     config, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
-    autoencoder, denoiser = build_autoencoder(config), build_denoiser(config)
-    load_weights(autoencoder, folder / "autoencoder.safetensors")
-    load_weights(denoiser, folder / "denoiser.safetensors")
+    autoencoder = build_with_weights(lambda: build_autoencoder(config), folder / "autoencoder.safetensors")
+    denoiser = build_with_weights(lambda: build_denoiser(config), folder / "denoiser.safetensors")
     estimator = None
     if config.estimator is not None:
-        estimator = build_estimator(config)
-        load_weights(estimator, folder / "estimator.safetensors")
+        estimator = build_with_weights(lambda: build_estimator(config), folder / "estimator.safetensors")
         estimator = estimator.to(device).eval().requires_grad_(False)
     schedule = build_schedule(config)
     return LoadedModel(config, info, autoencoder.to(device).eval().requires_grad_(False),

@@ -241,7 +241,20 @@ MODEL_CASES = {
     "scale-missing": (lambda m: _set_info(m, latent_scale=None), "positive number latent_scale"),
     "info-is-a-list": (lambda m: _set_info(m, whole=[1, 2]), "positive number latent_scale"),
     "bad-sampling": (lambda m: _set_info(m, sampling={"steps": "many"}), "model.json sampling"),
+    # within the config's bounds, but ~1.5 GB of parameters: refused from the weights' header, before allocating
+    "huge-claimed-network": (lambda m: _set_config(m, "diffusion", channels=lambda c: [2048] * len(c)),
+                             "weights do not fit the model in its config"),
 }
+
+
+def _set_config(model: Path, section: str, **changes) -> None:
+    """Rewrite config entries from their current values (``key=function(old)``) and reseal the folder."""
+    from tests.test_bad_inputs import _reseal
+
+    config = json.loads((model / "config.json").read_text())
+    config[section].update({key: change(config[section][key]) for key, change in changes.items()})
+    (model / "config.json").write_text(json.dumps(config))
+    _reseal(model)
 
 
 def _set_info(model: Path, whole=None, **changes) -> None:
