@@ -4,8 +4,10 @@ so `medldm --help` and `medldm info` start fast. User mistakes (MedldmError) pri
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -89,18 +91,22 @@ AXIS_HELP = "x, y, z (world L-R, P-A, I-S), i, j, k (voxel axes) or auto (larges
 Scan = Annotated[Path, typer.Argument(help="NIfTI, NRRD, DICOM file, or a folder holding a DICOM series")]
 Series = Annotated[str | None, typer.Option("--series", help="DICOM SeriesInstanceUID when a folder holds several")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
+JsonLines = Annotated[bool, typer.Option("--json", help="machine-readable: one JSON object per scan on stdout")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print errors only")]
 
 
-def _check_outputs(scans: list[Path], overwrite: bool, previews: list[Path] = ()) -> None:
-    """Refuse bad output paths (NIfTI scans, PNG previews) before any work is done, so a failure writes nothing
-    (medldm.outputs)."""
+def _check_outputs(scans: list[Path], overwrite: bool, previews: list[Path] = (), sidecars: list[Path] = ()) -> None:
+    """Refuse bad output paths (NIfTI scans, PNG previews, JSON sidecars) before any work is done, so a failure
+    writes nothing (medldm.outputs). A sidecar belongs to its scan: it is replaced whenever its scan is written."""
     from medldm.outputs import check_distinct, check_output
 
-    check_distinct([*scans, *previews])
+    check_distinct([*scans, *previews, *sidecars])
     for path in scans:
         check_output(path, overwrite=overwrite)
     for path in previews:
         check_output(path, overwrite=overwrite, suffixes=(".png",), what="preview")
+    for path in sidecars:
+        check_output(path, overwrite=True, suffixes=(".json",), what="sidecar")
 
 
 def _load(scan: Path, series: str | None = None):
@@ -117,7 +123,9 @@ def _load(scan: Path, series: str | None = None):
 
 
 @app.command()
-def info(scan: Scan, series: Series = None):
+def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing: the exit code says whether the "
+                                                                    "scan reads")] = False):
     """Shape, spacing, orientation, intensity range and modality of a scan."""
     import numpy as np
     from rich.console import Console
@@ -141,6 +149,16 @@ def info(scan: Scan, series: Series = None):
     }
     if "series_uid" in vol.meta:
         rows["series"] = f"{vol.meta['series_uid']} {vol.meta.get('series_description', '')}".strip()
+    if quiet:
+        return
+    if json_lines:
+        print(json.dumps({"path": str(scan), "format": rows["format"], "shape": list(vol.shape),
+                          "spacing_mm": list(vol.spacing), "orientation": vol.orientation, "stored_type": rows[
+                              "stored type"], "intensity": {"min": float(vol.data.min()), "max": float(vol.data.max()),
+                                                            "p1": float(p1), "p99": float(p99)},
+                          "modality": rows["modality (guess)"], "series": rows.get("series"),
+                          "affine": vol.affine.tolist()}))
+        return
     for key, value in rows.items():
         table.add_row(key, escape(value))  # file names and DICOM text may hold rich markup such as "[/]"
     table.add_row("affine", "\n".join("  ".join(f"{v:9.4f}" for v in row) for row in vol.affine))
@@ -320,8 +338,11 @@ def upscale(
     preview: Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")] = None,
     series: Series = None,
     overwrite: Overwrite = False,
+    json_lines: JsonLines = False,
+    quiet: Quiet = False,
 ):
-    """Upscale a scan (or every scan in a folder) with the latent diffusion model."""
+    """Upscale a scan (or every scan in a folder) with the latent diffusion model. Beside every output goes its
+    provenance sidecar (<name>.json: command, input SHA-256, model digest, every setting, residual, time)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -340,15 +361,23 @@ def upscale(
         jobs = [(s, _outputs_of(s, out)[0]) for s in batch]
     # every output of the run is checked before any work (a batch skips finished scans, so it checks the others)
     todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
+    from medldm.provenance import sidecar_path
+
     _check_outputs([*todo, *([_uncertainty_path(t) for t in todo] if samples > 1 else [])], overwrite,
-                   previews=[preview] if preview is not None else [])
+                   previews=[preview] if preview is not None else [], sidecars=[sidecar_path(t) for t in todo])
     from medldm.pipeline import Upscaler
+    from medldm.provenance import short_description, upscale_record, write_sidecar
     from medldm.volume import save_nifti
+
+    def report(status: str, source: Path, target: Path, **extra) -> None:
+        if json_lines:  # one object per scan on stdout, nothing else there
+            print(json.dumps({"status": status, "input": str(source), "output": str(target), **extra}), flush=True)
 
     upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, batch_size=batch_size,
                         consistency=consistency, bf16=bf16, planes=planes.value if planes else None,
                         channels_last=channels_last, refine=refine)
-    if samples > 1 and (upscaler.steps < 8 or upscaler.model.estimator is not None and upscaler.refine == 0):
+    if samples > 1 and not quiet and (upscaler.steps < 8 or upscaler.model.estimator is not None
+                                      and upscaler.refine == 0):
         console.print(f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
                       "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
                       "uncertainty map")
@@ -363,34 +392,45 @@ def upscale(
                     if batch is None:
                         raise MedldmError("already exists; pass --overwrite to replace it", target)
                     skipped.append(target)  # a resumed batch skips finished outputs
+                    report("skipped", source, target)
                     continue
                 vol = _load(source, series)
                 task = bar.add_task(escape(source.name), total=None)
+                started = time.perf_counter()
                 result = upscaler.upscale(vol, axis=axis, scale=scale, kind=kind.value if kind else None,
                                           samples=samples, seed=seed,
                                           progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
-                save_nifti(result.sr, target, overwrite=overwrite)
+                record = upscale_record(source=source, volume=vol, result=result, upscaler=upscaler, output=target,
+                                        wall_s=time.perf_counter() - started)
+                save_nifti(result.sr, target, overwrite=overwrite, description=short_description(record))
                 if result.uncertainty is not None:
                     save_nifti(result.uncertainty, _uncertainty_path(target), overwrite=overwrite)
+                    record["medldm"]["uncertainty"] = str(_uncertainty_path(target).resolve())
+                write_sidecar(target, record)
                 if preview is not None:
                     from medldm.figures import before_after
 
                     before_after(vol, result.sr, preview, overwrite=overwrite)
                 written.append(target)
-                bar.console.print(  # plain text, one line whatever the width (scripts parse it)
-                    f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, {result.task.kind} "
-                    f"x{result.task.scale} along voxel axis {result.axis}, consistency residual "
-                    f"{100 * result.residual:.3f}% of range", markup=False, highlight=False, soft_wrap=True)
+                report("written", source, target, provenance=record)
+                if not quiet and not json_lines:
+                    bar.console.print(  # plain text, one line whatever the width (scripts parse it)
+                        f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, {result.task.kind} "
+                        f"x{result.task.scale} along voxel axis {result.axis}, consistency residual "
+                        f"{100 * result.residual:.3f}% of range", markup=False, highlight=False, soft_wrap=True)
             except MedldmError as err:
                 if batch is None:
                     raise
                 failures.append(str(err))
+                report("failed", source, target, error=str(err))
                 bar.console.print(f"[red]failed[/]: {escape(str(err))}", soft_wrap=True)
             finally:
                 if overall is not None:
                     bar.update(overall, advance=1)
     if batch is not None:
-        print(f"{len(written)} written, {len(skipped)} skipped (already done), {len(failures)} failed")
+        if not quiet:
+            print(f"{len(written)} written, {len(skipped)} skipped (already done), {len(failures)} failed",
+                  file=sys.stderr if json_lines else sys.stdout)
         for failure in failures:
             print(f"failed: {failure}", file=sys.stderr)
         if failures:
@@ -424,6 +464,8 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
     lpips_weights: Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")] = None,
     overwrite: Overwrite = False,
+    json_lines: Annotated[bool, typer.Option("--json", help="machine-readable: summary.json on stdout")] = False,
+    quiet: Quiet = False,
 ):
     """Score the model against nearest, trilinear and B-spline baselines and write a browser report."""
     from rich.console import Console
@@ -441,11 +483,12 @@ def evaluate(
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"))
-    import json
-
     summary = json.loads((out / "summary.json").read_text())
-    _print_summary(summary)
-    print(f"report: {report}")
+    if json_lines:
+        print(json.dumps({"report": str(report), **summary}))
+    elif not quiet:
+        _print_summary(summary)
+        print(f"report: {report}")
 
 
 def _print_summary(summary: dict) -> None:

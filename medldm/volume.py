@@ -595,8 +595,10 @@ def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
 
 
 # -------------------------------------------------------------------------------------------------- saving
-def save_nifti(volume: Volume, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``volume`` as float32 NIfTI with sform and qform set, atomically (medldm.outputs).
+def save_nifti(volume: Volume, path: str | os.PathLike, *, overwrite: bool = False,
+               description: str | None = None) -> Path:
+    """Write ``volume`` as float32 NIfTI with sform and qform set, atomically (medldm.outputs); ``description``
+    (at most 79 ASCII characters) goes in the header's descrip field.
 
     Refuses to replace an existing file unless ``overwrite``, never replaces the volume's own source, and never
     writes non-finite voxels (NaN or inf: a broken model or values beyond float32)."""
@@ -613,4 +615,6 @@ def save_nifti(volume: Volume, path: str | os.PathLike, *, overwrite: bool = Fal
     img.set_sform(volume.affine, code=1)
     img.set_qform(volume.affine, code=1)  # qform cannot hold shear; readers use the exact sform
     img.header.set_xyzt_units("mm", "sec")
+    if description is not None:
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
     return write_atomically(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)

@@ -113,7 +113,7 @@ def test_the_uncertainty_map_never_replaces_the_scan(tmp_path, out_dir, tiny_mod
     out = out_dir / "UP.NII.GZ"
     result = _upscale(_small_scan(tmp_path), "--model", tiny_model / "model", "-o", out, "--samples", "2")
     assert result.returncode == 0, result.stderr
-    assert _listing(out_dir) == ["UP.NII.GZ", "UP_uncertainty.NII.GZ"]
+    assert _listing(out_dir) == ["UP.NII.GZ", "UP.json", "UP_uncertainty.NII.GZ"]  # the scan, its sidecar, its map
     assert not np.array_equal(nib.load(out).get_fdata(), nib.load(out_dir / "UP_uncertainty.NII.GZ").get_fdata())
 
 
@@ -139,7 +139,7 @@ def test_a_second_batch_run_writes_nothing_and_ignores_its_own_files(tmp_path, t
     inside = batch / "out"  # an output folder inside the input folder is not an input
     third = _upscale(batch, "--model", tiny_model / "model", "-o", inside)
     assert third.returncode == 0, third.stderr
-    assert "1 written" in third.stdout and _listing(inside) == ["a_sr.nii.gz"]
+    assert "1 written" in third.stdout and _listing(inside) == ["a_sr.json", "a_sr.nii.gz"]
 
 
 # ------------------------------------------------------------------------------- 4. DICOM slices
