@@ -3,7 +3,10 @@ model, score every result against the truth, and write the report."""
 
 from __future__ import annotations
 
+import os
 import platform
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -161,9 +164,9 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
             rows.append(row)
         if n == 0:
             examples.append(_example(truth, lr, outputs, uncertainty, op_axis, factors))
-    rd_data = None
+    rd_data, rd_sample = None, None
     if (rd or rd_only) and upscaler is not None:
-        rd_data = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
+        rd_data, rd_sample = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
     protocol = _protocol(files, model=upscaler.model if upscaler else None, kind=kind, axis=axis, scale=scale,
                          profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed, planes=planes,
                          refine=refine,
@@ -171,11 +174,12 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     return write_report(out, rows=rows, protocol=protocol, examples=examples, rd=rd_data,
                         timings={k: float(np.mean(v)) for k, v in timings.items()},
                         metrics=METRICS, higher_is_better=HIGHER_IS_BETTER, baselines=methods,
-                        calibration=calibration)
+                        calibration=calibration, rd_sample=rd_sample)
 
 
-def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> dict:
-    """Rate-distortion of the model on central slices of one scan (2D models) - see rate_distortion.py."""
+def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tuple[dict, str | None]:
+    """Rate-distortion of the model on central slices of one scan (2D models) - see rate_distortion.py - and a
+    sentence saying what it was measured on."""
     import torch
     from medldm.evaluation.rate_distortion import model_rd
 
@@ -183,7 +187,7 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> dic
 
     m = upscaler.model
     if m.config.data.spatial_dims != 2:
-        return {}
+        return {}, None
     lr, truth = degrade_volume(load(path), kind=kind, axis=axis, scale=scale, profile=profile)
     a = lr.meta["degrade"]["axis"]
     norm = normaliser(m.config, lr.data)
@@ -199,8 +203,14 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> dic
     cond_slices = torch.nn.functional.pad(cond_slices, pad, mode="replicate")
     task = next(t for t in m.config.data.tasks if t.kind == kind and t.scale == scale)
     label = int(m.codec.label(torch.tensor(m.config.data.tasks.index(task)), torch.tensor(0), torch.tensor(0)))
-    return model_rd(m, hr_slices, cond_images=cond_slices, label=label,
-                    timesteps=[999, 750, 500, 250, 100, 50, 0], qsteps=(None, 0.5, 0.25, 0.1))
+    rd = model_rd(m, hr_slices, cond_images=cond_slices, label=label,
+                  timesteps=[999, 750, 500, 250, 100, 50, 0], qsteps=(None, 0.5, 0.25, 0.1))
+    sample = (f"{hr_slices.shape[0]} central slices (across voxel axis {cut}) of one volume, {path.name}, the first "
+              "of the set. Distortion is that of the autoencoder's (or the diffusion's progressive) reconstruction of "
+              "the high-resolution slices, on the model's normalised intensity scale, over whole slices (background "
+              "included, no mask): not the super-resolved output over the foreground mask that the results table "
+              "scores, so the two PSNRs are not comparable.")
+    return rd, sample
 
 
 def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, planes, refine, use_mask,
@@ -235,8 +245,13 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
                     f"scikit-image {skimage.__version__}, numpy {np.__version__}, Python {platform.python_version()}",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
     }
+    from medldm.provenance import git_commit, model_digest
+
+    protocol["provenance"] = {"command line": shlex.join(sys.argv), "cwd": os.getcwd(),
+                              "medldm": __version__ + (f" (git {git_commit()})" if git_commit() else "")}
     if model is not None:
         staged = model.estimator is not None
+        protocol["provenance"]["model sha256"] = model_digest(model.path)
         protocol["model"] = (f"{model.path} (config {model.info.get('config_digest')}, "
                              f"autoencoder {model.info.get('autoencoder_steps')} steps, "
                              f"diffusion {model.info.get('diffusion_steps')} steps"

@@ -1,8 +1,9 @@
-"""The evaluation report: ``metrics.csv``, ``summary.json`` and one self-contained ``report.html``.
+"""The evaluation report: ``metrics.csv``, ``summary.json``, one self-contained ``report.html`` and ``figures/``.
 
 The HTML page needs nothing but a browser: inline CSS, no scripts, figures embedded as base64 PNG ``data:``
-URIs. It states every convention behind the numbers: the protocol dict it is given, verbatim, and the
-statistics (see ``medldm.evaluation.stats``).
+URIs; every figure is also written beside it as ``figures/<name>.png`` and ``.svg`` for papers and slides. It
+states every convention behind the numbers: the protocol dict it is given, verbatim, and the statistics (see
+``medldm.evaluation.stats``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,13 +26,15 @@ from medldm.evaluation.stats import summarise
 
 import medldm
 from medldm.errors import MedldmError
-from medldm.outputs import write_text
+from medldm.outputs import write_bytes, write_text
 
 __all__ = ["write_report", "DEFAULT_HIGHER_IS_BETTER", "REPORT_FILES"]
 
 DEFAULT_HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ssim3d": True, "lpips": False, "nrmse": False}
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ssim3d": "SSIM 3D", "lpips": "LPIPS", "nrmse": "NRMSE"}
 REPORT_FILES = ("metrics.csv", "summary.json", "report.html")
+FIGURES_DIR = "figures"
+SMALL_SAMPLE = 8  # below this many volumes the report warns that intervals and p-values are rough
 DPI = 110
 PANELS_PER_ROW = 6
 # Labels (lower case) of example panels drawn on their own colour scale rather than the shared grey scale.
@@ -80,8 +84,10 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
                  higher_is_better: Mapping[str, bool] | None = None,
                  baselines: Sequence[str] = ("nearest", "trilinear", "bspline"),
                  title: str = "Super-resolution evaluation", confidence: float = 0.95, n_boot: int = 10000,
-                 seed: int = 0, calibration: Sequence[Mapping[str, Any]] | None = None) -> Path:
-    """Write ``metrics.csv``, ``summary.json`` and ``report.html`` into ``out_dir``; return the HTML path.
+                 seed: int = 0, calibration: Sequence[Mapping[str, Any]] | None = None,
+                 rd_sample: str | None = None) -> Path:
+    """Write ``metrics.csv``, ``summary.json``, ``report.html`` and ``figures/`` (each figure as PNG and SVG) into
+    ``out_dir``; return the HTML path.
 
     Everything is computed and rendered before the first file is written; each file is written atomically and
     replaces the file of that name (whether that is allowed is the caller's decision, e.g. the CLI's
@@ -111,6 +117,8 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
         seed: seed of the bootstrap and of the plot jitter.
         calibration: per volume, how the model's uncertainty predicts its error: ``{"volume", "spearman",
             "std_by_decile", "error_by_decile"}`` (medldm.evaluation.metrics.uncertainty_calibration).
+        rd_sample: what the rate-distortion curves were measured on (volumes, slices, intensity scale), stated
+            above them.
 
     Raises:
         MedldmError: no rows, malformed rows/examples/rd, or ``out_dir`` is a file.
@@ -142,14 +150,19 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
         "rate_distortion": rd,
         "uncertainty_calibration": list(calibration or []),
     }
+    figures = _Figures()
     page = _page(title=title, created=created, rows=rows, summary=summary, table=table, examples=examples or [],
-                 rd=rd, timings=timings, seed=seed, calibration=calibration or [])
+                 rd=rd, timings=timings, seed=seed, calibration=calibration or [], rd_sample=rd_sample,
+                 figures=figures)
     texts = {
         "metrics.csv": _csv_text(rows, metrics),
         "summary.json": json.dumps(_jsonable(summary), indent=1, allow_nan=False) + "\n",
         "report.html": page,
     }
     out.mkdir(parents=True, exist_ok=True)
+    (out / FIGURES_DIR).mkdir(exist_ok=True)
+    for name, data in figures.files.items():
+        write_bytes(out / FIGURES_DIR / name, data)
     for name, text in texts.items():
         write_text(out / name, text)
     return out / "report.html"
@@ -202,7 +215,8 @@ def _statistics(*, confidence: float, n_boot: int, seed: int) -> dict[str, Any]:
 
     return {
         "unit": "volume (every value is one metric of one whole volume)",
-        "confidence_interval": f"{confidence:.0%} percentile bootstrap of the mean over volumes",
+        "confidence_interval": (f"{confidence:.0%} percentile bootstrap of the mean over volumes "
+                                "(scipy.stats.bootstrap)"),
         "confidence": confidence,
         "bootstrap_resamples": n_boot,
         "bootstrap_seed": seed,
@@ -226,17 +240,18 @@ def _label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
-def _page(*, title, created, rows, summary, table, examples, rd, timings, seed, calibration) -> str:
+def _page(*, title, created, rows, summary, table, examples, rd, timings, seed, calibration, rd_sample,
+          figures: _Figures) -> str:
     metrics = summary["metrics"]
     sections = [("protocol", "Protocol", _protocol_section(summary)),
                 ("results", "Results", _results_section(summary, table)),
-                ("per-volume", "Per-volume values", _per_volume_section(rows, table, metrics, seed))]
+                ("per-volume", "Per-volume values", _per_volume_section(rows, table, metrics, seed, figures))]
     if examples:
-        sections.append(("examples", "Examples", _examples_section(examples)))
+        sections.append(("examples", "Examples", _examples_section(examples, figures)))
     if calibration:
-        sections.append(("uncertainty", "Uncertainty", _calibration_section(calibration)))
+        sections.append(("uncertainty", "Uncertainty", _calibration_section(calibration, figures)))
     if rd:
-        sections.append(("rate-distortion", "Rate-distortion", _rd_section(rd)))
+        sections.append(("rate-distortion", "Rate-distortion", _rd_section(rd, rd_sample, figures)))
     if timings:
         sections.append(("timings", "Timings", _timings_section(timings)))
     n_volumes = len({str(r["volume"]) for r in rows})
@@ -358,6 +373,15 @@ def _results_section(summary: dict, table: list[dict]) -> str:
     ]
     if missing:
         notes.append(f"<p class=\"note\">Not computed: {_e(', '.join(_label(m) for m in missing))}.</p>")
+    n_volumes = max((r["n"] for r in table), default=0)
+    if n_volumes < SMALL_SAMPLE:
+        smallest_p = 2 / 2**n_volumes if n_volumes else 1.0
+        notes.insert(0, f"<p class=\"warn\" id=\"small-sample\"><strong>Small sample: {n_volumes} volume(s).</strong> "
+                     f"With fewer than {SMALL_SAMPLE} volumes the bootstrap interval understates the uncertainty of "
+                     "the mean (it can only recombine the few values seen) and the paired Wilcoxon test cannot reach "
+                     f"significance: its smallest possible two-sided p with {n_volumes} pairs is "
+                     f"{min(smallest_p, 1.0):.2g}. Read these numbers as a description of these volumes, not as "
+                     "evidence about scans in general.</p>")
     return (f"<div class=\"wide\"><table class=\"results\" id=\"results-table\">\n<thead><tr><th>Method</th>"
             f"<th class=\"num\">n</th>{head1}</tr></thead>\n<tbody>\n"
             + "\n".join(body) + "\n</tbody></table></div>\n" + "\n".join(notes))
@@ -367,19 +391,21 @@ def _img(uri: str, alt: str) -> str:
     return f"<img src=\"{uri}\" alt=\"{_e(alt)}\">"
 
 
-def _per_volume_section(rows: list[dict], table: list[dict], metrics: list[str], seed: int) -> str:
+def _per_volume_section(rows: list[dict], table: list[dict], metrics: list[str], seed: int,
+                        figures: _Figures) -> str:
     methods = list(dict.fromkeys(r["method"] for r in table))
     directions = {r["metric"]: r["higher_is_better"] for r in table}
-    figures = []
+    panels = []
     for m in metrics:
-        uri = _metric_plot(rows, metric=m, methods=methods, higher_is_better=directions[m], seed=seed)
-        figures.append(f"<figure>{_img(uri, f'per-volume {_label(m)} by method')}</figure>")
+        uri = figures.add(f"per_volume_{m}",
+                          _metric_plot(rows, metric=m, methods=methods, higher_is_better=directions[m], seed=seed))
+        panels.append(f"<figure>{_img(uri, f'per-volume {_label(m)} by method')}</figure>")
     note = ("<p class=\"note\">One point per volume (jittered sideways); grey lines join the same volume across "
             "methods. Boxes: median and quartiles; whiskers: 1.5 times the interquartile range.</p>")
-    return note + "\n<div class=\"grid\">\n" + "\n".join(figures) + "\n</div>"
+    return note + "\n<div class=\"grid\">\n" + "\n".join(panels) + "\n</div>"
 
 
-def _examples_section(examples: Sequence[Mapping[str, Any]]) -> str:
+def _examples_section(examples: Sequence[Mapping[str, Any]], figures: _Figures) -> str:
     parts = ["<p class=\"note\">Intensity panels share one grey scale; error and uncertainty panels have their "
              "own colour scales (colour bars).</p>"]
     for i, example in enumerate(examples):
@@ -387,7 +413,7 @@ def _examples_section(examples: Sequence[Mapping[str, Any]]) -> str:
             raise MedldmError(f"example {i} is not a dict")
         title = str(example.get("title") or f"Example {i + 1}")
         parts.append(f"<figure><figcaption><strong>{_e(title)}</strong></figcaption>"
-                     f"{_img(_example_figure(example, title), title)}</figure>")
+                     f"{_img(figures.add(f'example_{i + 1}', _example_figure(example, title)), title)}</figure>")
     return "\n".join(parts)
 
 
@@ -430,7 +456,7 @@ def _rd_point_text(entry: Mapping[str, Any], index: int, common: str | None) -> 
     return " ".join(parts) or common or str(index)
 
 
-def _rd_section(rd: Mapping[str, Any]) -> str:
+def _rd_section(rd: Mapping[str, Any], sample: str | None, figures: _Figures) -> str:
     series = _rd_series(rd)
     columns = [(k, label) for k, label in RD_COLUMNS if any(k in e for s in series for e in s["entries"])]
     body = []
@@ -439,18 +465,20 @@ def _rd_section(rd: Mapping[str, Any]) -> str:
             nums = "".join(f"<td class=\"num\">{_e(_number(e.get(k)))}</td>" for k, _ in columns)
             body.append(f"<tr><td>{_e(s['legend'])}</td><td>{_e(text)}</td>{nums}</tr>")
     head = "".join(f"<th class=\"num\">{_e(label)}</th>" for _, label in columns)
-    table = (f"<table><thead><tr><th>Series</th><th>Point</th>{head}</tr></thead>\n<tbody>"
-             + "\n".join(body) + "</tbody></table>")
+    table = (f"<div class=\"wide\"><table><thead><tr><th>Series</th><th>Point</th>{head}</tr></thead>\n<tbody>"
+             + "\n".join(body) + "</tbody></table></div>")
     note = ("<p class=\"note\">Rate against distortion. Autoencoder points: its latent quantised with step q "
             "(float: unquantised); diffusion points: the progressive-coding rate when stopping at timestep t. "
             "The plots use image-space distortion (image PSNR/RMSE) where a series gives it, otherwise the "
             "series' own PSNR/RMSE.</p>")
-    uri = _rd_figure(series)
-    figure = f"<figure>{_img(uri, 'rate-distortion curves')}</figure>" if uri else ""
+    if sample:
+        note += f"\n<p class=\"note\"><strong>Sample.</strong> {_e(sample)}</p>"
+    fig = _rd_figure(series)
+    figure = f"<figure>{_img(figures.add('rate_distortion', fig), 'rate-distortion curves')}</figure>" if fig else ""
     return note + "\n" + figure + "\n" + table
 
 
-def _calibration_section(calibration: Sequence[Mapping[str, Any]]) -> str:
+def _calibration_section(calibration: Sequence[Mapping[str, Any]], figures: _Figures) -> str:
     rho = [float(c["spearman"]) for c in calibration]
     note = ("<p class=\"note\">Does the uncertainty map (per-voxel standard deviation over the samples) say where "
             "the output is wrong? Spearman's rank correlation between the standard deviation and the absolute "
@@ -474,7 +502,8 @@ def _calibration_section(calibration: Sequence[Mapping[str, Any]]) -> str:
                    for c in calibration)
     table = ("<table><thead><tr><th>Volume</th><th class=\"num\">Spearman (std, |error|)</th></tr></thead>"
              f"<tbody>{body}</tbody></table>")
-    return note + f"\n<figure>{_img(_png_uri(fig), 'uncertainty calibration')}</figure>\n" + table
+    uri = figures.add("uncertainty_calibration", fig)
+    return note + f"\n<figure>{_img(uri, 'uncertainty calibration')}</figure>\n" + table
 
 
 def _number(v: Any) -> str:
@@ -506,13 +535,28 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _png_uri(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+class _Figures:
+    """The report's figures: each is embedded in the page as a PNG data URI and kept as PNG and SVG files."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+
+    def add(self, name: str, fig) -> str:
+        """Render ``fig`` (then clear it) under a file-safe ``name``; returns the PNG data URI for the page."""
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "figure"
+        while f"{name}.png" in self.files:
+            name += "_"
+        try:
+            png, svg = io.BytesIO(), io.BytesIO()
+            fig.savefig(png, format="png", dpi=DPI, facecolor="white")
+            fig.savefig(svg, format="svg", facecolor="white")
+        finally:
+            fig.clear()
+        self.files[f"{name}.png"], self.files[f"{name}.svg"] = png.getvalue(), svg.getvalue()
+        return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")
 
 
-def _metric_plot(rows: list[dict], *, metric: str, methods: list[str], higher_is_better: bool, seed: int) -> str:
+def _metric_plot(rows: list[dict], *, metric: str, methods: list[str], higher_is_better: bool, seed: int):
     values: dict[str, dict[str, float]] = {m: {} for m in methods}
     for r in rows:
         v = r.get(metric)
@@ -546,10 +590,7 @@ def _metric_plot(rows: list[dict], *, metric: str, methods: list[str], higher_is
     ax.set_title(f"{_label(metric)} ({'higher' if higher_is_better else 'lower'} is better)", fontsize=10)
     ax.grid(axis="y", color="0.9")
     ax.set_axisbelow(True)
-    try:
-        return _png_uri(fig)
-    finally:
-        fig.clear()
+    return fig
 
 
 def _panel_kind(label: str) -> str:
@@ -600,7 +641,7 @@ def _limits(arrays: list[np.ndarray], kind: str) -> tuple[float, float, str]:
     return lo, hi, cmap
 
 
-def _example_figure(example: Mapping[str, Any], title: str) -> str:
+def _example_figure(example: Mapping[str, Any], title: str):
     images = example.get("images")
     if not isinstance(images, Mapping) or not images:
         raise MedldmError(f"example {title!r} has no images (expected a dict label -> 2D array)")
@@ -629,13 +670,10 @@ def _example_figure(example: Mapping[str, Any], title: str) -> str:
             if kinds[label] != "intensity":
                 cb = sub.colorbar(im, ax=ax, fraction=0.046, pad=0.03, shrink=0.85)
                 cb.ax.tick_params(labelsize=7)
-    try:
-        return _png_uri(fig)
-    finally:
-        fig.clear()
+    return fig
 
 
-def _rd_figure(series: list[dict]) -> str | None:
+def _rd_figure(series: list[dict]):
     def points(s: dict, key: str) -> list[tuple[float, float, str]]:
         pts = []
         for e, text in zip(s["entries"], s["texts"], strict=True):
@@ -672,7 +710,4 @@ def _rd_figure(series: list[dict]) -> str | None:
         ax.margins(0.08)
         ax.grid(color="0.9")
         ax.legend(fontsize=8, frameon=False)
-    try:
-        return _png_uri(fig)
-    finally:
-        fig.clear()
+    return fig

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from medldm.errors import MedldmError
 
-__all__ = ["check_output", "check_distinct", "write_atomically", "write_text", "is_temporary", "strip_suffix",
-           "NIFTI_SUFFIXES", "TEMPORARY_MARK"]
+__all__ = ["check_output", "check_distinct", "write_atomically", "write_text", "write_bytes", "is_temporary",
+           "strip_suffix", "NIFTI_SUFFIXES", "TEMPORARY_MARK"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TEMPORARY_MARK = ".partial"
@@ -124,3 +124,8 @@ def write_text(path: str | os.PathLike, text: str, *, suffixes: Iterable[str] = 
             fh.write(text)
 
     return write_atomically(path, write, overwrite=True, suffixes=suffixes)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, *, suffixes: Iterable[str] = ("",)) -> Path:
+    """A small binary file (report figures), replaced atomically."""
+    return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=True, suffixes=suffixes)

@@ -141,14 +141,21 @@ def report(tmp_path_factory) -> Path:
                         for t, b, p, r in ((999, 0.001, 12.0, 0.25), (500, 0.05, 22.0, 0.08), (0, 0.6, 35.0, 0.018))]}
     out = tmp_path_factory.mktemp("report") / "out"
     path = write_report(out, rows=_rows(), protocol=PROTOCOL, examples=[example], rd=rd,
-                        timings={"nearest": 0.01, "trilinear": 0.05, "model": 12.5}, higher_is_better=DIRECTIONS)
+                        timings={"nearest": 0.01, "trilinear": 0.05, "model": 12.5}, higher_is_better=DIRECTIONS,
+                        rd_sample="4 central slices of <one> volume")
     assert path == out / "report.html"
     return path
 
 
 def test_report_files(report):
     out = report.parent
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "report.html", "summary.json"]  # no temp files
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "metrics.csv", "report.html", "summary.json"]
+    figures = sorted(p.name for p in (out / "figures").iterdir())  # every figure of the page, as PNG and SVG
+    assert len(figures) == 2 * (4 + 1 + 1) and not [f for f in figures if f.startswith(".")]
+    for name in (f for f in figures if f.endswith(".png")):
+        assert name[:-4] + ".svg" in figures
+        assert mpimg.imread(out / "figures" / name).shape[1] > 200
+        assert (out / "figures" / (name[:-4] + ".svg")).read_text().lstrip().startswith("<?xml")
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 24
@@ -187,6 +194,15 @@ def test_report_html_is_self_contained_and_complete(report):
         pixels = mpimg.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
         assert pixels.shape[0] > 100 and pixels.shape[1] > 200 and pixels[..., :3].std() > 0.05
     assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', text))
+    assert "4 central slices of &lt;one&gt; volume" in text  # what the rate-distortion curves were measured on
+    assert 'id="small-sample"' not in text  # 8 volumes: no caveat
+
+
+def test_a_report_on_few_volumes_says_its_statistics_are_rough(tmp_path):
+    rows = _rows(n_volumes=2)
+    text = write_report(tmp_path / "out", rows=rows, protocol=PROTOCOL, higher_is_better=DIRECTIONS).read_text()
+    caveat = re.search(r'<p class="warn" id="small-sample">(.*?)</p>', text, re.S)
+    assert caveat and "Small sample: 2 volume(s)" in caveat.group(1) and "0.5" in caveat.group(1)
 
 
 def test_report_rejects_bad_input(tmp_path):
