@@ -58,6 +58,14 @@ class Intensity(_Strict):
     upper: float = Field(99.5, gt=50, le=100)
     window: str | None = None  # CT preset name from medldm.intensity.CT_WINDOWS
 
+    @model_validator(mode="after")
+    def _window_is_known(self):
+        from medldm.intensity import CT_WINDOWS
+
+        if self.kind == "window" and self.window not in CT_WINDOWS:
+            raise ValueError(f"kind window needs window: one of {', '.join(CT_WINDOWS)} (got {self.window!r})")
+        return self
+
 
 class Data(_Strict):
     root: str | None = None

@@ -284,6 +284,8 @@ CONFIG_ESCAPES = {
     "huge-patch": ("  patch_size: [32, 32]", "  patch_size: [100000, 100000]", "patch_size entries must lie in"),
     "huge-progressive": ("lr: 1.0e-3}", "lr: 1.0e-3, progressive: [[2, 99999, 99999]]}", "progressive"),
     "beta-end-above-one": ("  condition_levels: 4", "  condition_levels: 4\n  beta_end: 2.0", "beta_end"),
+    "unknown-ct-window": ("  patch_size: [32, 32]",
+                          "  patch_size: [32, 32]\n  intensity: {kind: window, window: liver}", "window: one of brain"),
 }
 
 
@@ -398,3 +400,10 @@ def test_what_nibabel_says_becomes_warning_lines(tmp_path):
     lines = result.stderr.splitlines()
     assert lines and all(line.startswith(f"warning: {scan}: ") for line in lines), result.stderr
     assert any("qfac" in line for line in lines)
+
+
+def test_a_model_folder_is_readable_as_a_whole(tiny_model):
+    """safetensors writes its files 0600; an exported folder gives every file the JSON files' mode (the umask's),
+    so a model shared with colleagues is not half unreadable."""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tiny_model / "model").iterdir()}
+    assert len(set(modes.values())) == 1, modes
