@@ -79,6 +79,11 @@ class Profile(str, Enum):
     boxcar = "boxcar"
 
 
+class Format(str, Enum):
+    nifti = "nifti"
+    dicom = "dicom"
+
+
 class Planes(str, Enum):  # medldm.pipeline.PLANES
     one = "one"
     both = "both"
@@ -91,22 +96,41 @@ AXIS_HELP = "x, y, z (world L-R, P-A, I-S), i, j, k (voxel axes) or auto (larges
 Scan = Annotated[Path, typer.Argument(help="NIfTI, NRRD, DICOM file, or a folder holding a DICOM series")]
 Series = Annotated[str | None, typer.Option("--series", help="DICOM SeriesInstanceUID when a folder holds several")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
+OutFormat = Annotated[Format, typer.Option("--format", help="nifti (a .nii/.nii.gz file) or dicom (a folder holding "
+                                                            "a derived CT/MR series, int16 with rescale)")]
 JsonLines = Annotated[bool, typer.Option("--json", help="machine-readable: one JSON object per scan on stdout")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print errors only")]
 
 
-def _check_outputs(scans: list[Path], overwrite: bool, previews: list[Path] = (), sidecars: list[Path] = ()) -> None:
-    """Refuse bad output paths (NIfTI scans, PNG previews, JSON sidecars) before any work is done, so a failure
-    writes nothing (medldm.outputs). A sidecar belongs to its scan: it is replaced whenever its scan is written."""
-    from medldm.outputs import check_distinct, check_output
+def _check_outputs(scans: list[Path], overwrite: bool, previews: list[Path] = (), sidecars: list[Path] = (),
+                   fmt: Format = Format.nifti) -> None:
+    """Refuse bad output paths (NIfTI scans or DICOM series folders, PNG previews, JSON sidecars) before any work
+    is done, so a failure writes nothing (medldm.outputs). A sidecar belongs to its scan: it is replaced whenever
+    its scan is written."""
+    from medldm.outputs import check_distinct, check_output, check_output_folder
 
     check_distinct([*scans, *previews, *sidecars])
     for path in scans:
-        check_output(path, overwrite=overwrite)
+        if fmt == Format.dicom:
+            check_output_folder(path, overwrite=overwrite)
+        else:
+            check_output(path, overwrite=overwrite)
     for path in previews:
         check_output(path, overwrite=overwrite, suffixes=(".png",), what="preview")
     for path in sidecars:
         check_output(path, overwrite=True, suffixes=(".json",), what="sidecar")
+
+
+def _save(volume, out: Path, fmt: Format, *, overwrite: bool, description: str | None = None) -> None:
+    """Write a volume as NIfTI, or as a DICOM series folder."""
+    if fmt == Format.dicom:
+        from medldm.dicom import save_dicom
+
+        save_dicom(volume, out, overwrite=overwrite, description=description or "medldm")
+    else:
+        from medldm.volume import save_nifti
+
+        save_nifti(volume, out, overwrite=overwrite, description=description)
 
 
 def _load(scan: Path, series: str | None = None):
@@ -166,14 +190,14 @@ def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
 
 
 @app.command()
-def convert(scan: Scan, out: Annotated[Path, typer.Argument(help="output .nii or .nii.gz")],
-            series: Series = None, overwrite: Overwrite = False):
-    """Convert a DICOM series (folder or enhanced multi-frame file) or NRRD to NIfTI, geometry exact."""
-    from medldm.volume import save_nifti
-
-    _check_outputs([out], overwrite)
+def convert(scan: Scan, out: Annotated[Path, typer.Argument(help="output .nii or .nii.gz (a folder with --format "
+                                                                  "dicom)")],
+            series: Series = None, overwrite: Overwrite = False, fmt: OutFormat = Format.nifti):
+    """Convert a DICOM series (folder or enhanced multi-frame file) or NRRD to NIfTI, geometry exact; or any scan to
+    a DICOM series (--format dicom)."""
+    _check_outputs([out], overwrite, fmt=fmt)
     vol = _load(scan, series)
-    save_nifti(vol, out, overwrite=overwrite)
+    _save(vol, out, fmt, overwrite=overwrite, description="medldm convert")
     print(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {vol.orientation}, "
           f"spacing {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm")
 
@@ -282,18 +306,18 @@ def _batch_inputs(folder: Path, out_dir: Path | None) -> list[Path] | None:
     subdirs = [p for p in entries if p.is_dir() and (out_dir is None or p.resolve() != out_dir.resolve())]
     if not files and not subdirs:
         return None  # a DICOM series folder (or nothing): load() decides and explains
-    products = {q.name for p in files for q in _outputs_of(p, folder)}
-    return sorted(p for p in files if p.name not in products) + sorted(subdirs)
+    products = {q.name for p in [*files, *subdirs] for fmt in Format for q in _outputs_of(p, folder, fmt)}
+    return sorted(p for p in files if p.name not in products) + sorted(p for p in subdirs if p.name not in products)
 
 
-def _outputs_of(scan: Path, out_dir: Path | None) -> tuple[Path, Path]:
-    """The upscaled scan's default path and its uncertainty map's."""
+def _outputs_of(scan: Path, out_dir: Path | None, fmt: Format = Format.nifti) -> tuple[Path, Path]:
+    """The upscaled scan's default path (a file, or a folder for DICOM) and its uncertainty map's."""
     from medldm.outputs import strip_suffix
     from medldm.volume import SCAN_SUFFIXES
 
     stem, _ = strip_suffix(scan.name, SCAN_SUFFIXES)
-    folder = out_dir or scan.parent
-    return folder / f"{stem}_sr.nii.gz", folder / f"{stem}_sr_uncertainty.nii.gz"
+    target = (out_dir or scan.parent) / (f"{stem}_sr.nii.gz" if fmt == Format.nifti else f"{stem}_sr")
+    return target, _uncertainty_path(target)
 
 
 def _uncertainty_path(target: Path) -> Path:
@@ -338,6 +362,7 @@ def upscale(
     preview: Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")] = None,
     series: Series = None,
     overwrite: Overwrite = False,
+    fmt: OutFormat = Format.nifti,
     json_lines: JsonLines = False,
     quiet: Quiet = False,
 ):
@@ -352,22 +377,21 @@ def upscale(
         raise MedldmError("no such file or folder", scan)
     batch = _batch_inputs(scan, out) if scan.is_dir() else None
     if batch is None:
-        jobs = [(scan, out or _outputs_of(scan, None)[0])]
+        jobs = [(scan, out or _outputs_of(scan, None, fmt)[0])]
     else:
         if out is not None and out.name.lower().endswith((".nii", ".nii.gz")):
             raise MedldmError("in batch mode --out is a folder", out)
         if preview is not None:
             raise MedldmError("--preview takes one scan, not a batch folder", preview)
-        jobs = [(s, _outputs_of(s, out)[0]) for s in batch]
+        jobs = [(s, _outputs_of(s, out, fmt)[0]) for s in batch]
     # every output of the run is checked before any work (a batch skips finished scans, so it checks the others)
     todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
     from medldm.provenance import sidecar_path
 
     _check_outputs([*todo, *([_uncertainty_path(t) for t in todo] if samples > 1 else [])], overwrite,
-                   previews=[preview] if preview is not None else [], sidecars=[sidecar_path(t) for t in todo])
+                   previews=[preview] if preview is not None else [], sidecars=[sidecar_path(t) for t in todo], fmt=fmt)
     from medldm.pipeline import Upscaler
     from medldm.provenance import short_description, upscale_record, write_sidecar
-    from medldm.volume import save_nifti
 
     def report(status: str, source: Path, target: Path, **extra) -> None:
         if json_lines:  # one object per scan on stdout, nothing else there
@@ -402,9 +426,10 @@ def upscale(
                                           progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
                 record = upscale_record(source=source, volume=vol, result=result, upscaler=upscaler, output=target,
                                         wall_s=time.perf_counter() - started)
-                save_nifti(result.sr, target, overwrite=overwrite, description=short_description(record))
+                _save(result.sr, target, fmt, overwrite=overwrite, description=short_description(record))
                 if result.uncertainty is not None:
-                    save_nifti(result.uncertainty, _uncertainty_path(target), overwrite=overwrite)
+                    _save(result.uncertainty, _uncertainty_path(target), fmt, overwrite=overwrite,
+                          description="medldm uncertainty (std over samples)")
                     record["medldm"]["uncertainty"] = str(_uncertainty_path(target).resolve())
                 write_sidecar(target, record)
                 if preview is not None:

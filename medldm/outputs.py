@@ -14,8 +14,8 @@ from pathlib import Path
 
 from medldm.errors import MedldmError
 
-__all__ = ["check_output", "check_distinct", "write_atomically", "write_text", "write_bytes", "is_temporary",
-           "strip_suffix", "NIFTI_SUFFIXES", "TEMPORARY_MARK"]
+__all__ = ["check_output", "check_output_folder", "check_distinct", "write_atomically", "write_text", "write_bytes",
+           "is_temporary", "strip_suffix", "NIFTI_SUFFIXES", "TEMPORARY_MARK"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TEMPORARY_MARK = ".partial"
@@ -55,6 +55,25 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, suffixes: 
         raise MedldmError("already exists; pass --overwrite to replace it", path)
     if len(_temporary(path, suffixes).name.encode()) > NAME_MAX:
         raise MedldmError(f"file name is too long: its temporary file would pass {NAME_MAX} bytes", path)
+    _check_parent(path)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """:func:`check_output` for an output that is a folder (a DICOM series): an existing folder only with
+    ``overwrite``, never over a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MedldmError("is a file; a DICOM series is written as a folder", path)
+    if path.exists() and not overwrite:
+        raise MedldmError("already exists; pass --overwrite to replace it", path)
+    if len(f".{path.name}.01234567{TEMPORARY_MARK}".encode()) > NAME_MAX:
+        raise MedldmError(f"folder name is too long: its temporary folder would pass {NAME_MAX} bytes", path)
+    _check_parent(path)
+    return path
+
+
+def _check_parent(path: Path) -> None:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:  # the nearest folder that exists
         if parent.is_symlink():
@@ -64,7 +83,6 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, suffixes: 
         raise MedldmError(f"cannot write here: {parent} is not a folder", path)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MedldmError(f"cannot write here: {parent} is not writable", path)
-    return path
 
 
 def check_distinct(paths: Iterable[Path]) -> None:

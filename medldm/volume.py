@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from medldm.dicom import CARRIED_OVER
 from medldm.errors import MedldmError
 from medldm.outputs import NIFTI_SUFFIXES, check_output, write_atomically
 
@@ -590,6 +591,8 @@ def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
         "series_uid": uid,
         "modality": str(getattr(ds, "Modality", "")) or None,
         "series_description": str(getattr(ds, "SeriesDescription", "")),
+        # patient, study and frame of reference: what a derived series written from this one carries over
+        "dicom": {key: str(ds[key].value) for key in CARRIED_OVER if key in ds and ds[key].value is not None},
     }
     return Volume(data, LPS_TO_RAS @ lps, meta)
 
