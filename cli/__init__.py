@@ -384,6 +384,12 @@ def upscale(
         if preview is not None:
             raise MedldmError("--preview takes one scan, not a batch folder", preview)
         jobs = [(s, _outputs_of(s, out, fmt)[0]) for s in batch]
+    cohort = _cohort(device)  # under torchrun / accelerate launch: this process takes every n-th scan
+    if cohort is not None:
+        if batch is None and not cohort.is_main_process:
+            return  # one scan: the first process does it
+        jobs = jobs[cohort.process_index::cohort.num_processes] if batch is not None else jobs
+        device = str(cohort.device) if device == "auto" else device
     # every output of the run is checked before any work (a batch skips finished scans, so it checks the others)
     todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
     from medldm.provenance import sidecar_path
@@ -394,6 +400,10 @@ def upscale(
     from medldm.provenance import short_description, upscale_record, write_sidecar
 
     def report(status: str, source: Path, target: Path, **extra) -> None:
+        run = extra.get("provenance", {}).get("medldm", {})
+        rows.append({"input": str(source), "output": str(target), "status": status,
+                     "seconds": run.get("wall_time_s", ""), "residual": run.get("consistency_residual", ""),
+                     "error": extra.get("error", "")})
         if json_lines:  # one object per scan on stdout, nothing else there
             print(json.dumps({"status": status, "input": str(source), "output": str(target), **extra}), flush=True)
 
@@ -405,7 +415,7 @@ def upscale(
         console.print(f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
                       "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
                       "uncertainty map")
-    failures, written, skipped = [], [], []
+    failures, written, skipped, rows = [], [], [], []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
@@ -453,13 +463,50 @@ def upscale(
                 if overall is not None:
                     bar.update(overall, advance=1)
     if batch is not None:
-        if not quiet:
-            print(f"{len(written)} written, {len(skipped)} skipped (already done), {len(failures)} failed",
-                  file=sys.stderr if json_lines else sys.stdout)
         for failure in failures:
             print(f"failed: {failure}", file=sys.stderr)
-        if failures:
+        if cohort is not None:  # every process learns every scan's outcome; the first writes the summary
+            from accelerate.utils import gather_object
+
+            rows = sorted(gather_object(rows), key=lambda r: r["input"])
+        if cohort is None or cohort.is_main_process:
+            summary = _write_batch_summary(out or scan, rows)
+            counts = {k: sum(r["status"] == k for r in rows) for k in ("written", "skipped", "failed")}
+            if not quiet:
+                print(f"{counts['written']} written, {counts['skipped']} skipped (already done), {counts['failed']} "
+                      f"failed; summary: {summary}", file=sys.stderr if json_lines else sys.stdout)
+        if any(r["status"] == "failed" for r in rows):
             raise typer.Exit(1)
+
+
+BATCH_SUMMARY = "medldm_upscale.csv"
+
+
+def _write_batch_summary(folder: Path, rows: list[dict]) -> Path:
+    """One CSV row per scan of a batch (merged over every process of a cohort run), written atomically."""
+    import csv
+    import io
+
+    from medldm.outputs import write_text
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["input", "output", "status", "seconds", "residual", "error"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(folder / BATCH_SUMMARY, text.getvalue(), suffixes=(".csv",))
+
+
+def _cohort(device: str):
+    """accelerate's view of a multi-process launch (torchrun, accelerate launch: WORLD_SIZE > 1), else None.
+    Processes share GPUs one each, or CPUs (gloo) with --device cpu or without CUDA."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 @app.command()

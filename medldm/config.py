@@ -266,17 +266,39 @@ def _describe(err: ValidationError, source: str) -> str:
     return f"{source}: key '{key}': {message}{more}"
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs installed with medldm (the repository's configs/ folder, package medldm.configs)."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files("medldm.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def shipped_config(name: str) -> Path | None:
+    """The installed config called ``name`` (with or without .yaml), or None."""
+    from importlib.resources import as_file, files
+
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if stem not in shipped_configs():
+        return None
+    with as_file(files("medldm.configs") / f"{stem}.yaml") as path:  # a real file in a checkout or a wheel
+        return Path(path)
+
+
 def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
                 check_files: bool = True) -> tuple[Config, Path]:
-    """Read and validate a YAML config; return it and the resolved data root.
+    """Read and validate a YAML config (a path, or the name of a config shipped with medldm, e.g. "brain_mri");
+    return it and the resolved data root.
 
     Raises:
         MedldmError: bad YAML, an unknown key, a wrong type or value, or data that cannot be found; the
             message names the key.
     """
     path = Path(path)
+    if not path.is_file() and path.parent == Path(".") and (shipped_config(path.name)):
+        path = shipped_config(path.name)
     if not path.is_file():
-        raise MedldmError("config file not found", path)
+        raise MedldmError(f"config file not found (the configs shipped with medldm: {', '.join(shipped_configs())})",
+                          path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

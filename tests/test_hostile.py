@@ -139,7 +139,7 @@ def test_a_second_batch_run_writes_nothing_and_ignores_its_own_files(tmp_path, t
     inside = batch / "out"  # an output folder inside the input folder is not an input
     third = _upscale(batch, "--model", tiny_model / "model", "-o", inside)
     assert third.returncode == 0, third.stderr
-    assert "1 written" in third.stdout and _listing(inside) == ["a_sr.json", "a_sr.nii.gz"]
+    assert "1 written" in third.stdout and _listing(inside) == ["a_sr.json", "a_sr.nii.gz", "medldm_upscale.csv"]
 
 
 # ------------------------------------------------------------------------------- 4. DICOM slices

@@ -1,0 +1,55 @@
+"""Cohort runs (issue 22): `torchrun --nproc_per_node N -m medldm.cli upscale IN_DIR -o OUT_DIR` shares a batch
+between processes; each scan is done exactly once, with the result a single process gives, and one summary is
+merged at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+
+from tests.test_bad_inputs import medldm, tiny_model
+from tests.test_hostile import _small_scan
+from tests.test_train import _free_port
+
+__all__ = ["tiny_model"]  # fixture used below
+
+
+def test_two_processes_share_a_batch_and_match_one_process(tmp_path, tiny_model):
+    batch = tmp_path / "scans"
+    batch.mkdir()
+    names = [f"s{i}.nii.gz" for i in range(4)]
+    for name in names:
+        _small_scan(batch, name)
+    model = tiny_model / "model"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "medldm.cli", "upscale", str(batch), "-o",
+           str(tmp_path / "two"), "--model", str(model), "--device", "cpu", "--json"]
+    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    lines = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    done = sorted(os.path.basename(x["input"]) for x in lines if x["status"] == "written")
+    assert done == names  # every scan once, by one process or the other
+    with open(tmp_path / "two" / "medldm_upscale.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert sorted(os.path.basename(r["input"]) for r in summary) == names
+    assert {r["status"] for r in summary} == {"written"}
+
+    one = medldm("upscale", batch, "-o", tmp_path / "one", "--model", model, "--device", "cpu")
+    assert one.returncode == 0, one.stderr
+    for name in names:
+        out = name.replace(".nii.gz", "_sr.nii.gz")
+        one_out, two_out = nib.load(tmp_path / "one" / out), nib.load(tmp_path / "two" / out)
+        assert np.array_equal(one_out.get_fdata(), two_out.get_fdata())
+
+    rerun = subprocess.run(cmd[:8] + [str(_free_port())] + cmd[9:], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    statuses = [json.loads(line)["status"] for line in rerun.stdout.splitlines() if line.startswith("{")]
+    assert statuses == ["skipped"] * 4
