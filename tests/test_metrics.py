@@ -109,3 +109,21 @@ def test_uncertainty_calibration_ranks_a_map_that_predicts_the_error_above_one_t
     assert abs(useless["spearman"]) < 0.05
     with pytest.raises(MedldmError, match="constant"):
         uncertainty_calibration(np.zeros(ref.shape), pred, ref)
+
+
+def test_tissue_classes_score_the_truth_perfectly_and_count_a_moved_boundary():
+    from medldm.evaluation.metrics import TissueClasses
+
+    rng = np.random.default_rng(0)
+    truth = np.full((40, 40, 40), 100.0)  # "white matter", with a darker slab and a darkest core
+    truth[:, :, :20] = 60.0
+    truth[15:25, 15:25, 5:15] = 20.0
+    truth += rng.normal(0, 2, truth.shape)
+    tissues = TissueClasses(truth)
+    assert tissues.compare(truth)["dice"] == 1.0 and tissues.compare(truth)["volume_error"] == 0.0
+    moved = truth.copy()
+    moved[:, :, 20:24] = 60.0 + rng.normal(0, 2, moved[:, :, 20:24].shape)  # the boundary moves by 4 of 20 slices
+    scores = tissues.compare(moved)
+    assert scores["volume_change_2"] > 0 > scores["volume_change_3"]  # class 2 grows, class 3 (brightest) shrinks
+    assert scores["volume_error_3"] == pytest.approx(100 * 4 / 20, rel=0.02)
+    assert scores["dice_1"] == pytest.approx(1.0, abs=0.01) and scores["dice_3"] < 0.95

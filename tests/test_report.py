@@ -87,7 +87,9 @@ def _rows(n_volumes: int = 8, seed: int = 0) -> list[dict]:
                          "ssim": ssim0 + 0.03 * j + rng.normal(0, 0.004),
                          "lpips": 0.30 - 0.05 * j + rng.normal(0, 0.01),
                          "nrmse": 0.20 - 0.03 * j + rng.normal(0, 0.005),
-                         "seconds": 0.01 if method != "model" else 12.5})
+                         "seconds": 0.01 if method != "model" else 12.5,
+                         **{f"dice_{c}": 0.7 + 0.05 * j + rng.normal(0, 0.01) for c in (1, 2, 3)},
+                         **{f"volume_error_{c}": 12 - 3 * j + rng.normal(0, 0.5) for c in (1, 2, 3)}})
     return rows
 
 
@@ -159,7 +161,8 @@ def test_report_files(report):
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 24
-    assert list(rows[0]) == ["volume", "method", "psnr", "ssim", "lpips", "nrmse", "seconds"]
+    assert list(rows[0])[:7] == ["volume", "method", "psnr", "ssim", "lpips", "nrmse", "seconds"]
+    assert {f"dice_{c}" for c in (1, 2, 3)} | {f"volume_error_{c}" for c in (1, 2, 3)} <= set(rows[0])
     assert float(rows[0]["psnr"]) == _rows()[0]["psnr"]  # full precision
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protocol"] == PROTOCOL
@@ -195,6 +198,7 @@ def test_report_html_is_self_contained_and_complete(report):
         assert pixels.shape[0] > 100 and pixels.shape[1] > 200 and pixels[..., :3].std() > 0.05
     assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', text))
     assert "4 central slices of &lt;one&gt; volume" in text  # what the rate-distortion curves were measured on
+    assert 'id="volumetry-table"' in text and "A proxy, not a clinical segmentation" in text
     assert 'id="small-sample"' not in text  # 8 volumes: no caveat
 
 
@@ -252,5 +256,6 @@ def test_report_opens_in_headless_chromium(report, tmp_path):
     dom = _chromium(report, tmp_path / "profile-dom", "--dump-dom")
     assert dom.returncode == 0 and not _console_errors(dom.stderr)
     assert 'id="results-table"' in dom.stdout and all(f"<td>{m}" in dom.stdout for m in METHODS)
+    assert 'id="volumetry-table"' in dom.stdout and "Dice class 2 (T1: GM)" in dom.stdout
     if os.environ.get("MEDLDM_KEEP_SCREENSHOT"):  # a path to copy the screenshot to, for a person to look at
         Path(os.environ["MEDLDM_KEEP_SCREENSHOT"]).write_bytes(shot.read_bytes())
