@@ -363,6 +363,8 @@ def upscale(
     series: Series = None,
     overwrite: Overwrite = False,
     fmt: OutFormat = Format.nifti,
+    bids: Annotated[bool, typer.Option("--bids", help="SCAN is (in) a BIDS dataset: upscale its NIfTI scans into "
+                                                      "derivatives/medldm/ (or -o DIR) with a desc-sr entity")] = False,
     json_lines: JsonLines = False,
     quiet: Quiet = False,
 ):
@@ -375,15 +377,17 @@ def upscale(
     console = Console(stderr=True)
     if not scan.exists():
         raise MedldmError("no such file or folder", scan)
-    batch = _batch_inputs(scan, out) if scan.is_dir() else None
-    if batch is None:
+    summary_dir = out or scan
+    if bids:
+        batch, jobs, summary_dir = _bids_jobs(scan, out, fmt)
+    elif (batch := _batch_inputs(scan, out) if scan.is_dir() else None) is None:
         jobs = [(scan, out or _outputs_of(scan, None, fmt)[0])]
     else:
         if out is not None and out.name.lower().endswith((".nii", ".nii.gz")):
             raise MedldmError("in batch mode --out is a folder", out)
-        if preview is not None:
-            raise MedldmError("--preview takes one scan, not a batch folder", preview)
         jobs = [(s, _outputs_of(s, out, fmt)[0]) for s in batch]
+    if preview is not None and batch is not None:
+        raise MedldmError("--preview takes one scan, not a batch folder", preview)
     cohort = _cohort(device)  # under torchrun / accelerate launch: this process takes every n-th scan
     if cohort is not None:
         if batch is None and not cohort.is_main_process:
@@ -470,7 +474,11 @@ def upscale(
 
             rows = sorted(gather_object(rows), key=lambda r: r["input"])
         if cohort is None or cohort.is_main_process:
-            summary = _write_batch_summary(out or scan, rows)
+            if bids:
+                from medldm.bids import bids_root, write_dataset_description
+
+                write_dataset_description(summary_dir, bids_root(scan))
+            summary = _write_batch_summary(summary_dir, rows)
             counts = {k: sum(r["status"] == k for r in rows) for k in ("written", "skipped", "failed")}
             if not quiet:
                 print(f"{counts['written']} written, {counts['skipped']} skipped (already done), {counts['failed']} "
@@ -480,6 +488,24 @@ def upscale(
 
 
 BATCH_SUMMARY = "medldm_upscale.csv"
+
+
+def _bids_jobs(scan: Path, out: Path | None, fmt: Format) -> tuple[list[Path], list[tuple[Path, Path]], Path]:
+    """A BIDS run: the dataset's scans at or under SCAN, each with its derivative path, and the derivatives
+    folder (which also takes the batch summary)."""
+    from medldm.bids import PIPELINE, bids_root, bids_scans, derivative_path
+
+    root = bids_root(scan)
+    if root is None:
+        raise MedldmError("is not inside a BIDS dataset (no dataset_description.json at or above it)", scan)
+    if fmt != Format.nifti:
+        raise MedldmError("BIDS derivatives are NIfTI: --bids takes no --format dicom", scan)
+    here = scan.resolve()
+    sources = [p for p in bids_scans(root) if p == here or here in p.parents]
+    if not sources:
+        raise MedldmError("holds no NIfTI scans of the BIDS dataset (under its sub-* folders)", scan)
+    derivatives = out if out is not None else root / "derivatives" / PIPELINE
+    return sources, [(p, derivative_path(p, root, derivatives)) for p in sources], derivatives
 
 
 def _write_batch_summary(folder: Path, rows: list[dict]) -> Path:
