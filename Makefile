@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint bench bench-quick clean
+.PHONY: setup browser demo test test-quick lint bench bench-quick clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ browser:
 # pytest exits 5 when it collected no test: a broken suite, reported as such.
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# The quick lane for your own loop: every test not marked slow (CONTRIBUTING.md).
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # Speed and memory (docs/performance.md): every benchmark prints a table and writes JSON to bench_output/.
