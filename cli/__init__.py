@@ -388,11 +388,13 @@ def upscale(
         jobs = [(s, _outputs_of(s, out, fmt)[0]) for s in batch]
     if preview is not None and batch is not None:
         raise MedldmError("--preview takes one scan, not a batch folder", preview)
-    cohort = _cohort(device)  # under torchrun / accelerate launch: this process takes every n-th scan
+    from medldm import cohort as cohorts
+
+    cohort = cohorts.current(device)  # under torchrun / accelerate launch: this process takes every n-th scan
     if cohort is not None:
         if batch is None and not cohort.is_main_process:
             return  # one scan: the first process does it
-        jobs = jobs[cohort.process_index::cohort.num_processes] if batch is not None else jobs
+        jobs = cohorts.share(jobs, cohort) if batch is not None else jobs
         device = str(cohort.device) if device == "auto" else device
     # every output of the run is checked before any work (a batch skips finished scans, so it checks the others)
     todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
@@ -469,10 +471,7 @@ def upscale(
     if batch is not None:
         for failure in failures:
             print(f"failed: {failure}", file=sys.stderr)
-        if cohort is not None:  # every process learns every scan's outcome; the first writes the summary
-            from accelerate.utils import gather_object
-
-            rows = sorted(gather_object(rows), key=lambda r: r["input"])
+        rows = sorted(cohorts.gather(rows, cohort), key=lambda r: r["input"])  # every process's scans
         if cohort is None or cohort.is_main_process:
             if bids:
                 from medldm.bids import bids_root, write_dataset_description
@@ -522,19 +521,6 @@ def _write_batch_summary(folder: Path, rows: list[dict]) -> Path:
     return write_text(folder / BATCH_SUMMARY, text.getvalue(), suffixes=(".csv",))
 
 
-def _cohort(device: str):
-    """accelerate's view of a multi-process launch (torchrun, accelerate launch: WORLD_SIZE > 1), else None.
-    Processes share GPUs one each, or CPUs (gloo) with --device cpu or without CUDA."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-
-
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Option(help="HR scans: a folder, a .txt list of paths, or one scan")],
@@ -581,6 +567,8 @@ def evaluate(
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"))
+    if report is None:
+        return  # another process of a cohort run writes the report
     summary = json.loads((out / "summary.json").read_text())
     if json_lines:
         print(json.dumps({"report": str(report), **summary}))

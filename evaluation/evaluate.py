@@ -24,7 +24,7 @@ from medldm.evaluation.metrics import (
     uncertainty_calibration,
 )
 
-from medldm import __version__
+from medldm import __version__, cohort
 from medldm.degrade import degrade_volume, make_operator
 from medldm.errors import MedldmError
 from medldm.volume import SCAN_SUFFIXES, Volume, load
@@ -88,8 +88,11 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
              samples: int = 1, planes: str | None = None, refine: float | None = None, baselines=None,
              seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
              lpips_weights=None, rd: bool = False, rd_only: bool = False,
-             progress: Callable[[str, int, int], None] | None = None) -> Path:
+             progress: Callable[[str, int, int], None] | None = None) -> Path | None:
     """Run the evaluation and write ``out/report.html``, ``metrics.csv`` and ``summary.json``.
+
+    Under torchrun or accelerate launch the scans are shared between the processes (medldm.cohort) and the first
+    process writes the report from everyone's results; the others return None.
 
     Args:
         data: folder, list file or scan (see :func:`scan_list`): the HR ground truth.
@@ -112,6 +115,9 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
 
     files = scan_list(data)[:limit]
     lpips_folder = find_lpips_weights(lpips_weights)
+    state = cohort.current(device)
+    if state is not None and device == "auto":
+        device = str(state.device)
     upscaler = None
     if model is not None:
         from medldm.pipeline import Upscaler
@@ -128,7 +134,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     regression = None  # the regression baseline's own upscaler, when the model's uses one stack of planes
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
-    for n, path in enumerate([] if rd_only else files):
+    for n, path in cohort.share(list(enumerate([] if rd_only else files)), state):
         if progress:
             progress(path.name, n, len(files))
         hr_full = load(path)
@@ -175,6 +181,18 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
             rows.append(row)
         if n == 0:
             examples.append(_example(truth, lr, outputs, uncertainty, op_axis, factors))
+    if state is not None:  # everyone's results, in the order of the scan list, for the first process to report
+        order = {p.name: i for i, p in enumerate(files)}
+        rows = sorted(cohort.gather(rows, state), key=lambda r: order[r["volume"]])  # stable: methods keep order
+        examples = cohort.gather(examples, state)
+        calibration = sorted(cohort.gather(calibration, state), key=lambda c: order[c["volume"]])
+        merged: dict[str, list] = {}
+        for part in cohort.gather([timings], state):
+            for method, values in part.items():
+                merged.setdefault(method, []).extend(values)
+        timings = merged
+        if not state.is_main_process:
+            return None
     rd_data, rd_sample = None, None
     if (rd or rd_only) and upscaler is not None:
         rd_data, rd_sample = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)

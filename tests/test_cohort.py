@@ -12,6 +12,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from tests.test_bad_inputs import medldm, tiny_model
 from tests.test_hostile import _small_scan
@@ -53,3 +54,37 @@ def test_two_processes_share_a_batch_and_match_one_process(tmp_path, tiny_model)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     statuses = [json.loads(line)["status"] for line in rerun.stdout.splitlines() if line.startswith("{")]
     assert statuses == ["skipped"] * 4
+
+
+def test_two_processes_share_an_evaluation_and_report_what_one_process_reports(tmp_path):
+    from tests.test_hostile import _ixi
+    from tests.test_train import LPIPS
+
+    data, affine = _ixi()
+    scans = []
+    for i, start in enumerate((20, 40, 56)):  # three 64^3 blocks of one scan: distinct volumes, LPIPS-sized
+        path = tmp_path / f"v{i}.nii.gz"
+        nib.save(nib.Nifti1Image(data[start:start + 64, 30:94, 10:74].astype(np.float32), affine), str(path))
+        scans.append(str(path))
+    (tmp_path / "list.txt").write_text("\n".join(scans) + "\n")
+    options = ["--data", str(tmp_path / "list.txt"), "--baseline", "trilinear", "--baseline", "bspline-dc",
+               "--lpips-weights", str(LPIPS), "--device", "cpu"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "medldm.cli", "evaluate",
+                          "--out", str(tmp_path / "two"), *options], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = medldm("evaluate", "--out", tmp_path / "one", *options)
+    assert one.returncode == 0, one.stderr
+
+    def table(folder):
+        with open(folder / "metrics.csv", newline="") as fh:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+    two_rows, one_rows = table(tmp_path / "two"), table(tmp_path / "one")
+    assert [(r["volume"], r["method"]) for r in two_rows] == [(r["volume"], r["method"]) for r in one_rows]
+    for a, b in zip(two_rows, one_rows, strict=True):  # equal up to the order of threaded float sums
+        assert {k: float(v) for k, v in a.items() if k not in ("volume", "method") and v} == pytest.approx(
+            {k: float(v) for k, v in b.items() if k not in ("volume", "method") and v}, rel=1e-9)
+    assert [r["volume"] for r in table(tmp_path / "two")][::2] == ["v0.nii.gz", "v1.nii.gz", "v2.nii.gz"]
