@@ -378,6 +378,8 @@ def upscale(
     if not scan.exists():
         raise MedldmError("no such file or folder", scan)
     summary_dir = out or scan
+    if not bids and scan.is_dir() and (scan / "dataset_description.json").is_file():
+        raise MedldmError("is a BIDS dataset: pass --bids to upscale its scans into derivatives/medldm", scan)
     if bids:
         batch, jobs, summary_dir = _bids_jobs(scan, out, fmt)
     elif (batch := _batch_inputs(scan, out) if scan.is_dir() else None) is None:
@@ -566,6 +568,7 @@ def evaluate(
             planes=planes.value if planes else None, refine=refine, baselines=baseline or None,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
+            command=["medldm", *sys.argv[1:]],
             progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"))
     if report is None:
         return  # another process of a cohort run writes the report

@@ -88,7 +88,8 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
              samples: int = 1, planes: str | None = None, refine: float | None = None, baselines=None,
              seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
              lpips_weights=None, rd: bool = False, rd_only: bool = False,
-             progress: Callable[[str, int, int], None] | None = None) -> Path | None:
+             progress: Callable[[str, int, int], None] | None = None,
+             command: list[str] | None = None) -> Path | None:
     """Run the evaluation and write ``out/report.html``, ``metrics.csv`` and ``summary.json``.
 
     Under torchrun or accelerate launch the scans are shared between the processes (medldm.cohort) and the first
@@ -108,6 +109,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         rd: add the rate-distortion curves of the model (medldm.evaluation.rate_distortion).
         rd_only: the rate-distortion curves alone (no per-volume metrics).
         progress: callable(stage, done, total).
+        command: the command line to record in the report's provenance (default: this process's arguments).
     """
     from medldm.evaluation.report import write_report
 
@@ -199,7 +201,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     protocol = _protocol(files, model=upscaler.model if upscaler else None, kind=kind, axis=axis, scale=scale,
                          profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed, planes=planes,
                          refine=refine,
-                         use_mask=use_mask, lpips_sums=verify_checksums(lpips_folder))
+                         use_mask=use_mask, lpips_sums=verify_checksums(lpips_folder), command=command)
     return write_report(out, rows=rows, protocol=protocol, examples=examples, rd=rd_data,
                         timings={k: float(np.mean(v)) for k, v in timings.items()},
                         metrics=METRICS, higher_is_better=HIGHER_IS_BETTER, baselines=methods,
@@ -243,7 +245,7 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
 
 
 def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, planes, refine, use_mask,
-              lpips_sums) -> dict:
+              lpips_sums, command=None) -> dict:
     import monai
     import skimage
     import torch
@@ -281,7 +283,7 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
     }
     from medldm.provenance import git_commit, model_digest
 
-    protocol["provenance"] = {"command line": shlex.join(sys.argv), "cwd": os.getcwd(),
+    protocol["provenance"] = {"command line": shlex.join(command or sys.argv), "cwd": os.getcwd(),
                               "medldm": __version__ + (f" (git {git_commit()})" if git_commit() else "")}
     if model is not None:
         staged = model.estimator is not None

@@ -59,3 +59,8 @@ def test_a_name_that_is_not_bids_is_refused(tmp_path, name):
 
     with pytest.raises(MedldmError, match="not a BIDS file name"):
         derivative_path(tmp_path / "sub-1" / name, tmp_path)
+
+
+def test_a_bids_root_without_bids_says_to_pass_it(tmp_path):
+    root = _dataset(tmp_path)
+    assert_refused(medldm("upscale", root), root, "pass --bids")

@@ -74,3 +74,32 @@ def test_info_json_is_one_object_with_the_geometry(tmp_path):
     img = nib.load(scan)
     assert info["shape"] == list(img.shape) and np.allclose(info["affine"], img.affine)
     assert np.allclose(info["spacing_mm"], img.header.get_zooms())
+
+
+def test_an_evaluation_records_its_command_and_reruns_to_the_same_table(tmp_path):
+    import csv
+    import shlex
+
+    from tests.test_train import LPIPS
+
+    scan = tmp_path / "v.nii.gz"
+    from tests.test_hostile import _ixi
+
+    data, affine = _ixi()
+    nib.save(nib.Nifti1Image(data[30:94, 30:94, 10:74].astype(np.float32), affine), str(scan))
+    first = medldm("evaluate", "--data", scan, "--out", tmp_path / "r", "--baseline", "bspline-dc",
+                   "--lpips-weights", LPIPS, "--device", "cpu")
+    assert first.returncode == 0, first.stderr
+    provenance = json.loads((tmp_path / "r" / "summary.json").read_text())["protocol"]["provenance"]
+    command = shlex.split(provenance["command line"])
+    assert command[:2] == ["medldm", "evaluate"]
+    (tmp_path / "r").rename(tmp_path / "first")
+    again = subprocess.run([sys.executable, "-m", "medldm.cli", *command[1:]], cwd=provenance["cwd"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+
+    def table(folder):
+        with open(folder / "metrics.csv", newline="") as fh:
+            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
+
+    assert table(tmp_path / "r") == table(tmp_path / "first")
