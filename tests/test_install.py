@@ -15,6 +15,7 @@ SOURCES = ("pyproject.toml", "README.md", "medldm", "cli", "evaluation", "config
 
 def test_an_installed_copy_has_its_model_and_configs(tmp_path):
     source, site, elsewhere = tmp_path / "source", tmp_path / "site", tmp_path / "elsewhere"
+    source.mkdir()
     for name in SOURCES:  # a clean copy: no build/ folder left by an earlier build can leak into the package
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
         copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}

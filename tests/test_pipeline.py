@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -261,7 +262,10 @@ def test_batch_mode_survives_a_corrupt_file_and_resumes(models, degraded, tmp_pa
     result = medldm("upscale", folder, "-o", out, "--model", models["tiny_2d"], "--steps", "1", "--axis", "z",
                     "--device", "cpu")
     assert result.returncode == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a_sr.nii.gz", "c_sr.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_sr.json", "a_sr.nii.gz", "c_sr.json", "c_sr.nii.gz",
+                                                     "medldm_upscale.csv"]  # scans, sidecars, the batch summary
+    with open(out / "medldm_upscale.csv", newline="") as fh:
+        assert sorted(r["status"] for r in csv.DictReader(fh)) == ["failed", "written", "written"]
     assert "2 written, 0 skipped (already done), 1 failed" in result.stdout
     assert "b.nii.gz" in result.stderr and "Traceback" not in result.stderr
     stamp = (out / "a_sr.nii.gz").stat().st_mtime_ns
