@@ -32,3 +32,17 @@ def ixi_files() -> list[Path]:
 @pytest.fixture(scope="session")
 def ixi_path(ixi_files) -> Path:
     return ixi_files[0]
+
+
+# The quick lane (`make test-quick`, marker `slow` left out) skips what trains or runs models end to end: whole
+# modules of such tests, and any test that asks for a model folder fixture. `make test` runs everything.
+SLOW_MODULES = {"test_pipeline", "test_estimator", "test_train", "test_cohort", "test_provenance", "test_bids",
+                "test_dicom_out", "test_install", "test_api"}
+MODEL_FIXTURES = {"tiny_model", "models", "model"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -60,7 +60,8 @@ def test_an_untrained_estimator_is_the_identity_on_the_centre_plane():
 
 
 def test_refine_zero_gives_the_consistent_estimate_and_refining_adds_detail(model, ixi_path):
-    lr, hr = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=4)
+    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))  # all of z: a short run
+    lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
     loaded = load_model(model / "model")
     estimate = Upscaler(loaded, device="cpu", steps=2, refine=0.0).upscale(lr, axis="z", keep_estimate=True)
     refined = Upscaler(loaded, device="cpu", steps=2, refine=0.3).upscale(lr, axis="z", seed=1, keep_estimate=True)

@@ -23,6 +23,7 @@ def pair():
     return interpolate(lr, [1, 1, 4], method="trilinear").data, hr.data
 
 
+@pytest.mark.slow
 def test_psnr_and_ssim_match_scikit_image(pair):
     pred, ref = pair
     r = float(ref.max())
