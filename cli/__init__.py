@@ -176,10 +176,10 @@ def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
     if quiet:
         return
     if json_lines:
+        intensity = {"min": float(vol.data.min()), "max": float(vol.data.max()), "p1": float(p1), "p99": float(p99)}
         print(json.dumps({"path": str(scan), "format": rows["format"], "shape": list(vol.shape),
-                          "spacing_mm": list(vol.spacing), "orientation": vol.orientation, "stored_type": rows[
-                              "stored type"], "intensity": {"min": float(vol.data.min()), "max": float(vol.data.max()),
-                                                            "p1": float(p1), "p99": float(p99)},
+                          "spacing_mm": list(vol.spacing), "orientation": vol.orientation,
+                          "stored_type": rows["stored type"], "intensity": intensity,
                           "modality": rows["modality (guess)"], "series": rows.get("series"),
                           "affine": vol.affine.tolist()}))
         return
@@ -423,7 +423,7 @@ def upscale(
         console.print(f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
                       "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
                       "uncertainty map")
-    failures, written, skipped, rows = [], [], [], []
+    rows = []  # one per scan: what report() recorded
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
@@ -433,8 +433,7 @@ def upscale(
                 if target.exists() and not overwrite:
                     if batch is None:
                         raise MedldmError("already exists; pass --overwrite to replace it", target)
-                    skipped.append(target)  # a resumed batch skips finished outputs
-                    report("skipped", source, target)
+                    report("skipped", source, target)  # a resumed batch skips finished outputs
                     continue
                 vol = _load(source, series)
                 task = bar.add_task(escape(source.name), total=None)
@@ -454,7 +453,6 @@ def upscale(
                     from medldm.figures import before_after
 
                     before_after(vol, result.sr, preview, overwrite=overwrite)
-                written.append(target)
                 report("written", source, target, provenance=record)
                 if not quiet and not json_lines:
                     bar.console.print(  # plain text, one line whatever the width (scripts parse it)
@@ -464,15 +462,15 @@ def upscale(
             except MedldmError as err:
                 if batch is None:
                     raise
-                failures.append(str(err))
                 report("failed", source, target, error=str(err))
                 bar.console.print(f"[red]failed[/]: {escape(str(err))}", soft_wrap=True)
             finally:
                 if overall is not None:
                     bar.update(overall, advance=1)
     if batch is not None:
-        for failure in failures:
-            print(f"failed: {failure}", file=sys.stderr)
+        for row in rows:
+            if row["status"] == "failed":
+                print(f"failed: {row['error']}", file=sys.stderr)
         rows = sorted(cohorts.gather(rows, cohort), key=lambda r: r["input"])  # every process's scans
         if cohort is None or cohort.is_main_process:
             if bids:

@@ -22,7 +22,7 @@ from skimage.metrics import structural_similarity
 from medldm.errors import MedldmError
 
 __all__ = ["psnr", "nrmse", "ssim", "lpips", "lpips_volume", "foreground_mask", "uncertainty_calibration",
-           "TissueClasses", "TISSUE_CLASSES"]
+           "TissueClasses", "TISSUE_CLASSES", "PER_CLASS_METRICS"]
 
 
 def _pair(pred, ref) -> tuple[np.ndarray, np.ndarray]:
@@ -173,6 +173,8 @@ def uncertainty_calibration(std, pred, ref, *, mask=None, bins: int = 10, max_vo
 
 
 TISSUE_CLASSES = 3
+# the per-class scores TissueClasses.compare gives (besides their means, "dice" and "volume_error")
+PER_CLASS_METRICS = tuple(f"{kind}_{c}" for c in range(1, TISSUE_CLASSES + 1) for kind in ("dice", "volume_error"))
 
 
 class TissueClasses:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from medldm.evaluation.metrics import PER_CLASS_METRICS
 from medldm.evaluation.stats import summarise
 
 import medldm
@@ -31,10 +32,9 @@ from medldm.outputs import write_bytes, write_text
 __all__ = ["write_report", "DEFAULT_HIGHER_IS_BETTER", "REPORT_FILES"]
 
 TISSUES = ("class 1 (T1: CSF)", "class 2 (T1: GM)", "class 3 (T1: WM)")  # intensity classes, darkest first
-VOLUMETRY = tuple(f"{kind}_{c}" for c in range(1, len(TISSUES) + 1) for kind in ("dice", "volume_error"))
 DEFAULT_HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ssim3d": True, "lpips": False, "nrmse": False,
                             "dice": True, "volume_error": False,
-                            **{m: m.startswith("dice") for m in VOLUMETRY}}
+                            **{m: m.startswith("dice") for m in PER_CLASS_METRICS}}
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ssim3d": "SSIM 3D", "lpips": "LPIPS", "nrmse": "NRMSE",
                  "dice": "tissue Dice", "volume_error": "tissue volume error (%)",
                  **{f"dice_{c + 1}": f"Dice {t}" for c, t in enumerate(TISSUES)},
@@ -140,7 +140,7 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
     present = [m for m in metrics if any(r.get(m) is not None for r in rows)]
     table = summarise(rows, metrics=present, higher_is_better=direction, baselines=list(baselines),
                       confidence=confidence, n_boot=n_boot, seed=seed)
-    per_class = [m for m in VOLUMETRY if any(r.get(m) is not None for r in rows)]
+    per_class = [m for m in PER_CLASS_METRICS if any(r.get(m) is not None for r in rows)]
     volumetry = summarise(rows, metrics=per_class, higher_is_better=direction, baselines=list(baselines),
                           confidence=confidence, n_boot=n_boot, seed=seed) if per_class else []
     statistics = _statistics(confidence=confidence, n_boot=n_boot, seed=seed)
@@ -255,7 +255,7 @@ def _page(*, title, created, rows, summary, table, examples, rd, timings, seed, 
           figures: _Figures) -> str:
     metrics = summary["metrics"]
     sections = [("protocol", "Protocol", _protocol_section(summary)),
-                ("results", "Results", _results_section(summary, table)),
+                ("results", "Results", _small_sample_warning(table) + _results_section(summary, table)),
                 ("per-volume", "Per-volume values", _per_volume_section(rows, table, metrics, seed, figures))]
     if summary["volumetry"]:
         sections.append(("volumetry", "Volumetry", _volumetry_section(summary)))
@@ -327,8 +327,20 @@ def _format_p(p: float | None) -> str:
     return "p &lt; 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+def _small_sample_warning(table: list[dict]) -> str:
+    n_volumes = max((r["n"] for r in table), default=0)
+    if n_volumes >= SMALL_SAMPLE:
+        return ""
+    smallest_p = min(2 / 2**n_volumes, 1.0) if n_volumes else 1.0
+    return (f"<p class=\"warn\" id=\"small-sample\"><strong>Small sample: {n_volumes} volume(s).</strong> "
+            f"With fewer than {SMALL_SAMPLE} volumes the bootstrap interval understates the uncertainty of the mean "
+            "(it can only recombine the few values seen) and the paired Wilcoxon test cannot reach significance: its "
+            f"smallest possible two-sided p with {n_volumes} pairs is {smallest_p:.2g}. Read these numbers as a "
+            "description of these volumes, not as evidence about scans in general.</p>\n")
+
+
 def _volumetry_section(summary: dict) -> str:
-    """Per tissue class Dice and signed volume error, with the results table's intervals and tests."""
+    """Per tissue class Dice and absolute volume error, with the results table's intervals and tests."""
     table = summary["volumetry"]
     metrics = list(dict.fromkeys(r["metric"] for r in table))
     view = {**summary, "metrics": metrics, "metrics_not_computed": [],
@@ -402,15 +414,6 @@ def _results_section(summary: dict, table: list[dict], table_id: str = "results-
     ]
     if missing:
         notes.append(f"<p class=\"note\">Not computed: {_e(', '.join(_label(m) for m in missing))}.</p>")
-    n_volumes = max((r["n"] for r in table), default=0)
-    if n_volumes < SMALL_SAMPLE:
-        smallest_p = 2 / 2**n_volumes if n_volumes else 1.0
-        notes.insert(0, f"<p class=\"warn\" id=\"small-sample\"><strong>Small sample: {n_volumes} volume(s).</strong> "
-                     f"With fewer than {SMALL_SAMPLE} volumes the bootstrap interval understates the uncertainty of "
-                     "the mean (it can only recombine the few values seen) and the paired Wilcoxon test cannot reach "
-                     f"significance: its smallest possible two-sided p with {n_volumes} pairs is "
-                     f"{min(smallest_p, 1.0):.2g}. Read these numbers as a description of these volumes, not as "
-                     "evidence about scans in general.</p>")
     return (f"<div class=\"wide\"><table class=\"results\" id=\"{table_id}\">\n<thead><tr><th>Method</th>"
             f"<th class=\"num\">n</th>{head1}</tr></thead>\n<tbody>\n"
             + "\n".join(body) + "\n</tbody></table></div>\n" + "\n".join(notes))

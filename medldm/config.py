@@ -294,8 +294,8 @@ def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None 
             message names the key.
     """
     path = Path(path)
-    if not path.is_file() and path.parent == Path(".") and (shipped_config(path.name)):
-        path = shipped_config(path.name)
+    if not path.is_file() and path.parent == Path(".") and (shipped := shipped_config(path.name)):
+        path = shipped
     if not path.is_file():
         raise MedldmError(f"config file not found (the configs shipped with medldm: {', '.join(shipped_configs())})",
                           path)

@@ -26,7 +26,7 @@ import numpy as np
 from medldm import __version__
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality
-from medldm.outputs import TEMPORARY_MARK
+from medldm.outputs import TEMPORARY_MARK, check_output_folder
 
 __all__ = ["save_dicom", "CARRIED_OVER", "quantisation"]
 
@@ -68,14 +68,12 @@ def save_dicom(volume, folder: str | os.PathLike, *, description: str = "medldm"
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    folder = Path(folder)
-    if folder.exists() and not (overwrite and folder.is_dir()):
-        raise MedldmError("already exists; pass --overwrite to replace it", folder)
+    folder = check_output_folder(folder, overwrite=overwrite)
     data = volume.data
     if not np.all(np.isfinite(data)):
         raise MedldmError("refusing to write non-finite voxels (NaN or inf)", folder)
     row_cos, col_cos, pixel_spacing, lps, thickness = _geometry(volume.affine, folder)
-    modality = "CT" if guess_modality(data, volume.meta.get("modality")) == "CT" else "MR"
+    modality = guess_modality(data, volume.meta.get("modality"))
     slope, intercept = quantisation(data, modality)
     stored = np.clip(np.rint((data - intercept) / slope), INT16.min, INT16.max).astype(np.int16)
     source = volume.meta.get("dicom") or {}

@@ -24,10 +24,6 @@ def three_planes(volume: Volume, centre_world: np.ndarray | None = None) -> list
     return [np.rot90(can.data[i]), np.rot90(can.data[:, j]), np.rot90(can.data[:, :, k])]
 
 
-def _centre(volume: Volume) -> np.ndarray:
-    return (volume.affine @ np.append((np.asarray(volume.shape) - 1) / 2.0, 1.0))[:3]
-
-
 def display_window(volume: Volume) -> tuple[float, float, str]:
     """Grey-scale limits for showing a scan: CT through a soft-tissue window (HU), anything else from the 0.5th to
     the 99.5th percentile."""
@@ -89,7 +85,7 @@ def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("in
                                                              *(extra or {}).items()]]
     point = most_changed_point(before, after)
     vmin, vmax, window = display_window(after)
-    # the zoom plane: across the axis that was not upscaled and whose plane holds the most upscaled detail
+    # the zoom plane: across the first axis that was not upscaled, so the upscaled axis lies in it
     ratio = np.asarray(rows[0][1].spacing) / np.asarray(rows[1][1].spacing)
     upscaled = int(np.argmax(ratio))
     zoom_axis = next(d for d in (0, 1, 2) if d != upscaled)

@@ -22,9 +22,6 @@ from medldm.outputs import NIFTI_SUFFIXES, strip_suffix, write_text
 __all__ = ["sidecar_path", "input_digest", "model_digest", "git_commit", "upscale_record", "short_description",
            "write_sidecar"]
 
-DESCRIP_BYTES = 79  # the NIfTI-1 descrip field holds 80 bytes, the last a terminating NUL
-
-
 def sidecar_path(output: str | os.PathLike) -> Path:
     """``scan_sr.nii.gz`` -> ``scan_sr.json`` (the BIDS sidecar name)."""
     output = Path(output)
@@ -120,12 +117,11 @@ def _torch_version() -> str:
 
 
 def short_description(record: dict) -> str:
-    """The record in at most 79 ASCII bytes, for the NIfTI descrip field."""
+    """The record in one short line, for the NIfTI descrip field (save_nifti keeps its first 79 bytes)."""
     m = record["medldm"]
     s, t = m["sampling"], m["task"]
-    text = (f"medldm {record['GeneratedBy'][0]['Version']} {m['model']['sha256'][:12]} {t['kind']} x{t['scale']} "
+    return (f"medldm {record['GeneratedBy'][0]['Version']} {m['model']['sha256'][:12]} {t['kind']} x{t['scale']} "
             f"ax{t['axis']} r{s['refine']:g} s{s['steps']} n{s['samples']} seed{s['seed']}")
-    return text.encode("ascii", "replace")[:DESCRIP_BYTES].decode("ascii")
 
 
 def write_sidecar(output: str | os.PathLike, record: dict) -> Path:

@@ -207,6 +207,7 @@ def test_a_report_on_few_volumes_says_its_statistics_are_rough(tmp_path):
     text = write_report(tmp_path / "out", rows=rows, protocol=PROTOCOL, higher_is_better=DIRECTIONS).read_text()
     caveat = re.search(r'<p class="warn" id="small-sample">(.*?)</p>', text, re.S)
     assert caveat and "Small sample: 2 volume(s)" in caveat.group(1) and "0.5" in caveat.group(1)
+    assert text.count('id="small-sample"') == 1 and 'id="volumetry-table"' in text  # once, not per table
 
 
 def test_report_rejects_bad_input(tmp_path):
