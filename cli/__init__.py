@@ -413,7 +413,11 @@ def upscale(
                      "seconds": run.get("wall_time_s", ""), "residual": run.get("consistency_residual", ""),
                      "error": extra.get("error", "")})
         if json_lines:  # one object per scan on stdout, nothing else there
-            print(json.dumps({"status": status, "input": str(source), "output": str(target), **extra}), flush=True)
+            # one write per line: the processes of a cohort run share stdout, and print() writes the text and its
+            # newline separately, so two processes' lines could interleave
+            sys.stdout.write(json.dumps({"status": status, "input": str(source), "output": str(target), **extra})
+                             + "\n")
+            sys.stdout.flush()
 
     upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, batch_size=batch_size,
                         consistency=consistency, bf16=bf16, planes=planes.value if planes else None,

@@ -84,10 +84,16 @@ def upscale_record(*, source: str | os.PathLike, volume, result, upscaler, outpu
                 "planes": upscaler.planes, "samples": result.sr.meta["upscale"]["samples"],
                 "seed": result.sr.meta["upscale"]["seed"], "consistency": upscaler.consistency,
                 "condition_level": upscaler.condition_level, "bf16": upscaler.bf16, "batch_size": upscaler.batch_size}
+    if model.estimator is not None and upscaler.refine == 0:
+        how = "its regression estimate (no diffusion refinement)"
+    elif model.estimator is not None:
+        how = f"its regression estimate refined by {upscaler.steps} diffusion step(s) from {upscaler.refine:g}"
+    else:
+        how = f"{upscaler.steps} diffusion sampler step(s) from noise"
     description = (f"Super-resolved by medldm {__version__}: {task.kind} x{task.scale} along voxel axis {result.axis}, "
-                   f"model {model.config.name} ({model_digest(model.path)[:12]}), {upscaler.steps} sampler step(s) "
-                   f"from refine {upscaler.refine}, made consistent with the input (residual "
-                   f"{100 * result.residual:.3g}% of range). Finer detail than the input's is a model's guess.")
+                   f"model {model.config.name} ({model_digest(model.path)[:12]}), {how}, made consistent with the "
+                   f"input (residual {100 * result.residual:.3g}% of range). Finer detail than the input's is a "
+                   "model's guess.")
     return {
         "Description": description,
         "GeneratedBy": [{"Name": "medldm", "Version": __version__,
