@@ -89,6 +89,8 @@ class Planes(str, Enum):  # medldm.pipeline.PLANES
     both = "both"
 
 
+REFINE_PLANES_HELP = ("models with an estimator stage: the stacks of planes the refinement adds detail from "
+                      "(default: the model's, else as --planes)")
 SEED_MAX = 2**63 - 1  # seeds are mixed and reduced modulo 2^64: larger ones would repeat smaller ones
 REFINE_HELP = ("models with an estimator stage: how far into the noise schedule the diffusion model starts from "
                "the regression estimate (0: the estimate alone; default: the model's)")
@@ -207,9 +209,13 @@ def degrade(
     scan: Scan,
     out: Annotated[Path, typer.Argument(help="output .nii or .nii.gz (the low-resolution scan)")],
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "z",
-    scale: Annotated[int, typer.Option(min=2, max=16, help="integer factor")] = 4,
+    scale: Annotated[float, typer.Option(min=1.05, max=16, help="factor (thick slices: need not be an integer)")]
+    = 4,
     kind: Annotated[Kind, typer.Option(help="thick slices along AXIS, or in-plane k-space truncation / blur")]
     = Kind.slice_profile,
+    thickness: Annotated[float | None, typer.Option(min=0.01, help="thick slices: slice thickness in mm (default: "
+                                                                   "the new slice spacing; less leaves gaps)")]
+    = None,
     profile: Annotated[Profile, typer.Option(help="slice profile (slice-profile and blur kinds)")]
     = Profile.gaussian,
     noise: Annotated[float, typer.Option(min=0.0, help="Rician noise, fraction of the 99th percentile")] = 0.0,
@@ -224,15 +230,26 @@ def degrade(
     from medldm.degrade import degrade_volume
     from medldm.volume import save_nifti
 
+    ratio = 1.0
+    if thickness is not None:
+        from medldm.degrade import grid_for_factor
+        from medldm.volume import resolve_axis
+
+        a = resolve_axis(vol, axis)
+        ratio = thickness / (vol.spacing[a] * grid_for_factor(vol.shape[a], scale)[2])
     result = degrade_volume(vol, kind=kind.value, axis=axis, scale=scale, profile=profile.value, noise=noise,
-                            seed=seed)
+                            seed=seed, thickness=ratio)
     save_nifti(result.lr, out, overwrite=overwrite)
     if hr_out is not None:
         save_nifti(result.hr, hr_out, overwrite=overwrite)
     lr = result.lr
     print(f"wrote {out}: {' x '.join(map(str, lr.shape))} voxels, spacing "
-          f"{' x '.join(f'{s:.4g}' for s in lr.spacing)} mm ({kind.value}, x{scale} along voxel axis "
-          f"{lr.meta['degrade']['axis']})")
+          f"{' x '.join(f'{s:.4g}' for s in lr.spacing)} mm ({kind.value}, x{lr.meta['degrade']['scale']:.4g} "
+          f"along voxel axis {lr.meta['degrade']['axis']})")
+    if ratio != 1.0:
+        a = lr.meta["degrade"]["axis"]
+        print(f"note: slice thickness {ratio * lr.spacing[a]:.4g} mm; NIfTI does not record it, so pass --thickness "
+              f"{ratio * lr.spacing[a]:.4g} to medldm upscale")
     if result.hr.shape != vol.shape:
         print(f"note: the scan was cropped from {vol.shape} to {result.hr.shape} to hold whole thick voxels")
 
@@ -334,7 +351,22 @@ def upscale(
                                                                   "default: <name>_sr.nii.gz beside the input")]
     = None,
     model: Annotated[str, typer.Option(help="model folder, or 'default' for the shipped model")] = "default",
-    scale: Annotated[int | None, typer.Option(min=2, help="factor (default: the spacing ratio or the model's)")]
+    scale: Annotated[float | None, typer.Option(min=1.05, max=16, help="factor, need not be an integer (default: "
+                                                                  "the spacing ratio or the model's)")] = None,
+    spacing: Annotated[float | None, typer.Option(min=0.01, help="output spacing in mm along the upscaled axis (e.g. "
+                                                                 "1: 5.5 mm slices become 1 mm), instead of --scale")]
+    = None,
+    thickness: Annotated[float | None, typer.Option(min=0.01, help="slice thickness in mm when it differs from the "
+                                                                   "slice spacing (default: DICOM SliceThickness, else "
+                                                                   "the spacing)")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="refuse scans outside what the model was trained on "
+                                                          "(exit 1 instead of a warning)")] = False,
+    adapt: Annotated[bool, typer.Option("--adapt", help="first fine-tune the model's estimator on the scan's own "
+                                                        "slices (self-supervised; thick slices)")] = False,
+    adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
+    adapt_minutes: Annotated[float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes "
+                                                                       "(default 4 when no --adapt-steps)")] = None,
+    save_adapted: Annotated[Path | None, typer.Option(help="--adapt: also write the adapted model folder here")]
     = None,
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "auto",
     kind: Annotated[Kind | None, typer.Option(help="degradation to undo (default: thick slices for "
@@ -353,6 +385,7 @@ def upscale(
     planes: Annotated[Planes | None, typer.Option(help="2D models, thick slices: sample one stack of planes "
                                                        "containing the upscaled axis, or both and average them "
                                                        "(default: the model's)")] = None,
+    refine_planes: Annotated[Planes | None, typer.Option(help=REFINE_PLANES_HELP)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="slices or patches per network call")] = 16,
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")]
     = False,
@@ -377,6 +410,14 @@ def upscale(
     console = Console(stderr=True)
     if not scan.exists():
         raise MedldmError("no such file or folder", scan)
+    if spacing is not None and scale is not None:
+        raise MedldmError("pass --spacing or --scale, not both")
+    if not adapt and (adapt_steps or adapt_minutes or save_adapted):
+        raise MedldmError("--adapt-steps, --adapt-minutes and --save-adapted go with --adapt")
+    if save_adapted is not None and scan.is_dir():
+        raise MedldmError("--save-adapted takes one scan, not a batch folder", save_adapted)
+    if save_adapted is not None and save_adapted.exists() and not overwrite:
+        raise MedldmError("already exists; pass --overwrite to replace it", save_adapted)
     summary_dir = out or scan
     if not bids and scan.is_dir() and (scan / "dataset_description.json").is_file():
         raise MedldmError("is a BIDS dataset: pass --bids to upscale its scans into derivatives/medldm", scan)
@@ -421,7 +462,8 @@ def upscale(
 
     upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, batch_size=batch_size,
                         consistency=consistency, bf16=bf16, planes=planes.value if planes else None,
-                        channels_last=channels_last, refine=refine)
+                        channels_last=channels_last, refine=refine,
+                        refine_planes=refine_planes.value if refine_planes else None)
     if samples > 1 and not quiet and (upscaler.steps < 8 or upscaler.model.estimator is not None
                                       and upscaler.refine == 0):
         console.print(f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
@@ -440,13 +482,29 @@ def upscale(
                     report("skipped", source, target)  # a resumed batch skips finished outputs
                     continue
                 vol = _load(source, series)
-                task = bar.add_task(escape(source.name), total=None)
+                plan = upscaler.plan(vol, axis=axis, scale=scale, kind=kind.value if kind else None, spacing=spacing,
+                                     thickness=thickness)
+                if plan.warnings and strict:
+                    raise MedldmError("outside what the model was trained on: " + "; ".join(plan.warnings)
+                                      + " (drop --strict to upscale it anyway)", source)
+                for line in plan.warnings:
+                    bar.console.print(f"warning: {source.name}: {line}", markup=False, highlight=False,
+                                      soft_wrap=True)
                 started = time.perf_counter()
-                result = upscaler.upscale(vol, axis=axis, scale=scale, kind=kind.value if kind else None,
-                                          samples=samples, seed=seed,
-                                          progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
-                record = upscale_record(source=source, volume=vol, result=result, upscaler=upscaler, output=target,
+                runner, adapted = upscaler, None
+                if adapt:
+                    runner, adapted = _adapted_upscaler(upscaler, vol, plan, bar, source.name, steps=adapt_steps,
+                                                        minutes=adapt_minutes, seed=seed, save=save_adapted,
+                                                        quiet=quiet or json_lines)
+                task = bar.add_task(escape(source.name), total=None)
+                result = runner.upscale(vol, plan=plan, samples=samples, seed=seed,
+                                        progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
+                record = upscale_record(source=source, volume=vol, result=result, upscaler=runner, output=target,
                                         wall_s=time.perf_counter() - started)
+                if adapted is not None:
+                    record["medldm"]["adaptation"] = {"steps": adapted.steps, "seconds": round(adapted.seconds, 2),
+                                                      "factor": adapted.factor, "thickness": adapted.thickness,
+                                                      "loss_first": adapted.losses[0], "loss_last": adapted.losses[-1]}
                 _save(result.sr, target, fmt, overwrite=overwrite, description=short_description(record))
                 if result.uncertainty is not None:
                     _save(result.uncertainty, _uncertainty_path(target), fmt, overwrite=overwrite,
@@ -460,8 +518,9 @@ def upscale(
                 report("written", source, target, provenance=record)
                 if not quiet and not json_lines:
                     bar.console.print(  # plain text, one line whatever the width (scripts parse it)
-                        f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, {result.task.kind} "
-                        f"x{result.task.scale} along voxel axis {result.axis}, consistency residual "
+                        f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, "
+                        f"{' x '.join(f'{v:.4g}' for v in result.sr.spacing)} mm, {result.task.kind} "
+                        f"x{plan.scale:.4g} along voxel axis {result.axis}, consistency residual "
                         f"{100 * result.residual:.3f}% of range", markup=False, highlight=False, soft_wrap=True)
             except MedldmError as err:
                 if batch is None:
@@ -491,6 +550,29 @@ def upscale(
 
 
 BATCH_SUMMARY = "medldm_upscale.csv"
+
+
+def _adapted_upscaler(upscaler, vol, plan, bar, name: str, *, steps, minutes, seed, save, quiet):
+    """An Upscaler with the same settings whose model's estimator was fine-tuned on ``vol`` (medldm.adapt), and
+    the Adaptation; the adapted model folder is written to ``save`` when given."""
+    from rich.markup import escape
+
+    from medldm.adapt import DEFAULT_MINUTES
+    from medldm.adapt import adapt as run_adaptation
+
+    minutes = minutes if minutes is not None or steps is not None else DEFAULT_MINUTES
+    task = bar.add_task(f"adapting to {escape(name)}", total=None)
+    adapted = run_adaptation(upscaler.model, vol, plan, steps=steps, minutes=minutes, seed=seed,
+                             progress=lambda d, t: bar.update(task, completed=d, total=t))
+    bar.update(task, visible=False)
+    if not quiet:
+        bar.console.print(f"adapted to {name}: {adapted.steps} steps in {adapted.seconds:.0f} s, L1 "
+                          f"{adapted.losses[0]:.4f} -> {sum(adapted.losses[-20:]) / len(adapted.losses[-20:]):.4f}",
+                          markup=False, highlight=False, soft_wrap=True)
+    if save is not None:
+        adapted.model.save(save, adapted_to={"scan": str(vol.path), "steps": adapted.steps,
+                                             "seconds": round(adapted.seconds, 2)})
+    return upscaler.with_model(adapted.model), adapted
 
 
 def _bids_jobs(scan: Path, out: Path | None, fmt: Format) -> tuple[list[Path], list[tuple[Path, Path]], Path]:
@@ -531,14 +613,18 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="report folder (report.html, metrics.csv, summary.json)")],
     model: Annotated[str | None, typer.Option(help="model folder or 'default'; omit to score baselines only")]
     = None,
-    scale: Annotated[int, typer.Option(min=2, max=8)] = 4,
+    scale: Annotated[float, typer.Option(min=1.05, max=16, help="factor (thick slices: need not be an integer)")]
+    = 4,
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "z",
     kind: Annotated[Kind, typer.Option(help="simulated acquisition")] = Kind.slice_profile,
+    thickness: Annotated[float, typer.Option(min=0.05, max=8, help="thick slices: slice thickness as a fraction "
+                                                                   "of the slice spacing (below 1: gaps)")] = 1.0,
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default: the model's)")] = None,
     refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
     sampler: Annotated[str, typer.Option()] = "dpmpp-2m",
     planes: Annotated[Planes | None, typer.Option(help="2D models, thick slices: one or both stacks of planes "
                                                        "(default: the model's)")] = None,
+    refine_planes: Annotated[Planes | None, typer.Option(help=REFINE_PLANES_HELP)] = None,
     samples: Annotated[int, typer.Option(min=1)] = 1,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX)] = 0,
     baseline: Annotated[list[str] | None, typer.Option(
@@ -566,8 +652,10 @@ def evaluate(
     console = Console(stderr=True)
     with console.status("evaluating") as status:
         report = run_evaluation(
-            data, out, model=model, kind=kind.value, axis=axis, scale=scale, steps=steps, sampler=sampler,
+            data, out, model=model, kind=kind.value, axis=axis, scale=scale, thickness=thickness, steps=steps,
+            sampler=sampler,
             planes=planes.value if planes else None, refine=refine, baselines=baseline or None,
+            refine_planes=refine_planes.value if refine_planes else None,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             command=["medldm", *sys.argv[1:]],

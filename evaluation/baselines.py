@@ -56,16 +56,17 @@ def zero_fill(lr: Volume, op) -> Volume:
 
 
 def interpolate(lr: Volume, factors, *, method: str = "trilinear") -> Volume:
-    """Upsample ``lr`` by integer ``factors`` per voxel axis onto the HR grid with the same field of view.
+    """Upsample ``lr`` by ``factors`` per voxel axis onto the HR grid with the same field of view (``round(n * f)``
+    voxels; HR voxel ``j`` sits at LR index ``(j - (f - 1) / 2) / f``, the grid of medldm.degrade).
 
     Args:
         lr: the low-resolution volume.
-        factors: upsampling factor per voxel axis (1 for untouched axes).
+        factors: upsampling factor per voxel axis (1 for untouched axes; need not be integers).
         method: "nearest", "trilinear" or "bspline" (cubic, with scipy's prefilter).
     """
     order = BASELINES[method]
-    factors = [int(f) for f in factors]
-    shape = tuple(n * f for n, f in zip(lr.shape, factors, strict=True))
+    factors = [int(round(f)) if abs(f - round(f)) < 1e-9 else float(f) for f in factors]
+    shape = tuple(int(round(n * f)) for n, f in zip(lr.shape, factors, strict=True))
     coords = [(np.arange(n) - (f - 1) / 2.0) / f for n, f in zip(shape, factors, strict=True)]
     data = lr.data.astype(np.float64)
     # separable: interpolate one axis at a time (exact for these tensor-product kernels, and much cheaper)

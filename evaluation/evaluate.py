@@ -84,8 +84,10 @@ def _example(truth: Volume, lr: Volume, outputs: dict[str, Volume], uncertainty:
 
 
 def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "slice-profile", axis: str = "z",
-             scale: int = 4, profile: str = "gaussian", steps: int | None = None, sampler: str = "dpmpp-2m",
-             samples: int = 1, planes: str | None = None, refine: float | None = None, baselines=None,
+             scale: float = 4, profile: str = "gaussian", thickness: float = 1.0, steps: int | None = None,
+             sampler: str = "dpmpp-2m",
+             samples: int = 1, planes: str | None = None, refine: float | None = None,
+             refine_planes: str | None = None, baselines=None,
              seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
              lpips_weights=None, rd: bool = False, rd_only: bool = False,
              progress: Callable[[str, int, int], None] | None = None,
@@ -99,8 +101,9 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         data: folder, list file or scan (see :func:`scan_list`): the HR ground truth.
         out: report folder.
         model: model folder or "default"; None scores the baselines alone.
-        kind, axis, scale, profile: the simulated acquisition (medldm.degrade).
-        steps, sampler, samples, seed, device, planes, refine: the model's sampling settings
+        kind, axis, scale, profile, thickness: the simulated acquisition (medldm.degrade.degrade_volume; thick
+            slices take non-integer factors and a thickness other than the spacing, as a fraction of it).
+        steps, sampler, samples, seed, device, planes, refine, refine_planes: the model's sampling settings
             (medldm.pipeline.Upscaler; None: the model's defaults).
         baselines: names of the baselines to score (default: every one that applies, see
             medldm.evaluation.baselines.baselines_for; ``regression`` needs a model with an estimator stage).
@@ -124,8 +127,10 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     if model is not None:
         from medldm.pipeline import Upscaler
 
-        upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, planes=planes, refine=refine)
+        upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, planes=planes, refine=refine,
+                            refine_planes=refine_planes)
         steps, refine, planes = upscaler.steps, upscaler.refine, upscaler.planes
+        refine_planes = upscaler.refine_planes
     offered = baselines_for(kind, regression=upscaler is not None and upscaler.model.estimator is not None)
     methods = offered if baselines is None else tuple(baselines)
     unknown = [m for m in methods if m not in offered]
@@ -140,10 +145,12 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         if progress:
             progress(path.name, n, len(files))
         hr_full = load(path)
-        lr, truth = degrade_volume(hr_full, kind=kind, axis=axis, scale=scale, profile=profile)
-        op_axis = lr.meta["degrade"]["axis"]
-        op = make_operator(kind, axis=op_axis, scale=scale, profile=profile)
-        factors = [int(f) for f in op.factors(3)]
+        lr, truth = degrade_volume(hr_full, kind=kind, axis=axis, scale=scale, profile=profile, thickness=thickness)
+        op_axis, exact = lr.meta["degrade"]["axis"], lr.meta["degrade"]["scale"]  # non-integer: the grid's factor
+        op = make_operator(kind, axis=op_axis, scale=exact, profile=profile, thickness=thickness)
+        factors = op.factors(3)
+        options = {"axis": op_axis, "scale": exact, "kind": kind,
+                   "thickness": thickness * lr.spacing[op_axis] if kind == "slice-profile" else None}
         mask = foreground_mask(truth.data) if use_mask else None
         outputs, uncertainty = {}, None
         for method in (m for m in methods if m != REGRESSION):
@@ -156,15 +163,14 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
             # the regression baseline is the strongest regression the model gives: its estimate over both stacks of
             # planes, made consistent; the model's own upscale provides it when it also uses both stacks
             shared = REGRESSION in methods and upscaler.planes == "both"
-            result = upscaler.upscale(lr, axis=op_axis, scale=scale, kind=kind, samples=samples, seed=seed,
-                                      keep_estimate=shared)
+            result = upscaler.upscale(lr, **options, samples=samples, seed=seed, keep_estimate=shared)
             timings.setdefault("model", []).append(time.perf_counter() - tic)
             if shared:
                 outputs[REGRESSION] = result.estimate
             elif REGRESSION in methods:
                 tic = time.perf_counter()
                 regression = regression or Upscaler(upscaler.model, device=device, planes="both", refine=0.0)
-                outputs[REGRESSION] = regression.upscale(lr, axis=op_axis, scale=scale, kind=kind).sr
+                outputs[REGRESSION] = regression.upscale(lr, **options).sr
                 timings.setdefault(REGRESSION, []).append(time.perf_counter() - tic)
             outputs["model"], uncertainty, residual = result.sr, result.uncertainty, result.residual
         # op_axis is the thick axis, or for in-plane kinds the slice axis: 2D SSIM over the HR slices across it
@@ -200,7 +206,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         rd_data, rd_sample = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
     protocol = _protocol(files, model=upscaler.model if upscaler else None, kind=kind, axis=axis, scale=scale,
                          profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed, planes=planes,
-                         refine=refine,
+                         refine=refine, refine_planes=refine_planes, thickness=thickness,
                          use_mask=use_mask, lpips_sums=verify_checksums(lpips_folder), command=command)
     return write_report(out, rows=rows, protocol=protocol, examples=examples, rd=rd_data,
                         timings={k: float(np.mean(v)) for k, v in timings.items()},
@@ -215,6 +221,8 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
     from medldm.evaluation.rate_distortion import model_rd
 
     from medldm.data import normaliser, upsample
+    from medldm.intensity import guess_modality
+    from medldm.nets import MODALITIES
 
     m = upscaler.model
     if m.config.data.spatial_dims != 2:
@@ -232,8 +240,12 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
     pad = [p for n in reversed(hr_slices.shape[2:]) for p in (0, (-n) % upscaler.multiple)]
     hr_slices = torch.nn.functional.pad(hr_slices, pad, mode="replicate")
     cond_slices = torch.nn.functional.pad(cond_slices, pad, mode="replicate")
-    task = next(t for t in m.config.data.tasks if t.kind == kind and t.scale == scale)
-    label = int(m.codec.label(torch.tensor(m.config.data.tasks.index(task)), torch.tensor(0), torch.tensor(0)))
+    task = next((t for t in m.config.data.tasks if t.kind == kind and t.scale == scale), None)
+    if task is None:  # a factor the model was not trained for: no label to measure its denoiser with
+        return {}, None
+    modality = MODALITIES.index(guess_modality(lr.data, lr.meta.get("modality")))
+    label = int(m.codec.label(torch.tensor(m.config.data.tasks.index(task)), torch.tensor(modality),
+                              torch.tensor(0)))
     rd = model_rd(m, hr_slices, cond_images=cond_slices, label=label,
                   timesteps=[999, 750, 500, 250, 100, 50, 0], qsteps=(None, 0.5, 0.25, 0.1))
     sample = (f"{hr_slices.shape[0]} central slices (across voxel axis {cut}) of one volume, {path.name}, the first "
@@ -245,7 +257,7 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
 
 
 def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, planes, refine, use_mask,
-              lpips_sums, command=None) -> dict:
+              lpips_sums, refine_planes=None, thickness=1.0, command=None) -> dict:
     import monai
     import skimage
     import torch
@@ -253,8 +265,11 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
     protocol = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "scans": f"{len(files)}: " + ", ".join(p.name for p in files),
-        "degradation": f"{kind} x{scale} along {axis} (profile {profile}), medldm.degrade; the truth is the input "
-                       "cropped to a multiple of the scale",
+        "degradation": f"{kind} x{scale:g} along {axis} (profile {profile}"
+                       + (f", slice thickness {thickness:g} x the spacing" if thickness != 1 else "")
+                       + "), medldm.degrade; the truth is the input cropped to hold whole LR samples"
+                       + ("" if float(scale).is_integer() else " (docs/grids.md: the exact factor may differ "
+                                                                 "from the one asked by up to 0.5 / LR slices)"),
         "baselines": "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid; "
                      "bspline-dc: cubic B-spline with the model's data-consistency projection x + A^+(y - Ax)"
                      + ("; zero-fill: zero filling (pseudo-inverse of the k-space truncation, sinc interpolation)"
@@ -293,6 +308,7 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
                              f"diffusion {model.info.get('diffusion_steps')} steps"
                              + (f", estimator {model.info.get('estimator_steps')} steps" if staged else "") + ")")
         protocol["sampling"] = (f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, planes {planes}, "
-                                + (f"refine {refine} (diffusion from the regression estimate), " if staged else "")
+                                + (f"refine {refine} (diffusion from the regression estimate; detail from planes "
+                                   f"{refine_planes}), " if staged else "")
                                 + "data consistency on")
     return protocol

@@ -67,7 +67,8 @@ def _model(model: str, device: str):
 
 def upscale(scan: ScanLike, *, affine: np.ndarray | None = None, scale: int | None = None, axis: str | int = "auto",
             kind: str | None = None, steps: int | None = None, refine: float | None = None,
-            planes: str | None = None, samples: int = 1, seed: int = 0, model: str | os.PathLike = "default",
+            planes: str | None = None, refine_planes: str | None = None, samples: int = 1, seed: int = 0,
+            model: str | os.PathLike = "default",
             device: str = "auto") -> Volume:
     """Upscale a scan as ``medldm upscale`` does, with the same defaults, and return the result as a Volume on the
     finer grid (same field of view). With ``samples > 1`` the per-voxel standard deviation over the samples is
@@ -76,7 +77,8 @@ def upscale(scan: ScanLike, *, affine: np.ndarray | None = None, scale: int | No
     from medldm.pipeline import Upscaler
 
     volume = as_volume(scan, affine)
-    upscaler = Upscaler(_model(str(model), device), device=device, steps=steps, refine=refine, planes=planes)
+    upscaler = Upscaler(_model(str(model), device), device=device, steps=steps, refine=refine, planes=planes,
+                        refine_planes=refine_planes)
     result = upscaler.upscale(volume, axis=axis, scale=scale, kind=kind, samples=samples, seed=seed)
     if result.uncertainty is not None:
         result.sr.meta["uncertainty"] = result.uncertainty.data

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from medldm.errors import MedldmError
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "load_weights", "build_with_weights",
-           "write_model_folder", "read_model_folder", "sha256"]
+           "write_model_folder", "read_model_folder", "sha256", "load_partial_weights"]
 
 STEP_PREFIX = "step_"
 MODEL_FILES = ("config.json", "model.json", "autoencoder.safetensors", "denoiser.safetensors")  # every model has
@@ -94,6 +94,24 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "mismatch"
         raise MedldmError(f"weights do not fit the model in its config ({first})", path) from None
+
+
+def load_partial_weights(module: torch.nn.Module, path: Path, *, new: str) -> None:
+    """Load safetensors weights into a module that may also have parameters the file lacks, all of them named
+    ``new...`` (a part added to a trained network, which keeps its initialisation). Anything else that does not
+    match is a MedldmError."""
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:
+        raise MedldmError(f"weights cannot be read ({exc})", path) from None
+    try:
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+        raise MedldmError(f"weights do not fit the model in its config ({first})", path) from None
+    if unexpected or any(not name.startswith(new) for name in missing):
+        raise MedldmError(f"weights do not fit the model in its config (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]})", path)
 
 
 def build_with_weights(build: Callable[[], torch.nn.Module], path: Path) -> torch.nn.Module:

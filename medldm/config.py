@@ -50,6 +50,22 @@ class Task(_Strict):
     kind: Literal["slice-profile", "kspace", "blur"]
     scale: int = Field(ge=2, le=8)
     profile: Literal["gaussian", "boxcar"] = "gaussian"
+    # thick slices at any factor (docs/grids.md): a share of this task's samples draw their factor log-uniformly
+    # from scale_range and their slice thickness / spacing uniformly from thickness_range; the estimator is told
+    # both (estimator.geometry), the networks' label stays this task's
+    scale_range: tuple[float, float] | None = None
+    thickness_range: tuple[float, float] | None = None
+    range_share: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges_are_thick_slices(self):
+        for name, (lo, hi), bounds in (("scale_range", self.scale_range or (2, 2), (1.05, 16)),
+                                       ("thickness_range", self.thickness_range or (1, 1), (0.05, 8))):
+            if not bounds[0] <= lo <= hi <= bounds[1]:
+                raise ValueError(f"{name} must be [low, high] within {bounds[0]}..{bounds[1]}")
+        if (self.scale_range or self.thickness_range) and self.kind != "slice-profile":
+            raise ValueError("scale_range and thickness_range apply to slice-profile tasks")
+        return self
 
 
 class Intensity(_Strict):
@@ -176,6 +192,7 @@ class Estimator(_Strict):
     channels: list[Channels] = Field([32, 64, 128], min_length=1, max_length=4)  # one resolution level each
     num_res_blocks: int = Field(2, ge=1, le=4)
     slab: int = Field(5, ge=1)
+    geometry: bool = False  # tell the network the factor and slice thickness (continuous, for any factor)
 
     @field_validator("slab")
     @classmethod
@@ -251,6 +268,12 @@ class Config(_Strict):
         for key, default in (("condition", "lr"), ("refine", None)):
             if settings["diffusion"][key] == default:
                 del settings["diffusion"][key]
+        if settings.get("estimator") is not None and not settings["estimator"]["geometry"]:
+            del settings["estimator"]["geometry"]
+        for task in settings["data"]["tasks"]:
+            if task["scale_range"] is None and task["thickness_range"] is None:
+                for key in ("scale_range", "thickness_range", "range_share"):
+                    del task[key]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -8,6 +8,7 @@ condition holds the target plane and its neighbours along the slicing axis, one 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from medldm.config import Config, resolve_sources
 from medldm.degrade import add_rician_noise, make_operator
 from medldm.errors import MedldmError
 from medldm.intensity import IntensityTransform, hu_window, percentile_scaling
-from medldm.nets import MODALITIES
+from medldm.nets import MODALITIES, geometry_features
 from medldm.volume import load
 
 __all__ = ["TrainingVolume", "load_volumes", "PairSampler", "upsample", "normaliser"]
@@ -111,13 +112,15 @@ class PairSampler:
     ``slab // 2``; otherwise one channel.
     """
 
-    def __init__(self, volumes: list[TrainingVolume], config: Config, *, rank: int = 0, slab: int | None = None):
+    def __init__(self, volumes: list[TrainingVolume], config: Config, *, rank: int = 0, slab: int | None = None,
+                 tasks=None, plane_axes: tuple[int, ...] | None = None):
         if not volumes:
             raise MedldmError("no training volumes")
         self.volumes, self.config, self.rank = volumes, config, rank
         self.dims = config.data.spatial_dims
-        self.tasks = config.data.tasks
+        self.tasks = tasks or config.data.tasks
         self.slab = slab or config.data.slab  # the estimator sees its own slab
+        self.plane_axes = plane_axes  # 2D: planes are cut across one of these axes (None: any of the three)
 
     def patch_size(self, step: int, progressive: list[list[int]] | None = None) -> tuple[int, ...]:
         """The configured patch size, or the progressive-growing size scheduled for this step."""
@@ -130,24 +133,40 @@ class PairSampler:
         """Batch number ``step`` of this rank; ``stream`` picks an independent sequence (e.g. for measurements)."""
         rng = np.random.default_rng([self.config.training.seed, step, self.rank, stream])
         size = tuple(patch_size or self.config.data.patch_size)
-        hr, lr, task, modality = [], [], [], []
+        hr, lr, task, modality, scales, thicknesses = [], [], [], [], [], []
         for _ in range(batch_size):
             vol = self.volumes[rng.integers(len(self.volumes))]
             t = int(rng.integers(len(self.tasks)))
-            h, low = self._pair(vol, self.tasks[t], size, rng)
+            h, low, scale, thickness = self._pair(vol, self.tasks[t], size, rng)
             hr.append(h)
             lr.append(low)
             task.append(t)
             modality.append(vol.modality)
+            scales.append(scale)
+            thicknesses.append(thickness)
         return {"hr": torch.stack(hr)[:, None], "lr": torch.stack(lr),
-                "task": torch.tensor(task), "modality": torch.tensor(modality)}
+                "task": torch.tensor(task), "modality": torch.tensor(modality),
+                "geometry": geometry_features(scales, thicknesses)}
 
-    def _pair(self, vol: TrainingVolume, task, size, rng) -> tuple[torch.Tensor, torch.Tensor]:
-        """One HR patch (*size) and its interpolated LR channels (C, *size). The RNG draws do not depend on the
-        slab, so a slab's centre channel is exactly the slab-1 LR patch of the same draw."""
+    @staticmethod
+    def _geometry(task, rng) -> tuple[float, float]:
+        """The factor and slice thickness / spacing of one sample: the task's, or for a share of the samples of a
+        task with ranges, drawn from them (factor log-uniform, thickness uniform)."""
+        if not (task.scale_range or task.thickness_range) or rng.random() >= task.range_share:
+            return task.scale, 1.0
+        lo, hi = task.scale_range or (task.scale, task.scale)
+        scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        lo, hi = task.thickness_range or (1.0, 1.0)
+        return scale, float(rng.uniform(lo, hi))
+
+    def _pair(self, vol: TrainingVolume, task, size, rng) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """One HR patch (*size), its interpolated LR channels (C, *size), and the exact factor and slice thickness
+        / spacing used. The RNG draws do not depend on the slab, so a slab's centre channel is exactly the slab-1
+        LR patch of the same draw."""
         data = vol.data
         if self.dims == 2:
-            plane_axis = int(rng.integers(3))  # slice perpendicular to this axis
+            axes = self.plane_axes or (0, 1, 2)
+            plane_axis = axes[int(rng.integers(len(axes)))]  # slice perpendicular to this axis
         centre = (vol.foreground[rng.integers(len(vol.foreground))]
                   if len(vol.foreground) and rng.random() < self.config.data.foreground_fraction
                   else np.array([rng.integers(n) for n in data.shape]))
@@ -160,15 +179,20 @@ class PairSampler:
         else:
             r, data = 0, data[None]  # one channel
         # degraded axes: one in-plane axis for thick slices (random orientation), all axes otherwise
+        scale, thickness = task.scale, 1.0
         if task.kind == "slice-profile":
             axis = int(rng.integers(self.dims))
-            op = make_operator(task.kind, axis=axis, scale=task.scale, spatial_dims=self.dims, profile=task.profile)
+            scale, thickness = self._geometry(task, rng)
             degraded = [axis]
         else:
             axis = None if self.dims == 2 else int(rng.integers(3))
-            op = make_operator(task.kind, axis=axis, scale=task.scale, spatial_dims=self.dims, profile=task.profile)
             degraded = [a for a in range(self.dims) if a != axis]
-        region = self._region(data, centre, size, degraded, task.scale, rng)
+        region = self._region(data, centre, size, degraded, scale, rng)
+        if task.kind == "slice-profile":  # the exact factor of the region's whole LR samples (docs/grids.md)
+            n = region.shape[1 + axis]
+            scale = n / round(n / scale) if not isinstance(scale, int) else scale
+        op = make_operator(task.kind, axis=axis, scale=scale, spatial_dims=self.dims, profile=task.profile,
+                           thickness=thickness)
         hr = torch.from_numpy(region.astype(np.float32))  # (C, *spatial)
         if rng.random() < 0.5:  # mirror augmentation, the same for every plane of a slab
             hr = hr.flip(1 + int(rng.integers(self.dims)))
@@ -187,19 +211,22 @@ class PairSampler:
         up = torch.stack(up)
         margin = [(m - s) // 2 for m, s in zip(hr.shape[1:], size, strict=True)]
         crop = tuple(slice(m, m + s) for m, s in zip(margin, size, strict=True))
-        return hr[r][crop].contiguous(), up[(slice(None), *crop)].contiguous()
+        return hr[r][crop].contiguous(), up[(slice(None), *crop)].contiguous(), scale, thickness
 
     @staticmethod
     def _region(data, centre, size, degraded, scale, rng) -> np.ndarray:
-        """The patch around ``centre`` plus a margin, zero-padded at the volume border; degraded axes are a
-        multiple of ``scale`` long so the operator applies, and the margin keeps edge effects out of the patch.
-        ``data`` is (C, *spatial): every channel is cut the same way."""
+        """The patch around ``centre`` plus a margin, zero-padded at the volume border; degraded axes hold whole LR
+        samples (a multiple of an integer ``scale``; ``round(m * scale)`` voxels otherwise) so the operator
+        applies, and the margin keeps edge effects out of the patch. ``data`` is (C, *spatial): every channel is
+        cut the same way."""
         starts, stops, pads = [], [], []
         for a, (n, c, s) in enumerate(zip(data.shape[1:], centre, size, strict=True)):
-            margin = 2 * scale if a in degraded else 0
+            margin = 2 * math.ceil(scale) if a in degraded else 0
             length = s + 2 * margin
-            if a in degraded:
+            if a in degraded and isinstance(scale, int):
                 length += (-length) % scale
+            elif a in degraded:
+                length = round(math.ceil(length / scale) * scale)
             start = int(c) - length // 2 + int(rng.integers(-s // 4, s // 4 + 1))
             lo, hi = max(start, 0), min(start + length, n)
             starts.append(lo)

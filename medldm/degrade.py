@@ -10,7 +10,9 @@ along each of ``axes`` in turn.
 
 Sample grid (every operator): LR sample ``m`` along a degraded axis is centred at HR continuous index
 ``scale * m + (scale - 1) / 2``, the grid of :func:`medldm.volume.rescaled_affine` with factor ``scale``, so
-the field of view is kept. Lengths along degraded axes must be multiples of ``scale``.
+the field of view is kept. Lengths along degraded axes must hold a whole number of LR samples (``n / scale``
+an integer). Thick slices also take non-integer factors and a slice thickness that differs from the spacing
+(:class:`SliceSampling`); the grid convention for those is in ``docs/grids.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medldm.errors import MedldmError
-from medldm.volume import Volume, crop_to_multiple, rescaled_affine, resolve_axis
+from medldm.volume import Volume, crop_to_length, crop_to_multiple, rescaled_affine, resolve_axis
 
 __all__ = [
     "KINDS",
@@ -33,6 +35,8 @@ __all__ = [
     "LinearOperator",
     "ThickSlice",
     "KSpaceTruncation",
+    "SliceSampling",
+    "grid_for_factor",
     "slice_profile",
     "make_operator",
     "estimate_norm_sq",
@@ -59,19 +63,21 @@ class LinearOperator(ABC):
 
     Args:
         axes: spatial axes degraded, indices in ``0 .. spatial_dims - 1``.
-        scale: integer decimation factor along each of ``axes``.
+        scale: decimation factor along each of ``axes`` (integer for every operator but :class:`SliceSampling`).
         spatial_dims: number of trailing spatial dims of the tensors (2 or 3).
     """
 
-    def __init__(self, axes, scale: int, *, spatial_dims: int = 3):
+    def __init__(self, axes, scale: float, *, spatial_dims: int = 3):
         axes = (axes,) if isinstance(axes, int) else tuple(int(a) for a in axes)
         if spatial_dims not in (2, 3):
             raise MedldmError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if not axes or len(set(axes)) != len(axes) or any(not 0 <= a < spatial_dims for a in axes):
             raise MedldmError(f"axes {axes} must be distinct spatial axes in 0..{spatial_dims - 1}")
-        if int(scale) != scale or scale < 1:
-            raise MedldmError(f"scale must be a positive integer, got {scale}")
-        self.axes, self.scale, self.spatial_dims = tuple(sorted(axes)), int(scale), spatial_dims
+        if not (math.isfinite(scale) and scale >= 1):
+            raise MedldmError(f"scale must be a number >= 1, got {scale}")
+        # integral factors stay ints, so records and messages read "x4", not "x4.0"
+        scale = int(round(scale)) if abs(scale - round(scale)) < 1e-9 else float(scale)
+        self.axes, self.scale, self.spatial_dims = tuple(sorted(axes)), scale, spatial_dims
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(axes={self.axes}, scale={self.scale}, spatial_dims={self.spatial_dims})"
@@ -95,9 +101,10 @@ class LinearOperator(ABC):
             raise MedldmError(f"shape {tuple(shape)} has fewer than {self.spatial_dims} spatial dims")
         for a in self.axes:
             n = shape[self._dim(a)]
-            if n % self.scale:
-                raise MedldmError(f"spatial axis {a} has length {n}, not a multiple of the scale {self.scale}")
-            shape[self._dim(a)] = n // self.scale
+            m = n / self.scale
+            if abs(m - round(m)) > 1e-6 or round(m) < 1:
+                raise MedldmError(f"spatial axis {a} has length {n}, not a multiple of the scale {self.scale:g}")
+            shape[self._dim(a)] = int(round(m))
         return tuple(shape)
 
     def input_shape(self, output_shape) -> tuple[int, ...]:
@@ -106,7 +113,7 @@ class LinearOperator(ABC):
         if len(shape) < self.spatial_dims:
             raise MedldmError(f"shape {tuple(shape)} has fewer than {self.spatial_dims} spatial dims")
         for a in self.axes:
-            shape[self._dim(a)] *= self.scale
+            shape[self._dim(a)] = int(round(shape[self._dim(a)] * self.scale))
         return tuple(shape)
 
     def factors(self, spatial_dims: int | None = None) -> tuple[float, ...]:
@@ -138,12 +145,12 @@ class LinearOperator(ABC):
         self.input_shape(y.shape)  # validates
         for a in self.axes:
             dim = self._dim(a)
-            gram = self._gram(y.shape[dim] * self.scale, device=y.device)
+            gram = self._gram(int(round(y.shape[dim] * self.scale)), device=y.device)
             y = _matmul_along(y, torch.linalg.inv(gram).to(y.dtype), dim)
         return self.adjoint(y)
 
     def matrix(self, n: int, *, device=None) -> Tensor:
-        """The 1D operator along one axis of ``n`` samples, as an ``(n // scale, n)`` float64 matrix."""
+        """The 1D operator along one axis of ``n`` samples, as an ``(n / scale, n)`` float64 matrix."""
         eye = torch.eye(n, dtype=torch.float64, device=device)
         return self._apply_1d(eye, -1).T
 
@@ -219,6 +226,7 @@ class ThickSlice(LinearOperator):
 
     def __init__(self, axes, scale: int, *, profile: str = "gaussian", spatial_dims: int = 3):
         super().__init__(axes, scale, spatial_dims=spatial_dims)
+        _require_integer(self)
         offsets, _ = slice_profile(self.scale, profile=profile)  # validates the profile
         self.profile = profile
         self.pad = (len(offsets) - self.scale) // 2
@@ -246,6 +254,91 @@ class ThickSlice(LinearOperator):
         return float(a.sum(1).max() * a.sum(0).max())
 
 
+def _require_integer(op: LinearOperator) -> None:
+    if not isinstance(op.scale, int):
+        raise MedldmError(f"{type(op).__name__} needs an integer factor, got {op.scale:g} (non-integer factors: "
+                          "thick slices only)")
+
+
+class SliceSampling(LinearOperator):
+    """Thick slices at any factor, with a slice thickness that may differ from the slice spacing (gaps or
+    overlap). LR sample ``m`` is the slice profile centred at HR continuous index ``scale * m + (scale - 1) / 2``
+    (the common grid of every operator), ``thickness * scale`` HR voxels wide: Gaussian with that FWHM, sampled
+    at the HR voxel centres within 3 sigma (plus one voxel); boxcar integrated exactly over each HR voxel. Weights
+    that fall past an end go to the edge voxel (replicate padding, as :class:`ThickSlice`), and each row sums to 1.
+    With an integer factor and thickness 1 it is the matrix of :class:`ThickSlice` (which does the same by
+    convolution, faster).
+
+    Args:
+        axes: spatial axes degraded.
+        scale: the factor, any number >= 1: LR spacing / HR spacing. An axis of ``n`` HR voxels must hold a whole
+            number of LR samples (see :func:`grid_for_factor`).
+        thickness: slice thickness in units of the LR slice spacing (1: contiguous slices; below 1: gaps; above 1:
+            overlap).
+        profile: "gaussian" or "boxcar".
+    """
+
+    def __init__(self, axes, scale: float, *, thickness: float = 1.0, profile: str = "gaussian",
+                 spatial_dims: int = 3):
+        super().__init__(axes, scale, spatial_dims=spatial_dims)
+        if profile not in PROFILES:
+            raise MedldmError(f"unknown slice profile {profile!r}: use one of {', '.join(PROFILES)}")
+        if not (math.isfinite(thickness) and 0.05 <= thickness <= 8):
+            raise MedldmError(f"the slice thickness must lie between 0.05 and 8 times the spacing, got {thickness}")
+        self.thickness, self.profile = float(thickness), profile
+        self._cache: dict[int, Tensor] = {}
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", thickness={self.thickness:g}, profile={self.profile!r})"
+
+    def _weights(self, n: int, m: int) -> Tensor:
+        """The (m, n) float64 matrix with LR centres at ``scale * k + (scale - 1) / 2``."""
+        centres = self.scale * np.arange(m) + (self.scale - 1) / 2
+        width = self.thickness * self.scale  # in HR voxels
+        if self.profile == "gaussian":
+            sigma = width * FWHM_TO_SIGMA
+            reach = TRUNCATE_SIGMAS * sigma + 1.0  # ThickSlice's taps, for integer factors
+        else:
+            reach = width / 2 + 0.5
+        j = np.arange(math.floor(centres[0] - reach), math.ceil(centres[-1] + reach) + 1)
+        offsets = j[None, :] - centres[:, None]
+        if self.profile == "gaussian":
+            w = np.where(np.abs(offsets) < reach, np.exp(-0.5 * (offsets / sigma) ** 2), 0.0)
+        else:  # overlap of the voxel [j - 1/2, j + 1/2] with the slab [c - w/2, c + w/2]
+            w = np.clip(np.minimum(offsets + 0.5, width / 2) - np.maximum(offsets - 0.5, -width / 2), 0.0, None)
+        w /= w.sum(1, keepdims=True)
+        out = np.zeros((m, n))
+        np.add.at(out.T, np.clip(j, 0, n - 1), w.T)  # past either end: onto the edge voxel
+        return torch.from_numpy(out)
+
+    def matrix(self, n: int, *, device=None) -> Tensor:
+        if n not in self._cache:
+            m = self.output_shape((n,) * self.spatial_dims)[self._dim(self.axes[0])]
+            self._cache[n] = self._weights(n, m)
+        return self._cache[n].to(device)
+
+    def _apply_1d(self, x: Tensor, dim: int) -> Tensor:
+        return _matmul_along(x, self.matrix(x.shape[dim], device=x.device).to(x.dtype), dim)
+
+    def _axis_norm_sq_bound(self) -> float:
+        # Schur test on an axis long enough that both borders are present but do not interact
+        m = 2 * math.ceil((self.thickness * self.scale * 2 + 8) / self.scale) + 4
+        a = self._weights(math.ceil(self.scale * m), m).abs()
+        return float(a.sum(1).max() * a.sum(0).max())
+
+
+def grid_for_factor(n: int, scale: float) -> tuple[int, int, float]:
+    """The grid convention for a factor ``scale`` on an axis of ``n`` fine voxels, when they must be cut down
+    to hold whole coarse samples: ``(coarse count m, fine count kept N, exact factor N / m)`` with
+    ``m = floor(n / scale)`` and ``N = round(m * scale)``. Integer factors keep ``N = m * scale``; a factor like
+    5.5 with an odd ``m`` gives ``N / m`` within ``0.5 / m`` of it (docs/grids.md)."""
+    m = int(math.floor(n / scale + 1e-9))
+    if m < 1:
+        raise MedldmError(f"an axis of {n} voxels is shorter than the factor {scale:g}")
+    kept = int(round(m * scale))
+    return m, kept, kept / m
+
+
 # -------------------------------------------------------------------------------------------- k-space
 class KSpaceTruncation(LinearOperator):
     """MRI low-resolution acquisition: keep the central ``n / scale`` frequencies along each of ``axes``.
@@ -270,6 +363,10 @@ class KSpaceTruncation(LinearOperator):
         spatial_dims: number of trailing spatial dims (2 or 3).
     """
 
+    def __init__(self, axes, scale: int, *, spatial_dims: int = 3):
+        super().__init__(axes, scale, spatial_dims=spatial_dims)
+        _require_integer(self)
+
     def _apply_1d(self, x: Tensor, dim: int) -> Tensor:
         n, s = x.shape[dim], self.scale
         m = n // s
@@ -292,23 +389,25 @@ class KSpaceTruncation(LinearOperator):
 
 
 # -------------------------------------------------------------------------------------------- factory
-def make_operator(kind: str, *, axis: int | None, scale: int, spatial_dims: int = 3,
-                  profile: str = "gaussian") -> LinearOperator:
+def make_operator(kind: str, *, axis: int | None, scale: float, spatial_dims: int = 3,
+                  profile: str = "gaussian", thickness: float = 1.0) -> LinearOperator:
     """Operator for a CLI/config degradation kind.
 
     ``axis`` always names the slice (through-plane) axis; the in-plane axes are the others (in 2D both
     axes are in-plane and ``axis`` is ignored by the in-plane kinds).
 
-    - "slice-profile": thick slices, :class:`ThickSlice` along ``axis``.
+    - "slice-profile": thick slices along ``axis``: :class:`ThickSlice` for integer factors and contiguous
+      slices, else :class:`SliceSampling`.
     - "kspace": :class:`KSpaceTruncation` over the in-plane axes.
     - "blur": blur + decimate, :class:`ThickSlice` over the in-plane axes.
 
     Args:
         kind: one of :data:`KINDS`.
         axis: slice axis, a spatial-axis index (required for "slice-profile" and for 3D).
-        scale: integer decimation factor.
+        scale: decimation factor (integer for the in-plane kinds).
         spatial_dims: 2 or 3.
         profile: slice profile of the ThickSlice kinds, "gaussian" (FWHM = scale) or "boxcar".
+        thickness: "slice-profile": slice thickness / slice spacing (1: contiguous slices).
     """
     if kind not in KINDS:
         raise MedldmError(f"unknown degradation {kind!r}: use one of {', '.join(KINDS)}")
@@ -318,7 +417,11 @@ def make_operator(kind: str, *, axis: int | None, scale: int, spatial_dims: int 
         raise MedldmError(f"axis {axis} is not a spatial axis in 0..{spatial_dims - 1}")
     in_plane = tuple(a for a in range(spatial_dims) if spatial_dims == 2 or a != axis)
     if kind == "slice-profile":
-        return ThickSlice((axis,), scale, profile=profile, spatial_dims=spatial_dims)
+        if abs(scale - round(scale)) < 1e-9 and abs(thickness - 1.0) < 1e-9:
+            return ThickSlice((axis,), round(scale), profile=profile, spatial_dims=spatial_dims)
+        return SliceSampling((axis,), scale, thickness=thickness, profile=profile, spatial_dims=spatial_dims)
+    if abs(thickness - 1.0) > 1e-9:
+        raise MedldmError(f"a slice thickness applies to thick slices, not to {kind!r}")
     if kind == "kspace":
         return KSpaceTruncation(in_plane, scale, spatial_dims=spatial_dims)
     return ThickSlice(in_plane, scale, profile=profile, spatial_dims=spatial_dims)
@@ -387,27 +490,31 @@ def add_rician_noise(x: Tensor, sigma: float, *, generator: torch.Generator | No
 
 # --------------------------------------------------------------------------------------------- volumes
 class Degraded(NamedTuple):
-    """Result of :func:`degrade_volume`: ``lr`` the degraded volume, ``hr`` the input cropped to a multiple
-    of the scale (the ground truth on the same field of view as ``lr``)."""
+    """Result of :func:`degrade_volume`: ``lr`` the degraded volume, ``hr`` the input cropped to hold whole LR
+    samples (the ground truth on the same field of view as ``lr``)."""
 
     lr: Volume
     hr: Volume
 
 
-def degrade_volume(volume: Volume, *, kind: str, axis: str | int = "z", scale: int = 4,
-                   profile: str = "gaussian", noise: float = 0.0, seed: int = 0) -> Degraded:
+def degrade_volume(volume: Volume, *, kind: str, axis: str | int = "z", scale: float = 4,
+                   profile: str = "gaussian", noise: float = 0.0, seed: int = 0,
+                   thickness: float = 1.0) -> Degraded:
     """Make an LR volume with exact geometry from an HR one.
 
-    The degraded axes are cropped (fewest voxels, split between both ends) to a multiple of ``scale``;
-    the LR affine is ``rescaled_affine(hr.affine, op.factors(3))``, so ``lr`` and ``hr`` share their field
-    of view. ``lr.meta["degrade"]`` records ``kind``, ``axis`` (voxel index), ``scale``, ``profile``,
+    The degraded axes are cropped (fewest voxels, split between both ends) to hold whole LR samples: a multiple
+    of an integer ``scale``; for other factors :func:`grid_for_factor` (the exact factor used, recorded as
+    ``scale``, is then within ``0.5 / m`` of the one asked for). The LR affine is
+    ``rescaled_affine(hr.affine, op.factors(3))``, so ``lr`` and ``hr`` share their field of view.
+    ``lr.meta["degrade"]`` records ``kind``, ``axis`` (voxel index), ``scale``, ``thickness``, ``profile``,
     ``noise`` and ``cropped_from`` (the input shape). Computed in float64 on the CPU.
 
     Args:
         volume: HR input.
         kind: "slice-profile", "kspace" or "blur" (see :func:`make_operator`).
         axis: slice axis, any name :func:`medldm.volume.resolve_axis` accepts ("x", "y", "z", "i", 0, "auto").
-        scale: integer decimation factor.
+        scale: decimation factor; non-integer for thick slices only.
+        thickness: thick slices: slice thickness / slice spacing (1: contiguous; below 1: gaps).
         profile: "gaussian" or "boxcar" for the ThickSlice kinds.
         noise: Rician noise sigma as a fraction of the HR 99th-percentile intensity (0: none).
         seed: noise seed; the same seed gives the same output.
@@ -415,15 +522,20 @@ def degrade_volume(volume: Volume, *, kind: str, axis: str | int = "z", scale: i
     if not 0 <= noise < float("inf"):  # also refuses NaN
         raise MedldmError(f"noise must be a finite number >= 0, got {noise}")
     voxel_axis = resolve_axis(volume, axis)
-    op = make_operator(kind, axis=voxel_axis, scale=scale, spatial_dims=3, profile=profile)
+    op = make_operator(kind, axis=voxel_axis, scale=scale, spatial_dims=3, profile=profile, thickness=thickness)
     hr = volume
+    if not isinstance(op.scale, int):  # one thick axis: the exact factor follows from the lengths kept
+        _, kept, exact = grid_for_factor(hr.shape[voxel_axis], op.scale)
+        hr = crop_to_length(hr, voxel_axis, kept)
+        op = make_operator(kind, axis=voxel_axis, scale=exact, spatial_dims=3, profile=profile, thickness=thickness)
     for a in op.axes:
-        hr = crop_to_multiple(hr, a, op.scale)
+        if isinstance(op.scale, int):
+            hr = crop_to_multiple(hr, a, op.scale)
     with torch.no_grad():
         lr = op(torch.from_numpy(hr.data).to(torch.float64))
         if noise > 0:
             sigma = noise * float(np.percentile(hr.data, 99))
             lr = add_rician_noise(lr, sigma, generator=torch.Generator().manual_seed(int(seed)))
-    record = {"kind": kind, "axis": voxel_axis, "scale": op.scale, "profile": profile, "noise": float(noise),
-              "cropped_from": volume.shape}
+    record = {"kind": kind, "axis": voxel_axis, "scale": op.scale, "thickness": float(thickness), "profile": profile,
+              "noise": float(noise), "cropped_from": volume.shape}
     return Degraded(hr.with_data(lr.numpy(), rescaled_affine(hr.affine, op.factors(3)), degrade=record), hr)

@@ -22,8 +22,8 @@ from medldm.diffusion import NoiseSchedule
 from medldm.errors import MedldmError
 
 __all__ = ["Autoencoder", "Denoiser", "DiT", "Estimator", "ConditionCodec", "build_autoencoder", "build_denoiser",
-           "build_estimator",
-           "build_discriminator", "build_schedule", "channels_last_format", "MODALITIES"]
+           "build_estimator", "build_discriminator", "build_schedule", "channels_last_format", "geometry_features",
+           "MODALITIES"]
 
 MODALITIES = ("MR", "CT")
 
@@ -200,15 +200,23 @@ class Estimator(nn.Module):
     HR centre plane (B, 1, H, W), the centre LR plane plus a learned correction. It works at half resolution
     (pixel unshuffle in, pixel shuffle out: no information is lost, and full-resolution convolutions, most of
     the cost, are avoided). A per-label bias after the first convolution tells it the task and modality.
-    H and W must be multiples of ``multiple``."""
+    H and W must be multiples of ``multiple``. With ``geometry``, the factor and the slice thickness (as
+    :func:`geometry_features`) add a second bias through a small MLP, zero at initialisation (so a network
+    fine-tuned to take them starts as the one it came from)."""
 
-    def __init__(self, *, slab: int, channels: list[int], num_res_blocks: int, num_labels: int):
+    def __init__(self, *, slab: int, channels: list[int], num_res_blocks: int, num_labels: int,
+                 geometry: bool = False):
         super().__init__()
         self.slab = slab
         self.multiple = 2 ** len(channels)
         self.inp = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * slab, channels[0], 3, padding=1))
         self.labels = nn.Embedding(num_labels, channels[0])
         nn.init.zeros_(self.labels.weight)
+        self.geometry = None
+        if geometry:
+            self.geometry = nn.Sequential(nn.Linear(2, channels[0]), nn.SiLU(), nn.Linear(channels[0], channels[0]))
+            nn.init.zeros_(self.geometry[2].weight)
+            nn.init.zeros_(self.geometry[2].bias)
         self.down_blocks = nn.ModuleList(
             nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1])
         pairs = list(zip(channels, channels[1:], strict=False))
@@ -221,8 +229,10 @@ class Estimator(nn.Module):
         nn.init.zeros_(self.out.weight)  # starts as the identity on the centre plane
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, lr: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def forward(self, lr: torch.Tensor, label: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
         h = self.inp(lr) + self.labels(label)[:, :, None, None]
+        if self.geometry is not None and geometry is not None:
+            h = h + self.geometry(geometry.to(h.dtype))[:, :, None, None]
         skips = []
         for block, down in zip(self.down_blocks, self.downs, strict=True):
             h = block(h)
@@ -273,7 +283,15 @@ def build_estimator(config: Config) -> Estimator:
     if cfg is None:
         raise MedldmError("the config has no estimator section, so there is no estimator stage")
     return Estimator(slab=cfg.slab, channels=list(cfg.channels), num_res_blocks=cfg.num_res_blocks,
-                     num_labels=ConditionCodec(config).num_task_labels)
+                     num_labels=ConditionCodec(config).num_task_labels, geometry=cfg.geometry)
+
+
+def geometry_features(scale, thickness) -> torch.Tensor:
+    """What an estimator with ``geometry`` is told, (B, 2): log2 of the factor, and the slice thickness / spacing
+    minus 1 (0 for contiguous slices)."""
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    thickness = torch.as_tensor(thickness, dtype=torch.float32)
+    return torch.stack(torch.broadcast_tensors(torch.log2(scale), thickness - 1), dim=-1).reshape(-1, 2)
 
 
 def build_schedule(config: Config) -> NoiseSchedule:

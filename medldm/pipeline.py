@@ -11,6 +11,7 @@ original intensity scale on the HR grid (affine per DESIGN.md: field of view unc
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medldm.checkpoint import build_with_weights, read_model_folder
+from medldm.checkpoint import build_with_weights, read_model_folder, write_model_folder
 from medldm.config import Config, Task, parse_config
 from medldm.data import normaliser, upsample
 from medldm.degrade import consistency_residual, enforce_consistency, make_operator
@@ -35,13 +36,16 @@ from medldm.nets import (
     build_estimator,
     build_schedule,
     channels_last_format,
+    geometry_features,
 )
-from medldm.volume import Volume, check_memory, rescaled_affine, resolve_axis
+from medldm.scope import TrainingScope, scan_statistics
+from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, resolve_axis
 
 __all__ = ["PLANES", "LoadedModel", "load_model", "Upscaler", "UpscaleResult", "RunningStats", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
 PLANES = ("one", "both")
+HU_MIN = -1024.0  # air: CT outputs are clipped here (and at the scan's maximum)
 Progress = Callable[[int, int], None]
 
 
@@ -56,9 +60,24 @@ class LoadedModel:
     path: Path
     estimator: torch.nn.Module | None = None  # the fidelity stage, in models that have one
 
+    def save(self, out: str | Path, **info) -> Path:
+        """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""
+        modules = {"autoencoder": self.autoencoder, "denoiser": self.denoiser}
+        if self.estimator is not None:
+            modules["estimator"] = self.estimator
+        return write_model_folder(Path(out), config=self.config.model_dump(), info={**self.info, **info},
+                                  modules=modules)
+
+    @property
+    def scope(self) -> TrainingScope:
+        """What the model was trained on (model.json "trained_on", completed from the config)."""
+        return TrainingScope.of(self.config, self.info)
+
     def defaults(self) -> dict:
         """Sampling defaults the model was validated with (model.json "sampling"; older models: 1 step)."""
-        return {"steps": 1, "refine": 0.0, "planes": "both", **self.info.get("sampling", {})}
+        sampling = {"steps": 1, "refine": 0.0, "planes": "both", **self.info.get("sampling", {})}
+        sampling.setdefault("refine_planes", sampling["planes"])  # models that do not say refine like they estimate
+        return sampling
 
 
 def load_model(path: str | Path = "default", *, device: str | torch.device = "cpu") -> LoadedModel:
@@ -80,6 +99,22 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
                        estimator)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What an upscale will do to one scan: see :meth:`Upscaler.plan`."""
+
+    task: Task  # the model task whose label the networks get: the trained one nearest to the factor
+    axis: int  # voxel axis: the upscaled one (thick slices) or the slice axis (in-plane kinds)
+    scale: int | float  # the exact factor of the output grid (output voxels / input voxels along the axis)
+    thickness: float  # thick slices: slice thickness / slice spacing (1: contiguous slices)
+    warnings: tuple[str, ...] = ()  # how the scan lies outside what the model was trained on
+
+    def operator(self):
+        """The forward model of this scan's acquisition (3D)."""
+        return make_operator(self.task.kind, axis=self.axis, scale=self.scale, spatial_dims=3,
+                             profile=self.task.profile, thickness=self.thickness)
+
+
 @dataclass
 class UpscaleResult:
     sr: Volume  # the upscaled scan (mean over samples), float32, original intensity scale
@@ -88,6 +123,7 @@ class UpscaleResult:
     task: Task
     axis: int  # voxel axis: the upscaled one (thick slices) or the slice axis (in-plane kinds)
     estimate: Volume | None = None  # the consistent regression estimate (models with an estimator, when kept)
+    plan: Plan | None = None  # the factor, thickness and warnings this result was made with
 
 
 class RunningStats:
@@ -145,7 +181,8 @@ class Upscaler:
         planes: 2D models and thick slices: "one" samples the stack of planes across the shorter free axis;
             "both" also samples the other stack of planes containing the upscaled axis, with its own noise, and
             averages the two (twice the time; their errors are less correlated than two samples of one stack).
-            None: the model's default (model.json; "both" for models that do not say).
+            None: the model's default (model.json; "both" for models that do not say). With an estimator stage it
+            sets the stacks the estimate averages; ``refine_planes`` those the refinement's detail comes from.
         channels_last: channels-last memory format for the autoencoder (with the 2D default model on the CPUs
             measured, 1.35x faster with the same output up to float rounding: docs/performance.md).
         refine: models with an estimator (fidelity) stage: the fraction of the noise schedule from which the
@@ -153,6 +190,8 @@ class Upscaler:
             run back to 0, and only the detail the diffusion adds, ``decode(z_0) - decode(z_estimate)``, is added
             to the estimate, so the autoencoder's own reconstruction error cancels). 0 returns the estimate
             alone (regression + data consistency). None: the model's validated default (model.json).
+        refine_planes: "one" or "both": the stacks of planes the refinement adds detail from (None: the model's
+            default, else ``planes``). Estimating on both and refining one costs half the refinement time.
     """
 
     # At most this many HR pixels per 2D network call. The decoder's full-resolution activations (channels x
@@ -163,7 +202,7 @@ class Upscaler:
     def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int | None = None,
                  sampler: str = "dpmpp-2m", batch_size: int = 16, consistency: float = 1.0,
                  condition_level: int = 0, bf16: bool = False, planes: str | None = None, channels_last: bool = True,
-                 refine: float | None = None):
+                 refine: float | None = None, refine_planes: str | None = None):
         self.device = _device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.autoencoder.to(self.device)
@@ -172,6 +211,8 @@ class Upscaler:
         steps = defaults["steps"] if steps is None else steps
         refine = defaults["refine"] if refine is None else refine
         planes = defaults["planes"] if planes is None else planes
+        refine_planes = (planes if "refine_planes" not in self.model.info.get("sampling", {}) else
+                         defaults["refine_planes"]) if refine_planes is None else refine_planes
         if self.model.estimator is None and refine > 0:
             raise MedldmError("refine needs a model with an estimator stage; this one samples from pure noise",
                               self.model.path)
@@ -186,11 +227,13 @@ class Upscaler:
             raise MedldmError(f"consistency must lie in [0, 1], got {consistency}")
         if not 0 <= condition_level < self.model.codec.levels:
             raise MedldmError(f"condition level must lie in 0..{self.model.codec.levels - 1}")
-        if planes not in PLANES:
-            raise MedldmError(f"planes must be one of {', '.join(PLANES)}, got {planes!r}")
+        for value in (planes, refine_planes):
+            if value not in PLANES:
+                raise MedldmError(f"planes must be one of {', '.join(PLANES)}, got {value!r}")
         if channels_last:
             self.model.autoencoder.to(memory_format=channels_last_format(self.model.config.data.spatial_dims))
         self.steps, self.sampler, self.batch_size, self.planes = steps, sampler, batch_size, planes
+        self.refine_planes = refine_planes if self.model.estimator is not None else planes
         self.channels_last = channels_last
         self.consistency, self.condition_level, self.bf16 = consistency, condition_level, bf16
         cfg = self.model.config
@@ -200,40 +243,99 @@ class Upscaler:
         patch = cfg.diffusion.patch if cfg.diffusion.denoiser == "dit" else 1
         self.multiple = cfg.autoencoder.factor * (2**levels) * patch
 
+    def with_model(self, model: LoadedModel) -> Upscaler:
+        """The same settings with another model of the same kind (e.g. one adapted to a scan)."""
+        other = copy.copy(self)
+        other.model = model
+        return other
+
     # ------------------------------------------------------------------------------------ choices
+    def plan(self, volume: Volume, *, axis: str | int = "auto", scale: float | None = None,
+             kind: str | None = None, spacing: float | None = None, thickness: float | None = None) -> Plan:
+        """What upscaling ``volume`` will do: the kind, axis and exact factor, the slice thickness, the model task
+        whose label the networks get, and warnings where the scan lies outside what the model was trained on.
+
+        Thick slices take any factor >= 1.05: ``spacing`` (mm, the output spacing along the axis) or ``scale``;
+        by default the spacing ratio of an anisotropic scan (thick axis / mean in-plane). The output holds
+        ``round(n * factor)`` voxels over the same field of view (docs/grids.md). An isotropic scan needs ``axis``
+        or ``kind``: medldm never turns an isotropic scan into an anisotropic one unasked.
+
+        Args:
+            thickness: the slice thickness in mm (default: the DICOM SliceThickness, else the slice spacing).
+        """
+        tasks = self.model.config.data.tasks
+        try:  # first, so that an unusable scan (e.g. a constant image) is named for what it is
+            normalised = normaliser(self.model.config, volume.data).forward(volume.data.astype(np.float32))
+        except MedldmError as err:
+            raise MedldmError(err.reason, err.path or volume.path) from None
+        voxel_spacing = np.asarray(volume.spacing, dtype=np.float64)
+        anisotropic = voxel_spacing.max() / voxel_spacing.min() > ANISOTROPY
+        if kind is None:
+            if str(axis) == "auto" and not anisotropic:
+                raise MedldmError(
+                    f"the scan is isotropic ({' x '.join(f'{v:.3g}' for v in voxel_spacing)} mm): name the axis to "
+                    "upscale (e.g. --axis z) or --kind kspace for in-plane", volume.path)
+            kind = "slice-profile"
+        a = resolve_axis(volume, axis)
+        trained = [t for t in tasks if t.kind == kind]
+        if not trained:
+            offered = ", ".join(f"{t.kind} x{t.scale}" for t in tasks)
+            raise MedldmError(f"the model was not trained for {kind}; it offers {offered}", volume.path)
+        along = voxel_spacing[a]
+        if spacing is not None:
+            in_plane = voxel_spacing if kind != "slice-profile" else [along]
+            factor = float(np.mean(in_plane)) / spacing if kind != "slice-profile" else along / spacing
+        elif scale is not None:
+            factor = float(scale)
+        elif kind == "slice-profile" and anisotropic:
+            factor = along / float(np.delete(voxel_spacing, a).mean())
+        else:
+            factor = float(max(t.scale for t in trained))
+        if kind == "slice-profile":
+            n = volume.shape[a]
+            exact = round(n * factor) / n  # the output grid's factor: a whole number of voxels, same field of view
+        else:
+            exact = factor
+            if abs(factor - round(factor)) > 1e-6:
+                raise MedldmError(f"{kind} takes integer factors, not x{factor:.4g}", volume.path)
+        if exact < 1.05:
+            raise MedldmError(f"nothing to upscale: factor x{exact:.3g} along voxel axis {a} "
+                              f"({along:.3g} mm spacing)", volume.path)
+        ratio = 1.0
+        if kind == "slice-profile":
+            recorded = volume.meta.get("slice_thickness") if volume.meta.get("slice_axis") == a else None
+            mm = thickness if thickness is not None else recorded
+            ratio = float(mm) / along if mm else 1.0
+            if not 0.05 <= ratio <= 8:
+                raise MedldmError(f"slice thickness {float(mm):.3g} mm against a spacing of {along:.3g} mm is not "
+                                  "plausible", volume.path)
+        elif thickness is not None:
+            raise MedldmError(f"a slice thickness applies to thick slices, not to {kind}", volume.path)
+        task = min(trained, key=lambda t: abs(math.log(t.scale / exact)))
+        plan = Plan(task, a, round(exact) if abs(exact - round(exact)) < 1e-9 else exact, ratio)
+        warnings = self.model.scope.warnings(volume, plan, statistics=scan_statistics(normalised))
+        return Plan(task, a, plan.scale, ratio, tuple(warnings))
+
     def choose(self, volume: Volume, *, axis: str | int = "auto", scale: int | None = None,
                kind: str | None = None) -> tuple[Task, int]:
-        """The model task (kind, scale) and voxel axis for a scan, from the options and the model's tasks."""
-        tasks = self.model.config.data.tasks
-        spacing = np.asarray(volume.spacing)
-        anisotropic = spacing.max() / spacing.min() > 1.2
-        if kind is None:
-            kind = "slice-profile" if (str(axis) != "auto" or anisotropic) else None
-            if kind is None:  # isotropic scan, auto axis: in-plane upscaling
-                kind = next((t.kind for t in tasks if t.kind != "slice-profile"), "slice-profile")
-        voxel_axis = resolve_axis(volume, axis)
-        if scale is None:
-            if kind == "slice-profile" and anisotropic:
-                others = np.delete(spacing, voxel_axis)
-                scale = max(2, int(round(spacing[voxel_axis] / others.mean())))
-            else:
-                scale = max(t.scale for t in tasks if t.kind == kind) if any(t.kind == kind for t in tasks) else 2
-        for t in tasks:
-            if t.kind == kind and t.scale == scale:
-                return t, voxel_axis
-        offered = ", ".join(f"{t.kind} x{t.scale}" for t in tasks)
-        raise MedldmError(f"the model was not trained for {kind} x{scale}; it offers {offered}", volume.path)
+        """The model task and voxel axis for a scan (see :meth:`plan`)."""
+        plan = self.plan(volume, axis=axis, scale=scale, kind=kind)
+        return plan.task, plan.axis
 
     # ----------------------------------------------------------------------------------------- run
-    def upscale(self, volume: Volume, *, axis: str | int = "auto", scale: int | None = None,
-                kind: str | None = None, samples: int = 1, seed: int = 0,
-                progress: Progress | None = None, keep_estimate: bool = False) -> UpscaleResult:
-        """Upscale one scan; see the class docstring for the options fixed at construction. ``keep_estimate``
-        also returns the regression estimate alone (models with an estimator; one more volume in memory)."""
+    def upscale(self, volume: Volume, *, axis: str | int = "auto", scale: float | None = None,
+                kind: str | None = None, spacing: float | None = None, thickness: float | None = None,
+                samples: int = 1, seed: int = 0, progress: Progress | None = None, keep_estimate: bool = False,
+                plan: Plan | None = None) -> UpscaleResult:
+        """Upscale one scan; see the class docstring for the options fixed at construction and :meth:`plan` for
+        ``axis``, ``scale``, ``kind``, ``spacing`` and ``thickness`` (or pass a ``plan`` made for this scan).
+        ``keep_estimate`` also returns the regression estimate alone (models with an estimator; one more volume
+        in memory)."""
         if samples < 1:
             raise MedldmError(f"samples must be at least 1, got {samples}")
-        task, a = self.choose(volume, axis=axis, scale=scale, kind=kind)
-        op = make_operator(task.kind, axis=a, scale=task.scale, spatial_dims=3, profile=task.profile)
+        if plan is None:
+            plan = self.plan(volume, axis=axis, scale=scale, kind=kind, spacing=spacing, thickness=thickness)
+        task, a, op = plan.task, plan.axis, plan.operator()
         hr_shape = op.input_shape(volume.shape)
         # HR-grid float32 volumes alive at once: the sum over stacks, the running mean (and spread), the estimate
         # (and its kept copy), the output in the scan's units; refused now rather than after minutes of work
@@ -244,13 +346,16 @@ class Upscaler:
         except MedldmError as err:  # e.g. a constant image: name the scan
             raise MedldmError(err.reason, err.path or volume.path) from None
         lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))
-        modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
+        modality_name = guess_modality(volume.data, volume.meta.get("modality"))
+        modality = MODALITIES.index(modality_name)
+        # CT stays within physical Hounsfield units: nothing below air, nothing above the scan's own maximum
+        limits = (HU_MIN, float(volume.data.max())) if modality_name == "CT" else None
         task_index = self.model.config.data.tasks.index(task)
         label = self.model.codec.label(torch.tensor(task_index), torch.tensor(modality),
                                        torch.tensor(self.condition_level))
-        units = self._units(hr_shape, op, a)
-        passes = samples if self.model.estimator is None else 1 + (samples if self.refine > 0 else 0)
-        total, done = passes * units, 0
+        sampled = samples if self.model.estimator is None or self.refine > 0 else 0
+        total, done = (self._units(hr_shape, op, self.planes) * (self.model.estimator is not None)
+                       + sampled * self._units(hr_shape, op, self.refine_planes)), 0
 
         def tick():
             nonlocal done
@@ -262,7 +367,8 @@ class Upscaler:
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
         estimate = None
         if self.model.estimator is not None:  # fidelity first: the regression estimate, made consistent
-            estimate = self._estimate_volume(lr, hr_shape, op, self.model.codec.task_label(task_index, modality), tick)
+            estimate = self._estimate_volume(lr, hr_shape, op, self.model.codec.task_label(task_index, modality), tick,
+                                             geometry_features(plan.scale, plan.thickness))
             estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
         for k in range(samples):
             if estimate is not None and self.refine == 0:
@@ -274,26 +380,29 @@ class Upscaler:
         mean = stats.mean
         residual = consistency_residual(mean, lr, op)  # normalised LR: a fraction of the intensity range
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
-        meta = {"upscale": {"kind": task.kind, "scale": task.scale, "axis": a, "steps": self.steps,
+        meta = {"slice_thickness": None,  # the input's no longer describes the output's slices
+                "upscale": {"kind": task.kind, "scale": plan.scale, "thickness": plan.thickness, "axis": a,
+                            "model_task": f"{task.kind} x{task.scale}", "steps": self.steps,
                             "refine": self.refine,
-                            "sampler": self.sampler, "samples": samples, "planes": self.planes, "seed": seed,
+                            "sampler": self.sampler, "samples": samples, "planes": self.planes,
+                            "refine_planes": self.refine_planes, "seed": seed,
                             "consistency": self.consistency, "model": str(self.model.path)}}
         kept = None  # before the in-place de-normalisation below: with refine 0 the mean is the estimate
         if keep_estimate and estimate is not None:
-            kept = volume.with_data(norm.inverse(estimate.float().numpy()), affine,
+            kept = volume.with_data(_clip(norm.inverse(estimate.float().numpy()), limits), affine,
                                     **{"upscale": {**meta["upscale"], "refine": 0.0}})
         voxels = mean.float().numpy()
-        sr = volume.with_data(norm.inverse(voxels, out=voxels), affine, **meta)  # in place: the mean is ours
+        sr = volume.with_data(_clip(norm.inverse(voxels, out=voxels), limits), affine, **meta)  # in place
         unc = None
         if samples > 1:
             unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
-        return UpscaleResult(sr, unc, residual, task, a, kept)
+        return UpscaleResult(sr, unc, residual, task, a, kept, plan)
 
-    def _units(self, hr_shape, op, a) -> int:
-        """Progress units per sample: slice batches (2D) or patches (3D, estimated)."""
+    def _units(self, hr_shape, op, planes: str) -> int:
+        """Progress units per pass: slice batches (2D) or patches (3D, estimated)."""
         if self.dims == 2:
             return sum(-(-hr_shape[axis] // self._planes_per_call(np.delete(hr_shape, axis)))
-                       for axis in self._plane_axes(hr_shape, op))
+                       for axis in self._plane_axes(hr_shape, op, planes))
         return 1
 
     def _planes_per_call(self, plane_shape) -> int:
@@ -301,12 +410,12 @@ class Upscaler:
         cap = self.BATCH_PIXELS.get(self.device.type, self.BATCH_PIXELS["cuda"])
         return max(1, min(self.batch_size, cap // pixels))
 
-    def _plane_axes(self, hr_shape, op) -> list[int]:
+    def _plane_axes(self, hr_shape, op, planes: str) -> list[int]:
         """2D models see planes containing every degraded axis, so they slice across an axis that is not degraded:
         the one free axis (in-plane kinds), or for thick slices the free axis with the fewest voxels, and with
         ``planes="both"`` the other free axis too."""
         free = sorted((d for d in range(3) if d not in op.axes), key=lambda d: hr_shape[d])
-        return free if self.planes == "both" else free[:1]
+        return free if planes == "both" else free[:1]
 
     def _memory_format(self):
         return channels_last_format(self.dims)
@@ -373,14 +482,14 @@ class Upscaler:
             encoded[key] = torch.cat(latents)
         return encoded[key]
 
-    def _estimate_volume(self, lr: torch.Tensor, hr_shape, op, label: int, tick) -> torch.Tensor:
+    def _estimate_volume(self, lr: torch.Tensor, hr_shape, op, label: int, tick, geometry) -> torch.Tensor:
         """The estimator's regression estimate on the HR grid (normalised intensities, before data consistency),
         averaged over the stacks of planes like the samples. Each batch interpolates just its block of LR planes
         (plus the slab's neighbours) onto the HR grid, so the HR-grid input volume is never held whole."""
         net = self.model.estimator
         r = net.slab // 2
         total = torch.zeros(hr_shape)
-        axes = self._plane_axes(hr_shape, op)
+        axes = self._plane_axes(hr_shape, op, self.planes)
         for axis in axes:
             planes = total.movedim(axis, 0)  # (n, H, W) view
             n, per_call = planes.shape[0], self._planes_per_call(planes.shape[1:])
@@ -395,7 +504,7 @@ class Upscaler:
                 x = _pad_to_multiple(cond[near], net.multiple)  # (B, slab, H, W)
                 labels = torch.full((x.shape[0],), label, dtype=torch.long, device=self.device)
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    out = net(x.to(self.device), labels).float().cpu()
+                    out = net(x.to(self.device), labels, geometry.expand(len(x), 2).to(self.device)).float().cpu()
                 planes[start:stop] += out[:, 0, :planes.shape[1], :planes.shape[2]]
                 tick()
         return total.div_(len(axes)) if len(axes) > 1 else total
@@ -407,7 +516,7 @@ class Upscaler:
         if self.dims == 3:
             return self._sample_patches(upsample(lr[None, None], hr_shape)[0, 0], label, seed, tick, encoded)
         r = self.model.config.data.slab // 2
-        axes = self._plane_axes(hr_shape, op)
+        axes = self._plane_axes(hr_shape, op, self.planes if estimate is None else self.refine_planes)
         total = torch.zeros(hr_shape)  # the passes over each stack of planes are summed in place, then averaged
         on_estimate = self.model.config.diffusion.condition == "estimate"  # refinement models see the estimate
         for n, axis in enumerate(axes):
@@ -451,6 +560,10 @@ class Upscaler:
                                        device="cpu", progress=False)
         tick()
         return out[0, 0]
+
+
+def _clip(values: np.ndarray, limits: tuple[float, float] | None) -> np.ndarray:
+    return values if limits is None else np.clip(values, *limits, out=values)
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from medldm import __version__
 from medldm.checkpoint import (
     latest_checkpoint,
+    load_partial_weights,
     load_state,
     load_weights,
     read_model_folder,
@@ -249,6 +251,16 @@ class Trainer:
                     and getattr(cfg.training, stage) == getattr(old.training, stage)
                     and info.get(f"{stage}_steps") == getattr(cfg.training, stage).steps
                     and (stage != "autoencoder" or cfg.data.intensity == old.data.intensity))
+            if not same and stage == "estimator" and (folder / "estimator.safetensors").is_file():
+                try:  # the same network, perhaps told the geometry too: fine-tune the folder's weights
+                    load_partial_weights(build_estimator(cfg), folder / "estimator.safetensors", new="geometry.")
+                except MedldmError:
+                    pass
+                else:
+                    self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(folder / "estimator.safetensors", self.stage_dir(stage) / "init.safetensors")
+                    taken[stage] = f"fine-tuned from {folder}'s estimator"
+                    continue
             if not same:
                 taken[stage] = "trained from scratch (its settings differ from the folder's)"
                 continue
@@ -367,6 +379,9 @@ class Trainer:
         cfg, stage = self.config, "estimator"
         torch.manual_seed(cfg.training.seed + 2)
         model = build_estimator(cfg)  # refuses configs without an estimator section
+        init = self.stage_dir(stage) / "init.safetensors"  # written by init_from: fine-tune a folder's estimator
+        if init.is_file():
+            load_partial_weights(model, init, new="geometry.")
         st = cfg.training.estimator
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
         opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
@@ -388,10 +403,11 @@ class Trainer:
             lr_in = self._layout(batch["lr"].to(self.acc.device))
             hr = batch["hr"].to(self.acc.device)
             label = codec.task_label(batch["task"], batch["modality"]).to(self.acc.device)
+            geometry = batch["geometry"].to(self.acc.device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             with self.acc.autocast():
-                out = forward(lr_in, label)
+                out = forward(lr_in, label, geometry)
             loss = (out.float() - hr).abs().mean()
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
@@ -460,7 +476,7 @@ class Trainer:
                     lr = batch["lr"].to(self.acc.device)
                     if refining:  # condition on the estimator's estimate, as upscale does
                         task = codec.task_label(batch["task"], batch["modality"]).to(self.acc.device)
-                        lr = estimator(self._layout(lr), task).float()
+                        lr = estimator(self._layout(lr), task, batch["geometry"].to(self.acc.device)).float()
                     cond = encode_planes(ae, lr).float() * scale
                 noise = torch.randn(z0.shape, generator=g).to(self.acc.device)
                 cond_noise = torch.randn(cond.shape, generator=g).to(self.acc.device)

@@ -31,6 +31,8 @@ __all__ = [
     "resolve_axis",
     "crop",
     "crop_to_multiple",
+    "ANISOTROPY",
+    "crop_to_length",
     "face_corners",
     "check_memory",
     "holds_dicom",
@@ -96,7 +98,10 @@ class Volume:
         ornt = orientations.io_orientation(self.affine)
         data = orientations.apply_orientation(self.data, ornt)
         affine = self.affine @ orientations.inv_ornt_aff(ornt, self.shape)
-        return Volume(np.ascontiguousarray(data), affine, {**self.meta, "source_ornt": ornt.tolist()})
+        meta = {**self.meta, "source_ornt": ornt.tolist()}
+        if meta.get("slice_axis") is not None:  # input axis k becomes output axis ornt[k, 0]
+            meta["slice_axis"] = int(ornt[meta["slice_axis"], 0])
+        return Volume(np.ascontiguousarray(data), affine, meta)
 
     def from_canonical(self) -> Volume:
         """Undo :meth:`to_canonical`, returning voxels in the source's axis order."""
@@ -107,10 +112,15 @@ class Volume:
         data = orientations.apply_orientation(self.data, back)
         affine = self.affine @ orientations.inv_ornt_aff(back, self.shape)
         meta = {k: v for k, v in self.meta.items() if k != "source_ornt"}
+        if meta.get("slice_axis") is not None:
+            meta["slice_axis"] = int(np.nonzero(source[:, 0] == meta["slice_axis"])[0][0])
         return Volume(np.ascontiguousarray(data), affine, meta)
 
 
 # ----------------------------------------------------------------------------------------------- grid maths
+ANISOTROPY = 1.2  # a scan is anisotropic when its largest spacing exceeds its smallest by more than this
+
+
 def rescaled_affine(affine: np.ndarray, factors) -> np.ndarray:
     """Affine of the grid whose spacing along voxel axis a is ``factors[a]`` times the old one, with the same
     field of view: column a is scaled by the factor and the first voxel centre moves to continuous index
@@ -150,7 +160,7 @@ def resolve_axis(volume: Volume, axis: str | int) -> int:
         return "ijk".index(name)
     if name == "auto":
         spacing = np.asarray(volume.spacing)
-        if spacing.max() / spacing.min() > 1.2:
+        if spacing.max() / spacing.min() > ANISOTROPY:
             # spacings equal up to float noise (3.0 vs 3.0000001) tie: the world-z axis among them, else the first
             tied = np.nonzero(spacing >= spacing.max() * (1 - 1e-4))[0]
             z = resolve_axis(volume, "z")
@@ -174,9 +184,17 @@ def crop(volume: Volume, slices: tuple[slice, slice, slice]) -> Volume:
 def crop_to_multiple(volume: Volume, axis: int, multiple: int) -> Volume:
     """Drop the fewest voxels (split between both ends) so axis ``axis`` holds a multiple of ``multiple``."""
     n = volume.shape[axis]
-    extra = n % multiple
     if n < multiple:
         raise MedldmError(f"axis {axis} has {n} voxels, fewer than the factor {multiple}", volume.path)
+    return crop_to_length(volume, axis, n - n % multiple)
+
+
+def crop_to_length(volume: Volume, axis: int, length: int) -> Volume:
+    """Keep ``length`` voxels along ``axis``, dropping the others split between both ends (one more at the end)."""
+    n = volume.shape[axis]
+    extra = n - length
+    if extra < 0:
+        raise MedldmError(f"axis {axis} has {n} voxels, fewer than {length}", volume.path)
     if extra == 0:
         return volume
     sl = [slice(None)] * 3
@@ -542,6 +560,18 @@ def _load_dicom(files: list[Path], where: Path, series_uid: str | None) -> Volum
     return _stack_frames(frames, where, chosen)
 
 
+def _slice_thickness(ds) -> float | None:
+    """SliceThickness (mm) of a classic file, or of an enhanced file's shared pixel measures; None if absent."""
+    value = getattr(ds, "SliceThickness", None)
+    if value in (None, "") and hasattr(ds, "SharedFunctionalGroupsSequence"):
+        measures = _first(_first(ds, "SharedFunctionalGroupsSequence"), "PixelMeasuresSequence")
+        value = getattr(measures, "SliceThickness", None) if measures is not None else None
+    try:
+        return float(value) if value not in (None, "") and float(value) > 0 else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
     if len(frames) < 2:
         raise MedldmError("the series has a single slice, not a 3D volume", where)
@@ -591,6 +621,8 @@ def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
         "series_uid": uid,
         "modality": str(getattr(ds, "Modality", "")) or None,
         "series_description": str(getattr(ds, "SeriesDescription", "")),
+        "slice_thickness": _slice_thickness(ds),  # mm, or None; may differ from the spacing (gaps or overlap)
+        "slice_axis": 2,  # the voxel axis across the acquired slices, the one slice_thickness applies to
         # patient, study and frame of reference: what a derived series written from this one carries over
         "dicom": {key: str(ds[key].value) for key in CARRIED_OVER if key in ds and ds[key].value is not None},
     }

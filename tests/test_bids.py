@@ -27,7 +27,7 @@ def _dataset(tmp: Path) -> Path:
 
 def test_a_bids_dataset_becomes_bids_derivatives(tmp_path, tiny_model):
     root = _dataset(tmp_path)
-    first = medldm("upscale", root, "--bids", "--model", tiny_model / "model", "--device", "cpu")
+    first = medldm("upscale", root, "--bids", "--model", tiny_model / "model", "--device", "cpu", "--kind", "kspace")
     assert first.returncode == 0, first.stderr
     derivatives = root / "derivatives" / "medldm"
     assert _listing(derivatives) == [
@@ -38,7 +38,7 @@ def test_a_bids_dataset_becomes_bids_derivatives(tmp_path, tiny_model):
     description = json.loads((derivatives / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "medldm"
     before = _listing(root)
-    second = medldm("upscale", root, "--bids", "--model", tiny_model / "model", "--device", "cpu")
+    second = medldm("upscale", root, "--bids", "--model", tiny_model / "model", "--device", "cpu", "--kind", "kspace")
     assert second.returncode == 0 and "0 written, 2 skipped" in second.stdout and _listing(root) == before
 
 

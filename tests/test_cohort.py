@@ -31,7 +31,7 @@ def test_two_processes_share_a_batch_and_match_one_process(tmp_path, tiny_model)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "medldm.cli", "upscale", str(batch), "-o",
-           str(tmp_path / "two"), "--model", str(model), "--device", "cpu", "--json"]
+           str(tmp_path / "two"), "--model", str(model), "--device", "cpu", "--kind", "kspace", "--json"]
     two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     lines = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
@@ -42,7 +42,8 @@ def test_two_processes_share_a_batch_and_match_one_process(tmp_path, tiny_model)
     assert sorted(os.path.basename(r["input"]) for r in summary) == names
     assert {r["status"] for r in summary} == {"written"}
 
-    one = medldm("upscale", batch, "-o", tmp_path / "one", "--model", model, "--device", "cpu")
+    one = medldm("upscale", batch, "-o", tmp_path / "one", "--model", model, "--device", "cpu", "--kind",
+                 "kspace")
     assert one.returncode == 0, one.stderr
     for name in names:
         out = name.replace(".nii.gz", "_sr.nii.gz")

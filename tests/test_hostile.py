@@ -46,7 +46,8 @@ def _small_scan(tmp: Path, name: str = "s.nii.gz", peak: float | None = None) ->
 
 
 def _upscale(*args) -> object:
-    return medldm("upscale", *args, "--device", "cpu")
+    # the small scans are isotropic blocks: in-plane upscaling is asked for (isotropic scans need --kind or --axis)
+    return medldm("upscale", *args, "--device", "cpu", "--kind", "kspace")
 
 
 def _listing(folder: Path) -> list[str]:

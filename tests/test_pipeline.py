@@ -214,8 +214,8 @@ def test_in_plane_kspace_upscale(models, ixi_path):
 
 def test_model_folder_checksums_and_task_choice(models, degraded, tmp_path):
     lr, _ = degraded
-    with pytest.raises(MedldmError, match="not trained for slice-profile x3"):
-        Upscaler(models["tiny_2d"], device="cpu").upscale(lr, axis="z", scale=3)
+    with pytest.raises(MedldmError, match="not trained for blur"):
+        Upscaler(models["tiny_2d"], device="cpu").upscale(lr, axis="z", kind="blur")
     model = load_model(models["tiny_2d"])
     assert model.info["spatial_dims"] == 2
     tampered = tmp_path / "model"

@@ -53,16 +53,17 @@ def test_json_lines_report_each_scan_of_a_batch_and_quiet_prints_nothing(tmp_pat
     for name in ("a.nii.gz", "b.nii.gz"):
         _small_scan(batch, name)
     model = tiny_model / "model"
-    first = medldm("upscale", batch, "--model", model, "--device", "cpu", "--json")
+    # isotropic blocks: in-plane upscaling is asked for explicitly (an isotropic scan is refused without it)
+    first = medldm("upscale", batch, "--model", model, "--device", "cpu", "--kind", "kspace", "--json")
     assert first.returncode == 0, first.stderr
     lines = [json.loads(line) for line in first.stdout.splitlines()]  # nothing but JSON on stdout
     assert [(x["status"], Path(x["output"]).name) for x in lines] == [("written", "a_sr.nii.gz"),
                                                                        ("written", "b_sr.nii.gz")]
     assert lines[0]["provenance"] == json.loads((batch / "a_sr.json").read_text())
-    second = medldm("upscale", batch, "--model", model, "--device", "cpu", "--json")
+    second = medldm("upscale", batch, "--model", model, "--device", "cpu", "--kind", "kspace", "--json")
     assert [json.loads(line)["status"] for line in second.stdout.splitlines()] == ["skipped", "skipped"]
     quiet = medldm("upscale", batch / "a.nii.gz", "--model", model, "--device", "cpu", "-o", tmp_path / "q.nii.gz",
-                   "--quiet")
+                   "--kind", "kspace", "--quiet")
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
     assert (tmp_path / "q.nii.gz").is_file() and (tmp_path / "q.json").is_file()
 

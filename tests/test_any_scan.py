@@ -1,0 +1,205 @@
+"""Any scan a clinic produces (issue 19): non-integer factors, slice gaps, target spacing, isotropic scans, CT in
+Hounsfield units, and warnings when a scan lies outside what the model was trained on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medldm import MedldmError
+from medldm.degrade import SliceSampling, ThickSlice, degrade_volume, grid_for_factor, make_operator
+from medldm.pipeline import Upscaler
+from medldm.scope import TrainingScope, contrast_hint
+from medldm.volume import Volume, crop, face_corners, load, save_nifti
+from tests.conftest import shared_path
+
+
+# ------------------------------------------------------------------------------------------- forward model
+@pytest.mark.parametrize("profile", ["gaussian", "boxcar"])
+@pytest.mark.parametrize("scale", [2, 3, 4, 8])
+def test_slice_sampling_is_thick_slice_at_integer_factors(scale, profile):
+    n = 6 * scale
+    a = ThickSlice(0, scale, profile=profile, spatial_dims=2).matrix(n)
+    b = SliceSampling(0, scale, profile=profile, spatial_dims=2).matrix(n)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "boxcar"])
+@pytest.mark.parametrize(("scale", "thickness", "n"), [(5.5, 1.0, 176), (2.5, 0.6, 60), (177 / 29, 1.3, 177),
+                                                       (4, 0.5, 64)])
+def test_slice_sampling_adjoint_and_pseudo_inverse(scale, thickness, n, profile):
+    op = SliceSampling(2, scale, thickness=thickness, profile=profile)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
+    m = op.output_shape(x.shape)[-1]
+    y = torch.randn(3, 5, m, generator=g, dtype=torch.float64)
+    assert abs(float((op(x) * y).sum() - (x * op.adjoint(y)).sum())) < 1e-10 * float(x.abs().sum())
+    torch.testing.assert_close(op(op.back_project(y)), y, rtol=0, atol=1e-9)
+    # rows sum to one: a constant scan stays that constant
+    constant = torch.full((1, 1, n), 7.0, dtype=torch.float64)
+    torch.testing.assert_close(op(constant), torch.full((1, 1, m), 7.0, dtype=torch.float64))
+    assert op.norm_sq((n,) * 3) <= op.norm_sq() + 1e-12  # the size-free bound holds
+
+
+def test_slice_gaps_sample_only_the_middle_of_each_slab():
+    # x4 with a boxcar half the spacing wide: each slice averages the two central voxels of its block of four
+    op = SliceSampling(0, 4, thickness=0.5, profile="boxcar", spatial_dims=2)
+    x = torch.arange(16, dtype=torch.float64)[:, None]  # (16, 1): axis 0 degraded
+    torch.testing.assert_close(op.matrix(16)[1], torch.tensor([0, 0, 0, 0, 0, 0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                                                              dtype=torch.float64))
+    torch.testing.assert_close(op(x)[:, 0], torch.tensor([1.5, 5.5, 9.5, 13.5], dtype=torch.float64))
+
+
+def test_grid_for_factor_keeps_whole_slices():
+    assert grid_for_factor(180, 5.5) == (32, 176, 5.5)
+    assert grid_for_factor(120, 4) == (30, 120, 4.0)
+    m, kept, exact = grid_for_factor(120, 5.5)  # 21 slices: 115.5 voxels would not be whole
+    assert (m, kept) == (21, 116) and abs(exact - 5.5) <= 0.5 / m
+    with pytest.raises(MedldmError, match="shorter than the factor"):
+        grid_for_factor(4, 5.5)
+
+
+def test_in_plane_kinds_refuse_non_integer_factors_and_thickness():
+    with pytest.raises(MedldmError, match="integer factor"):
+        make_operator("kspace", axis=2, scale=2.5)
+    with pytest.raises(MedldmError, match="thickness applies to thick slices"):
+        make_operator("kspace", axis=2, scale=2, thickness=0.5)
+    assert isinstance(make_operator("slice-profile", axis=2, scale=4.0), ThickSlice)
+    assert isinstance(make_operator("slice-profile", axis=2, scale=4, thickness=0.8), SliceSampling)
+
+
+def test_non_integer_degrade_keeps_the_field_of_view(ixi_path):
+    vol = load(ixi_path)  # 120 x 120 x 90 at 2 mm; z is voxel axis 1
+    lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=5.5, thickness=0.8)
+    record = lr.meta["degrade"]
+    assert record["axis"] == 1 and hr.shape == (120, 116, 90) and lr.shape == (120, 21, 90)
+    assert record["scale"] == pytest.approx(116 / 21) and record["thickness"] == 0.8
+    np.testing.assert_allclose(face_corners(lr.shape, lr.affine), face_corners(hr.shape, hr.affine), atol=1e-9)
+    np.testing.assert_allclose(lr.spacing[1], 2.0 * 116 / 21, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+@pytest.fixture(scope="module")
+def default_upscaler():
+    return Upscaler("default", device="cpu")
+
+
+def _scan(shape, spacing, data=None, **meta) -> Volume:
+    rng = np.random.default_rng(0)
+    data = rng.uniform(20, 200, shape).astype(np.float32) if data is None else data
+    return Volume(data, np.diag([*spacing, 1.0]), {"path": "scan.nii.gz", **meta})
+
+
+def test_spacing_sets_the_output_grid_over_the_same_field_of_view(default_upscaler, ixi_path):
+    # the TCGA-LGG-like case, 5.5 mm slices to 1 mm: a real 2 mm scan thickened x2.75 (40 slices of 5.5 mm)
+    vol = crop(load(ixi_path), (slice(40, 72), slice(5, 115), slice(30, 62)))
+    lr, _ = degrade_volume(vol, kind="slice-profile", axis="z", scale=2.75)
+    assert lr.shape[1] == 40 and lr.spacing[1] == pytest.approx(5.5)
+    plan = default_upscaler.plan(lr, spacing=1.0)
+    assert plan.axis == 1 and plan.scale == pytest.approx(5.5) and plan.thickness == pytest.approx(1.0)
+    result = default_upscaler.upscale(lr, plan=plan)
+    assert result.sr.shape == (32, 220, 32)
+    np.testing.assert_allclose(result.sr.spacing, (2.0, 1.0, 2.0), rtol=1e-9)
+    np.testing.assert_allclose(face_corners(result.sr.shape, result.sr.affine), face_corners(lr.shape, lr.affine),
+                               atol=1e-9)
+    assert result.residual < 1e-6  # consistent with the 5.5 mm slices through the exact operator
+    assert result.sr.meta["upscale"]["scale"] == pytest.approx(5.5)
+
+
+def test_factor_between_trained_ones_warns_and_is_consistent(default_upscaler, ixi_path):
+    vol = crop(load(ixi_path), (slice(40, 72), slice(None), slice(30, 62)))
+    lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=2.5)
+    plan = default_upscaler.plan(lr, axis="z", scale=2.5)
+    assert plan.task.scale == 2 and any("between the trained factors" in w for w in plan.warnings)
+    result = default_upscaler.upscale(lr, plan=plan)
+    assert result.sr.shape == hr.shape and result.residual < 1e-6
+
+
+def test_a_t1_brain_within_range_gets_no_warning(default_upscaler, ixi_path):
+    lr, _ = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=4)
+    assert default_upscaler.plan(lr).warnings == ()
+
+
+def test_isotropic_scans_need_an_axis(default_upscaler, ixi_path):
+    vol = load(ixi_path)  # 2 mm isotropic
+    with pytest.raises(MedldmError, match="isotropic.*--axis"):
+        default_upscaler.plan(vol)
+    plan = default_upscaler.plan(vol, axis="z", spacing=1.0)
+    assert plan.axis == 1 and plan.scale == 2
+    with pytest.raises(MedldmError, match="nothing to upscale"):
+        default_upscaler.plan(vol, axis="z", spacing=2.0)
+
+
+def test_dicom_slice_thickness_sets_the_operator(default_upscaler):
+    scan = _scan((32, 32, 8), (1.0, 1.0, 4.0), slice_thickness=3.0, slice_axis=2)
+    plan = default_upscaler.plan(scan)
+    assert plan.axis == 2 and plan.scale == 4 and plan.thickness == pytest.approx(0.75)
+    assert any("gaps between slices" in w for w in plan.warnings)
+    assert plan.operator().thickness == pytest.approx(0.75)
+    assert default_upscaler.plan(scan, thickness=4.0).thickness == pytest.approx(1.0)  # --thickness wins
+    # a thickness recorded for another axis does not apply
+    assert default_upscaler.plan(_scan((32, 32, 8), (1.0, 1.0, 4.0), slice_thickness=3.0,
+                                       slice_axis=0)).thickness == 1.0
+
+
+def test_dicom_series_reads_slice_thickness_and_spacing():
+    folder = shared_path("data/mri/trio-b17-t1-mprage/dicom")
+    vol = load(folder)
+    assert vol.meta["slice_thickness"] == pytest.approx(1.0) and vol.meta["slice_axis"] == 2
+    canonical = vol.to_canonical()
+    moved = canonical.meta["slice_axis"]
+    assert canonical.spacing[moved] == pytest.approx(vol.spacing[2])
+    assert canonical.from_canonical().meta["slice_axis"] == 2
+
+
+# --------------------------------------------------------------------------------------------------- CT
+@pytest.fixture(scope="module")
+def head_ct():
+    vol = load(shared_path("data/ct/invesalius-ct-head/invesalius_cranium_ct.nii.gz"))
+    return crop(vol, (slice(96, 160), slice(96, 160), slice(None)))
+
+
+@pytest.mark.slow
+def test_ct_warns_and_stays_in_hounsfield_range(default_upscaler, head_ct):
+    lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="z", scale=4)
+    plan = default_upscaler.plan(lr)
+    assert any("looks like CT" in w for w in plan.warnings)
+    result = default_upscaler.upscale(lr, plan=plan)
+    assert result.sr.data.min() >= -1024 and result.sr.data.max() <= lr.data.max()
+
+
+# ---------------------------------------------------------------------------------------------- the scope
+def test_scope_of_an_older_model_comes_from_its_config(default_upscaler):
+    scope = TrainingScope.of(default_upscaler.model.config, {})
+    assert scope.modalities == ("MR",) and scope.factors["slice-profile"] == (2, 4)
+    assert scope.spacing_mm is None
+
+
+def test_contrast_hints_from_names():
+    assert contrast_hint("sub-01_T2w.nii.gz") == "T2"
+    assert contrast_hint("stroke_FLAIR.nii.gz") == "FLAIR"
+    assert contrast_hint("remind_t2_space_3d.nii.gz") == "T2"
+    assert contrast_hint("IXI613-HH-2734_T1.nii.gz") == "T1"
+    assert contrast_hint("scan.nii.gz", None, "") is None
+
+
+def medldm(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_warns_and_strict_refuses(tmp_path, head_ct):
+    lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="z", scale=4)
+    scan = save_nifti(lr, tmp_path / "ct.nii.gz")
+    strict = medldm("upscale", scan, "--strict", "-o", tmp_path / "strict.nii.gz")
+    assert strict.returncode == 1 and "looks like CT" in strict.stderr and "--strict" in strict.stderr
+    assert not (tmp_path / "strict.nii.gz").exists()
+    run = medldm("upscale", scan, "-o", tmp_path / "sr.nii.gz")
+    assert run.returncode == 0, run.stderr
+    assert "warning: ct.nii.gz: the scan looks like CT" in run.stderr
+    assert (tmp_path / "sr.nii.gz").exists()
