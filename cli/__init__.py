@@ -552,17 +552,22 @@ def upscale(
 BATCH_SUMMARY = "medldm_upscale.csv"
 
 
+def _adapt_bounds(steps: int | None, minutes: float | None) -> dict:
+    """--adapt-steps / --adapt-minutes as medldm.adapt.adapt's bounds (4 minutes when neither is given)."""
+    from medldm.adapt import DEFAULT_MINUTES
+
+    return {"steps": steps, "minutes": minutes if minutes is not None or steps is not None else DEFAULT_MINUTES}
+
+
 def _adapted_upscaler(upscaler, vol, plan, bar, name: str, *, steps, minutes, seed, save, quiet):
     """An Upscaler with the same settings whose model's estimator was fine-tuned on ``vol`` (medldm.adapt), and
     the Adaptation; the adapted model folder is written to ``save`` when given."""
     from rich.markup import escape
 
-    from medldm.adapt import DEFAULT_MINUTES
     from medldm.adapt import adapt as run_adaptation
 
-    minutes = minutes if minutes is not None or steps is not None else DEFAULT_MINUTES
     task = bar.add_task(f"adapting to {escape(name)}", total=None)
-    adapted = run_adaptation(upscaler.model, vol, plan, steps=steps, minutes=minutes, seed=seed,
+    adapted = run_adaptation(upscaler.model, vol, plan, **_adapt_bounds(steps, minutes), seed=seed,
                              progress=lambda d, t: bar.update(task, completed=d, total=t))
     bar.update(task, visible=False)
     if not quiet:
@@ -632,6 +637,11 @@ def evaluate(
                            "zero-fill (k-space), regression (models with an estimator); default: all that apply")]
     = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N scans only")] = None,
+    adapt: Annotated[bool, typer.Option("--adapt", help="fine-tune the model on each degraded scan's own slices "
+                                                        "first (also scores it unadapted)")] = False,
+    adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
+    adapt_minutes: Annotated[float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes "
+                                                                       "(default 4 when no --adapt-steps)")] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="score whole volumes, not the foreground")] = False,
     rd: Annotated[bool, typer.Option("--rd", help="the model's rate-distortion curves alone")] = False,
     with_rd: Annotated[bool, typer.Option("--with-rd", help="metrics and rate-distortion curves")] = False,
@@ -656,6 +666,7 @@ def evaluate(
             sampler=sampler,
             planes=planes.value if planes else None, refine=refine, baselines=baseline or None,
             refine_planes=refine_planes.value if refine_planes else None,
+            adapt=_adapt_bounds(adapt_steps, adapt_minutes) if adapt else None,
             samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
             lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
             command=["medldm", *sys.argv[1:]],

@@ -31,6 +31,7 @@ from medldm.volume import SCAN_SUFFIXES, Volume, load
 
 __all__ = ["evaluate", "score", "scan_list", "METRICS", "HIGHER_IS_BETTER"]
 
+UNADAPTED = "unadapted"  # with adapt: the same model before adapting to the scan
 METRICS = ("psnr", "ssim", "ssim3d", "lpips", "nrmse", "dice", "volume_error")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ssim3d": True, "lpips": False, "nrmse": False, "dice": True,
                     "volume_error": False}
@@ -89,6 +90,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
              samples: int = 1, planes: str | None = None, refine: float | None = None,
              refine_planes: str | None = None, baselines=None,
              seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
+             adapt: dict | None = None,
              lpips_weights=None, rd: bool = False, rd_only: bool = False,
              progress: Callable[[str, int, int], None] | None = None,
              command: list[str] | None = None) -> Path | None:
@@ -108,6 +110,8 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         baselines: names of the baselines to score (default: every one that applies, see
             medldm.evaluation.baselines.baselines_for; ``regression`` needs a model with an estimator stage).
         use_mask: score inside the Otsu foreground of the truth (else the whole volume).
+        adapt: fine-tune the model's estimator on each degraded scan first (medldm.adapt.adapt; a dict of its
+            ``steps`` and ``minutes``); the model without adaptation is then scored too, as ``unadapted``.
         limit: evaluate the first N scans only.
         rd: add the rate-distortion curves of the model (medldm.evaluation.rate_distortion).
         rd_only: the rate-distortion curves alone (no per-volume metrics).
@@ -138,7 +142,12 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         raise MedldmError(f"unknown or unavailable baseline {unknown[0]!r} for {kind}; "
                           f"choose from {', '.join(offered)}")
     rows, examples, timings, calibration = [], [], {}, []
-    regression = None  # the regression baseline's own upscaler, when the model's uses one stack of planes
+    if adapt is not None:
+        if upscaler is None:
+            raise MedldmError("--adapt adapts a model: pass --model")
+        from medldm.adapt import adapt as run_adaptation
+
+        methods = (*methods, UNADAPTED)
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
     for n, path in cohort.share(list(enumerate([] if rd_only else files)), state):
@@ -160,16 +169,25 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         residual = None
         if upscaler is not None:
             tic = time.perf_counter()
+            runner = upscaler
+            if adapt is not None:  # fine-tuned on this scan first (the time counts as the model's); also unadapted
+                plan = upscaler.plan(lr, **options)
+                outputs[UNADAPTED] = upscaler.upscale(lr, plan=plan, seed=seed).sr
+                timings.setdefault(UNADAPTED, []).append(time.perf_counter() - tic)
+                tic = time.perf_counter()
+                adapted = run_adaptation(upscaler.model, lr, plan, seed=seed, **adapt)
+                runner = upscaler.with_model(adapted.model)
+                timings.setdefault("adaptation", []).append(adapted.seconds)
             # the regression baseline is the strongest regression the model gives: its estimate over both stacks of
             # planes, made consistent; the model's own upscale provides it when it also uses both stacks
-            shared = REGRESSION in methods and upscaler.planes == "both"
-            result = upscaler.upscale(lr, **options, samples=samples, seed=seed, keep_estimate=shared)
+            shared = REGRESSION in methods and runner.planes == "both"
+            result = runner.upscale(lr, **options, samples=samples, seed=seed, keep_estimate=shared)
             timings.setdefault("model", []).append(time.perf_counter() - tic)
             if shared:
                 outputs[REGRESSION] = result.estimate
             elif REGRESSION in methods:
                 tic = time.perf_counter()
-                regression = regression or Upscaler(upscaler.model, device=device, planes="both", refine=0.0)
+                regression = Upscaler(runner.model, device=device, planes="both", refine=0.0)
                 outputs[REGRESSION] = regression.upscale(lr, **options).sr
                 timings.setdefault(REGRESSION, []).append(time.perf_counter() - tic)
             outputs["model"], uncertainty, residual = result.sr, result.uncertainty, result.residual
@@ -206,7 +224,7 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         rd_data, rd_sample = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
     protocol = _protocol(files, model=upscaler.model if upscaler else None, kind=kind, axis=axis, scale=scale,
                          profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed, planes=planes,
-                         refine=refine, refine_planes=refine_planes, thickness=thickness,
+                         refine=refine, refine_planes=refine_planes, thickness=thickness, adapt=adapt,
                          use_mask=use_mask, lpips_sums=verify_checksums(lpips_folder), command=command)
     return write_report(out, rows=rows, protocol=protocol, examples=examples, rd=rd_data,
                         timings={k: float(np.mean(v)) for k, v in timings.items()},
@@ -257,7 +275,7 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
 
 
 def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, planes, refine, use_mask,
-              lpips_sums, refine_planes=None, thickness=1.0, command=None) -> dict:
+              lpips_sums, refine_planes=None, thickness=1.0, adapt=None, command=None) -> dict:
     import monai
     import skimage
     import torch
@@ -310,5 +328,9 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
         protocol["sampling"] = (f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, planes {planes}, "
                                 + (f"refine {refine} (diffusion from the regression estimate; detail from planes "
                                    f"{refine_planes}), " if staged else "")
-                                + "data consistency on")
+                                + "data consistency on"
+                                + ("; adapted to each degraded scan first (medldm.adapt: the estimator fine-tuned "
+                                   f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps and "
+                                   f"{adapt['minutes'] or 'no limit in'} minutes; 'unadapted' is the same model "
+                                   "without it)" if adapt else ""))
     return protocol

@@ -58,13 +58,16 @@ def adapt(model, volume, plan, *, steps: int | None = None, minutes: float | Non
         raise MedldmError("--adapt needs a bound: --adapt-steps or --adapt-minutes")
     a = plan.axis
     in_plane = np.delete(np.asarray(volume.spacing, dtype=np.float64), a)
-    # the thick axis's slices, in units of the in-plane voxels: what the pairs simulate along an in-plane axis
-    factor = volume.spacing[a] / float(in_plane.mean())
+    # the pairs thicken the finest in-plane axis (and the other too when its spacing is within 20 %) to the thick
+    # axis's slices, in units of its voxels
+    thick_axes = tuple(int(k) for k in np.nonzero(in_plane <= in_plane.min() * 1.2)[0])
+    factor = volume.spacing[a] / float(in_plane.min())
     if factor < 1.05:
         raise MedldmError(f"--adapt needs slices thicker than their in-plane voxels (here {volume.spacing[a]:.3g} "
-                          f"mm vs {in_plane.mean():.3g} mm)", volume.path)
-    if min(volume.shape[d] for d in range(3) if d != a) < PATCH // 2 + 2 * math.ceil(factor):
-        raise MedldmError("--adapt needs slices of at least 40 x 40 voxels", volume.path)
+                          f"mm vs {in_plane.min():.3g} mm)", volume.path)
+    smallest = PATCH // 2 + 2 * math.ceil(factor)
+    if min(volume.shape[d] for d in range(3) if d != a) < smallest:
+        raise MedldmError(f"--adapt needs slices of at least {smallest} x {smallest} voxels", volume.path)
     config = model.config
     data = normaliser(config, volume.data).forward(volume.data.astype(np.float32))
     modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
@@ -76,7 +79,8 @@ def adapt(model, volume, plan, *, steps: int | None = None, minutes: float | Non
                 scale_range=(factor, factor), thickness_range=(plan.thickness, plan.thickness), range_share=1.0)
     size = min(PATCH, *(volume.shape[d] for d in range(3) if d != a))
     size -= size % model.estimator.multiple
-    sampler = PairSampler([scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,))
+    sampler = PairSampler([scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,),
+                          thick_axes=thick_axes)
     label = model.codec.task_label(torch.tensor(config.data.tasks.index(plan.task)), torch.tensor(modality))
     net = copy.deepcopy(model.estimator).train().requires_grad_(True)
     opt = torch.optim.AdamW(net.parameters(), lr=LR)

@@ -113,7 +113,8 @@ class PairSampler:
     """
 
     def __init__(self, volumes: list[TrainingVolume], config: Config, *, rank: int = 0, slab: int | None = None,
-                 tasks=None, plane_axes: tuple[int, ...] | None = None):
+                 tasks=None, plane_axes: tuple[int, ...] | None = None,
+                 thick_axes: tuple[int, ...] | None = None):
         if not volumes:
             raise MedldmError("no training volumes")
         self.volumes, self.config, self.rank = volumes, config, rank
@@ -121,6 +122,7 @@ class PairSampler:
         self.tasks = tasks or config.data.tasks
         self.slab = slab or config.data.slab  # the estimator sees its own slab
         self.plane_axes = plane_axes  # 2D: planes are cut across one of these axes (None: any of the three)
+        self.thick_axes = thick_axes  # thick slices along one of these patch axes (None: any)
 
     def patch_size(self, step: int, progressive: list[list[int]] | None = None) -> tuple[int, ...]:
         """The configured patch size, or the progressive-growing size scheduled for this step."""
@@ -181,7 +183,8 @@ class PairSampler:
         # degraded axes: one in-plane axis for thick slices (random orientation), all axes otherwise
         scale, thickness = task.scale, 1.0
         if task.kind == "slice-profile":
-            axis = int(rng.integers(self.dims))
+            axes = self.thick_axes or tuple(range(self.dims))
+            axis = axes[int(rng.integers(len(axes)))]
             scale, thickness = self._geometry(task, rng)
             degraded = [axis]
         else:

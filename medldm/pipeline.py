@@ -256,7 +256,7 @@ class Upscaler:
         whose label the networks get, and warnings where the scan lies outside what the model was trained on.
 
         Thick slices take any factor >= 1.05: ``spacing`` (mm, the output spacing along the axis) or ``scale``;
-        by default the spacing ratio of an anisotropic scan (thick axis / mean in-plane). The output holds
+        by default the spacing ratio of an anisotropic scan (thick axis / finest in-plane). The output holds
         ``round(n * factor)`` voxels over the same field of view (docs/grids.md). An isotropic scan needs ``axis``
         or ``kind``: medldm never turns an isotropic scan into an anisotropic one unasked.
 
@@ -288,7 +288,7 @@ class Upscaler:
         elif scale is not None:
             factor = float(scale)
         elif kind == "slice-profile" and anisotropic:
-            factor = along / float(np.delete(voxel_spacing, a).mean())
+            factor = along / float(np.delete(voxel_spacing, a).min())  # to the finest in-plane spacing
         else:
             factor = float(max(t.scale for t in trained))
         if kind == "slice-profile":

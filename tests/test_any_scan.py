@@ -203,3 +203,56 @@ def test_cli_warns_and_strict_refuses(tmp_path, head_ct):
     assert run.returncode == 0, run.stderr
     assert "warning: ct.nii.gz: the scan looks like CT" in run.stderr
     assert (tmp_path / "sr.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------------------------------- adaptation
+@pytest.mark.slow
+def test_adaptation_lowers_its_own_loss_and_changes_the_output(default_upscaler, head_ct):
+    from medldm.adapt import adapt
+
+    lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="x", scale=4)  # in-plane axis thickened
+    plan = default_upscaler.plan(lr, axis="x", scale=4)
+    before = default_upscaler.upscale(lr, plan=plan).sr.data
+    adapted = adapt(default_upscaler.model, lr, plan, steps=40, minutes=None, seed=0)
+    assert adapted.steps == 40 and adapted.factor == pytest.approx(4.0)
+    assert np.mean(adapted.losses[-10:]) < np.mean(adapted.losses[:10])
+    # the shipped model is untouched; the adapted one shares its autoencoder and denoiser
+    assert adapted.model.estimator is not default_upscaler.model.estimator
+    assert adapted.model.autoencoder is default_upscaler.model.autoencoder
+    after = default_upscaler.with_model(adapted.model).upscale(lr, plan=plan)
+    assert np.abs(after.sr.data - before).mean() > 1e-3 * np.ptp(before)
+    assert after.residual < 1e-6  # still consistent with the input
+    np.testing.assert_array_equal(default_upscaler.upscale(lr, plan=plan).sr.data, before)
+
+
+def test_adaptation_needs_thick_slices_and_a_bound(default_upscaler, ixi_path):
+    from medldm.adapt import adapt
+
+    vol = load(ixi_path)
+    with pytest.raises(MedldmError, match="needs a bound"):
+        adapt(default_upscaler.model, vol, default_upscaler.plan(vol, axis="z", scale=2), steps=None, minutes=None)
+    kspace = default_upscaler.plan(vol, kind="kspace", scale=2)
+    with pytest.raises(MedldmError, match="needs thick slices"):
+        adapt(default_upscaler.model, vol, kspace, steps=1)
+    # an isotropic scan upscaled along an axis: its slices are no thicker than their in-plane voxels
+    with pytest.raises(MedldmError, match="thicker than their in-plane voxels"):
+        adapt(default_upscaler.model, vol, default_upscaler.plan(vol, axis="z", scale=2), steps=1)
+
+
+@pytest.mark.slow
+def test_cli_adapt_saves_a_checksummed_model_that_loads(tmp_path, head_ct):
+    lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="x", scale=4)
+    scan = save_nifti(lr, tmp_path / "ct.nii.gz")
+    run = medldm("upscale", scan, "--axis", "x", "--scale", "4", "--adapt", "--adapt-steps", "3", "--save-adapted",
+                 tmp_path / "adapted", "-o", tmp_path / "sr.nii.gz")
+    assert run.returncode == 0, run.stderr
+    assert "adapted to ct.nii.gz: 3 steps" in run.stderr
+    from medldm.pipeline import load_model
+
+    model = load_model(tmp_path / "adapted")  # checksums verified
+    assert model.info["adapted_to"]["steps"] == 3
+    sidecar = (tmp_path / "sr.json").read_text()
+    assert '"adaptation"' in sidecar
+    again = medldm("upscale", scan, "--axis", "x", "--scale", "4", "--adapt", "--adapt-steps", "3", "--save-adapted",
+                   tmp_path / "adapted", "-o", tmp_path / "sr2.nii.gz")
+    assert again.returncode == 1 and "already exists" in again.stderr
