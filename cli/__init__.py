@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from medldm.errors import MedldmError
+from medldm.intensity import CT_WINDOWS
 
 __all__ = ["app"]
 
@@ -82,6 +83,9 @@ class Profile(str, Enum):
 class Format(str, Enum):
     nifti = "nifti"
     dicom = "dicom"
+
+
+Window = Enum("Window", {name.replace("-", "_"): name for name in CT_WINDOWS}, type=str)  # medldm.intensity
 
 
 class Planes(str, Enum):  # medldm.pipeline.PLANES
@@ -158,6 +162,7 @@ def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
     from rich.markup import escape
     from rich.table import Table
 
+    from medldm.figures import display_window
     from medldm.intensity import guess_modality
 
     vol = _load(scan, series)
@@ -172,6 +177,7 @@ def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
         "stored type": vol.meta.get("dtype", "?"),
         "intensity": f"min {vol.data.min():.6g}, max {vol.data.max():.6g}, p1 {p1:.6g}, p99 {p99:.6g}",
         "modality (guess)": guess_modality(vol.data, vol.meta.get("modality")),
+        "display window": display_window(vol)[2],  # what --preview uses
     }
     if "series_uid" in vol.meta:
         rows["series"] = f"{vol.meta['series_uid']} {vol.meta.get('series_description', '')}".strip()
@@ -183,6 +189,7 @@ def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
                           "spacing_mm": list(vol.spacing), "orientation": vol.orientation,
                           "stored_type": rows["stored type"], "intensity": intensity,
                           "modality": rows["modality (guess)"], "series": rows.get("series"),
+                          "display_window": rows["display window"],
                           "affine": vol.affine.tolist()}))
         return
     for key, value in rows.items():
@@ -393,6 +400,8 @@ def upscale(
                                                 help="channels-last autoencoder (faster on the CPUs measured; "
                                                      "see docs/performance.md)")] = True,
     preview: Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")] = None,
+    window: Annotated[Window | None, typer.Option(help="CT preview window (default soft-tissue); MR previews use "
+                                                       "the 0.5-99.5th percentiles")] = None,
     series: Series = None,
     overwrite: Overwrite = False,
     fmt: OutFormat = Format.nifti,
@@ -514,7 +523,8 @@ def upscale(
                 if preview is not None:
                     from medldm.figures import before_after
 
-                    before_after(vol, result.sr, preview, overwrite=overwrite)
+                    before_after(vol, result.sr, preview, overwrite=overwrite,
+                                 window=window.value if window else None)
                 report("written", source, target, provenance=record)
                 if not quiet and not json_lines:
                     bar.console.print(  # plain text, one line whatever the width (scripts parse it)

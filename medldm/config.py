@@ -96,6 +96,9 @@ class Data(_Strict):
     noise: float = Field(0.0, ge=0, le=0.2)  # Rician noise on LR inputs, fraction of the intensity range
     # 2.5D: 2D models see the LR planes of `slab` adjacent planes (the target in the middle) as the condition
     slab: int = Field(1, ge=1)
+    # what the sources hold, for the model's out-of-distribution warnings (medldm.scope): e.g. [T1], brain
+    contrasts: list[str] | None = None
+    region: str | None = None
 
     @field_validator("slab")
     @classmethod
@@ -268,6 +271,9 @@ class Config(_Strict):
         for key, default in (("condition", "lr"), ("refine", None)):
             if settings["diffusion"][key] == default:
                 del settings["diffusion"][key]
+        for key in ("contrasts", "region"):
+            if settings["data"][key] is None:
+                del settings["data"][key]
         if settings.get("estimator") is not None and not settings["estimator"]["geometry"]:
             del settings["estimator"]["geometry"]
         for task in settings["data"]["tasks"]:

@@ -24,14 +24,20 @@ def three_planes(volume: Volume, centre_world: np.ndarray | None = None) -> list
     return [np.rot90(can.data[i]), np.rot90(can.data[:, j]), np.rot90(can.data[:, :, k])]
 
 
-def display_window(volume: Volume) -> tuple[float, float, str]:
-    """Grey-scale limits for showing a scan: CT through a soft-tissue window (HU), anything else from the 0.5th to
-    the 99.5th percentile."""
+def display_window(volume: Volume, preset: str | None = None) -> tuple[float, float, str]:
+    """Grey-scale limits for showing a scan: CT through a window in HU (``preset``, a name in
+    medldm.intensity.CT_WINDOWS; soft tissue by default), anything else from the 0.5th to the 99.5th percentile."""
+    from medldm.errors import MedldmError
     from medldm.intensity import CT_WINDOWS, guess_modality
 
     if guess_modality(volume.data, volume.meta.get("modality")) == "CT":
-        centre, width = CT_WINDOWS["soft-tissue"]
-        return centre - width / 2, centre + width / 2, f"CT soft-tissue window L{centre:g} W{width:g}"
+        preset = preset or "soft-tissue"
+        if preset not in CT_WINDOWS:
+            raise MedldmError(f"unknown CT window {preset!r}; choose from {', '.join(CT_WINDOWS)}")
+        centre, width = CT_WINDOWS[preset]
+        return centre - width / 2, centre + width / 2, f"CT {preset} window L{centre:g} W{width:g}"
+    if preset is not None:
+        raise MedldmError(f"the {preset!r} window is a CT window (HU); this scan looks like MR", volume.path)
     lo, hi = np.percentile(volume.data, [0.5, 99.5])
     return float(lo), float(hi), "0.5-99.5th percentile"
 
@@ -69,12 +75,13 @@ PLANE_NAMES = ("sagittal", "coronal", "axial")  # the canonical plane across vox
 
 
 def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("input", "upscaled"),
-                 extra: dict[str, Volume] | None = None, overwrite: bool = True, zoom_mm: float | None = None) -> Path:
+                 extra: dict[str, Volume] | None = None, overwrite: bool = True, zoom_mm: float | None = None,
+                 window: str | None = None) -> Path:
     """PNG with one row per volume (input, output, and any ``extra``): three orthogonal planes each, through the
     point where the output differs most from the input, in millimetres (so every panel is mm-true) and in the
     modality's display window; then a zoom row: a ``zoom_mm`` square (default: a quarter of the smallest field of
     view, at least 40 mm) around that point in a plane containing the upscaled axis, input beside output (and the
-    extras) at the same zoom."""
+    extras) at the same zoom. ``window``: a CT window preset (see :func:`display_window`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +91,7 @@ def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("in
     rows = [(title, vol.to_canonical()) for title, vol in [(titles[0], before), (titles[1], after),
                                                              *(extra or {}).items()]]
     point = most_changed_point(before, after)
-    vmin, vmax, window = display_window(after)
+    vmin, vmax, window = display_window(after, window)
     # the zoom plane: across the first axis that was not upscaled, so the upscaled axis lies in it
     ratio = np.asarray(rows[0][1].spacing) / np.asarray(rows[1][1].spacing)
     upscaled = int(np.argmax(ratio))

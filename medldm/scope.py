@@ -16,7 +16,7 @@ import numpy as np
 
 from medldm.intensity import guess_modality
 
-__all__ = ["TrainingScope", "scan_statistics", "contrast_hint"]
+__all__ = ["TrainingScope", "scan_statistics", "contrast_hint", "measured_scope"]
 
 FOREGROUND = 0.05  # normalised intensity above which a voxel counts as foreground (as in training)
 SPACING_MARGIN = 1.25  # in-plane spacings within this factor of the trained range count as seen
@@ -60,6 +60,8 @@ class TrainingScope:
             factors.setdefault(task.kind, []).append(task.scale)
         derived = {"modalities": tuple(sorted({s.modality for s in config.data.sources})) or ("MR",),
                    "factors": {k: tuple(sorted(v)) for k, v in factors.items()}}
+        derived["contrasts"] = tuple(config.data.contrasts) if config.data.contrasts else None
+        derived["region"] = config.data.region
         recorded = info.get("trained_on", {})
         values = {**derived, **{k: v for k, v in recorded.items() if k in cls.__dataclass_fields__}}
         for key in ("modalities", "contrasts", "thickness", "spacing_mm", "foreground_mean"):
@@ -105,3 +107,20 @@ class TrainingScope:
                 out.append(f"normalised foreground mean {value:.2f}; the training scans had {lo:.2f}-{hi:.2f} "
                            "(another contrast or body region?)")
         return out
+
+
+def measured_scope(config, root, volumes) -> dict:
+    """The ``trained_on`` record (model.json) of a model trained on ``config``'s sources under ``root``: the scope
+    its config gives, plus the voxel spacings of the source files and the intensity statistics of ``volumes``
+    (medldm.data.TrainingVolume: the normalised training scans)."""
+    import nibabel as nib
+
+    from medldm.config import resolve_sources
+
+    train, _ = resolve_sources(config, root)
+    spacings = [float(z) for path, _ in train for z in nib.load(str(path)).header.get_zooms()[:3]]
+    means = [scan_statistics(np.asarray(v.data, dtype=np.float32))["foreground_mean"] for v in volumes]
+    record = TrainingScope.of(config, {}).to_json()
+    record["spacing_mm"] = [round(min(spacings), 4), round(max(spacings), 4)] if spacings else None
+    record["foreground_mean"] = [round(min(means), 4), round(max(means), 4)] if means else None
+    return record

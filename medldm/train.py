@@ -46,6 +46,7 @@ from medldm.nets import (
     channels_last_format,
 )
 from medldm.outputs import write_text
+from medldm.scope import measured_scope
 
 __all__ = ["Trainer", "STAGES", "latent_scale", "resolve_precision"]
 
@@ -526,6 +527,8 @@ class Trainer:
         if self.config.estimator is not None:
             info["estimator_steps"] = self.finished_step("estimator")
             modules["estimator"] = self.trained_estimator()
+        self.sampler()  # loads the training volumes, if no stage did
+        info["trained_on"] = measured_scope(self.config, self.data_root, self._volumes)
         if self.config.diffusion.refine is not None:  # refinement models: refine from where they were trained
             info["sampling"] = {"refine": self.config.diffusion.refine}
         return write_model_folder(self.run_dir / "model", config=self.config.model_dump(), info=info,

@@ -256,3 +256,26 @@ def test_cli_adapt_saves_a_checksummed_model_that_loads(tmp_path, head_ct):
     again = medldm("upscale", scan, "--axis", "x", "--scale", "4", "--adapt", "--adapt-steps", "3", "--save-adapted",
                    tmp_path / "adapted", "-o", tmp_path / "sr2.nii.gz")
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_preview_windows_follow_the_modality(head_ct, ixi_path):
+    from medldm.figures import display_window
+
+    assert display_window(head_ct)[2] == "CT soft-tissue window L50 W400"
+    assert display_window(head_ct, "bone")[:2] == (-800.0, 2000.0)
+    with pytest.raises(MedldmError, match="CT window"):
+        display_window(load(ixi_path), "bone")
+    info = medldm("info", shared_path("data/ct/invesalius-ct-head/invesalius_cranium_ct.nii.gz"), "--json")
+    assert info.returncode == 0 and '"display_window": "CT soft-tissue window L50 W400"' in info.stdout
+
+
+def test_the_shipped_model_knows_what_it_was_trained_on(default_upscaler):
+    scope = default_upscaler.model.scope
+    assert scope.contrasts == ("T1",) and scope.region == "brain" and scope.spacing_mm == (0.8984, 2.0)
+    t2 = _scan((64, 64, 10), (0.9, 0.9, 4.0), path="sub-01_T2w.nii.gz")
+    assert any("name says T2" in w for w in default_upscaler.plan(t2).warnings)
+    fine = _scan((64, 64, 10), (0.43, 0.43, 2.5), path="scan.nii.gz")
+    assert any("in-plane spacing 0.43 mm" in w for w in default_upscaler.plan(fine).warnings)
+    dark = _scan((64, 64, 10), (1.0, 1.0, 4.0), data=np.random.default_rng(1).exponential(20, (64, 64, 10))
+                 .astype(np.float32))  # most of the foreground near the bottom of the range
+    assert any("normalised foreground mean" in w for w in default_upscaler.plan(dark).warnings)
