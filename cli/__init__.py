@@ -261,6 +261,70 @@ def degrade(
         print(f"note: the scan was cropped from {vol.shape} to {result.hr.shape} to hold whole thick voxels")
 
 
+class Prior(str, Enum):  # medldm.fuse.PRIORS
+    model = "model"
+    bspline = "bspline"
+
+
+@app.command()
+def fuse(
+    stacks: Annotated[list[Path], typer.Argument(help="two or more thick-slice stacks of one session (NIfTI, NRRD, "
+                                                      "DICOM)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output .nii or .nii.gz")],
+    spacing: Annotated[float | None, typer.Option(min=0.05, help="isotropic output spacing in mm (default: the "
+                                                                 "finest spacing of any stack)")] = None,
+    like: Annotated[Path | None, typer.Option(help="write on exactly this NIfTI's grid (its voxels are not used)")]
+    = None,
+    register: Annotated[bool, typer.Option("--register", help="first align every stack rigidly to the first "
+                                                              "(SimpleITK)")] = False,
+    prior: Annotated[Prior, typer.Option(help="what the fusion starts from: each stack upscaled by the model, or "
+                                              "by B-spline (the classical fusion)")] = Prior.model,
+    model: Annotated[str, typer.Option(help="model folder or 'default'")] = "default",
+    device: Annotated[str, typer.Option()] = "auto",
+    overwrite: Overwrite = False,
+    json_lines: Annotated[bool, typer.Option("--json", help="machine-readable: one JSON object on stdout")] = False,
+    quiet: Quiet = False,
+):
+    """Fuse thick-slice stacks (e.g. axial, coronal, sagittal) into one volume that agrees with every stack."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    if len(stacks) < 2:
+        raise MedldmError("fusion needs at least two stacks")
+    _check_outputs([out], overwrite)
+    volumes = [_load(s) for s in stacks]
+    grid = _load(like) if like is not None else None
+    from medldm.fuse import fuse as run_fusion
+    from medldm.volume import save_nifti
+
+    upscaler = None
+    if prior == Prior.model:
+        from medldm.pipeline import Upscaler
+
+        upscaler = Upscaler(model, device=device)
+    tic = time.perf_counter()
+    with Console(stderr=True).status("fusing") as status:
+        result = run_fusion(volumes, spacing=spacing, like=grid, prior=prior.value, upscaler=upscaler,
+                            register=register, progress=lambda what: status.update(escape(what)))
+    save_nifti(result.volume, out, overwrite=overwrite, description=f"medldm fuse ({prior.value})")
+    seconds = time.perf_counter() - tic
+    if json_lines:
+        print(json.dumps({"output": str(out), "shape": result.volume.shape, "spacing": result.volume.spacing,
+                          "prior": result.prior, "residuals": result.residuals, "transforms": result.transforms,
+                          "seconds": round(seconds, 2)}))
+        return
+    if quiet:
+        return
+    for name, t in result.transforms.items():
+        print(f"registered {name}: rotation {t['rotation_deg']:.2f} deg, translation "
+              f"{', '.join(f'{v:.2f}' for v in t['translation_mm'])} mm")
+    for name, r in result.residuals.items():
+        print(f"residual {name}: {100 * r:.2g} % of its range")
+    vol = result.volume
+    print(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, spacing "
+          f"{' x '.join(f'{s:.4g}' for s in vol.spacing)} mm, from {len(stacks)} stacks in {seconds:.0f} s")
+
+
 class StageName(str, Enum):
     all = "all"
     autoencoder = "autoencoder"
@@ -652,6 +716,9 @@ def evaluate(
     adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
     adapt_minutes: Annotated[float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes "
                                                                        "(default 4 when no --adapt-steps)")] = None,
+    stacks: Annotated[bool, typer.Option("--stacks", help="score fusion: three orthogonal thick-slice stacks per scan "
+                                                          "(x --scale), fused (medldm fuse) and upscaled alone")]
+    = False,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="score whole volumes, not the foreground")] = False,
     rd: Annotated[bool, typer.Option("--rd", help="the model's rate-distortion curves alone")] = False,
     with_rd: Annotated[bool, typer.Option("--with-rd", help="metrics and rate-distortion curves")] = False,
@@ -670,17 +737,28 @@ def evaluate(
     from rich.markup import escape
 
     console = Console(stderr=True)
-    with console.status("evaluating") as status:
-        report = run_evaluation(
-            data, out, model=model, kind=kind.value, axis=axis, scale=scale, thickness=thickness, steps=steps,
-            sampler=sampler,
-            planes=planes.value if planes else None, refine=refine, baselines=baseline or None,
-            refine_planes=refine_planes.value if refine_planes else None,
-            adapt=_adapt_bounds(adapt_steps, adapt_minutes) if adapt else None,
-            samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
-            lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
-            command=["medldm", *sys.argv[1:]],
-            progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"))
+    if stacks:
+        from medldm.evaluation.fusion import evaluate_fusion
+
+        if model is None:
+            raise MedldmError("--stacks scores the model's fusion: pass --model")
+        with console.status("evaluating fusion") as status:
+            report = evaluate_fusion(
+                data, out, model=model, scale=scale, seed=seed, device=device, use_mask=not no_mask, limit=limit,
+                lpips_weights=str(lpips_weights) if lpips_weights else None, command=["medldm", *sys.argv[1:]],
+                progress=lambda name, i, n: status.update(f"fusing {escape(name)} ({i + 1}/{n})"))
+    else:
+        with console.status("evaluating") as status:
+            report = run_evaluation(
+                data, out, model=model, kind=kind.value, axis=axis, scale=scale, thickness=thickness, steps=steps,
+                sampler=sampler,
+                planes=planes.value if planes else None, refine=refine, baselines=baseline or None,
+                refine_planes=refine_planes.value if refine_planes else None,
+                adapt=_adapt_bounds(adapt_steps, adapt_minutes) if adapt else None,
+                samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
+                lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
+                command=["medldm", *sys.argv[1:]],
+                progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"))
     if report is None:
         return  # another process of a cohort run writes the report
     summary = json.loads((out / "summary.json").read_text())
