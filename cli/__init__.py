@@ -261,7 +261,7 @@ def degrade(
         print(f"note: the scan was cropped from {vol.shape} to {result.hr.shape} to hold whole thick voxels")
 
 
-class Prior(str, Enum):  # medldm.fuse.PRIORS
+class Prior(str, Enum):  # medldm.fusion.PRIORS
     model = "model"
     bspline = "bspline"
 
@@ -294,7 +294,7 @@ def fuse(
     _check_outputs([out], overwrite)
     volumes = [_load(s) for s in stacks]
     grid = _load(like) if like is not None else None
-    from medldm.fuse import fuse as run_fusion
+    from medldm.fusion import fuse as run_fusion
     from medldm.volume import save_nifti
 
     upscaler = None

@@ -1,4 +1,4 @@
-"""`medldm evaluate --stacks`: score the fusion of three orthogonal thick-slice stacks (medldm.fuse).
+"""`medldm evaluate --stacks`: score the fusion of three orthogonal thick-slice stacks (medldm.fusion).
 
 Each HR scan is cropped to hold whole thick slices along every axis, then thickened along each voxel axis in turn
 (three stacks, the same forward model as `medldm degrade`). Scored against the truth on its own grid:
@@ -48,7 +48,7 @@ def evaluate_fusion(data, out: Path, *, model: str | Path, scale: float = 4, see
     """Write the fusion report (``report.html``, ``metrics.csv``, ``summary.json``) for the HR scans in ``data``."""
     from medldm.evaluation.report import write_report
 
-    from medldm.fuse import fuse
+    from medldm.fusion import fuse
     from medldm.perceptual import find_lpips_weights, verify_checksums
     from medldm.pipeline import Upscaler
 
@@ -101,7 +101,7 @@ def evaluate_fusion(data, out: Path, *, model: str | Path, scale: float = 4, see
     protocol["degradation"] = (f"three stacks per scan, thick slices x{scale} along voxel axis i, j and k in turn "
                                "(gaussian profile, medldm.degrade); the truth is the scan cropped to hold whole thick "
                                "slices along every axis")
-    protocol["fusion"] = ("medldm.fuse on the truth's grid: each stack upscaled (the model, or B-spline for "
+    protocol["fusion"] = ("medldm.fusion on the truth's grid: each stack upscaled (the model, or B-spline for "
                           "bspline-dc), averaged, then CGLS on the stacks' joint normal equations from that average "
                           "(model-average: without that step); upscale-i/j/k: the model on one stack alone")
     return write_report(out, rows=rows, protocol=protocol, examples=examples,

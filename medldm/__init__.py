@@ -1,14 +1,16 @@
 """medldm: latent diffusion super-resolution for MRI and CT volumes.
 
-From Python: ``medldm.load``, ``medldm.upscale``, ``medldm.save`` and ``medldm.evaluate`` (see medldm.api).
+From Python: ``medldm.load``, ``medldm.upscale``, ``medldm.fuse``, ``medldm.save`` and ``medldm.evaluate`` (see
+medldm.api).
 They are imported on first use, so ``import medldm`` (and the command line's start) stays fast."""
 
 from medldm.errors import MedldmError
 
-__all__ = ["MedldmError", "__version__", "load", "save", "upscale", "evaluate", "Volume"]
+__all__ = ["MedldmError", "__version__", "load", "save", "upscale", "fuse", "evaluate", "Volume"]
 __version__ = "0.1.0"
 
-_LAZY = {"load": "medldm.api", "save": "medldm.api", "upscale": "medldm.api", "evaluate": "medldm.api",
+_LAZY = {"load": "medldm.api", "save": "medldm.api", "upscale": "medldm.api", "fuse": "medldm.api",
+         "evaluate": "medldm.api",
          "Volume": "medldm.volume"}
 
 

@@ -23,7 +23,7 @@ from medldm.errors import MedldmError
 from medldm.volume import Volume, save_nifti
 from medldm.volume import load as _load_scan
 
-__all__ = ["load", "save", "upscale", "evaluate", "as_volume"]
+__all__ = ["load", "save", "upscale", "fuse", "evaluate", "as_volume"]
 
 ScanLike = str | os.PathLike | Volume | np.ndarray  # or a nibabel image
 
@@ -83,6 +83,22 @@ def upscale(scan: ScanLike, *, affine: np.ndarray | None = None, scale: int | No
     if result.uncertainty is not None:
         result.sr.meta["uncertainty"] = result.uncertainty.data
     return result.sr
+
+
+def fuse(stacks, *, spacing: float | None = None, like: ScanLike | None = None, register: bool = False,
+         prior: str = "model", model: str | os.PathLike = "default", device: str = "auto") -> Volume:
+    """Fuse thick-slice stacks of one session (paths, Volumes or nibabel images) into one isotropic volume, as
+    ``medldm fuse`` does: at ``spacing`` mm over their common field of view, or on the grid of ``like``.
+    ``result.meta["fuse"]`` holds each stack's consistency residual (a fraction of its range) and, with
+    ``register``, the rigid transform found for each moved stack."""
+    from medldm.fusion import fuse as run
+    from medldm.pipeline import Upscaler
+
+    upscaler = Upscaler(_model(str(model), device), device=device) if prior == "model" else None
+    result = run([as_volume(s) for s in stacks], spacing=spacing, like=None if like is None else as_volume(like),
+                 prior=prior, upscaler=upscaler, register=register)
+    result.volume.meta["fuse"].update(residuals=result.residuals, transforms=result.transforms)
+    return result.volume
 
 
 def evaluate(data: str | os.PathLike, out: str | os.PathLike, **options) -> Path:

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from medldm import MedldmError
 from medldm.degrade import SliceSampling, degrade_volume, make_operator
-from medldm.fuse import Stack, StackOperator, as_stack, fuse, fusion_grid
+from medldm.fusion import Stack, StackOperator, as_stack, fuse, fusion_grid
 from medldm.volume import Volume, crop, face_corners, load, save_nifti
 
 
@@ -107,7 +107,7 @@ def test_operator_adjoint_is_exact():
 
 
 def _oblique_stack(truth: Volume, degrees: float, scale: int = 4) -> Volume:
-    """A thick-slice stack along a rotated axis, made independently of medldm.fuse: scipy samples the truth
+    """A thick-slice stack along a rotated axis, made independently of medldm.fusion: scipy samples the truth
     (linear) on a fine grid rotated about the truth's centre, then SliceSampling thickens its third axis."""
     centre = truth.affine @ np.array([*(np.array(truth.shape) - 1) / 2, 1.0])
     move = np.eye(4)
@@ -213,3 +213,25 @@ def test_register_recovers_a_known_rigid_motion():
     # the residual translation, measured where it matters: at the brain's centre
     assert np.linalg.norm((found @ motion @ centre)[:3] - centre[:3]) < 0.5
     assert isinstance(aligned[1], Stack) and not np.allclose(aligned[1].volume.affine, coronal.affine)
+
+
+def test_grids_that_line_up_are_read_by_index_as_interpolation_would():
+    from medldm.fusion import _gather, _index_map, _sample
+
+    truth = _truth(20)
+    # a stack stored in another voxel order (axes swapped, one flipped) and shifted by whole voxels
+    swap = np.array([[0, 1, 0, 3], [-1, 0, 0, 25], [0, 0, 1, -2], [0, 0, 0, 1.0]])
+    mapping = _index_map(swap)
+    assert mapping is not None and _index_map(_rotation(10, 2)) is None
+    x = torch.from_numpy(truth.data).double()
+    torch.testing.assert_close(_gather(x, mapping, (24, 18, 22)), _sample(x, swap, (24, 18, 22)), rtol=0, atol=1e-9)
+
+
+def test_python_api_fuses_paths(tmp_path):
+    import medldm
+
+    truth = _truth()
+    paths = [save_nifti(lr, tmp_path / f"{lr.meta['path']}.nii.gz") for lr in _stacks(truth)]
+    fused = medldm.fuse(paths, like=truth, prior="bspline")
+    assert fused.shape == truth.shape and _rmse(fused, truth) < 0.5
+    assert max(fused.meta["fuse"]["residuals"].values()) < 1e-6 and fused.meta["fuse"]["transforms"] == {}

@@ -111,6 +111,34 @@ def _inside(index_affine: np.ndarray, shape, bounds, tol: float = 1e-6) -> Tenso
     return ((points >= -tol) & (points <= upper + tol)).all(-1)
 
 
+def _index_map(index_affine: np.ndarray, tol: float = 1e-6):
+    """When ``index_affine`` only permutes, flips and shifts voxel indices by whole voxels (grids that line up),
+    the source axis, sign and offset for each target axis; else None."""
+    m = index_affine[:3]
+    if not np.allclose(np.abs(m[:, :3]), np.round(np.abs(m[:, :3])), atol=tol) or \
+            not np.allclose(m[:, 3], np.round(m[:, 3]), atol=tol):
+        return None
+    r = np.round(m[:, :3]).astype(int)
+    if sorted(np.abs(r).sum(0).tolist()) != [1, 1, 1] or sorted(np.abs(r).sum(1).tolist()) != [1, 1, 1]:
+        return None
+    # target axis b reads source axis a where r[a, b] != 0: source index = r[a, b] * t + offset[a]
+    return [(int(np.nonzero(r[:, b])[0][0]), int(r[:, b].sum()), int(round(m[np.nonzero(r[:, b])[0][0], 3])))
+            for b in range(3)]
+
+
+def _gather(x: Tensor, mapping, shape) -> Tensor:
+    """``x`` read on a grid that lines up with it (see :func:`_index_map`); zero outside ``x``."""
+    out = x.permute([a for a, _, _ in mapping])
+    for b, (a, sign, offset) in enumerate(mapping):
+        idx = sign * torch.arange(shape[b], device=x.device) + offset
+        inside = (idx >= 0) & (idx < x.shape[a])
+        out = out.index_select(b, idx.clamp(0, x.shape[a] - 1))
+        view = [1, 1, 1]
+        view[b] = -1
+        out = out * inside.view(view).to(out.dtype)
+    return out
+
+
 class StackOperator:
     """The forward model from the fused grid to one stack (see the module docstring), with its exact adjoint
     (by automatic differentiation: the operator is linear). ``valid`` marks the stack voxels whose every
@@ -133,6 +161,7 @@ class StackOperator:
             fine_affine = rescaled_affine(vol.affine, factors)
         self.fine_shape, self.fine_affine = tuple(fine_shape), fine_affine
         self.to_grid = np.linalg.inv(grid_affine) @ fine_affine  # fine voxel index -> grid voxel index
+        self.lined_up = _index_map(self.to_grid)  # grids that line up: exact reads by index, no interpolation
         inside = _inside(self.to_grid, self.fine_shape, self.grid_shape).to(torch.float64)
         outside = 1 - inside
         if self.op is not None:
@@ -142,7 +171,10 @@ class StackOperator:
             raise MedldmError("no voxel of this stack lies inside the fused field of view", stack.name)
 
     def forward(self, x: Tensor) -> Tensor:
-        fine = _sample(x, self.to_grid, self.fine_shape)
+        if self.lined_up is not None:
+            fine = _gather(x, self.lined_up, self.fine_shape)
+        else:
+            fine = _sample(x, self.to_grid, self.fine_shape)
         return fine if self.op is None else self.op(fine)
 
     def adjoint(self, y: Tensor) -> Tensor:
@@ -257,7 +289,8 @@ def fuse(stacks: list[Volume | Stack], *, spacing: float | None = None, like: Vo
             progress(f"upsampling {s.name} ({prior})")
         fine = torch.from_numpy(_upsampled(s, op, prior, upscaler))
         back = np.linalg.inv(op.to_grid)  # grid voxel index -> fine voxel index
-        total += _sample(fine, back, shape)
+        lined_up = _index_map(back)
+        total += _gather(fine, lined_up, shape) if lined_up is not None else _sample(fine, back, shape)
         weight += _inside(back, shape, op.fine_shape).to(torch.float64)
     x = total / weight.clamp(min=1)
     if consistent:
