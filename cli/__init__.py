@@ -436,7 +436,7 @@ def upscale(
                                                         "slices (self-supervised; thick slices)")] = False,
     adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
     adapt_minutes: Annotated[float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes "
-                                                                       "(default 4 when no --adapt-steps)")] = None,
+                                                                       "(default: 200 steps within 4)")] = None,
     save_adapted: Annotated[Path | None, typer.Option(help="--adapt: also write the adapted model folder here")]
     = None,
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "auto",
@@ -627,10 +627,13 @@ BATCH_SUMMARY = "medldm_upscale.csv"
 
 
 def _adapt_bounds(steps: int | None, minutes: float | None) -> dict:
-    """--adapt-steps / --adapt-minutes as medldm.adapt.adapt's bounds (4 minutes when neither is given)."""
-    from medldm.adapt import DEFAULT_MINUTES
+    """--adapt-steps / --adapt-minutes as medldm.adapt.adapt's bounds: the one given, or both; neither: the tuned
+    step count, capped at 4 minutes."""
+    from medldm.adapt import DEFAULT_MINUTES, DEFAULT_STEPS
 
-    return {"steps": steps, "minutes": minutes if minutes is not None or steps is not None else DEFAULT_MINUTES}
+    if steps is None and minutes is None:
+        return {"steps": DEFAULT_STEPS, "minutes": DEFAULT_MINUTES}
+    return {"steps": steps, "minutes": minutes}
 
 
 def _adapted_upscaler(upscaler, vol, plan, bar, name: str, *, steps, minutes, seed, save, quiet):
@@ -715,7 +718,7 @@ def evaluate(
                                                         "first (also scores it unadapted)")] = False,
     adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
     adapt_minutes: Annotated[float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes "
-                                                                       "(default 4 when no --adapt-steps)")] = None,
+                                                                       "(default: 200 steps within 4)")] = None,
     stacks: Annotated[bool, typer.Option("--stacks", help="score fusion: three orthogonal thick-slice stacks per scan "
                                                           "(x --scale), fused (medldm fuse) and upscaled alone")]
     = False,

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MEDLDM_SHARED", REPO.parent / "shared"))
+from tests.helpers import REPO, SHARED, TINY_CONFIG, shared_path
 
-
-def shared_path(relative: str) -> Path:
-    """Path under the shared data folder; fails in CI (CI=true) and skips elsewhere when it is missing."""
-    path = SHARED / relative
-    if not path.exists():
-        message = f"shared test data missing: {path} (set MEDLDM_SHARED)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
+__all__ = ["REPO", "SHARED", "shared_path"]
 
 @pytest.fixture(scope="session")
 def ixi_files() -> list[Path]:
@@ -46,3 +35,33 @@ def pytest_collection_modifyitems(items):
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    """An existing, empty output folder: after a refused command it must still be empty (no temporary files)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained model folder of configs/tiny_2d.yaml (cheap: no training), plus a denoiser of another
+    architecture (other channel counts) saved beside it."""
+    from safetensors.torch import save_file
+
+    from medldm.checkpoint import write_model_folder
+    from medldm.config import Config, load_config
+    from medldm.nets import build_autoencoder, build_denoiser
+
+    cfg, _ = load_config(TINY_CONFIG, data_root=shared_path("data"))
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny_model")
+    write_model_folder(root / "model", config=cfg.model_dump(), info={"latent_scale": 1.0, "spatial_dims": 2},
+                       modules={"autoencoder": build_autoencoder(cfg), "denoiser": build_denoiser(cfg)})
+    other = cfg.model_dump()
+    other["diffusion"]["channels"] = [24, 48]
+    foreign = build_denoiser(Config.model_validate(other))
+    save_file({k: v.contiguous() for k, v in foreign.state_dict().items()}, str(root / "foreign.safetensors"))
+    return root

@@ -3,9 +3,6 @@ Hounsfield units, and warnings when a scan lies outside what the model was train
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +12,7 @@ from medldm.degrade import SliceSampling, ThickSlice, degrade_volume, grid_for_f
 from medldm.pipeline import Upscaler
 from medldm.scope import TrainingScope, contrast_hint
 from medldm.volume import Volume, crop, face_corners, load, save_nifti
-from tests.conftest import shared_path
+from tests.helpers import medldm, shared_path
 
 
 # ------------------------------------------------------------------------------------------- forward model
@@ -187,9 +184,6 @@ def test_contrast_hints_from_names():
     assert contrast_hint("scan.nii.gz", None, "") is None
 
 
-def medldm(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 import medldm
 from medldm.errors import MedldmError
-from tests.test_hostile import _ixi
+from tests.helpers import _ixi
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "user_guide.md"
 

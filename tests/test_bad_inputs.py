@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import json
 import math
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,81 +35,27 @@ from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
 from medldm.degrade import make_operator
 from medldm.errors import MedldmError
 from medldm.volume import Volume, face_corners, load, rescaled_affine, rescaled_shape, save_nifti
-from tests.conftest import REPO, shared_path
+from tests.helpers import (
+    TINY_CONFIG,
+    TRIO,
+    _edit_dicom,
+    _ixi,
+    _ixi_path,
+    _patched_ixi,
+    _reseal,
+    _save,
+    _series,
+    _set_pixdim,
+    _trio_slices,
+    assert_refused,
+    medldm,
+    shared_path,
+)
 
-IXI = "data/mri/ixi-t1-2mm"
-TRIO = "data/mri/trio-b17-t1-mprage/dicom"
 BRAIN_NRRD = "data/mri/tcga-gbm-pyradiomics/brain1_image.nrrd"
-TINY_CONFIG = REPO / "configs" / "tiny_2d.yaml"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def medldm(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
-def assert_refused(result: subprocess.CompletedProcess, *phrases: str | Path, out_dir: Path | None = None) -> str:
-    """Exit 1, exactly one stderr line ``error: ...`` holding every phrase, no traceback, nothing written."""
-    assert result.returncode == 1, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for phrase in phrases:
-        assert str(phrase) in lines[0], f"{phrase!r} not in {lines[0]!r}"
-    if out_dir is not None:
-        assert sorted(os.listdir(out_dir)) == [], "output or partial files left behind"
-    return lines[0]
-
-
-@pytest.fixture
-def out_dir(tmp_path) -> Path:
-    """An existing, empty output folder: after a refused command it must still be empty (no temporary files)."""
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
-@functools.cache
-def _ixi_path() -> Path:
-    return sorted(shared_path(IXI).glob("*.nii.gz"))[0]
-
-
-@functools.cache
-def _ixi_arrays() -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(_ixi_path())
-    data = np.asanyarray(img.dataobj)
-    data.setflags(write=False)
-    return data, img.affine
-
-
-def _ixi() -> tuple[np.ndarray, np.ndarray]:
-    """A real IXI T1 scan (120 x 120 x 90, 2 mm, PSR; uint8 on disk, scaled values here) and its affine."""
-    data, affine = _ixi_arrays()
-    return data.copy(), affine.copy()
-
-
-def _save(tmp: Path, name: str, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    path = tmp / name
-    nib.save(nib.Nifti1Image(data, _ixi()[1] if affine is None else affine), path)
-    return path
-
-
-def _patched_ixi(tmp: Path, name: str, edit) -> Path:
-    """The IXI file with its NIfTI-1 header edited byte-exactly (nibabel's save would repair the fields)."""
-    raw = gzip.decompress(_ixi_path().read_bytes())
-    hdr = nib.Nifti1Header(raw[:348], check=False)
-    edit(hdr)
-    body = hdr.binaryblock + raw[348:]
-    path = tmp / name
-    path.write_bytes(gzip.compress(body, compresslevel=1) if name.endswith(".gz") else body)
-    return path
-
-
-def _set_pixdim(hdr, index: int, value: float) -> None:
-    pixdim = hdr["pixdim"].copy()
-    pixdim[index] = value
-    hdr["pixdim"] = pixdim
 
 
 # --------------------------------------------------------------------------------------- NIfTI bad inputs
@@ -235,28 +178,6 @@ def folder_named_like_a_file(tmp):
 
 
 # --------------------------------------------------------------------------------------- DICOM bad inputs
-@functools.cache
-def _trio_slices() -> tuple[Path, ...]:
-    """The Trio MPRAGE slice files sorted along the slice normal."""
-    files = sorted(shared_path(TRIO).glob("*.dcm"))
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    iop = np.asarray(headers[0].ImageOrientationPatient, float)
-    normal = np.cross(iop[:3], iop[3:])
-    depth = [float(np.dot(np.asarray(h.ImagePositionPatient, float), normal)) for h in headers]
-    return tuple(f for _, f in sorted(zip(depth, files, strict=True)))
-
-
-def _series(tmp: Path, n: int = 8) -> tuple[Path, list[Path]]:
-    """A folder holding n contiguous real slices from the middle of the head."""
-    dest = tmp / "series"
-    dest.mkdir()
-    return dest, [Path(shutil.copy(f, dest / f.name)) for f in _trio_slices()[80:80 + n]]
-
-
-def _edit_dicom(path: Path, edit) -> None:
-    ds = pydicom.dcmread(path)
-    edit(ds)
-    ds.save_as(path)
 
 
 def mixed_series(tmp):
@@ -561,33 +482,6 @@ def test_bad_config_is_refused_before_any_run_folder(tmp_path, edit, text, phras
 
 
 # ------------------------------------------------------------------------------------- model-folder cases
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """An untrained model folder of configs/tiny_2d.yaml (cheap: no training), plus a denoiser of another
-    architecture (other channel counts) saved beside it."""
-    from safetensors.torch import save_file
-
-    from medldm.checkpoint import write_model_folder
-    from medldm.config import Config, load_config
-    from medldm.nets import build_autoencoder, build_denoiser
-
-    cfg, _ = load_config(TINY_CONFIG, data_root=shared_path("data"))
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny_model")
-    write_model_folder(root / "model", config=cfg.model_dump(), info={"latent_scale": 1.0, "spatial_dims": 2},
-                       modules={"autoencoder": build_autoencoder(cfg), "denoiser": build_denoiser(cfg)})
-    other = cfg.model_dump()
-    other["diffusion"]["channels"] = [24, 48]
-    foreign = build_denoiser(Config.model_validate(other))
-    save_file({k: v.contiguous() for k, v in foreign.state_dict().items()}, str(root / "foreign.safetensors"))
-    return root
-
-
-def _reseal(folder: Path) -> None:
-    """Rewrite SHA256SUMS so the checksums pass and only the damage itself can be caught."""
-    sums = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}"
-            for p in sorted(folder.iterdir()) if p.name != "SHA256SUMS"]
-    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
 
 
 def no_model_folder(model: Path, root: Path):

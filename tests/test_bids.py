@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 
 from medldm.bids import derivative_path
-from tests.test_bad_inputs import assert_refused, medldm, tiny_model
-from tests.test_hostile import _listing, _small_scan
-
-__all__ = ["tiny_model"]  # fixture used below
+from tests.helpers import _listing, _small_scan, assert_refused, medldm
 
 
 def _dataset(tmp: Path) -> Path:

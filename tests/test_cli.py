@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,15 +12,12 @@ import pydicom
 import pytest
 
 from medldm.volume import face_corners, load
-from tests.conftest import shared_path
+from tests.helpers import medldm, shared_path
 
 TRIO = "data/mri/trio-b17-t1-mprage/dicom"
 PHILIPS = "data/mri/dcm_qa-philips-t1-mprage/dicom"
 
 
-def medldm(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
 
 
 def dicom_by_position(folder: Path) -> list[Path]:

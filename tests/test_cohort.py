@@ -14,11 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.test_bad_inputs import medldm, tiny_model
-from tests.test_hostile import _small_scan
-from tests.test_train import _free_port
-
-__all__ = ["tiny_model"]  # fixture used below
+from tests.helpers import LPIPS, _free_port, _ixi, _small_scan, medldm
 
 
 def test_two_processes_share_a_batch_and_match_one_process(tmp_path, tiny_model):
@@ -58,8 +54,6 @@ def test_two_processes_share_a_batch_and_match_one_process(tmp_path, tiny_model)
 
 
 def test_two_processes_share_an_evaluation_and_report_what_one_process_reports(tmp_path):
-    from tests.test_hostile import _ixi
-    from tests.test_train import LPIPS
 
     data, affine = _ixi()
     scans = []

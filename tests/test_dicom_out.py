@@ -13,11 +13,7 @@ import pydicom
 import pytest
 
 from medldm.volume import face_corners, load
-from tests.conftest import shared_path
-from tests.test_bad_inputs import _series, assert_refused, medldm, tiny_model
-from tests.test_hostile import _small_scan
-
-__all__ = ["tiny_model"]  # fixture used below
+from tests.helpers import _series, _small_scan, assert_refused, medldm, shared_path
 
 CT_HEAD = "data/ct/invesalius-ct-head/invesalius_cranium_ct.nii.gz"
 GANTRY_TILT = "data/ct/ct-phantoms-niivue/shear_gantry_tilt.nii.gz"  # a slice axis not normal to the slices

@@ -20,7 +20,7 @@ from medldm.degrade import degrade_volume, enforce_consistency, make_operator
 from medldm.nets import Estimator, build_autoencoder, build_denoiser, build_estimator, build_schedule
 from medldm.pipeline import Upscaler, load_model
 from medldm.volume import crop, load, save_nifti
-from tests.test_train import _one_batch, rows, tiny, trainer
+from tests.helpers import _one_batch, rows, tiny, trainer
 
 ESTIMATOR = {"channels": [8, 16], "num_res_blocks": 1, "slab": 3}
 STAGE = {"steps": 4, "batch_size": 2, "lr": 1e-3}

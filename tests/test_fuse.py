@@ -3,9 +3,6 @@ through its affine (oblique stacks included), the joint data-consistency step, r
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +13,7 @@ from medldm import MedldmError
 from medldm.degrade import SliceSampling, degrade_volume, make_operator
 from medldm.fusion import Stack, StackOperator, as_stack, fuse, fusion_grid
 from medldm.volume import Volume, crop, face_corners, load, save_nifti
+from tests.helpers import medldm, shared_path
 
 
 def _truth(n: int = 32, seed: int = 0, spacing: float = 1.0) -> Volume:
@@ -161,8 +159,6 @@ def test_refuses_different_modalities_and_single_stacks():
         fuse(stacks, prior="model")
 
 
-def _medldm(*args):
-    return subprocess.run([sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True)
 
 
 def test_cli_fuses_and_refuses(tmp_path):
@@ -172,17 +168,17 @@ def test_cli_fuses_and_refuses(tmp_path):
         paths.append(save_nifti(lr, tmp_path / f"{lr.meta['path']}.nii.gz"))
     like = save_nifti(truth, tmp_path / "truth.nii.gz")
     out = tmp_path / "fused.nii.gz"
-    done = _medldm("fuse", *paths, "-o", out, "--like", like, "--prior", "bspline")
+    done = medldm("fuse", *paths, "-o", out, "--like", like, "--prior", "bspline")
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("residual") == 3 and "wrote" in done.stdout
     fused = load(out)
     assert fused.shape == truth.shape and _rmse(fused, truth) < 0.5
-    again = _medldm("fuse", *paths, "-o", out, "--prior", "bspline")
+    again = medldm("fuse", *paths, "-o", out, "--prior", "bspline")
     assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.splitlines()) == 1
     elsewhere = np.diag([1, 4, 1, 1.0])
     elsewhere[0, 3] = 900.0  # 900 mm to the side
     far = save_nifti(Volume(load(paths[1]).data, elsewhere), tmp_path / "far.nii.gz")
-    refused = _medldm("fuse", paths[0], far, "-o", tmp_path / "x.nii.gz", "--prior", "bspline")
+    refused = medldm("fuse", paths[0], far, "-o", tmp_path / "x.nii.gz", "--prior", "bspline")
     assert refused.returncode == 1 and "do not overlap" in refused.stderr
     assert not (tmp_path / "x.nii.gz").exists()
 
@@ -191,7 +187,6 @@ def test_cli_fuses_and_refuses(tmp_path):
 @pytest.mark.slow
 def test_register_recovers_a_known_rigid_motion():
     pytest.importorskip("SimpleITK")
-    from tests.conftest import shared_path
 
     brain = load(shared_path("data/mri/colin27-mricron/ch2.nii.gz"))
     brain = crop(brain, (slice(12, 172), slice(20, 196), slice(8, 152)))  # 160 x 176 x 144 at 1 mm

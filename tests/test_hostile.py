@@ -21,28 +21,21 @@ from safetensors.torch import load_file, save_file
 
 from medldm.errors import MedldmError
 from medldm.outputs import check_output, write_atomically
-from tests.test_bad_inputs import (
+from tests.helpers import (
+    TINY_CONFIG,
     _edit_dicom,
     _ixi,
-    _save,
+    _listing,
+    _patched_ixi,
+    _reseal,
     _series,
+    _set_pixdim,
+    _small_scan,
     assert_refused,
     medldm,
-    out_dir,
-    tiny_model,  # the untrained tiny model folder (a module fixture)
+    tiny,
+    trainer,
 )
-
-__all__ = ["out_dir", "tiny_model"]  # fixtures used by the tests below
-
-
-def _small_scan(tmp: Path, name: str = "s.nii.gz", peak: float | None = None) -> Path:
-    """A 48 x 48 x 24 block of the IXI scan (rescaled to reach ``peak``): small enough for the untrained tiny model
-    to upscale in seconds."""
-    data, affine = _ixi()
-    block = data[36:84, 36:84, 33:57].astype(np.float64)
-    if peak is not None:
-        block *= peak / block.max()
-    return _save(tmp, name, block.astype(np.float32), affine)
 
 
 def _upscale(*args) -> object:
@@ -50,13 +43,8 @@ def _upscale(*args) -> object:
     return medldm("upscale", *args, "--device", "cpu", "--kind", "kspace")
 
 
-def _listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
 # ------------------------------------------------------------------------------------ 1. non-finite
 def test_a_config_with_an_infinite_learning_rate_is_refused(tmp_path):
-    from tests.test_bad_inputs import TINY_CONFIG
 
     config = tmp_path / "inf.yaml"
     config.write_text(TINY_CONFIG.read_text().replace("lr: 1.0e-3}", "lr: .inf}", 1))
@@ -67,7 +55,6 @@ def test_a_config_with_an_infinite_learning_rate_is_refused(tmp_path):
 
 def test_a_diverged_training_stops_with_one_line_and_exports_nothing(tmp_path, monkeypatch):
     from medldm.data import PairSampler
-    from tests.test_train import tiny, trainer
 
     real = PairSampler.batch
 
@@ -88,7 +75,6 @@ def test_a_model_that_outputs_nan_writes_nothing(tmp_path, out_dir, tiny_model):
     weights = load_file(model / "denoiser.safetensors")
     save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()},
               str(model / "denoiser.safetensors"))
-    from tests.test_bad_inputs import _reseal
 
     _reseal(model)
     out = out_dir / "sr.nii.gz"
@@ -250,7 +236,6 @@ MODEL_CASES = {
 
 def _set_config(model: Path, section: str, **changes) -> None:
     """Rewrite config entries from their current values (``key=function(old)``) and reseal the folder."""
-    from tests.test_bad_inputs import _reseal
 
     config = json.loads((model / "config.json").read_text())
     config[section].update({key: change(config[section][key]) for key, change in changes.items()})
@@ -259,7 +244,6 @@ def _set_config(model: Path, section: str, **changes) -> None:
 
 
 def _set_info(model: Path, whole=None, **changes) -> None:
-    from tests.test_bad_inputs import _reseal
 
     info = json.loads((model / "model.json").read_text())
     info.update(changes)
@@ -292,7 +276,6 @@ CONFIG_ESCAPES = {
 
 @pytest.mark.parametrize("case", list(CONFIG_ESCAPES))
 def test_a_training_config_cannot_write_outside_its_run_or_exhaust_memory(tmp_path, case):
-    from tests.test_bad_inputs import TINY_CONFIG
 
     old, new, phrase = CONFIG_ESCAPES[case]
     work = tmp_path / "a" / "b"
@@ -393,7 +376,6 @@ def test_seeds_beyond_the_mixed_range_are_refused(tmp_path, out_dir):
 
 
 def test_what_nibabel_says_becomes_warning_lines(tmp_path):
-    from tests.test_bad_inputs import _patched_ixi, _set_pixdim
 
     scan = _patched_ixi(tmp_path, "qfac.nii", lambda hdr: _set_pixdim(hdr, 0, 0.5))  # an invalid qfac
     result = medldm("info", scan)

@@ -8,7 +8,7 @@ import pytest
 from medldm import MedldmError
 from medldm.intensity import IntensityTransform, guess_modality, hu_window, percentile_scaling
 from medldm.volume import load
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 
 def test_mri_percentile_scaling_round_trip(ixi_path):

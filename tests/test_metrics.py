@@ -12,7 +12,7 @@ from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, struct
 from medldm import MedldmError
 from medldm.degrade import degrade_volume
 from medldm.volume import Volume, face_corners, load
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from scipy.ndimage import gaussian_filter
 
 from medldm import perceptual, volume
 from medldm.errors import MedldmError
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 BACKBONE = "alexnet_features_tv_imagenet1k_v1.pth"
 HEADS = "lpips_v0.1_alex.pth"

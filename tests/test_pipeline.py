@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from medldm import MedldmError
 from medldm.degrade import degrade_volume, make_operator
 from medldm.pipeline import RunningStats, Upscaler, load_model
 from medldm.volume import crop, face_corners, load, rescaled_affine, save_nifti
-from tests.test_train import tiny, trainer
+from tests.helpers import medldm, tiny, trainer
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +228,6 @@ def test_model_folder_checksums_and_task_choice(models, degraded, tmp_path):
         load_model(tampered)
 
 
-def medldm(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 def test_cli_upscale_leaves_the_input_untouched(models, degraded, tmp_path):

@@ -12,10 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from tests.test_bad_inputs import medldm, tiny_model
-from tests.test_hostile import _small_scan
-
-__all__ = ["tiny_model"]  # fixture used below
+from tests.helpers import LPIPS, _ixi, _small_scan, medldm
 
 
 def test_the_sidecar_records_the_run_and_reruns_it_to_the_same_output(tmp_path, tiny_model):
@@ -82,10 +79,8 @@ def test_an_evaluation_records_its_command_and_reruns_to_the_same_table(tmp_path
     import csv
     import shlex
 
-    from tests.test_train import LPIPS
 
     scan = tmp_path / "v.nii.gz"
-    from tests.test_hostile import _ixi
 
     data, affine = _ixi()
     nib.save(nib.Nifti1Image(data[30:94, 30:94, 10:74].astype(np.float32), affine), str(scan))

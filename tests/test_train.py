@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-import csv
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,39 +15,9 @@ from safetensors.torch import load_file
 
 from medldm import MedldmError
 from medldm.checkpoint import latest_checkpoint, read_model_folder
-from medldm.config import parse_config
 from medldm.data import PairSampler
 from medldm.train import Trainer
-from tests.conftest import REPO, SHARED, shared_path
-
-DATA = SHARED / "data"
-LPIPS = SHARED / "weights" / "lpips"
-
-
-def tiny(name: str = "tiny_2d", **changes):
-    """The tiny config with nested overrides such as training={"autoencoder": {"steps": 8}}."""
-    shared_path("data/mri/ixi-t1-2mm")
-    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-
-    def merge(into, new):
-        for k, v in new.items():
-            if isinstance(v, dict) and isinstance(into.get(k), dict):
-                merge(into[k], v)
-            else:
-                into[k] = v
-
-    merge(raw, copy.deepcopy(changes))
-    config, root = parse_config(raw, data_root=DATA)
-    return config, root
-
-
-def trainer(config, root, run_dir, **kw) -> Trainer:
-    return Trainer(config, root, run_dir, lpips_weights=str(LPIPS), progress=False, **kw)
-
-
-def rows(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return list(csv.DictReader(fh))
+from tests.helpers import DATA, LPIPS, REPO, _free_port, _one_batch, rows, shared_path, tiny, trainer
 
 
 @pytest.mark.parametrize("name", ["tiny_2d", "tiny_3d"])
@@ -73,12 +39,6 @@ def test_tiny_config_trains_both_stages_and_exports_a_model(tmp_path, name):
     ema = load_file(latest_checkpoint(tmp_path / "run" / "autoencoder") / "ema.safetensors")
     for key, value in exported.items():
         torch.testing.assert_close(value, ema[f"module.{key}"], rtol=0, atol=0)
-
-
-def _one_batch(monkeypatch):
-    """Make every step draw the same batch, for overfitting."""
-    original = PairSampler.batch
-    monkeypatch.setattr(PairSampler, "batch", lambda self, step, n, size=None, **kw: original(self, 0, n, size))
 
 
 def test_overfitting_one_batch_halves_the_loss(tmp_path, monkeypatch):
@@ -107,12 +67,6 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_data_parallel_ranks_end_with_identical_weights(tmp_path):

@@ -17,7 +17,7 @@ from medldm.volume import (
     resolve_axis,
     save_nifti,
 )
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 DICOM_SERIES = [
     ("data/mri/trio-b17-t1-mprage/dicom", "data/mri/trio-b17-t1-mprage/trio_b17_t1_mprage.nii.gz"),
