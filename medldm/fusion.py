@@ -27,7 +27,8 @@ from medldm.evaluation.baselines import interpolate
 from medldm.intensity import guess_modality
 from medldm.volume import ANISOTROPY, Volume, face_corners, rescaled_affine
 
-__all__ = ["Stack", "Fusion", "as_stack", "fusion_grid", "StackOperator", "joint_consistency", "fuse", "PRIORS"]
+__all__ = ["Stack", "Fusion", "as_stack", "fusion_grid", "grid_spacing_along", "StackOperator", "joint_consistency",
+           "fuse", "PRIORS"]
 
 PRIORS = ("bspline", "model")
 ITERATIONS = 60  # CGLS iterations at most; a few tens reach 1e-4 of the range on x4 stacks
@@ -111,6 +112,14 @@ def _inside(index_affine: np.ndarray, shape, bounds, tol: float = 1e-6) -> Tenso
     return ((points >= -tol) & (points <= upper + tol)).all(-1)
 
 
+def grid_spacing_along(affine: np.ndarray, direction) -> float:
+    """The spacing (mm) of the grid ``affine`` along a world direction: one voxel step along a grid axis parallel to
+    it (for an oblique direction, the 2-norm over the grid axes it crosses). A stack is refined along its slice
+    normal to this spacing, so on a grid that lines up with it the refined stack is the grid itself."""
+    d = np.asarray(direction, dtype=np.float64)
+    return float(1.0 / np.linalg.norm(np.linalg.solve(affine[:3, :3], d / np.linalg.norm(d))))
+
+
 def _index_map(index_affine: np.ndarray, tol: float = 1e-6):
     """When ``index_affine`` only permutes, flips and shifts voxel indices by whole voxels (grids that line up),
     the source axis, sign and offset for each target axis; else None."""
@@ -144,11 +153,13 @@ class StackOperator:
     (by automatic differentiation: the operator is linear). ``valid`` marks the stack voxels whose every
     contribution lies inside the fused grid: only those take part in the fit and the residual."""
 
-    def __init__(self, grid_shape, grid_affine: np.ndarray, stack: Stack, spacing: float):
+    def __init__(self, grid_shape, grid_affine: np.ndarray, stack: Stack):
         self.stack, self.grid_shape = stack, tuple(grid_shape)
         vol, a = stack.volume, stack.axis
         self.op = None
         fine_shape, fine_affine = list(vol.shape), vol.affine
+        if a is not None:
+            spacing = grid_spacing_along(grid_affine, vol.affine[:3, a])
         if a is not None and vol.spacing[a] / spacing >= 1.05:
             m = vol.shape[a]
             kept = max(round(m * vol.spacing[a] / spacing), m)
@@ -275,13 +286,11 @@ def fuse(stacks: list[Volume | Stack], *, spacing: float | None = None, like: Vo
         stacks, transforms = register_stacks(stacks)
     if like is not None:
         shape, affine = like.shape, like.affine
-        spacing = min(like.spacing)
     else:
         shape, affine = fusion_grid(stacks, spacing)
-        spacing = float(np.sqrt((affine[:3, :3] ** 2).sum(0)).min())
     if prior == "model" and upscaler is None:
         raise MedldmError("prior 'model' needs an upscaler (medldm.pipeline.Upscaler)")
-    operators = [StackOperator(shape, affine, s, spacing) for s in stacks]
+    operators = [StackOperator(shape, affine, s) for s in stacks]
     total = torch.zeros(shape, dtype=torch.float64)
     weight = torch.zeros(shape, dtype=torch.float64)
     for s, op in zip(stacks, operators, strict=True):
