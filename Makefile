@@ -48,8 +48,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
 
+# ruff is pinned in the dev extra, so its formatting does not change under us. A type checker is not run yet
+# (issue 21: mypy reports 160 errors, mostly missing annotations).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) demo_output bench_output .pytest_cache

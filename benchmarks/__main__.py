@@ -8,8 +8,13 @@ from pathlib import Path
 
 from benchmarks import brain_1mm, scaling, steps_quality, training, upscale_reference
 
-BENCHMARKS = {"upscale_reference": upscale_reference, "scaling": scaling, "steps_quality": steps_quality,
-              "training": training, "brain_1mm": brain_1mm}
+BENCHMARKS = {
+    "upscale_reference": upscale_reference,
+    "scaling": scaling,
+    "steps_quality": steps_quality,
+    "training": training,
+    "brain_1mm": brain_1mm,
+}
 # brain_1mm (a whole 1 mm brain with three sampling variants, several minutes) runs only when asked for with --only,
 # so that the default run stays within about 30 minutes on 2 CPU cores
 DEFAULT = ["upscale_reference", "scaling", "steps_quality", "training"]

@@ -16,8 +16,12 @@ from pathlib import Path
 from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, save, table
 
 SCAN = "data/mri/colin27-mricron/ch2.nii.gz"
-VARIANTS = {"default": {}, "estimate": {"refine": 0.0, "planes": "both"}, "refine-0.3": {"refine": 0.3, "steps": 2},
-            "8-steps": {"refine": 0.3, "steps": 8}}
+VARIANTS = {
+    "default": {},
+    "estimate": {"refine": 0.0, "planes": "both"},
+    "refine-0.3": {"refine": 0.3, "steps": 2},
+    "8-steps": {"refine": 0.3, "steps": 8},
+}
 QUICK = ["default"]
 FULL = list(VARIANTS)
 
@@ -34,8 +38,10 @@ def _scores(pred, truth, axis: int) -> dict:
     from medldm.evaluation.metrics import foreground_mask, psnr, ssim
 
     r, mask = float(truth.data.max()), foreground_mask(truth.data)
-    return {"psnr": psnr(pred, truth.data, data_range=r, mask=mask),
-            "ssim": ssim(pred, truth.data, data_range=r, axis=axis, mask=mask)}
+    return {
+        "psnr": psnr(pred, truth.data, data_range=r, mask=mask),
+        "ssim": ssim(pred, truth.data, data_range=r, axis=axis, mask=mask),
+    }
 
 
 def worker(variant: str) -> None:
@@ -48,10 +54,21 @@ def worker(variant: str) -> None:
     tic = time.perf_counter()
     result = up.upscale(lr, axis=a, scale=4, kind="slice-profile")
     wall = time.perf_counter() - tic
-    emit({"variant": variant, "steps": up.steps, "refine": up.refine, "sampler": up.sampler, "planes": up.planes,
-          "wall_s": wall, "peak_rss_mb": peak_rss_mb(),
-          "rss_before_run_mb": base, "hr_shape": list(result.sr.shape), "residual": result.residual,
-          **_scores(result.sr.data, truth, a)})
+    emit(
+        {
+            "variant": variant,
+            "steps": up.steps,
+            "refine": up.refine,
+            "sampler": up.sampler,
+            "planes": up.planes,
+            "wall_s": wall,
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_before_run_mb": base,
+            "hr_shape": list(result.sr.shape),
+            "residual": result.residual,
+            **_scores(result.sr.data, truth, a),
+        }
+    )
 
 
 def main(quick: bool, out: Path) -> dict:
@@ -63,12 +80,26 @@ def main(quick: bool, out: Path) -> dict:
     op = make_operator("slice-profile", axis=a, scale=4)
     bspline, bspline_dc = (_scores(baseline(m, lr, op).data, truth, a) for m in ("bspline", BSPLINE_DC))
     results = [run_worker("brain_1mm", s) for s in (QUICK if quick else FULL)]
-    rows = [["cubic B-spline", "", "", "", bspline["psnr"], bspline["ssim"]],
-            ["cubic B-spline + data consistency", "", "", "", bspline_dc["psnr"], bspline_dc["ssim"]]]
-    rows += [[f"{r['variant']}: refine {r['refine']}, planes {r['planes']}", r["steps"], r["wall_s"], r["peak_rss_mb"],
-              r["psnr"], r["ssim"]] for r in results]
-    table(f"whole 1 mm brain {SCAN} ({'x'.join(map(str, truth.shape))}), x4 thick slices along z",
-          ["method", "steps", "wall s", "peak RSS MiB", "PSNR", "SSIM"], rows)
+    rows = [
+        ["cubic B-spline", "", "", "", bspline["psnr"], bspline["ssim"]],
+        ["cubic B-spline + data consistency", "", "", "", bspline_dc["psnr"], bspline_dc["ssim"]],
+    ]
+    rows += [
+        [
+            f"{r['variant']}: refine {r['refine']}, planes {r['planes']}",
+            r["steps"],
+            r["wall_s"],
+            r["peak_rss_mb"],
+            r["psnr"],
+            r["ssim"],
+        ]
+        for r in results
+    ]
+    table(
+        f"whole 1 mm brain {SCAN} ({'x'.join(map(str, truth.shape))}), x4 thick slices along z",
+        ["method", "steps", "wall s", "peak RSS MiB", "PSNR", "SSIM"],
+        rows,
+    )
     data = {"scan": SCAN, "shape": list(truth.shape), "bspline": bspline, "bspline_dc": bspline_dc, "results": results}
     save(out, "brain_1mm", data)
     return data

@@ -32,8 +32,9 @@ def make_inputs(sizes, folder: Path) -> list[Path]:
     brain = load(SHARED / SCAN).to_canonical()
     paths = []
     for size in sizes:
-        data = F.interpolate(torch.from_numpy(brain.data)[None, None], size=size, mode="trilinear",
-                             align_corners=False)[0, 0].numpy()
+        data = F.interpolate(
+            torch.from_numpy(brain.data)[None, None], size=size, mode="trilinear", align_corners=False
+        )[0, 0].numpy()
         factors = [n / m for n, m in zip(brain.shape, size, strict=True)]
         hr = brain.with_data(np.ascontiguousarray(data), rescaled_affine(brain.affine, factors))
         lr, _ = degrade_volume(hr, kind="slice-profile", axis="z", scale=4)
@@ -59,10 +60,23 @@ def worker(path: str, planes: str, variant: str = "default") -> None:
     tic = time.perf_counter()
     result = up.upscale(lr, axis="z", scale=4, kind="slice-profile")
     wall = time.perf_counter() - tic
-    emit({"lr_shape": list(lr.shape), "hr_shape": list(result.sr.shape), "voxels": int(result.sr.data.size),
-          "wall_s": wall, "peak_rss_mb": peak_rss_mb(), "rss_before_run_mb": base, "steps": up.steps,
-          "sampler": up.sampler, "planes": planes, "variant": variant, "channels_last": up.channels_last,
-          "batch_pixels": Upscaler.BATCH_PIXELS["cpu"], "threads": torch.get_num_threads()})
+    emit(
+        {
+            "lr_shape": list(lr.shape),
+            "hr_shape": list(result.sr.shape),
+            "voxels": int(result.sr.data.size),
+            "wall_s": wall,
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_before_run_mb": base,
+            "steps": up.steps,
+            "sampler": up.sampler,
+            "planes": planes,
+            "variant": variant,
+            "channels_last": up.channels_last,
+            "batch_pixels": Upscaler.BATCH_PIXELS["cpu"],
+            "threads": torch.get_num_threads(),
+        }
+    )
 
 
 def main(quick: bool, out: Path, planes: str = "one") -> dict:
@@ -77,15 +91,35 @@ def main(quick: bool, out: Path, planes: str = "one") -> dict:
     for r in results:
         r["us_per_voxel"] = 1e6 * r["wall_s"] / r["voxels"]
         r["time_ratio_vs_smallest_per_voxel"] = r["us_per_voxel"] / (1e6 * first["wall_s"] / first["voxels"])
-        rows.append(["x".join(map(str, r["hr_shape"])), r["voxels"] / 1e6, r["wall_s"], r["us_per_voxel"],
-                     r["time_ratio_vs_smallest_per_voxel"], r["peak_rss_mb"]])
-    table(f"scaling: x4 thick slices along z, default sampler, planes={planes}",
-          ["HR shape", "Mvoxels", "wall s", "us / voxel", "per-voxel time vs smallest", "peak RSS MiB"], rows)
+        rows.append(
+            [
+                "x".join(map(str, r["hr_shape"])),
+                r["voxels"] / 1e6,
+                r["wall_s"],
+                r["us_per_voxel"],
+                r["time_ratio_vs_smallest_per_voxel"],
+                r["peak_rss_mb"],
+            ]
+        )
+    table(
+        f"scaling: x4 thick slices along z, default sampler, planes={planes}",
+        ["HR shape", "Mvoxels", "wall s", "us / voxel", "per-voxel time vs smallest", "peak RSS MiB"],
+        rows,
+    )
     previous["speedup_of_default"] = previous["wall_s"] / results[middle]["wall_s"]
-    table("the same upscale with the previous CPU settings",
-          ["HR shape", "settings", "wall s", "peak RSS MiB", "default's speed-up"],
-          [["x".join(map(str, previous["hr_shape"])), "contiguous, 2^20 pixels per call", previous["wall_s"],
-            previous["peak_rss_mb"], previous["speedup_of_default"]]])
+    table(
+        "the same upscale with the previous CPU settings",
+        ["HR shape", "settings", "wall s", "peak RSS MiB", "default's speed-up"],
+        [
+            [
+                "x".join(map(str, previous["hr_shape"])),
+                "contiguous, 2^20 pixels per call",
+                previous["wall_s"],
+                previous["peak_rss_mb"],
+                previous["speedup_of_default"],
+            ]
+        ],
+    )
     data = {"scan": SCAN, "planes": planes, "results": results, "previous_settings": previous}
     save(out, "scaling", data)
     return data

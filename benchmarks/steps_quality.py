@@ -60,10 +60,19 @@ def main(quick: bool, out: Path) -> dict:
             results.append({"sampler": sampler, "steps": steps, "wall_s": wall, **metrics(sr)})
     rows = [[name, "", "", b["psnr"], b["ssim"], b["lpips"]] for name, b in baselines.items()]
     rows += [[r["sampler"], r["steps"], r["wall_s"], r["psnr"], r["ssim"], r["lpips"]] for r in results]
-    table(f"steps vs quality: {scan.name} (held out), central {grid['planes']} planes across voxel axis 2, x4 thick "
-          "slices along z, planes=one", ["sampler", "steps", "wall s", "PSNR", "SSIM", "LPIPS"], rows)
-    data = {"scan": scan.name, "block": f"voxel axis 2, {start}:{start + grid['planes']}", "shape": list(truth.shape),
-            "baselines": baselines, "results": results}
+    table(
+        f"steps vs quality: {scan.name} (held out), central {grid['planes']} planes across voxel axis 2, x4 thick "
+        "slices along z, planes=one",
+        ["sampler", "steps", "wall s", "PSNR", "SSIM", "LPIPS"],
+        rows,
+    )
+    data = {
+        "scan": scan.name,
+        "block": f"voxel axis 2, {start}:{start + grid['planes']}",
+        "shape": list(truth.shape),
+        "baselines": baselines,
+        "results": results,
+    }
     save(out, "steps_quality", data)
     return data
 

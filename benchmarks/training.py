@@ -50,9 +50,14 @@ def worker(variant: str, warmup: int, steps: int) -> None:
                 rows = list(csv.DictReader(fh))
             first, last = float(rows[warmup - 1]["elapsed_s"]), float(rows[total - 1]["elapsed_s"])
             batch = getattr(config.training, stage).batch_size
-            result[stage] = {"samples_per_s": steps * batch / (last - first), "steps_per_s": steps / (last - first),
-                             "first_steps_s": first, "stage_wall_s": time.perf_counter() - tic, "batch": batch,
-                             "patch": list(config.data.patch_size)}
+            result[stage] = {
+                "samples_per_s": steps * batch / (last - first),
+                "steps_per_s": steps / (last - first),
+                "first_steps_s": first,
+                "stage_wall_s": time.perf_counter() - tic,
+                "batch": batch,
+                "patch": list(config.data.patch_size),
+            }
     result["peak_rss_mb"] = peak_rss_mb()
     emit(result)
 
@@ -73,10 +78,22 @@ def main(quick: bool, out: Path) -> dict:
         for stage in ("autoencoder", "diffusion"):
             s = r[stage]
             s["ratio_vs_fp32"] = s["samples_per_s"] / base[stage]["samples_per_s"]
-            rows.append([r["variant"], stage, s["samples_per_s"], s["steps_per_s"], s["ratio_vs_fp32"],
-                         s["first_steps_s"], r["peak_rss_mb"]])
-    table("training throughput, configs/brain_mri_from_noise.yaml networks (AE 8 x 64^2 with LPIPS; LDM 16 x 64^2)",
-          ["variant", "stage", "samples/s", "steps/s", "vs fp32", "warm-up s", "peak RSS MiB"], rows)
+            rows.append(
+                [
+                    r["variant"],
+                    stage,
+                    s["samples_per_s"],
+                    s["steps_per_s"],
+                    s["ratio_vs_fp32"],
+                    s["first_steps_s"],
+                    r["peak_rss_mb"],
+                ]
+            )
+    table(
+        "training throughput, configs/brain_mri_from_noise.yaml networks (AE 8 x 64^2 with LPIPS; LDM 16 x 64^2)",
+        ["variant", "stage", "samples/s", "steps/s", "vs fp32", "warm-up s", "peak RSS MiB"],
+        rows,
+    )
     data = {"config": "configs/brain_mri_from_noise.yaml", "results": results}
     save(out, "training", data)
     return data

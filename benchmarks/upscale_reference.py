@@ -59,12 +59,19 @@ def _reference(model, lr, a: int, cut: int, device: str, bf16: bool):
     cond = upsample(torch.from_numpy(norm.forward(lr.data.astype(np.float32)))[None, None], hr_shape)[0, 0]
     task = next(t for t in cfg.data.tasks if t.kind == "slice-profile" and t.scale == 4)
     modality = MODALITIES.index(guess_modality(lr.data, lr.meta.get("modality")))
-    label = model.codec.label(torch.tensor([cfg.data.tasks.index(task)]), torch.tensor([modality]),
-                              torch.tensor([0])).to(device)
+    label = model.codec.label(
+        torch.tensor([cfg.data.tasks.index(task)]), torch.tensor([modality]), torch.tensor([0])
+    ).to(device)
     scale = float(model.info["latent_scale"])
     multiple = cfg.autoencoder.factor * 2 ** (len(d.channels) - 1)
-    scheduler = DDPMScheduler(num_train_timesteps=d.timesteps, schedule=d.schedule, beta_start=d.beta_start,
-                              beta_end=d.beta_end, prediction_type=d.prediction, clip_sample=False)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=d.timesteps,
+        schedule=d.schedule,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        prediction_type=d.prediction,
+        clip_sample=False,
+    )
     scheduler.set_timesteps(d.timesteps)
     planes = cond.movedim(cut, 0)
     out = torch.empty_like(planes)
@@ -101,8 +108,15 @@ def worker(pipeline: str, planes: int, device: str, bf16: bool) -> None:
         sr = _reference(model, lr, a, cut, device, bf16)
         settings = f"MONAI DDPM, {model.config.diffusion.timesteps} steps, batch 1"
     elif pipeline == "medldm-ddpm":  # the reference's sampler inside medldm: separates the sampler from the loop
-        up = Upscaler(model, device=device, planes="one", bf16=bf16, sampler="ddpm",
-                      steps=model.config.diffusion.timesteps, consistency=0.0)
+        up = Upscaler(
+            model,
+            device=device,
+            planes="one",
+            bf16=bf16,
+            sampler="ddpm",
+            steps=model.config.diffusion.timesteps,
+            consistency=0.0,
+        )
         sr = up.upscale(lr, axis=a, scale=4, kind="slice-profile").sr.data
         settings = f"medldm ddpm, {up.steps} steps, batch {up.batch_size}, no consistency"
     else:
@@ -115,13 +129,26 @@ def worker(pipeline: str, planes: int, device: str, bf16: bool) -> None:
     rss = peak_rss_mb()
     t = truth.data
     r = float(t.max())
-    lp = [lpips(np.clip(np.take(sr, k, axis=cut) / r, 0, 1), np.clip(np.take(t, k, axis=cut) / r, 0, 1))
-          for k in range(t.shape[cut])]
-    emit({"pipeline": pipeline, "device": device, "bf16": bf16, "settings": settings, "wall_s": wall,
-          "peak_rss_mb": rss, "rss_before_run_mb": base_rss, "planes": planes,
-          "plane_shape": [int(n) for n in np.delete(t.shape, cut)],
-          "psnr": psnr(sr, t, data_range=r, mask=mask), "ssim": ssim(sr, t, data_range=r, axis=cut, mask=mask),
-          "lpips": float(np.mean(lp))})
+    lp = [
+        lpips(np.clip(np.take(sr, k, axis=cut) / r, 0, 1), np.clip(np.take(t, k, axis=cut) / r, 0, 1))
+        for k in range(t.shape[cut])
+    ]
+    emit(
+        {
+            "pipeline": pipeline,
+            "device": device,
+            "bf16": bf16,
+            "settings": settings,
+            "wall_s": wall,
+            "peak_rss_mb": rss,
+            "rss_before_run_mb": base_rss,
+            "planes": planes,
+            "plane_shape": [int(n) for n in np.delete(t.shape, cut)],
+            "psnr": psnr(sr, t, data_range=r, mask=mask),
+            "ssim": ssim(sr, t, data_range=r, axis=cut, mask=mask),
+            "lpips": float(np.mean(lp)),
+        }
+    )
 
 
 def main(quick: bool, out: Path) -> dict:
@@ -134,8 +161,19 @@ def main(quick: bool, out: Path) -> dict:
     rows, results = [], []
 
     def add(r, device, bf16):
-        rows.append([r["pipeline"], f"{device}{' bf16' if bf16 else ''}", r["settings"], r["wall_s"],
-                     r["wall_s"] / planes, r["peak_rss_mb"], r["psnr"], r["ssim"], r["lpips"]])
+        rows.append(
+            [
+                r["pipeline"],
+                f"{device}{' bf16' if bf16 else ''}",
+                r["settings"],
+                r["wall_s"],
+                r["wall_s"] / planes,
+                r["peak_rss_mb"],
+                r["psnr"],
+                r["ssim"],
+                r["lpips"],
+            ]
+        )
 
     for device, bf16 in devices:
         ref = run_worker("upscale_reference", "reference", planes, device, int(bf16))
@@ -152,8 +190,11 @@ def main(quick: bool, out: Path) -> dict:
             entry["medldm_bf16"] = run_worker("upscale_reference", "medldm", planes, device, 1)
             add(entry["medldm_bf16"], device, True)
         results.append(entry)
-    table(f"upscale vs the reference: {SCAN}, x4 thick slices along z, {planes} central planes",
-          ["pipeline", "device", "settings", "wall s", "s / plane", "peak RSS MiB", "PSNR", "SSIM", "LPIPS"], rows)
+    table(
+        f"upscale vs the reference: {SCAN}, x4 thick slices along z, {planes} central planes",
+        ["pipeline", "device", "settings", "wall s", "s / plane", "peak RSS MiB", "PSNR", "SSIM", "LPIPS"],
+        rows,
+    )
     data = {"scan": SCAN, "task": "slice-profile x4 along z", "planes": planes, "results": results}
     save(out, "upscale_reference", data)
     return data

@@ -64,8 +64,11 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                                help="print the version and exit")] = False) -> None:
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Latent diffusion super-resolution for MRI and CT volumes."""
 
 
@@ -93,23 +96,33 @@ class Planes(str, Enum):  # medldm.pipeline.PLANES
     both = "both"
 
 
-REFINE_PLANES_HELP = ("models with an estimator stage: the stacks of planes the refinement adds detail from "
-                      "(default: the model's, else as --planes)")
+REFINE_PLANES_HELP = (
+    "models with an estimator stage: the stacks of planes the refinement adds detail from "
+    "(default: the model's, else as --planes)"
+)
 SEED_MAX = 2**63 - 1  # seeds are mixed and reduced modulo 2^64: larger ones would repeat smaller ones
-REFINE_HELP = ("models with an estimator stage: how far into the noise schedule the diffusion model starts from "
-               "the regression estimate (0: the estimate alone; default: the model's)")
+REFINE_HELP = (
+    "models with an estimator stage: how far into the noise schedule the diffusion model starts from "
+    "the regression estimate (0: the estimate alone; default: the model's)"
+)
 AXIS_HELP = "x, y, z (world L-R, P-A, I-S), i, j, k (voxel axes) or auto (largest spacing, else z)"
 Scan = Annotated[Path, typer.Argument(help="NIfTI, NRRD, DICOM file, or a folder holding a DICOM series")]
 Series = Annotated[str | None, typer.Option("--series", help="DICOM SeriesInstanceUID when a folder holds several")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
-OutFormat = Annotated[Format, typer.Option("--format", help="nifti (a .nii/.nii.gz file) or dicom (a folder holding "
-                                                            "a derived CT/MR series, int16 with rescale)")]
+OutFormat = Annotated[
+    Format,
+    typer.Option(
+        "--format",
+        help="nifti (a .nii/.nii.gz file) or dicom (a folder holding a derived CT/MR series, int16 with rescale)",
+    ),
+]
 JsonLines = Annotated[bool, typer.Option("--json", help="machine-readable: one JSON object per scan on stdout")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print errors only")]
 
 
-def _check_outputs(scans: list[Path], overwrite: bool, previews: list[Path] = (), sidecars: list[Path] = (),
-                   fmt: Format = Format.nifti) -> None:
+def _check_outputs(
+    scans: list[Path], overwrite: bool, previews: list[Path] = (), sidecars: list[Path] = (), fmt: Format = Format.nifti
+) -> None:
     """Refuse bad output paths (NIfTI scans or DICOM series folders, PNG previews, JSON sidecars) before any work
     is done, so a failure writes nothing (medldm.outputs). A sidecar belongs to its scan: it is replaced whenever
     its scan is written."""
@@ -153,9 +166,14 @@ def _load(scan: Path, series: str | None = None):
 
 
 @app.command()
-def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
-         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing: the exit code says whether the "
-                                                                    "scan reads")] = False):
+def info(
+    scan: Scan,
+    series: Series = None,
+    json_lines: JsonLines = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="print nothing: the exit code says whether the scan reads")
+    ] = False,
+):
     """Shape, spacing, orientation, intensity range and modality of a scan."""
     import numpy as np
     from rich.console import Console
@@ -185,12 +203,23 @@ def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
         return
     if json_lines:
         intensity = {"min": float(vol.data.min()), "max": float(vol.data.max()), "p1": float(p1), "p99": float(p99)}
-        print(json.dumps({"path": str(scan), "format": rows["format"], "shape": list(vol.shape),
-                          "spacing_mm": list(vol.spacing), "orientation": vol.orientation,
-                          "stored_type": rows["stored type"], "intensity": intensity,
-                          "modality": rows["modality (guess)"], "series": rows.get("series"),
-                          "display_window": rows["display window"],
-                          "affine": vol.affine.tolist()}))
+        print(
+            json.dumps(
+                {
+                    "path": str(scan),
+                    "format": rows["format"],
+                    "shape": list(vol.shape),
+                    "spacing_mm": list(vol.spacing),
+                    "orientation": vol.orientation,
+                    "stored_type": rows["stored type"],
+                    "intensity": intensity,
+                    "modality": rows["modality (guess)"],
+                    "series": rows.get("series"),
+                    "display_window": rows["display window"],
+                    "affine": vol.affine.tolist(),
+                }
+            )
+        )
         return
     for key, value in rows.items():
         table.add_row(key, escape(value))  # file names and DICOM text may hold rich markup such as "[/]"
@@ -199,16 +228,22 @@ def info(scan: Scan, series: Series = None, json_lines: JsonLines = False,
 
 
 @app.command()
-def convert(scan: Scan, out: Annotated[Path, typer.Argument(help="output .nii or .nii.gz (a folder with --format "
-                                                                  "dicom)")],
-            series: Series = None, overwrite: Overwrite = False, fmt: OutFormat = Format.nifti):
+def convert(
+    scan: Scan,
+    out: Annotated[Path, typer.Argument(help="output .nii or .nii.gz (a folder with --format dicom)")],
+    series: Series = None,
+    overwrite: Overwrite = False,
+    fmt: OutFormat = Format.nifti,
+):
     """Convert a DICOM series (folder or enhanced multi-frame file) or NRRD to NIfTI, geometry exact; or any scan to
     a DICOM series (--format dicom)."""
     _check_outputs([out], overwrite, fmt=fmt)
     vol = _load(scan, series)
     _save(vol, out, fmt, overwrite=overwrite, description="medldm convert")
-    print(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {vol.orientation}, "
-          f"spacing {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm")
+    print(
+        f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {vol.orientation}, "
+        f"spacing {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm"
+    )
 
 
 @app.command()
@@ -216,15 +251,17 @@ def degrade(
     scan: Scan,
     out: Annotated[Path, typer.Argument(help="output .nii or .nii.gz (the low-resolution scan)")],
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "z",
-    scale: Annotated[float, typer.Option(min=1.05, max=16, help="factor (thick slices: need not be an integer)")]
-    = 4,
-    kind: Annotated[Kind, typer.Option(help="thick slices along AXIS, or in-plane k-space truncation / blur")]
-    = Kind.slice_profile,
-    thickness: Annotated[float | None, typer.Option(min=0.01, help="thick slices: slice thickness in mm (default: "
-                                                                   "the new slice spacing; less leaves gaps)")]
-    = None,
-    profile: Annotated[Profile, typer.Option(help="slice profile (slice-profile and blur kinds)")]
-    = Profile.gaussian,
+    scale: Annotated[float, typer.Option(min=1.05, max=16, help="factor (thick slices: need not be an integer)")] = 4,
+    kind: Annotated[
+        Kind, typer.Option(help="thick slices along AXIS, or in-plane k-space truncation / blur")
+    ] = Kind.slice_profile,
+    thickness: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01, help="thick slices: slice thickness in mm (default: the new slice spacing; less leaves gaps)"
+        ),
+    ] = None,
+    profile: Annotated[Profile, typer.Option(help="slice profile (slice-profile and blur kinds)")] = Profile.gaussian,
     noise: Annotated[float, typer.Option(min=0.0, help="Rician noise, fraction of the 99th percentile")] = 0.0,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="noise seed")] = 0,
     hr_out: Annotated[Path | None, typer.Option(help="also write the (cropped) high-resolution reference")] = None,
@@ -244,19 +281,24 @@ def degrade(
 
         a = resolve_axis(vol, axis)
         ratio = thickness / (vol.spacing[a] * grid_for_factor(vol.shape[a], scale)[2])
-    result = degrade_volume(vol, kind=kind.value, axis=axis, scale=scale, profile=profile.value, noise=noise,
-                            seed=seed, thickness=ratio)
+    result = degrade_volume(
+        vol, kind=kind.value, axis=axis, scale=scale, profile=profile.value, noise=noise, seed=seed, thickness=ratio
+    )
     save_nifti(result.lr, out, overwrite=overwrite)
     if hr_out is not None:
         save_nifti(result.hr, hr_out, overwrite=overwrite)
     lr = result.lr
-    print(f"wrote {out}: {' x '.join(map(str, lr.shape))} voxels, spacing "
-          f"{' x '.join(f'{s:.4g}' for s in lr.spacing)} mm ({kind.value}, x{lr.meta['degrade']['scale']:.4g} "
-          f"along voxel axis {lr.meta['degrade']['axis']})")
+    print(
+        f"wrote {out}: {' x '.join(map(str, lr.shape))} voxels, spacing "
+        f"{' x '.join(f'{s:.4g}' for s in lr.spacing)} mm ({kind.value}, x{lr.meta['degrade']['scale']:.4g} "
+        f"along voxel axis {lr.meta['degrade']['axis']})"
+    )
     if ratio != 1.0:
         a = lr.meta["degrade"]["axis"]
-        print(f"note: slice thickness {ratio * lr.spacing[a]:.4g} mm; NIfTI does not record it, so pass --thickness "
-              f"{ratio * lr.spacing[a]:.4g} to medldm upscale")
+        print(
+            f"note: slice thickness {ratio * lr.spacing[a]:.4g} mm; NIfTI does not record it, so pass --thickness "
+            f"{ratio * lr.spacing[a]:.4g} to medldm upscale"
+        )
     if result.hr.shape != vol.shape:
         print(f"note: the scan was cropped from {vol.shape} to {result.hr.shape} to hold whole thick voxels")
 
@@ -268,17 +310,26 @@ class Prior(str, Enum):  # medldm.fusion.PRIORS
 
 @app.command()
 def fuse(
-    stacks: Annotated[list[Path], typer.Argument(help="two or more thick-slice stacks of one session (NIfTI, NRRD, "
-                                                      "DICOM)")],
+    stacks: Annotated[
+        list[Path], typer.Argument(help="two or more thick-slice stacks of one session (NIfTI, NRRD, DICOM)")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="output .nii or .nii.gz")],
-    spacing: Annotated[float | None, typer.Option(min=0.05, help="isotropic output spacing in mm (default: the "
-                                                                 "finest spacing of any stack)")] = None,
-    like: Annotated[Path | None, typer.Option(help="write on exactly this NIfTI's grid (its voxels are not used)")]
-    = None,
-    register: Annotated[bool, typer.Option("--register", help="first align every stack rigidly to the first "
-                                                              "(SimpleITK)")] = False,
-    prior: Annotated[Prior, typer.Option(help="what the fusion starts from: each stack upscaled by the model, or "
-                                              "by B-spline (the classical fusion)")] = Prior.model,
+    spacing: Annotated[
+        float | None,
+        typer.Option(min=0.05, help="isotropic output spacing in mm (default: the finest spacing of any stack)"),
+    ] = None,
+    like: Annotated[
+        Path | None, typer.Option(help="write on exactly this NIfTI's grid (its voxels are not used)")
+    ] = None,
+    register: Annotated[
+        bool, typer.Option("--register", help="first align every stack rigidly to the first (SimpleITK)")
+    ] = False,
+    prior: Annotated[
+        Prior,
+        typer.Option(
+            help="what the fusion starts from: each stack upscaled by the model, or by B-spline (the classical fusion)"
+        ),
+    ] = Prior.model,
     model: Annotated[str, typer.Option(help="model folder or 'default'")] = "default",
     device: Annotated[str, typer.Option()] = "auto",
     overwrite: Overwrite = False,
@@ -304,25 +355,46 @@ def fuse(
         upscaler = Upscaler(model, device=device)
     tic = time.perf_counter()
     with Console(stderr=True).status("fusing") as status:
-        result = run_fusion(volumes, spacing=spacing, like=grid, prior=prior.value, upscaler=upscaler,
-                            register=register, progress=lambda what: status.update(escape(what)))
+        result = run_fusion(
+            volumes,
+            spacing=spacing,
+            like=grid,
+            prior=prior.value,
+            upscaler=upscaler,
+            register=register,
+            progress=lambda what: status.update(escape(what)),
+        )
     save_nifti(result.volume, out, overwrite=overwrite, description=f"medldm fuse ({prior.value})")
     seconds = time.perf_counter() - tic
     if json_lines:
-        print(json.dumps({"output": str(out), "shape": result.volume.shape, "spacing": result.volume.spacing,
-                          "prior": result.prior, "residuals": result.residuals, "transforms": result.transforms,
-                          "seconds": round(seconds, 2)}))
+        print(
+            json.dumps(
+                {
+                    "output": str(out),
+                    "shape": result.volume.shape,
+                    "spacing": result.volume.spacing,
+                    "prior": result.prior,
+                    "residuals": result.residuals,
+                    "transforms": result.transforms,
+                    "seconds": round(seconds, 2),
+                }
+            )
+        )
         return
     if quiet:
         return
     for name, t in result.transforms.items():
-        print(f"registered {name}: rotation {t['rotation_deg']:.2f} deg, translation "
-              f"{', '.join(f'{v:.2f}' for v in t['translation_mm'])} mm")
+        print(
+            f"registered {name}: rotation {t['rotation_deg']:.2f} deg, translation "
+            f"{', '.join(f'{v:.2f}' for v in t['translation_mm'])} mm"
+        )
     for name, r in result.residuals.items():
         print(f"residual {name}: {100 * r:.2g} % of its range")
     vol = result.volume
-    print(f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, spacing "
-          f"{' x '.join(f'{s:.4g}' for s in vol.spacing)} mm, from {len(stacks)} stacks in {seconds:.0f} s")
+    print(
+        f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, spacing "
+        f"{' x '.join(f'{s:.4g}' for s in vol.spacing)} mm, from {len(stacks)} stacks in {seconds:.0f} s"
+    )
 
 
 class StageName(str, Enum):
@@ -337,16 +409,24 @@ def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/brain_mri.yaml")],
     stage: Annotated[StageName, typer.Option(help="which stage to train")] = StageName.all,
     run_dir: Annotated[Path | None, typer.Option(help="output folder (default: runs/<config name>)")] = None,
-    resume: Annotated[Path | None, typer.Option(help="continue the run in this folder from its last checkpoint")]
-    = None,
-    max_steps: Annotated[int | None, typer.Option(min=1, help="stop each stage at this step (for chunked runs)")]
-    = None,
-    data_root: Annotated[Path | None, typer.Option(help="folder the config's data globs are relative to "
-                                                         "(default: $MEDLDM_DATA_ROOT)")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue the run in this folder from its last checkpoint")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(min=1, help="stop each stage at this step (for chunked runs)")
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="folder the config's data globs are relative to (default: $MEDLDM_DATA_ROOT)")
+    ] = None,
     lpips_weights: Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")] = None,
-    init: Annotated[Path | None, typer.Option(help="start a new run from this model folder (fine-tuning): stages "
-                                                   "whose settings equal the folder's are taken as finished, and "
-                                                   "the denoiser starts from its weights")] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="start a new run from this model folder (fine-tuning): stages "
+            "whose settings equal the folder's are taken as finished, and "
+            "the denoiser starts from its weights"
+        ),
+    ] = None,
 ):
     """Train the autoencoder, the fidelity estimator (when the config has one), then the conditional latent diffusion
     model (over accelerate: CPU, GPUs, nodes)."""
@@ -355,8 +435,7 @@ def train(
     cfg, root = load_config(config, data_root=data_root)
     folder = resume or run_dir or Path("runs") / cfg.name
     if resume is None and folder.exists() and any(folder.glob("*/step_*")):
-        raise MedldmError("already holds checkpoints; pass --resume to continue it or choose another --run-dir",
-                          folder)
+        raise MedldmError("already holds checkpoints; pass --resume to continue it or choose another --run-dir", folder)
     if resume is not None and not folder.is_dir():
         raise MedldmError("no run to resume here", folder)
     if resume is not None and init is not None:
@@ -372,8 +451,10 @@ def train(
             print(f"{name}: {what}")
     trainer.acc.wait_for_everyone()
     if trainer.acc.is_main_process:
-        print(f"training {cfg.name} ({stage.value}) in {folder} on {trainer.acc.device} "
-              f"with {trainer.acc.num_processes} process(es), mixed precision {trainer.acc.mixed_precision}")
+        print(
+            f"training {cfg.name} ({stage.value}) in {folder} on {trainer.acc.device} "
+            f"with {trainer.acc.num_processes} process(es), mixed precision {trainer.acc.mixed_precision}"
+        )
     trainer.run(stage.value, max_steps)
     if trainer.acc.is_main_process and (folder / "model").is_dir():
         print(f"model written to {folder / 'model'}")
@@ -418,59 +499,110 @@ def _uncertainty_path(target: Path) -> Path:
 @app.command()
 def upscale(
     scan: Scan,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="output .nii.gz (a folder in batch mode); "
-                                                                  "default: <name>_sr.nii.gz beside the input")]
-    = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--out", help="output .nii.gz (a folder in batch mode); default: <name>_sr.nii.gz beside the input"
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="model folder, or 'default' for the shipped model")] = "default",
-    scale: Annotated[float | None, typer.Option(min=1.05, max=16, help="factor, need not be an integer (default: "
-                                                                  "the spacing ratio or the model's)")] = None,
-    spacing: Annotated[float | None, typer.Option(min=0.01, help="output spacing in mm along the upscaled axis (e.g. "
-                                                                 "1: 5.5 mm slices become 1 mm), instead of --scale")]
-    = None,
-    thickness: Annotated[float | None, typer.Option(min=0.01, help="slice thickness in mm when it differs from the "
-                                                                   "slice spacing (default: DICOM SliceThickness, else "
-                                                                   "the spacing)")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="refuse scans outside what the model was trained on "
-                                                          "(exit 1 instead of a warning)")] = False,
-    adapt: Annotated[bool, typer.Option("--adapt", help="first fine-tune the model's estimator on the scan's own "
-                                                        "slices (self-supervised; thick slices)")] = False,
+    scale: Annotated[
+        float | None,
+        typer.Option(
+            min=1.05, max=16, help="factor, need not be an integer (default: the spacing ratio or the model's)"
+        ),
+    ] = None,
+    spacing: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="output spacing in mm along the upscaled axis (e.g. 1: 5.5 mm slices become 1 mm), instead of --scale",
+        ),
+    ] = None,
+    thickness: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="slice thickness in mm when it differs from the "
+            "slice spacing (default: DICOM SliceThickness, else "
+            "the spacing)",
+        ),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="refuse scans outside what the model was trained on (exit 1 instead of a warning)"
+        ),
+    ] = False,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            "--adapt",
+            help="first fine-tune the model's estimator on the scan's own slices (self-supervised; thick slices)",
+        ),
+    ] = False,
     adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
-    adapt_minutes: Annotated[float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes "
-                                                                       "(default: 200 steps within 4)")] = None,
-    save_adapted: Annotated[Path | None, typer.Option(help="--adapt: also write the adapted model folder here")]
-    = None,
+    adapt_minutes: Annotated[
+        float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes (default: 200 steps within 4)")
+    ] = None,
+    save_adapted: Annotated[Path | None, typer.Option(help="--adapt: also write the adapted model folder here")] = None,
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "auto",
-    kind: Annotated[Kind | None, typer.Option(help="degradation to undo (default: thick slices for "
-                                                   "anisotropic scans, in-plane otherwise)")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="sampler steps (default: the model's; 1 from "
-                                                                "noise is close to the posterior mean, 8 or more "
-                                                                "draw sharper posterior samples)")] = None,
+    kind: Annotated[
+        Kind | None,
+        typer.Option(help="degradation to undo (default: thick slices for anisotropic scans, in-plane otherwise)"),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=1000,
+            help="sampler steps (default: the model's; 1 from "
+            "noise is close to the posterior mean, 8 or more "
+            "draw sharper posterior samples)",
+        ),
+    ] = None,
     refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
     sampler: Annotated[str, typer.Option(help="ddim, dpmpp-2m, ddpm, sde or ode")] = "dpmpp-2m",
-    samples: Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")]
-    = 1,
-    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="random seed; the same seed gives the same output")]
-    = 0,
+    samples: Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")] = 1,
+    seed: Annotated[
+        int, typer.Option(min=0, max=SEED_MAX, help="random seed; the same seed gives the same output")
+    ] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     consistency: Annotated[float, typer.Option(min=0.0, max=1.0, help="data-consistency strength")] = 1.0,
-    planes: Annotated[Planes | None, typer.Option(help="2D models, thick slices: sample one stack of planes "
-                                                       "containing the upscaled axis, or both and average them "
-                                                       "(default: the model's)")] = None,
+    planes: Annotated[
+        Planes | None,
+        typer.Option(
+            help="2D models, thick slices: sample one stack of planes "
+            "containing the upscaled axis, or both and average them "
+            "(default: the model's)"
+        ),
+    ] = None,
     refine_planes: Annotated[Planes | None, typer.Option(help=REFINE_PLANES_HELP)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="slices or patches per network call")] = 16,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")]
-    = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last",
-                                                help="channels-last autoencoder (faster on the CPUs measured; "
-                                                     "see docs/performance.md)")] = True,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")] = False,
+    channels_last: Annotated[
+        bool,
+        typer.Option(
+            "--channels-last/--no-channels-last",
+            help="channels-last autoencoder (faster on the CPUs measured; see docs/performance.md)",
+        ),
+    ] = True,
     preview: Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")] = None,
-    window: Annotated[Window | None, typer.Option(help="CT preview window (default soft-tissue); MR previews use "
-                                                       "the 0.5-99.5th percentiles")] = None,
+    window: Annotated[
+        Window | None,
+        typer.Option(help="CT preview window (default soft-tissue); MR previews use the 0.5-99.5th percentiles"),
+    ] = None,
     series: Series = None,
     overwrite: Overwrite = False,
     fmt: OutFormat = Format.nifti,
-    bids: Annotated[bool, typer.Option("--bids", help="SCAN is (in) a BIDS dataset: upscale its NIfTI scans into "
-                                                      "derivatives/medldm/ (or -o DIR) with a desc-sr entity")] = False,
+    bids: Annotated[
+        bool,
+        typer.Option(
+            "--bids",
+            help="SCAN is (in) a BIDS dataset: upscale its NIfTI scans into "
+            "derivatives/medldm/ (or -o DIR) with a desc-sr entity",
+        ),
+    ] = False,
     json_lines: JsonLines = False,
     quiet: Quiet = False,
 ):
@@ -516,32 +648,59 @@ def upscale(
     todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
     from medldm.provenance import sidecar_path
 
-    _check_outputs([*todo, *([_uncertainty_path(t) for t in todo] if samples > 1 else [])], overwrite,
-                   previews=[preview] if preview is not None else [], sidecars=[sidecar_path(t) for t in todo], fmt=fmt)
+    _check_outputs(
+        [*todo, *([_uncertainty_path(t) for t in todo] if samples > 1 else [])],
+        overwrite,
+        previews=[preview] if preview is not None else [],
+        sidecars=[sidecar_path(t) for t in todo],
+        fmt=fmt,
+    )
     from medldm.pipeline import Upscaler
     from medldm.provenance import short_description, upscale_record, write_sidecar
 
     def report(status: str, source: Path, target: Path, **extra) -> None:
         run = extra.get("provenance", {}).get("medldm", {})
-        rows.append({"input": str(source), "output": str(target), "status": status,
-                     "seconds": run.get("wall_time_s", ""), "residual": run.get("consistency_residual", ""),
-                     "error": extra.get("error", "")})
+        rows.append(
+            {
+                "input": str(source),
+                "output": str(target),
+                "status": status,
+                "seconds": run.get("wall_time_s", ""),
+                "residual": run.get("consistency_residual", ""),
+                "error": extra.get("error", ""),
+            }
+        )
         if json_lines:  # one object per scan on stdout, nothing else there
             # one write per line: the processes of a cohort run share stdout, and print() writes the text and its
             # newline separately, so two processes' lines could interleave
-            sys.stdout.write(json.dumps({"status": status, "input": str(source), "output": str(target), **extra})
-                             + "\n")
+            sys.stdout.write(
+                json.dumps({"status": status, "input": str(source), "output": str(target), **extra}) + "\n"
+            )
             sys.stdout.flush()
 
-    upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, batch_size=batch_size,
-                        consistency=consistency, bf16=bf16, planes=planes.value if planes else None,
-                        channels_last=channels_last, refine=refine,
-                        refine_planes=refine_planes.value if refine_planes else None)
-    if samples > 1 and not quiet and (upscaler.steps < 8 or upscaler.model.estimator is not None
-                                      and upscaler.refine == 0):
-        console.print(f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
-                      "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
-                      "uncertainty map")
+    upscaler = Upscaler(
+        model,
+        device=device,
+        steps=steps,
+        sampler=sampler,
+        batch_size=batch_size,
+        consistency=consistency,
+        bf16=bf16,
+        planes=planes.value if planes else None,
+        channels_last=channels_last,
+        refine=refine,
+        refine_planes=refine_planes.value if refine_planes else None,
+    )
+    if (
+        samples > 1
+        and not quiet
+        and (upscaler.steps < 8 or upscaler.model.estimator is not None and upscaler.refine == 0)
+    ):
+        console.print(
+            f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
+            "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
+            "uncertainty map"
+        )
     rows = []  # one per scan: what report() recorded
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
@@ -555,47 +714,84 @@ def upscale(
                     report("skipped", source, target)  # a resumed batch skips finished outputs
                     continue
                 vol = _load(source, series)
-                plan = upscaler.plan(vol, axis=axis, scale=scale, kind=kind.value if kind else None, spacing=spacing,
-                                     thickness=thickness)
+                plan = upscaler.plan(
+                    vol, axis=axis, scale=scale, kind=kind.value if kind else None, spacing=spacing, thickness=thickness
+                )
                 if plan.warnings and strict:
-                    raise MedldmError("outside what the model was trained on: " + "; ".join(plan.warnings)
-                                      + " (drop --strict to upscale it anyway)", source)
+                    raise MedldmError(
+                        "outside what the model was trained on: "
+                        + "; ".join(plan.warnings)
+                        + " (drop --strict to upscale it anyway)",
+                        source,
+                    )
                 for line in plan.warnings:
-                    bar.console.print(f"warning: {source.name}: {line}", markup=False, highlight=False,
-                                      soft_wrap=True)
+                    bar.console.print(f"warning: {source.name}: {line}", markup=False, highlight=False, soft_wrap=True)
                 started = time.perf_counter()
                 runner, adapted = upscaler, None
                 if adapt:
-                    runner, adapted = _adapted_upscaler(upscaler, vol, plan, bar, source.name, steps=adapt_steps,
-                                                        minutes=adapt_minutes, seed=seed, save=save_adapted,
-                                                        quiet=quiet or json_lines)
+                    runner, adapted = _adapted_upscaler(
+                        upscaler,
+                        vol,
+                        plan,
+                        bar,
+                        source.name,
+                        steps=adapt_steps,
+                        minutes=adapt_minutes,
+                        seed=seed,
+                        save=save_adapted,
+                        quiet=quiet or json_lines,
+                    )
                 task = bar.add_task(escape(source.name), total=None)
-                result = runner.upscale(vol, plan=plan, samples=samples, seed=seed,
-                                        progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
-                record = upscale_record(source=source, volume=vol, result=result, upscaler=runner, output=target,
-                                        wall_s=time.perf_counter() - started)
+                result = runner.upscale(
+                    vol,
+                    plan=plan,
+                    samples=samples,
+                    seed=seed,
+                    progress=lambda d, t, task=task: bar.update(task, completed=d, total=t),
+                )
+                record = upscale_record(
+                    source=source,
+                    volume=vol,
+                    result=result,
+                    upscaler=runner,
+                    output=target,
+                    wall_s=time.perf_counter() - started,
+                )
                 if adapted is not None:
-                    record["medldm"]["adaptation"] = {"steps": adapted.steps, "seconds": round(adapted.seconds, 2),
-                                                      "factor": adapted.factor, "thickness": adapted.thickness,
-                                                      "loss_first": adapted.losses[0], "loss_last": adapted.losses[-1]}
+                    record["medldm"]["adaptation"] = {
+                        "steps": adapted.steps,
+                        "seconds": round(adapted.seconds, 2),
+                        "factor": adapted.factor,
+                        "thickness": adapted.thickness,
+                        "loss_first": adapted.losses[0],
+                        "loss_last": adapted.losses[-1],
+                    }
                 _save(result.sr, target, fmt, overwrite=overwrite, description=short_description(record))
                 if result.uncertainty is not None:
-                    _save(result.uncertainty, _uncertainty_path(target), fmt, overwrite=overwrite,
-                          description="medldm uncertainty (std over samples)")
+                    _save(
+                        result.uncertainty,
+                        _uncertainty_path(target),
+                        fmt,
+                        overwrite=overwrite,
+                        description="medldm uncertainty (std over samples)",
+                    )
                     record["medldm"]["uncertainty"] = str(_uncertainty_path(target).resolve())
                 write_sidecar(target, record)
                 if preview is not None:
                     from medldm.figures import before_after
 
-                    before_after(vol, result.sr, preview, overwrite=overwrite,
-                                 window=window.value if window else None)
+                    before_after(vol, result.sr, preview, overwrite=overwrite, window=window.value if window else None)
                 report("written", source, target, provenance=record)
                 if not quiet and not json_lines:
                     bar.console.print(  # plain text, one line whatever the width (scripts parse it)
                         f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, "
                         f"{' x '.join(f'{v:.4g}' for v in result.sr.spacing)} mm, {result.task.kind} "
                         f"x{plan.scale:.4g} along voxel axis {result.axis}, consistency residual "
-                        f"{100 * result.residual:.3f}% of range", markup=False, highlight=False, soft_wrap=True)
+                        f"{100 * result.residual:.3f}% of range",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
             except MedldmError as err:
                 if batch is None:
                     raise
@@ -617,8 +813,11 @@ def upscale(
             summary = _write_batch_summary(summary_dir, rows)
             counts = {k: sum(r["status"] == k for r in rows) for k in ("written", "skipped", "failed")}
             if not quiet:
-                print(f"{counts['written']} written, {counts['skipped']} skipped (already done), {counts['failed']} "
-                      f"failed; summary: {summary}", file=sys.stderr if json_lines else sys.stdout)
+                print(
+                    f"{counts['written']} written, {counts['skipped']} skipped (already done), {counts['failed']} "
+                    f"failed; summary: {summary}",
+                    file=sys.stderr if json_lines else sys.stdout,
+                )
         if any(r["status"] == "failed" for r in rows):
             raise typer.Exit(1)
 
@@ -644,16 +843,27 @@ def _adapted_upscaler(upscaler, vol, plan, bar, name: str, *, steps, minutes, se
     from medldm.adapt import adapt as run_adaptation
 
     task = bar.add_task(f"adapting to {escape(name)}", total=None)
-    adapted = run_adaptation(upscaler.model, vol, plan, **_adapt_bounds(steps, minutes), seed=seed,
-                             progress=lambda d, t: bar.update(task, completed=d, total=t))
+    adapted = run_adaptation(
+        upscaler.model,
+        vol,
+        plan,
+        **_adapt_bounds(steps, minutes),
+        seed=seed,
+        progress=lambda d, t: bar.update(task, completed=d, total=t),
+    )
     bar.update(task, visible=False)
     if not quiet:
-        bar.console.print(f"adapted to {name}: {adapted.steps} steps in {adapted.seconds:.0f} s, L1 "
-                          f"{adapted.losses[0]:.4f} -> {sum(adapted.losses[-20:]) / len(adapted.losses[-20:]):.4f}",
-                          markup=False, highlight=False, soft_wrap=True)
+        bar.console.print(
+            f"adapted to {name}: {adapted.steps} steps in {adapted.seconds:.0f} s, L1 "
+            f"{adapted.losses[0]:.4f} -> {sum(adapted.losses[-20:]) / len(adapted.losses[-20:]):.4f}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     if save is not None:
-        adapted.model.save(save, adapted_to={"scan": str(vol.path), "steps": adapted.steps,
-                                             "seconds": round(adapted.seconds, 2)})
+        adapted.model.save(
+            save, adapted_to={"scan": str(vol.path), "steps": adapted.steps, "seconds": round(adapted.seconds, 2)}
+        )
     return upscaler.with_model(adapted.model), adapted
 
 
@@ -693,35 +903,52 @@ def _write_batch_summary(folder: Path, rows: list[dict]) -> Path:
 def evaluate(
     data: Annotated[Path, typer.Option(help="HR scans: a folder, a .txt list of paths, or one scan")],
     out: Annotated[Path, typer.Option(help="report folder (report.html, metrics.csv, summary.json)")],
-    model: Annotated[str | None, typer.Option(help="model folder or 'default'; omit to score baselines only")]
-    = None,
-    scale: Annotated[float, typer.Option(min=1.05, max=16, help="factor (thick slices: need not be an integer)")]
-    = 4,
+    model: Annotated[str | None, typer.Option(help="model folder or 'default'; omit to score baselines only")] = None,
+    scale: Annotated[float, typer.Option(min=1.05, max=16, help="factor (thick slices: need not be an integer)")] = 4,
     axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "z",
     kind: Annotated[Kind, typer.Option(help="simulated acquisition")] = Kind.slice_profile,
-    thickness: Annotated[float, typer.Option(min=0.05, max=8, help="thick slices: slice thickness as a fraction "
-                                                                   "of the slice spacing (below 1: gaps)")] = 1.0,
+    thickness: Annotated[
+        float,
+        typer.Option(
+            min=0.05, max=8, help="thick slices: slice thickness as a fraction of the slice spacing (below 1: gaps)"
+        ),
+    ] = 1.0,
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default: the model's)")] = None,
     refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
     sampler: Annotated[str, typer.Option()] = "dpmpp-2m",
-    planes: Annotated[Planes | None, typer.Option(help="2D models, thick slices: one or both stacks of planes "
-                                                       "(default: the model's)")] = None,
+    planes: Annotated[
+        Planes | None, typer.Option(help="2D models, thick slices: one or both stacks of planes (default: the model's)")
+    ] = None,
     refine_planes: Annotated[Planes | None, typer.Option(help=REFINE_PLANES_HELP)] = None,
     samples: Annotated[int, typer.Option(min=1)] = 1,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX)] = 0,
-    baseline: Annotated[list[str] | None, typer.Option(
-        "--baseline", help="score only these baselines (repeat the option): nearest, trilinear, bspline, bspline-dc, "
-                           "zero-fill (k-space), regression (models with an estimator); default: all that apply")]
-    = None,
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--baseline",
+            help="score only these baselines (repeat the option): nearest, trilinear, bspline, bspline-dc, "
+            "zero-fill (k-space), regression (models with an estimator); default: all that apply",
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N scans only")] = None,
-    adapt: Annotated[bool, typer.Option("--adapt", help="fine-tune the model on each degraded scan's own slices "
-                                                        "first (also scores it unadapted)")] = False,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            "--adapt", help="fine-tune the model on each degraded scan's own slices first (also scores it unadapted)"
+        ),
+    ] = False,
     adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
-    adapt_minutes: Annotated[float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes "
-                                                                       "(default: 200 steps within 4)")] = None,
-    stacks: Annotated[bool, typer.Option("--stacks", help="score fusion: three orthogonal thick-slice stacks per scan "
-                                                          "(x --scale), fused (medldm fuse) and upscaled alone")]
-    = False,
+    adapt_minutes: Annotated[
+        float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes (default: 200 steps within 4)")
+    ] = None,
+    stacks: Annotated[
+        bool,
+        typer.Option(
+            "--stacks",
+            help="score fusion: three orthogonal thick-slice stacks per scan "
+            "(x --scale), fused (medldm fuse) and upscaled alone",
+        ),
+    ] = False,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="score whole volumes, not the foreground")] = False,
     rd: Annotated[bool, typer.Option("--rd", help="the model's rate-distortion curves alone")] = False,
     with_rd: Annotated[bool, typer.Option("--with-rd", help="metrics and rate-distortion curves")] = False,
@@ -747,21 +974,46 @@ def evaluate(
             raise MedldmError("--stacks scores the model's fusion: pass --model")
         with console.status("evaluating fusion") as status:
             report = evaluate_fusion(
-                data, out, model=model, scale=scale, seed=seed, device=device, use_mask=not no_mask, limit=limit,
-                lpips_weights=str(lpips_weights) if lpips_weights else None, command=["medldm", *sys.argv[1:]],
-                progress=lambda name, i, n: status.update(f"fusing {escape(name)} ({i + 1}/{n})"))
+                data,
+                out,
+                model=model,
+                scale=scale,
+                seed=seed,
+                device=device,
+                use_mask=not no_mask,
+                limit=limit,
+                lpips_weights=str(lpips_weights) if lpips_weights else None,
+                command=["medldm", *sys.argv[1:]],
+                progress=lambda name, i, n: status.update(f"fusing {escape(name)} ({i + 1}/{n})"),
+            )
     else:
         with console.status("evaluating") as status:
             report = run_evaluation(
-                data, out, model=model, kind=kind.value, axis=axis, scale=scale, thickness=thickness, steps=steps,
+                data,
+                out,
+                model=model,
+                kind=kind.value,
+                axis=axis,
+                scale=scale,
+                thickness=thickness,
+                steps=steps,
                 sampler=sampler,
-                planes=planes.value if planes else None, refine=refine, baselines=baseline or None,
+                planes=planes.value if planes else None,
+                refine=refine,
+                baselines=baseline or None,
                 refine_planes=refine_planes.value if refine_planes else None,
                 adapt=_adapt_bounds(adapt_steps, adapt_minutes) if adapt else None,
-                samples=samples, seed=seed, use_mask=not no_mask, limit=limit, device=device,
-                lpips_weights=str(lpips_weights) if lpips_weights else None, rd=with_rd, rd_only=rd,
+                samples=samples,
+                seed=seed,
+                use_mask=not no_mask,
+                limit=limit,
+                device=device,
+                lpips_weights=str(lpips_weights) if lpips_weights else None,
+                rd=with_rd,
+                rd_only=rd,
                 command=["medldm", *sys.argv[1:]],
-                progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"))
+                progress=lambda name, i, n: status.update(f"evaluating {escape(name)} ({i + 1}/{n})"),
+            )
     if report is None:
         return  # another process of a cohort run writes the report
     summary = json.loads((out / "summary.json").read_text())

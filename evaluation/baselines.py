@@ -15,8 +15,16 @@ from scipy import ndimage
 from medldm.degrade import enforce_consistency
 from medldm.volume import Volume, rescaled_affine
 
-__all__ = ["BASELINES", "BSPLINE_DC", "ZERO_FILL", "REGRESSION", "baseline", "baselines_for", "interpolate",
-           "zero_fill"]
+__all__ = [
+    "BASELINES",
+    "BSPLINE_DC",
+    "ZERO_FILL",
+    "REGRESSION",
+    "baseline",
+    "baselines_for",
+    "interpolate",
+    "zero_fill",
+]
 
 BASELINES = {"nearest": 0, "trilinear": 1, "bspline": 3}  # interpolations: spline order
 BSPLINE_DC = "bspline-dc"
@@ -30,8 +38,7 @@ def baselines_for(kind: str, *, regression: bool = False) -> tuple[str, ...]:
     """The baselines of a degradation kind: the interpolations, cubic B-spline made data-consistent, for k-space
     truncation zero filling (the scanner's own 'zero-fill interpolation', and there the stronger yardstick: it
     keeps every measured frequency exactly), and with ``regression`` the model's regression stage alone."""
-    return (*BASELINES, BSPLINE_DC, *((ZERO_FILL,) if kind == "kspace" else ()),
-            *((REGRESSION,) if regression else ()))
+    return (*BASELINES, BSPLINE_DC, *((ZERO_FILL,) if kind == "kspace" else ()), *((REGRESSION,) if regression else ()))
 
 
 def baseline(method: str, lr: Volume, op) -> Volume:
@@ -76,9 +83,13 @@ def interpolate(lr: Volume, factors, *, method: str = "trilinear") -> Volume:
         if order == 0:
             data = np.take(data, np.clip(np.floor(c + 0.5).astype(int), 0, lr.shape[axis] - 1), axis=axis)
             continue
-        grid = np.meshgrid(*[np.arange(n, dtype=np.float64) if a != axis else c
-                             for a, n in enumerate(data.shape[:axis] + (len(c),) + data.shape[axis + 1:])],
-                           indexing="ij")
+        grid = np.meshgrid(
+            *[
+                np.arange(n, dtype=np.float64) if a != axis else c
+                for a, n in enumerate(data.shape[:axis] + (len(c),) + data.shape[axis + 1 :])
+            ],
+            indexing="ij",
+        )
         data = ndimage.map_coordinates(data, grid, order=order, mode="nearest", prefilter=order > 1)
     affine = rescaled_affine(lr.affine, [1.0 / f for f in factors])
     return lr.with_data(data.astype(np.float32), affine, baseline=method)

@@ -33,8 +33,15 @@ __all__ = ["evaluate", "score", "scan_list", "METRICS", "HIGHER_IS_BETTER"]
 
 UNADAPTED = "unadapted"  # with adapt: the same model before adapting to the scan
 METRICS = ("psnr", "ssim", "ssim3d", "lpips", "nrmse", "dice", "volume_error")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ssim3d": True, "lpips": False, "nrmse": False, "dice": True,
-                    "volume_error": False}
+HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "ssim3d": True,
+    "lpips": False,
+    "nrmse": False,
+    "dice": True,
+    "volume_error": False,
+}
 
 
 def scan_list(data: str | Path) -> list[Path]:
@@ -57,14 +64,18 @@ def score(pred: Volume, truth: Volume, *, mask, axis: int, lpips_weights=None, l
     """Every metric of one prediction against the truth (data range: the truth's maximum)."""
     p, t = pred.data, truth.data
     r = float(t.max())
-    return {"psnr": psnr(p, t, data_range=r, mask=mask), "ssim": ssim(p, t, data_range=r, axis=axis, mask=mask),
-            "ssim3d": ssim(p, t, data_range=r, mode="3d", mask=mask),
-            "lpips": lpips_volume(p, t, data_range=r, weights=lpips_weights, max_slices=lpips_slices, mask=mask),
-            "nrmse": nrmse(p, t, mask=mask)}
+    return {
+        "psnr": psnr(p, t, data_range=r, mask=mask),
+        "ssim": ssim(p, t, data_range=r, axis=axis, mask=mask),
+        "ssim3d": ssim(p, t, data_range=r, mode="3d", mask=mask),
+        "lpips": lpips_volume(p, t, data_range=r, weights=lpips_weights, max_slices=lpips_slices, mask=mask),
+        "nrmse": nrmse(p, t, mask=mask),
+    }
 
 
-def _example(truth: Volume, lr: Volume, outputs: dict[str, Volume], uncertainty: Volume | None, axis: int,
-             factors) -> dict:
+def _example(
+    truth: Volume, lr: Volume, outputs: dict[str, Volume], uncertainty: Volume | None, axis: int, factors
+) -> dict:
     """A slice through the middle of the volume, on a plane containing the degraded axis."""
     other = [a for a in range(3) if a != axis]
     cut = other[int(np.argmin([truth.shape[a] for a in other]))]
@@ -84,16 +95,34 @@ def _example(truth: Volume, lr: Volume, outputs: dict[str, Volume], uncertainty:
     return {"title": f"{truth.meta.get('path', '')}: slice {k} across voxel axis {cut}", "images": images}
 
 
-def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "slice-profile", axis: str = "z",
-             scale: float = 4, profile: str = "gaussian", thickness: float = 1.0, steps: int | None = None,
-             sampler: str = "dpmpp-2m",
-             samples: int = 1, planes: str | None = None, refine: float | None = None,
-             refine_planes: str | None = None, baselines=None,
-             seed: int = 0, use_mask: bool = True, limit: int | None = None, device: str = "auto",
-             adapt: dict | None = None,
-             lpips_weights=None, rd: bool = False, rd_only: bool = False,
-             progress: Callable[[str, int, int], None] | None = None,
-             command: list[str] | None = None) -> Path | None:
+def evaluate(
+    data,
+    out: Path,
+    *,
+    model: str | Path | None = None,
+    kind: str = "slice-profile",
+    axis: str = "z",
+    scale: float = 4,
+    profile: str = "gaussian",
+    thickness: float = 1.0,
+    steps: int | None = None,
+    sampler: str = "dpmpp-2m",
+    samples: int = 1,
+    planes: str | None = None,
+    refine: float | None = None,
+    refine_planes: str | None = None,
+    baselines=None,
+    seed: int = 0,
+    use_mask: bool = True,
+    limit: int | None = None,
+    device: str = "auto",
+    adapt: dict | None = None,
+    lpips_weights=None,
+    rd: bool = False,
+    rd_only: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+    command: list[str] | None = None,
+) -> Path | None:
     """Run the evaluation and write ``out/report.html``, ``metrics.csv`` and ``summary.json``.
 
     Under torchrun or accelerate launch the scans are shared between the processes (medldm.cohort) and the first
@@ -131,16 +160,24 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     if model is not None:
         from medldm.pipeline import Upscaler
 
-        upscaler = Upscaler(model, device=device, steps=steps, sampler=sampler, planes=planes, refine=refine,
-                            refine_planes=refine_planes)
+        upscaler = Upscaler(
+            model,
+            device=device,
+            steps=steps,
+            sampler=sampler,
+            planes=planes,
+            refine=refine,
+            refine_planes=refine_planes,
+        )
         steps, refine, planes = upscaler.steps, upscaler.refine, upscaler.planes
         refine_planes = upscaler.refine_planes
     offered = baselines_for(kind, regression=upscaler is not None and upscaler.model.estimator is not None)
     methods = offered if baselines is None else tuple(baselines)
     unknown = [m for m in methods if m not in offered]
     if unknown:
-        raise MedldmError(f"unknown or unavailable baseline {unknown[0]!r} for {kind}; "
-                          f"choose from {', '.join(offered)}")
+        raise MedldmError(
+            f"unknown or unavailable baseline {unknown[0]!r} for {kind}; choose from {', '.join(offered)}"
+        )
     rows, examples, timings, calibration = [], [], {}, []
     if adapt is not None:
         if upscaler is None:
@@ -158,11 +195,15 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         op_axis, exact = lr.meta["degrade"]["axis"], lr.meta["degrade"]["scale"]  # non-integer: the grid's factor
         op = make_operator(kind, axis=op_axis, scale=exact, profile=profile, thickness=thickness)
         factors = op.factors(3)
-        options = {"axis": op_axis, "scale": exact, "kind": kind,
-                   "thickness": thickness * lr.spacing[op_axis] if kind == "slice-profile" else None}
+        options = {
+            "axis": op_axis,
+            "scale": exact,
+            "kind": kind,
+            "thickness": thickness * lr.spacing[op_axis] if kind == "slice-profile" else None,
+        }
         mask = foreground_mask(truth.data) if use_mask else None
         outputs, uncertainty = {}, None
-        for method in (m for m in methods if m != REGRESSION):
+        for method in (m for m in methods if m not in (REGRESSION, UNADAPTED)):  # the model makes these two
             tic = time.perf_counter()
             outputs[method] = baseline(method, lr, op)
             timings.setdefault(method, []).append(time.perf_counter() - tic)
@@ -195,9 +236,12 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
         # (for in-plane kinds, the acquired slices)
         tissues = TissueClasses(truth.data, mask)  # fitted to the truth, applied unchanged to every output
         for method, pred in outputs.items():
-            row = {"volume": path.name, "method": method,
-                   **score(pred, truth, mask=mask, axis=op_axis, lpips_weights=lpips_folder),
-                   **tissues.compare(pred.data)}
+            row = {
+                "volume": path.name,
+                "method": method,
+                **score(pred, truth, mask=mask, axis=op_axis, lpips_weights=lpips_folder),
+                **tissues.compare(pred.data),
+            }
             if method == "model":
                 row["consistency_residual"] = residual
                 if uncertainty is not None and np.ptp(uncertainty.data) > 0:
@@ -222,14 +266,39 @@ def evaluate(data, out: Path, *, model: str | Path | None = None, kind: str = "s
     rd_data, rd_sample = None, None
     if (rd or rd_only) and upscaler is not None:
         rd_data, rd_sample = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
-    protocol = _protocol(files, model=upscaler.model if upscaler else None, kind=kind, axis=axis, scale=scale,
-                         profile=profile, steps=steps, sampler=sampler, samples=samples, seed=seed, planes=planes,
-                         refine=refine, refine_planes=refine_planes, thickness=thickness, adapt=adapt,
-                         use_mask=use_mask, lpips_sums=verify_checksums(lpips_folder), command=command)
-    return write_report(out, rows=rows, protocol=protocol, examples=examples, rd=rd_data,
-                        timings={k: float(np.mean(v)) for k, v in timings.items()},
-                        metrics=METRICS, higher_is_better=HIGHER_IS_BETTER, baselines=methods,
-                        calibration=calibration, rd_sample=rd_sample)
+    protocol = _protocol(
+        files,
+        model=upscaler.model if upscaler else None,
+        kind=kind,
+        axis=axis,
+        scale=scale,
+        profile=profile,
+        steps=steps,
+        sampler=sampler,
+        samples=samples,
+        seed=seed,
+        planes=planes,
+        refine=refine,
+        refine_planes=refine_planes,
+        thickness=thickness,
+        adapt=adapt,
+        use_mask=use_mask,
+        lpips_sums=verify_checksums(lpips_folder),
+        command=command,
+    )
+    return write_report(
+        out,
+        rows=rows,
+        protocol=protocol,
+        examples=examples,
+        rd=rd_data,
+        timings={k: float(np.mean(v)) for k, v in timings.items()},
+        metrics=METRICS,
+        higher_is_better=HIGHER_IS_BETTER,
+        baselines=methods,
+        calibration=calibration,
+        rd_sample=rd_sample,
+    )
 
 
 def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tuple[dict, str | None]:
@@ -262,20 +331,46 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
     if task is None:  # a factor the model was not trained for: no label to measure its denoiser with
         return {}, None
     modality = MODALITIES.index(guess_modality(lr.data, lr.meta.get("modality")))
-    label = int(m.codec.label(torch.tensor(m.config.data.tasks.index(task)), torch.tensor(modality),
-                              torch.tensor(0)))
-    rd = model_rd(m, hr_slices, cond_images=cond_slices, label=label,
-                  timesteps=[999, 750, 500, 250, 100, 50, 0], qsteps=(None, 0.5, 0.25, 0.1))
-    sample = (f"{hr_slices.shape[0]} central slices (across voxel axis {cut}) of one volume, {path.name}, the first "
-              "of the set. Distortion is that of the autoencoder's (or the diffusion's progressive) reconstruction of "
-              "the high-resolution slices, on the model's normalised intensity scale, over whole slices (background "
-              "included, no mask): not the super-resolved output over the foreground mask that the results table "
-              "scores, so the two PSNRs are not comparable.")
+    label = int(m.codec.label(torch.tensor(m.config.data.tasks.index(task)), torch.tensor(modality), torch.tensor(0)))
+    rd = model_rd(
+        m,
+        hr_slices,
+        cond_images=cond_slices,
+        label=label,
+        timesteps=[999, 750, 500, 250, 100, 50, 0],
+        qsteps=(None, 0.5, 0.25, 0.1),
+    )
+    sample = (
+        f"{hr_slices.shape[0]} central slices (across voxel axis {cut}) of one volume, {path.name}, the first "
+        "of the set. Distortion is that of the autoencoder's (or the diffusion's progressive) reconstruction of "
+        "the high-resolution slices, on the model's normalised intensity scale, over whole slices (background "
+        "included, no mask): not the super-resolved output over the foreground mask that the results table "
+        "scores, so the two PSNRs are not comparable."
+    )
     return rd, sample
 
 
-def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, samples, seed, planes, refine, use_mask,
-              lpips_sums, refine_planes=None, thickness=1.0, adapt=None, command=None) -> dict:
+def _protocol(
+    files,
+    *,
+    model,
+    kind,
+    axis,
+    scale,
+    profile,
+    steps,
+    sampler,
+    samples,
+    seed,
+    planes,
+    refine,
+    use_mask,
+    lpips_sums,
+    refine_planes=None,
+    thickness=1.0,
+    adapt=None,
+    command=None,
+) -> dict:
     import monai
     import skimage
     import torch
@@ -284,53 +379,78 @@ def _protocol(files, *, model, kind, axis, scale, profile, steps, sampler, sampl
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "scans": f"{len(files)}: " + ", ".join(p.name for p in files),
         "degradation": f"{kind} x{scale:g} along {axis} (profile {profile}"
-                       + (f", slice thickness {thickness:g} x the spacing" if thickness != 1 else "")
-                       + "), medldm.degrade; the truth is the input cropped to hold whole LR samples"
-                       + ("" if float(scale).is_integer() else " (docs/grids.md: the exact factor may differ "
-                                                                 "from the one asked by up to 0.5 / LR slices)"),
+        + (f", slice thickness {thickness:g} x the spacing" if thickness != 1 else "")
+        + "), medldm.degrade; the truth is the input cropped to hold whole LR samples"
+        + (
+            ""
+            if float(scale).is_integer()
+            else " (docs/grids.md: the exact factor may differ from the one asked by up to 0.5 / LR slices)"
+        ),
         "baselines": "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid; "
-                     "bspline-dc: cubic B-spline with the model's data-consistency projection x + A^+(y - Ax)"
-                     + ("; zero-fill: zero filling (pseudo-inverse of the k-space truncation, sinc interpolation)"
-                        if kind == "kspace" else "")
-                     + ("; regression: the model's own regression (estimator) stage over both stacks of planes with "
-                        "the same projection, without the diffusion model's detail"
-                        if model is not None and model.estimator is not None else ""),
+        "bspline-dc: cubic B-spline with the model's data-consistency projection x + A^+(y - Ax)"
+        + (
+            "; zero-fill: zero filling (pseudo-inverse of the k-space truncation, sinc interpolation)"
+            if kind == "kspace"
+            else ""
+        )
+        + (
+            "; regression: the model's own regression (estimator) stage over both stacks of planes with "
+            "the same projection, without the diffusion model's detail"
+            if model is not None and model.estimator is not None
+            else ""
+        ),
         "data range": "per-volume maximum of the truth (fastMRI convention), original intensity units",
         "mask": "Otsu foreground of the truth, holes filled, largest component" if use_mask else "whole volume",
         "SSIM": "scikit-image, 7-voxel uniform window, K1=0.01, K2=0.03; 'ssim' = mean of 2D slices across the "
-                "thick axis (in-plane kinds: the acquired slices, across the slice axis), 'ssim3d' = volumetric 7x7x7",
+        "thick axis (in-plane kinds: the acquired slices, across the slice axis), 'ssim3d' = volumetric 7x7x7",
         "LPIPS": "official lpips 0.1.4, AlexNet, real ImageNet backbone (sha256 "
-                 + ", ".join(f"{k} {v[:12]}" for k, v in sorted(lpips_sums.items())) + "); 16 evenly spaced "
-                 "slices per orthogonal plane, intensities / data range clipped to [0, 1]",
+        + ", ".join(f"{k} {v[:12]}" for k, v in sorted(lpips_sums.items()))
+        + "); 16 evenly spaced "
+        "slices per orthogonal plane, intensities / data range clipped to [0, 1]",
         "NRMSE": "||pred - truth|| / ||truth|| inside the mask",
         "volumetry": "a proxy, not a clinical segmentation: 3-class Gaussian mixture (scikit-learn) fitted to the "
-                     "truth's intensities inside the mask, applied unchanged to each output; classes by increasing "
-                     "mean intensity (on T1: CSF, grey matter, white matter); 'dice' and 'volume_error' are the "
-                     "means over the classes of Dice and of the absolute volume error (%), per class in metrics.csv "
-                     "and the Volumetry section",
+        "truth's intensities inside the mask, applied unchanged to each output; classes by increasing "
+        "mean intensity (on T1: CSF, grey matter, white matter); 'dice' and 'volume_error' are the "
+        "means over the classes of Dice and of the absolute volume error (%), per class in metrics.csv "
+        "and the Volumetry section",
         "statistics": "mean with 95% percentile-bootstrap CI (10,000 resamples, seed 0); two-sided paired Wilcoxon "
-                      "signed-rank test against the best baseline of each metric",
+        "signed-rank test against the best baseline of each metric",
         "software": f"medldm {__version__}, torch {torch.__version__}, monai {monai.__version__}, "
-                    f"scikit-image {skimage.__version__}, numpy {np.__version__}, Python {platform.python_version()}",
+        f"scikit-image {skimage.__version__}, numpy {np.__version__}, Python {platform.python_version()}",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
     }
     from medldm.provenance import git_commit, model_digest
 
-    protocol["provenance"] = {"command line": shlex.join(command or sys.argv), "cwd": os.getcwd(),
-                              "medldm": __version__ + (f" (git {git_commit()})" if git_commit() else "")}
+    protocol["provenance"] = {
+        "command line": shlex.join(command or sys.argv),
+        "cwd": os.getcwd(),
+        "medldm": __version__ + (f" (git {git_commit()})" if git_commit() else ""),
+    }
     if model is not None:
         staged = model.estimator is not None
         protocol["provenance"]["model sha256"] = model_digest(model.path)
-        protocol["model"] = (f"{model.path} (config {model.info.get('config_digest')}, "
-                             f"autoencoder {model.info.get('autoencoder_steps')} steps, "
-                             f"diffusion {model.info.get('diffusion_steps')} steps"
-                             + (f", estimator {model.info.get('estimator_steps')} steps" if staged else "") + ")")
-        protocol["sampling"] = (f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, planes {planes}, "
-                                + (f"refine {refine} (diffusion from the regression estimate; detail from planes "
-                                   f"{refine_planes}), " if staged else "")
-                                + "data consistency on"
-                                + ("; adapted to each degraded scan first (medldm.adapt: the estimator fine-tuned "
-                                   f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps and "
-                                   f"{adapt['minutes'] or 'no limit in'} minutes; 'unadapted' is the same model "
-                                   "without it)" if adapt else ""))
+        protocol["model"] = (
+            f"{model.path} (config {model.info.get('config_digest')}, "
+            f"autoencoder {model.info.get('autoencoder_steps')} steps, "
+            f"diffusion {model.info.get('diffusion_steps')} steps"
+            + (f", estimator {model.info.get('estimator_steps')} steps" if staged else "")
+            + ")"
+        )
+        protocol["sampling"] = (
+            f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, planes {planes}, "
+            + (
+                f"refine {refine} (diffusion from the regression estimate; detail from planes {refine_planes}), "
+                if staged
+                else ""
+            )
+            + "data consistency on"
+            + (
+                "; adapted to each degraded scan first (medldm.adapt: the estimator fine-tuned "
+                f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps and "
+                f"{adapt['minutes'] or 'no limit in'} minutes; 'unadapted' is the same model "
+                "without it)"
+                if adapt
+                else ""
+            )
+        )
     return protocol

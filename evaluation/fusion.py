@@ -41,10 +41,20 @@ class _Cached:
         return self.results[key]
 
 
-def evaluate_fusion(data, out: Path, *, model: str | Path, scale: float = 4, seed: int = 0, device: str = "auto",
-                    use_mask: bool = True, limit: int | None = None, lpips_weights=None,
-                    progress: Callable[[str, int, int], None] | None = None,
-                    command: list[str] | None = None) -> Path:
+def evaluate_fusion(
+    data,
+    out: Path,
+    *,
+    model: str | Path,
+    scale: float = 4,
+    seed: int = 0,
+    device: str = "auto",
+    use_mask: bool = True,
+    limit: int | None = None,
+    lpips_weights=None,
+    progress: Callable[[str, int, int], None] | None = None,
+    command: list[str] | None = None,
+) -> Path:
     """Write the fusion report (``report.html``, ``metrics.csv``, ``summary.json``) for the HR scans in ``data``."""
     from medldm.evaluation.report import write_report
 
@@ -86,28 +96,56 @@ def evaluate_fusion(data, out: Path, *, model: str | Path, scale: float = 4, see
         mask = foreground_mask(truth.data) if use_mask else None
         tissues = TissueClasses(truth.data, mask)
         for method, pred in outputs.items():
-            row = {"volume": path.name, "method": method,
-                   **score(pred, truth, mask=mask, axis=2, lpips_weights=lpips_folder), **tissues.compare(pred.data)}
+            row = {
+                "volume": path.name,
+                "method": method,
+                **score(pred, truth, mask=mask, axis=2, lpips_weights=lpips_folder),
+                **tissues.compare(pred.data),
+            }
             if method == "model":
                 row["consistency_residual"] = max(fused.residuals.values())
             rows.append(row)
         if n == 0:
             examples.append(_example(truth, stacks, outputs))
-    protocol = _protocol(files, model=upscaler.model, kind="slice-profile", axis="each voxel axis in turn",
-                         scale=scale, profile="gaussian", steps=upscaler.steps, sampler=upscaler.sampler,
-                         samples=1, seed=seed, planes=upscaler.planes, refine=upscaler.refine,
-                         refine_planes=upscaler.refine_planes, use_mask=use_mask,
-                         lpips_sums=verify_checksums(lpips_folder), command=command)
-    protocol["degradation"] = (f"three stacks per scan, thick slices x{scale} along voxel axis i, j and k in turn "
-                               "(gaussian profile, medldm.degrade); the truth is the scan cropped to hold whole thick "
-                               "slices along every axis")
-    protocol["fusion"] = ("medldm.fusion on the truth's grid: each stack upscaled (the model, or B-spline for "
-                          "bspline-dc), averaged, then CGLS on the stacks' joint normal equations from that average "
-                          "(model-average: without that step); upscale-i/j/k: the model on one stack alone")
-    return write_report(out, rows=rows, protocol=protocol, examples=examples,
-                        timings={k: float(np.mean(v)) for k, v in timings.items()}, metrics=METRICS,
-                        higher_is_better=HIGHER_IS_BETTER, baselines=FUSION_BASELINES,
-                        title="Fusion of orthogonal thick-slice stacks")
+    protocol = _protocol(
+        files,
+        model=upscaler.model,
+        kind="slice-profile",
+        axis="each voxel axis in turn",
+        scale=scale,
+        profile="gaussian",
+        steps=upscaler.steps,
+        sampler=upscaler.sampler,
+        samples=1,
+        seed=seed,
+        planes=upscaler.planes,
+        refine=upscaler.refine,
+        refine_planes=upscaler.refine_planes,
+        use_mask=use_mask,
+        lpips_sums=verify_checksums(lpips_folder),
+        command=command,
+    )
+    protocol["degradation"] = (
+        f"three stacks per scan, thick slices x{scale} along voxel axis i, j and k in turn "
+        "(gaussian profile, medldm.degrade); the truth is the scan cropped to hold whole thick "
+        "slices along every axis"
+    )
+    protocol["fusion"] = (
+        "medldm.fusion on the truth's grid: each stack upscaled (the model, or B-spline for "
+        "bspline-dc), averaged, then CGLS on the stacks' joint normal equations from that average "
+        "(model-average: without that step); upscale-i/j/k: the model on one stack alone"
+    )
+    return write_report(
+        out,
+        rows=rows,
+        protocol=protocol,
+        examples=examples,
+        timings={k: float(np.mean(v)) for k, v in timings.items()},
+        metrics=METRICS,
+        higher_is_better=HIGHER_IS_BETTER,
+        baselines=FUSION_BASELINES,
+        title="Fusion of orthogonal thick-slice stacks",
+    )
 
 
 def _example(truth, stacks, outputs) -> dict:

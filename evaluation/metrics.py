@@ -21,8 +21,18 @@ from skimage.metrics import structural_similarity
 
 from medldm.errors import MedldmError
 
-__all__ = ["psnr", "nrmse", "ssim", "lpips", "lpips_volume", "foreground_mask", "uncertainty_calibration",
-           "TissueClasses", "TISSUE_CLASSES", "PER_CLASS_METRICS"]
+__all__ = [
+    "psnr",
+    "nrmse",
+    "ssim",
+    "lpips",
+    "lpips_volume",
+    "foreground_mask",
+    "uncertainty_calibration",
+    "TissueClasses",
+    "TISSUE_CLASSES",
+    "PER_CLASS_METRICS",
+]
 
 
 def _pair(pred, ref) -> tuple[np.ndarray, np.ndarray]:
@@ -92,8 +102,16 @@ def lpips(x, y, *, net: str = "alex", weights=None) -> float:
     return lpips_distance(x, y, net=net, weights=weights)
 
 
-def lpips_volume(pred, ref, *, data_range: float | None = None, net: str = "alex", weights=None,
-                 max_slices: int | None = 32, mask=None) -> float:
+def lpips_volume(
+    pred,
+    ref,
+    *,
+    data_range: float | None = None,
+    net: str = "alex",
+    weights=None,
+    max_slices: int | None = 32,
+    mask=None,
+) -> float:
     """Mean LPIPS over slices of the three orthogonal planes, intensities mapped to [0, 1] by the data range
     (clipped). ``max_slices`` evenly spaced slices per plane (all when None); with a mask, only slices that
     contain mask voxels."""
@@ -122,7 +140,7 @@ def lpips_volume(pred, ref, *, data_range: float | None = None, net: str = "alex
             ta = torch.from_numpy(np.moveaxis(a, axis, 0)).float()[:, None].repeat(1, 3, 1, 1) * 2 - 1
             tb = torch.from_numpy(np.moveaxis(b, axis, 0)).float()[:, None].repeat(1, 3, 1, 1) * 2 - 1
             for start in range(0, len(idx), 16):
-                scores.append(model(ta[start:start + 16], tb[start:start + 16]).flatten().numpy())
+                scores.append(model(ta[start : start + 16], tb[start : start + 16]).flatten().numpy())
     if not scores:
         raise MedldmError("volume too small for LPIPS (needs 32 voxels a side)")
     return float(np.concatenate(scores).mean())
@@ -142,8 +160,9 @@ def foreground_mask(ref, *, threshold: float | None = None) -> np.ndarray:
     return mask
 
 
-def uncertainty_calibration(std, pred, ref, *, mask=None, bins: int = 10, max_voxels: int = 500_000,
-                            seed: int = 0) -> dict:
+def uncertainty_calibration(
+    std, pred, ref, *, mask=None, bins: int = 10, max_voxels: int = 500_000, seed: int = 0
+) -> dict:
     """How well a per-voxel uncertainty (the standard deviation over samples) predicts the error.
 
     Returns ``spearman``: Spearman's rank correlation between ``std`` and ``|pred - ref|`` over the voxels (of the
@@ -163,13 +182,17 @@ def uncertainty_calibration(std, pred, ref, *, mask=None, bins: int = 10, max_vo
         pick = np.random.default_rng(seed).choice(len(u), max_voxels, replace=False)
         u, err = u[pick], err[pick]
     if len(u) < bins or np.ptp(u) == 0:
-        raise MedldmError("the uncertainty is constant: draw several samples with sampler steps (e.g. --samples 4 "
-                          "--steps 8) for an uncertainty map")
+        raise MedldmError(
+            "the uncertainty is constant: draw several samples with sampler steps (e.g. --samples 4 "
+            "--steps 8) for an uncertainty map"
+        )
     order = np.argsort(u, kind="stable")
     groups = np.array_split(order, bins)
-    return {"spearman": float(spearmanr(u, err).statistic),
-            "std_by_decile": [float(u[g].mean()) for g in groups],
-            "error_by_decile": [float(err[g].mean()) for g in groups]}
+    return {
+        "spearman": float(spearmanr(u, err).statistic),
+        "std_by_decile": [float(u[g].mean()) for g in groups],
+        "error_by_decile": [float(err[g].mean()) for g in groups],
+    }
 
 
 TISSUE_CLASSES = 3

@@ -82,8 +82,10 @@ def _psnr(mse: float, data_range: float) -> float:
 def _check_images(images: Tensor) -> Tensor:
     images = torch.as_tensor(images)
     if images.ndim not in (4, 5) or images.shape[1] != 1 or images.numel() == 0:
-        raise MedldmError(f"images must be a non-empty (N, 1, *spatial) tensor with 2 or 3 spatial dims, "
-                          f"got shape {tuple(images.shape)}")
+        raise MedldmError(
+            f"images must be a non-empty (N, 1, *spatial) tensor with 2 or 3 spatial dims, "
+            f"got shape {tuple(images.shape)}"
+        )
     if not images.dtype.is_floating_point:
         raise MedldmError(f"images must be floating point, got {images.dtype}")
     return images
@@ -153,7 +155,7 @@ def autoencoder_rd(
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise MedldmError(f"batch_size must be a positive integer, got {batch_size}")
     device = _module_device(autoencoder)
-    batches = [images[i:i + batch_size] for i in range(0, images.shape[0], batch_size)]
+    batches = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
     voxels = images.numel()
 
     def distortion(decode_batch: Callable[[int], Tensor]) -> tuple[float, float]:
@@ -161,8 +163,10 @@ def autoencoder_rd(
         for i, x in enumerate(batches):
             recon = decode_batch(i).float().cpu()
             if recon.shape != x.shape:
-                raise MedldmError(f"the autoencoder gives back shape {tuple(recon.shape)} for images of shape "
-                                  f"{tuple(x.shape)}; spatial sizes must be divisible by its downsampling factor")
+                raise MedldmError(
+                    f"the autoencoder gives back shape {tuple(recon.shape)} for images of shape "
+                    f"{tuple(x.shape)}; spatial sizes must be divisible by its downsampling factor"
+                )
             sse += float((recon.double() - x.double()).pow(2).sum())
         mse = sse / voxels
         return math.sqrt(mse), _psnr(mse, data_range)
@@ -184,11 +188,25 @@ def autoencoder_rd(
                 q = float(q)
                 codes = [torch.round(z.double() / q).long() for z in latents]
                 bits = sum(empirical_entropy(torch.cat([c[:, k] for c in codes])) for k in range(channels)) / channels
-                rmse, psnr = distortion(lambda i, codes=codes, q=q: autoencoder.decode(
-                    (codes[i].double() * q / latent_scale).float().to(device)))
-            records.append({"label": label, "kind": kind, "step": q, "bits_per_latent": bits,
-                            "bits_per_voxel": bits * symbols / voxels, "compression_factor": voxels / symbols,
-                            "rmse": rmse, "psnr": psnr, "symbols": symbols, "voxels": voxels})
+                rmse, psnr = distortion(
+                    lambda i, codes=codes, q=q: autoencoder.decode(
+                        (codes[i].double() * q / latent_scale).float().to(device)
+                    )
+                )
+            records.append(
+                {
+                    "label": label,
+                    "kind": kind,
+                    "step": q,
+                    "bits_per_latent": bits,
+                    "bits_per_voxel": bits * symbols / voxels,
+                    "compression_factor": voxels / symbols,
+                    "rmse": rmse,
+                    "psnr": psnr,
+                    "symbols": symbols,
+                    "voxels": voxels,
+                }
+            )
         return records
 
 
@@ -200,11 +218,22 @@ def _vq_point(autoencoder, batches, device, voxels, label, distortion) -> dict:
     codes = sum(c.numel() for c in indices)
     entropy = empirical_entropy(torch.cat([c.flatten() for c in indices]))
     fixed = math.log2(size)
-    return {"label": label, "kind": "vq", "step": None, "bits_per_latent": entropy,
-            "bits_per_voxel": entropy * codes / voxels, "compression_factor": voxels / codes,
-            "rmse": rmse, "psnr": psnr, "symbols": codes, "voxels": voxels, "codebook_size": size,
-            "bits_per_code": fixed, "entropy_bits_per_code": entropy,
-            "log2_codebook_bits_per_voxel": fixed * codes / voxels}
+    return {
+        "label": label,
+        "kind": "vq",
+        "step": None,
+        "bits_per_latent": entropy,
+        "bits_per_voxel": entropy * codes / voxels,
+        "compression_factor": voxels / codes,
+        "rmse": rmse,
+        "psnr": psnr,
+        "symbols": codes,
+        "voxels": voxels,
+        "codebook_size": size,
+        "bits_per_code": fixed,
+        "entropy_bits_per_code": entropy,
+        "log2_codebook_bits_per_voxel": fixed * codes / voxels,
+    }
 
 
 # -------------------------------------------------------------------------------------------- diffusion
@@ -289,9 +318,15 @@ def diffusion_rd(
         x0_hat = denoise(x, t)[0].to(x0.dtype)
         if s in wanted:
             mse = float((x0_hat.double() - x0.double()).pow(2).mean())
-            rec = {"t": s, "alpha_bar": float(schedule.alphas_cumprod[s]), "bits_per_dim": rate,
-                   "bits_per_voxel": rate / voxels_per_dim, "prior_bits_per_dim": prior,
-                   "rmse": math.sqrt(mse), "psnr": _psnr(mse, data_range)}
+            rec = {
+                "t": s,
+                "alpha_bar": float(schedule.alphas_cumprod[s]),
+                "bits_per_dim": rate,
+                "bits_per_voxel": rate / voxels_per_dim,
+                "prior_bits_per_dim": prior,
+                "rmse": math.sqrt(mse),
+                "psnr": _psnr(mse, data_range),
+            }
             if decode is not None:
                 image = decode(x0_hat).double().cpu()
                 ref = torch.as_tensor(reference).double().cpu()
@@ -365,9 +400,17 @@ def model_rd(
         denoise = make_denoiser(model_fn, model.schedule, model.config.diffusion.prediction)
         voxels_per_dim = hr_images[0].numel() / z0[0].numel()
         diffusion_points = diffusion_rd(
-            denoise, z0, model.schedule, timesteps=timesteps, voxels_per_dim=voxels_per_dim,
-            data_range=data_range, seed=seed, decode=lambda z: ae.decode(z / scale).float(),
-            reference=hr_images, image_data_range=data_range)
+            denoise,
+            z0,
+            model.schedule,
+            timesteps=timesteps,
+            voxels_per_dim=voxels_per_dim,
+            data_range=data_range,
+            seed=seed,
+            decode=lambda z: ae.decode(z / scale).float(),
+            reference=hr_images,
+            image_data_range=data_range,
+        )
     for rec in diffusion_points:
         rec["label"] = name
     return {"autoencoder": ae_points, "diffusion": diffusion_points}

@@ -32,13 +32,27 @@ from medldm.outputs import write_bytes, write_text
 __all__ = ["write_report", "DEFAULT_HIGHER_IS_BETTER", "REPORT_FILES"]
 
 TISSUES = ("class 1 (T1: CSF)", "class 2 (T1: GM)", "class 3 (T1: WM)")  # intensity classes, darkest first
-DEFAULT_HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ssim3d": True, "lpips": False, "nrmse": False,
-                            "dice": True, "volume_error": False,
-                            **{m: m.startswith("dice") for m in PER_CLASS_METRICS}}
-METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ssim3d": "SSIM 3D", "lpips": "LPIPS", "nrmse": "NRMSE",
-                 "dice": "tissue Dice", "volume_error": "tissue volume error (%)",
-                 **{f"dice_{c + 1}": f"Dice {t}" for c, t in enumerate(TISSUES)},
-                 **{f"volume_error_{c + 1}": f"volume error (%) {t}" for c, t in enumerate(TISSUES)}}
+DEFAULT_HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "ssim3d": True,
+    "lpips": False,
+    "nrmse": False,
+    "dice": True,
+    "volume_error": False,
+    **{m: m.startswith("dice") for m in PER_CLASS_METRICS},
+}
+METRIC_LABELS = {
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "ssim3d": "SSIM 3D",
+    "lpips": "LPIPS",
+    "nrmse": "NRMSE",
+    "dice": "tissue Dice",
+    "volume_error": "tissue volume error (%)",
+    **{f"dice_{c + 1}": f"Dice {t}" for c, t in enumerate(TISSUES)},
+    **{f"volume_error_{c + 1}": f"volume error (%) {t}" for c, t in enumerate(TISSUES)},
+}
 REPORT_FILES = ("metrics.csv", "summary.json", "report.html")
 FIGURES_DIR = "figures"
 SMALL_SAMPLE = 8  # below this many volumes the report warns that intervals and p-values are rough
@@ -84,15 +98,24 @@ code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:
 # --------------------------------------------------------------------------------------------- public
 
 
-def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]], protocol: Mapping[str, Any],
-                 examples: Sequence[Mapping[str, Any]] | None = None, rd: Mapping[str, Any] | None = None,
-                 timings: Mapping[str, float] | None = None,
-                 metrics: Sequence[str] = ("psnr", "ssim", "lpips", "nrmse"),
-                 higher_is_better: Mapping[str, bool] | None = None,
-                 baselines: Sequence[str] = ("nearest", "trilinear", "bspline"),
-                 title: str = "Super-resolution evaluation", confidence: float = 0.95, n_boot: int = 10000,
-                 seed: int = 0, calibration: Sequence[Mapping[str, Any]] | None = None,
-                 rd_sample: str | None = None) -> Path:
+def write_report(
+    out_dir: str | os.PathLike,
+    *,
+    rows: Sequence[Mapping[str, Any]],
+    protocol: Mapping[str, Any],
+    examples: Sequence[Mapping[str, Any]] | None = None,
+    rd: Mapping[str, Any] | None = None,
+    timings: Mapping[str, float] | None = None,
+    metrics: Sequence[str] = ("psnr", "ssim", "lpips", "nrmse"),
+    higher_is_better: Mapping[str, bool] | None = None,
+    baselines: Sequence[str] = ("nearest", "trilinear", "bspline"),
+    title: str = "Super-resolution evaluation",
+    confidence: float = 0.95,
+    n_boot: int = 10000,
+    seed: int = 0,
+    calibration: Sequence[Mapping[str, Any]] | None = None,
+    rd_sample: str | None = None,
+) -> Path:
     """Write ``metrics.csv``, ``summary.json``, ``report.html`` and ``figures/`` (each figure as PNG and SVG) into
     ``out_dir``; return the HTML path.
 
@@ -138,11 +161,29 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
         raise MedldmError("no metrics rows to report")
     direction = {**DEFAULT_HIGHER_IS_BETTER, **(higher_is_better or {})}
     present = [m for m in metrics if any(r.get(m) is not None for r in rows)]
-    table = summarise(rows, metrics=present, higher_is_better=direction, baselines=list(baselines),
-                      confidence=confidence, n_boot=n_boot, seed=seed)
+    table = summarise(
+        rows,
+        metrics=present,
+        higher_is_better=direction,
+        baselines=list(baselines),
+        confidence=confidence,
+        n_boot=n_boot,
+        seed=seed,
+    )
     per_class = [m for m in PER_CLASS_METRICS if any(r.get(m) is not None for r in rows)]
-    volumetry = summarise(rows, metrics=per_class, higher_is_better=direction, baselines=list(baselines),
-                          confidence=confidence, n_boot=n_boot, seed=seed) if per_class else []
+    volumetry = (
+        summarise(
+            rows,
+            metrics=per_class,
+            higher_is_better=direction,
+            baselines=list(baselines),
+            confidence=confidence,
+            n_boot=n_boot,
+            seed=seed,
+        )
+        if per_class
+        else []
+    )
     statistics = _statistics(confidence=confidence, n_boot=n_boot, seed=seed)
     created = datetime.now(timezone.utc).replace(microsecond=0)
     summary = {
@@ -162,9 +203,20 @@ def write_report(out_dir: str | os.PathLike, *, rows: Sequence[Mapping[str, Any]
         "volumetry": volumetry,
     }
     figures = _Figures()
-    page = _page(title=title, created=created, rows=rows, summary=summary, table=table, examples=examples or [],
-                 rd=rd, timings=timings, seed=seed, calibration=calibration or [], rd_sample=rd_sample,
-                 figures=figures)
+    page = _page(
+        title=title,
+        created=created,
+        rows=rows,
+        summary=summary,
+        table=table,
+        examples=examples or [],
+        rd=rd,
+        timings=timings,
+        seed=seed,
+        calibration=calibration or [],
+        rd_sample=rd_sample,
+        figures=figures,
+    )
     texts = {
         "metrics.csv": _csv_text(rows, metrics),
         "summary.json": json.dumps(_jsonable(summary), indent=1, allow_nan=False) + "\n",
@@ -226,15 +278,20 @@ def _statistics(*, confidence: float, n_boot: int, seed: int) -> dict[str, Any]:
 
     return {
         "unit": "volume (every value is one metric of one whole volume)",
-        "confidence_interval": (f"{confidence:.0%} percentile bootstrap of the mean over volumes "
-                                "(scipy.stats.bootstrap)"),
+        "confidence_interval": (
+            f"{confidence:.0%} percentile bootstrap of the mean over volumes (scipy.stats.bootstrap)"
+        ),
         "confidence": confidence,
         "bootstrap_resamples": n_boot,
         "bootstrap_seed": seed,
-        "test": ("two-sided Wilcoxon signed-rank test, paired by volume, against the best baseline for each "
-                 "metric (best mean in the metric's direction)"),
-        "test_implementation": (f"scipy {scipy.__version__} stats.wilcoxon, zero_method='wilcox' (zero "
-                                "differences discarded), method='auto' (exact up to 50 pairs)"),
+        "test": (
+            "two-sided Wilcoxon signed-rank test, paired by volume, against the best baseline for each "
+            "metric (best mean in the metric's direction)"
+        ),
+        "test_implementation": (
+            f"scipy {scipy.__version__} stats.wilcoxon, zero_method='wilcox' (zero "
+            "differences discarded), method='auto' (exact up to 50 pairs)"
+        ),
         "multiple_comparisons": "none: p-values are not adjusted",
         "missing_values": "left out; a volume missing for either method is left out of the pairs",
     }
@@ -251,12 +308,15 @@ def _label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
-def _page(*, title, created, rows, summary, table, examples, rd, timings, seed, calibration, rd_sample,
-          figures: _Figures) -> str:
+def _page(
+    *, title, created, rows, summary, table, examples, rd, timings, seed, calibration, rd_sample, figures: _Figures
+) -> str:
     metrics = summary["metrics"]
-    sections = [("protocol", "Protocol", _protocol_section(summary)),
-                ("results", "Results", _small_sample_warning(table) + _results_section(summary, table)),
-                ("per-volume", "Per-volume values", _per_volume_section(rows, table, metrics, seed, figures))]
+    sections = [
+        ("protocol", "Protocol", _protocol_section(summary)),
+        ("results", "Results", _small_sample_warning(table) + _results_section(summary, table)),
+        ("per-volume", "Per-volume values", _per_volume_section(rows, table, metrics, seed, figures)),
+    ]
     if summary["volumetry"]:
         sections.append(("volumetry", "Volumetry", _volumetry_section(summary)))
     if examples:
@@ -270,14 +330,15 @@ def _page(*, title, created, rows, summary, table, examples, rd, timings, seed, 
     n_volumes = len({str(r["volume"]) for r in rows})
     n_methods = len({str(r["method"]) for r in rows})
     nav = "".join(f'<a href="#{key}">{_e(name)}</a>' for key, name, _ in sections)
-    body = "\n".join(f'<section id="{key}">\n<h2>{_e(name)}</h2>\n{content}\n</section>'
-                     for key, name, content in sections)
+    body = "\n".join(
+        f'<section id="{key}">\n<h2>{_e(name)}</h2>\n{content}\n</section>' for key, name, content in sections
+    )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
         f"<header>\n<h1>{_e(title)}</h1>\n"
-        f"<p class=\"meta\">Generated {_e(created.strftime('%Y-%m-%d %H:%M UTC'))} by medldm "
+        f'<p class="meta">Generated {_e(created.strftime("%Y-%m-%d %H:%M UTC"))} by medldm '
         f"{_e(medldm.__version__)} &middot; {n_volumes} volumes &middot; {n_methods} methods</p>\n"
         f"<nav>{nav}</nav>\n</header>\n<main>\n{body}\n</main>\n</body>\n</html>\n"
     )
@@ -286,9 +347,9 @@ def _page(*, title, created, rows, summary, table, examples, rd, timings, seed, 
 def _value_html(v: Any) -> str:
     if isinstance(v, Mapping):
         if not v:
-            return "<span class=\"sub\">(empty)</span>"
+            return '<span class="sub">(empty)</span>'
         cells = "".join(f"<tr><th>{_e(k)}</th><td>{_value_html(x)}</td></tr>" for k, x in v.items())
-        return f"<table class=\"kv\">{cells}</table>"
+        return f'<table class="kv">{cells}</table>'
     if isinstance(v, np.ndarray):
         v = v.tolist()
     if isinstance(v, (list, tuple, set)):
@@ -303,10 +364,9 @@ def _protocol_section(summary: dict) -> str:
     protocol = summary["protocol"]
     parts = []
     if not protocol:
-        parts.append("<p class=\"warn\">No protocol was given: these numbers cannot be reproduced from this "
-                     "report.</p>")
+        parts.append('<p class="warn">No protocol was given: these numbers cannot be reproduced from this report.</p>')
     else:
-        parts.append("<p class=\"note\">Every setting the evaluation was run with, as recorded.</p>")
+        parts.append('<p class="note">Every setting the evaluation was run with, as recorded.</p>')
         parts.append(_value_html(protocol))
     parts.append("<h3>Statistics</h3>")
     parts.append(_value_html({k.replace("_", " "): v for k, v in summary["statistics"].items()}))
@@ -332,33 +392,41 @@ def _small_sample_warning(table: list[dict]) -> str:
     if n_volumes >= SMALL_SAMPLE:
         return ""
     smallest_p = min(2 / 2**n_volumes, 1.0) if n_volumes else 1.0
-    return (f"<p class=\"warn\" id=\"small-sample\"><strong>Small sample: {n_volumes} volume(s).</strong> "
-            f"With fewer than {SMALL_SAMPLE} volumes the bootstrap interval understates the uncertainty of the mean "
-            "(it can only recombine the few values seen) and the paired Wilcoxon test cannot reach significance: its "
-            f"smallest possible two-sided p with {n_volumes} pairs is {smallest_p:.2g}. Read these numbers as a "
-            "description of these volumes, not as evidence about scans in general.</p>\n")
+    return (
+        f'<p class="warn" id="small-sample"><strong>Small sample: {n_volumes} volume(s).</strong> '
+        f"With fewer than {SMALL_SAMPLE} volumes the bootstrap interval understates the uncertainty of the mean "
+        "(it can only recombine the few values seen) and the paired Wilcoxon test cannot reach significance: its "
+        f"smallest possible two-sided p with {n_volumes} pairs is {smallest_p:.2g}. Read these numbers as a "
+        "description of these volumes, not as evidence about scans in general.</p>\n"
+    )
 
 
 def _volumetry_section(summary: dict) -> str:
     """Per tissue class Dice and absolute volume error, with the results table's intervals and tests."""
     table = summary["volumetry"]
     metrics = list(dict.fromkeys(r["metric"] for r in table))
-    view = {**summary, "metrics": metrics, "metrics_not_computed": [],
-            "higher_is_better": {r["metric"]: r["higher_is_better"] for r in table}}
-    note = ("<p class=\"note\"><strong>A proxy, not a clinical segmentation.</strong> Does super-resolution change "
-            "the volumes a reader would measure? The truth's intensities inside the mask are split into three classes "
-            "by a Gaussian mixture (scikit-learn), darkest first (on T1: CSF, grey matter, white matter; on other "
-            "contrasts, whatever the intensities separate); the same mixture then labels each output. Dice against "
-            "the truth's labels, and the absolute volume error in % of the truth's class volume (the signed change, "
-            "which shows a bias, is in metrics.csv as volume_change_N). The results table shows the means over the "
-            "classes.</p>")
+    view = {
+        **summary,
+        "metrics": metrics,
+        "metrics_not_computed": [],
+        "higher_is_better": {r["metric"]: r["higher_is_better"] for r in table},
+    }
+    note = (
+        '<p class="note"><strong>A proxy, not a clinical segmentation.</strong> Does super-resolution change '
+        "the volumes a reader would measure? The truth's intensities inside the mask are split into three classes "
+        "by a Gaussian mixture (scikit-learn), darkest first (on T1: CSF, grey matter, white matter; on other "
+        "contrasts, whatever the intensities separate); the same mixture then labels each output. Dice against "
+        "the truth's labels, and the absolute volume error in % of the truth's class volume (the signed change, "
+        "which shows a bias, is in metrics.csv as volume_change_N). The results table shows the means over the "
+        "classes.</p>"
+    )
     return note + _results_section(view, table, table_id="volumetry-table")
 
 
 def _results_section(summary: dict, table: list[dict], table_id: str = "results-table") -> str:
     metrics, baselines = summary["metrics"], summary["baselines"]
     if not metrics:
-        return "<p class=\"warn\">No metric values in the rows.</p>"
+        return '<p class="warn">No metric values in the rows.</p>'
     cells = {(r["method"], r["metric"]): r for r in table}
     methods = list(dict.fromkeys(r["method"] for r in table))
     conf = summary["statistics"]["confidence"]
@@ -370,95 +438,126 @@ def _results_section(summary: dict, table: list[dict], table_id: str = "results-
         decimals[m] = _decimals(means)
         best_base[m] = next((r["best_baseline"] for r in table if r["metric"] == m), None)
 
-    head1 = "".join(f"<th class=\"num\">{_e(_label(m))} {'&uarr;' if summary['higher_is_better'][m] else '&darr;'}"
-                    f"<br><span class=\"sub\">mean [{conf:.0%} CI]<br>"
-                    f"p vs {_e(best_base[m]) if best_base[m] else 'baseline'}</span></th>" for m in metrics)
+    head1 = "".join(
+        f'<th class="num">{_e(_label(m))} {"&uarr;" if summary["higher_is_better"][m] else "&darr;"}'
+        f'<br><span class="sub">mean [{conf:.0%} CI]<br>'
+        f"p vs {_e(best_base[m]) if best_base[m] else 'baseline'}</span></th>"
+        for m in metrics
+    )
     body = []
     for method in methods:
         is_base = method in baselines
         n_vol = max(cells[(method, m)]["n"] + cells[(method, m)]["n_missing"] for m in metrics)
-        tag = "<span class=\"tag\">baseline</span>" if is_base else ""
-        tds = [f"<td>{_e(method)}{tag}</td>", f"<td class=\"num\">{n_vol}</td>"]
+        tag = '<span class="tag">baseline</span>' if is_base else ""
+        tds = [f"<td>{_e(method)}{tag}</td>", f'<td class="num">{n_vol}</td>']
         for m in metrics:
             r, d = cells[(method, m)], decimals[m]
             if r["mean"] is None:
-                tds.append("<td class=\"num\">-</td>")
+                tds.append('<td class="num">-</td>')
                 continue
             mean = f"{r['mean']:.{d}f}"
             if r["mean"] == best_mean[m]:
                 mean = f"<strong>{mean}</strong>"
-            text = f"{mean} <span class=\"ci\">[{r['ci_low']:.{d}f}, {r['ci_high']:.{d}f}]</span>"
+            text = f'{mean} <span class="ci">[{r["ci_low"]:.{d}f}, {r["ci_high"]:.{d}f}]</span>'
             if r["n"] != n_vol:
-                text += f" <span class=\"sub\">(n={r['n']})</span>"
+                text += f' <span class="sub">(n={r["n"]})</span>'
             if is_base:
-                text += "<br><span class=\"sub\">-</span>"
+                text += '<br><span class="sub">-</span>'
             else:
                 p = r["p_value"]
-                tip = "test undefined (fewer than 2 pairs or no differences)" if p is None else (
-                    f"p = {p:.6g}, {r['n_pairs']} pairs")
-                text += f"<br><span class=\"p\" title=\"{_e(tip)}\">{_format_p(p)}</span>"
-            tds.append(f"<td class=\"num\">{text}</td>")
-        body.append(f"<tr class=\"{'baseline' if is_base else 'method'}\">{''.join(tds)}</tr>")
+                tip = (
+                    "test undefined (fewer than 2 pairs or no differences)"
+                    if p is None
+                    else (f"p = {p:.6g}, {r['n_pairs']} pairs")
+                )
+                text += f'<br><span class="p" title="{_e(tip)}">{_format_p(p)}</span>'
+            tds.append(f'<td class="num">{text}</td>')
+        body.append(f'<tr class="{"baseline" if is_base else "method"}">{"".join(tds)}</tr>')
 
     up = [_label(m) for m in metrics if summary["higher_is_better"][m]]
     down = [_label(m) for m in metrics if not summary["higher_is_better"][m]]
-    direction = " ".join(s for s in (
-        f"Higher is better for {', '.join(up)}." if up else "",
-        f"Lower is better for {', '.join(down)}." if down else "") if s)
+    direction = " ".join(
+        s
+        for s in (
+            f"Higher is better for {', '.join(up)}." if up else "",
+            f"Lower is better for {', '.join(down)}." if down else "",
+        )
+        if s
+    )
     missing = summary["metrics_not_computed"]
     notes = [
-        f"<p class=\"note\">{_e(direction)} Mean over volumes with its {conf:.0%} percentile-bootstrap interval; "
+        f'<p class="note">{_e(direction)} Mean over volumes with its {conf:.0%} percentile-bootstrap interval; '
         "the best mean of each metric is in bold. p: two-sided Wilcoxon signed-rank test of each method against "
         "the best baseline for that metric (named in the column header), paired by volume, not adjusted for "
-        "multiple comparisons; \"-\" marks baselines. n: volumes evaluated.</p>",
+        'multiple comparisons; "-" marks baselines. n: volumes evaluated.</p>',
     ]
     if missing:
-        notes.append(f"<p class=\"note\">Not computed: {_e(', '.join(_label(m) for m in missing))}.</p>")
-    return (f"<div class=\"wide\"><table class=\"results\" id=\"{table_id}\">\n<thead><tr><th>Method</th>"
-            f"<th class=\"num\">n</th>{head1}</tr></thead>\n<tbody>\n"
-            + "\n".join(body) + "\n</tbody></table></div>\n" + "\n".join(notes))
+        notes.append(f'<p class="note">Not computed: {_e(", ".join(_label(m) for m in missing))}.</p>')
+    return (
+        f'<div class="wide"><table class="results" id="{table_id}">\n<thead><tr><th>Method</th>'
+        f'<th class="num">n</th>{head1}</tr></thead>\n<tbody>\n'
+        + "\n".join(body)
+        + "\n</tbody></table></div>\n"
+        + "\n".join(notes)
+    )
 
 
 def _img(uri: str, alt: str) -> str:
-    return f"<img src=\"{uri}\" alt=\"{_e(alt)}\">"
+    return f'<img src="{uri}" alt="{_e(alt)}">'
 
 
-def _per_volume_section(rows: list[dict], table: list[dict], metrics: list[str], seed: int,
-                        figures: _Figures) -> str:
+def _per_volume_section(rows: list[dict], table: list[dict], metrics: list[str], seed: int, figures: _Figures) -> str:
     methods = list(dict.fromkeys(r["method"] for r in table))
     directions = {r["metric"]: r["higher_is_better"] for r in table}
     panels = []
     for m in metrics:
-        uri = figures.add(f"per_volume_{m}",
-                          _metric_plot(rows, metric=m, methods=methods, higher_is_better=directions[m], seed=seed))
+        uri = figures.add(
+            f"per_volume_{m}", _metric_plot(rows, metric=m, methods=methods, higher_is_better=directions[m], seed=seed)
+        )
         panels.append(f"<figure>{_img(uri, f'per-volume {_label(m)} by method')}</figure>")
-    note = ("<p class=\"note\">One point per volume (jittered sideways); grey lines join the same volume across "
-            "methods. Boxes: median and quartiles; whiskers: 1.5 times the interquartile range.</p>")
-    return note + "\n<div class=\"grid\">\n" + "\n".join(panels) + "\n</div>"
+    note = (
+        '<p class="note">One point per volume (jittered sideways); grey lines join the same volume across '
+        "methods. Boxes: median and quartiles; whiskers: 1.5 times the interquartile range.</p>"
+    )
+    return note + '\n<div class="grid">\n' + "\n".join(panels) + "\n</div>"
 
 
 def _examples_section(examples: Sequence[Mapping[str, Any]], figures: _Figures) -> str:
-    parts = ["<p class=\"note\">Intensity panels share one grey scale; error and uncertainty panels have their "
-             "own colour scales (colour bars).</p>"]
+    parts = [
+        '<p class="note">Intensity panels share one grey scale; error and uncertainty panels have their '
+        "own colour scales (colour bars).</p>"
+    ]
     for i, example in enumerate(examples):
         if not isinstance(example, Mapping):
             raise MedldmError(f"example {i} is not a dict")
         title = str(example.get("title") or f"Example {i + 1}")
-        parts.append(f"<figure><figcaption><strong>{_e(title)}</strong></figcaption>"
-                     f"{_img(figures.add(f'example_{i + 1}', _example_figure(example, title)), title)}</figure>")
+        parts.append(
+            f"<figure><figcaption><strong>{_e(title)}</strong></figcaption>"
+            f"{_img(figures.add(f'example_{i + 1}', _example_figure(example, title)), title)}</figure>"
+        )
     return "\n".join(parts)
 
 
-RD_COLUMNS = (("bits_per_dim", "bits/dim"), ("bits_per_latent", "bits/latent"), ("bits_per_voxel", "bits/voxel"),
-              ("psnr", "PSNR (dB)"), ("rmse", "RMSE"), ("image_psnr", "image PSNR (dB)"), ("image_rmse", "image RMSE"))
+RD_COLUMNS = (
+    ("bits_per_dim", "bits/dim"),
+    ("bits_per_latent", "bits/latent"),
+    ("bits_per_voxel", "bits/voxel"),
+    ("psnr", "PSNR (dB)"),
+    ("rmse", "RMSE"),
+    ("image_psnr", "image PSNR (dB)"),
+    ("image_rmse", "image RMSE"),
+)
 
 
 def _rd_series(rd: Mapping[str, Any]) -> list[dict]:
     """Each series with its legend, a text per point, and the distortion keys to plot (image space preferred)."""
     series = []
     for name, entries in rd.items():
-        if not isinstance(entries, Sequence) or isinstance(entries, str) or not all(
-                isinstance(e, Mapping) for e in entries):
+        if (
+            not isinstance(entries, Sequence)
+            or isinstance(entries, str)
+            or not all(isinstance(e, Mapping) for e in entries)
+        ):
             raise MedldmError(f"rate-distortion series {name!r} must be a list of dicts")
         entries = [dict(e) for e in entries]
         labels = [e.get("label") for e in entries]
@@ -466,14 +565,16 @@ def _rd_series(rd: Mapping[str, Any]) -> list[dict]:
         image = bool(entries) and all(e.get("image_psnr") is not None for e in entries)
         latent = not image and any(e.get("t") is not None for e in entries)
         legend = f"{name} ({common})" if common else str(name)
-        series.append({
-            "name": str(name),
-            "legend": legend + (", latent-space distortion" if latent else ""),
-            "entries": entries,
-            "texts": [_rd_point_text(e, i, common) for i, e in enumerate(entries)],
-            "psnr": "image_psnr" if image else "psnr",
-            "rmse": "image_rmse" if image else "rmse",
-        })
+        series.append(
+            {
+                "name": str(name),
+                "legend": legend + (", latent-space distortion" if latent else ""),
+                "entries": entries,
+                "texts": [_rd_point_text(e, i, common) for i, e in enumerate(entries)],
+                "psnr": "image_psnr" if image else "psnr",
+                "rmse": "image_rmse" if image else "rmse",
+            }
+        )
     return series
 
 
@@ -494,17 +595,22 @@ def _rd_section(rd: Mapping[str, Any], sample: str | None, figures: _Figures) ->
     body = []
     for s in series:
         for e, text in zip(s["entries"], s["texts"], strict=True):
-            nums = "".join(f"<td class=\"num\">{_e(_number(e.get(k)))}</td>" for k, _ in columns)
+            nums = "".join(f'<td class="num">{_e(_number(e.get(k)))}</td>' for k, _ in columns)
             body.append(f"<tr><td>{_e(s['legend'])}</td><td>{_e(text)}</td>{nums}</tr>")
-    head = "".join(f"<th class=\"num\">{_e(label)}</th>" for _, label in columns)
-    table = (f"<div class=\"wide\"><table><thead><tr><th>Series</th><th>Point</th>{head}</tr></thead>\n<tbody>"
-             + "\n".join(body) + "</tbody></table></div>")
-    note = ("<p class=\"note\">Rate against distortion. Autoencoder points: its latent quantised with step q "
-            "(float: unquantised); diffusion points: the progressive-coding rate when stopping at timestep t. "
-            "The plots use image-space distortion (image PSNR/RMSE) where a series gives it, otherwise the "
-            "series' own PSNR/RMSE.</p>")
+    head = "".join(f'<th class="num">{_e(label)}</th>' for _, label in columns)
+    table = (
+        f'<div class="wide"><table><thead><tr><th>Series</th><th>Point</th>{head}</tr></thead>\n<tbody>'
+        + "\n".join(body)
+        + "</tbody></table></div>"
+    )
+    note = (
+        '<p class="note">Rate against distortion. Autoencoder points: its latent quantised with step q '
+        "(float: unquantised); diffusion points: the progressive-coding rate when stopping at timestep t. "
+        "The plots use image-space distortion (image PSNR/RMSE) where a series gives it, otherwise the "
+        "series' own PSNR/RMSE.</p>"
+    )
     if sample:
-        note += f"\n<p class=\"note\"><strong>Sample.</strong> {_e(sample)}</p>"
+        note += f'\n<p class="note"><strong>Sample.</strong> {_e(sample)}</p>'
     fig = _rd_figure(series)
     figure = f"<figure>{_img(figures.add('rate_distortion', fig), 'rate-distortion curves')}</figure>" if fig else ""
     return note + "\n" + figure + "\n" + table
@@ -512,28 +618,39 @@ def _rd_section(rd: Mapping[str, Any], sample: str | None, figures: _Figures) ->
 
 def _calibration_section(calibration: Sequence[Mapping[str, Any]], figures: _Figures) -> str:
     rho = [float(c["spearman"]) for c in calibration]
-    note = ("<p class=\"note\">Does the uncertainty map (per-voxel standard deviation over the samples) say where "
-            "the output is wrong? Spearman's rank correlation between the standard deviation and the absolute "
-            f"error, over the voxels of the mask: mean {np.mean(rho):.3f} over {len(rho)} volume(s) (range "
-            f"{min(rho):.3f} to {max(rho):.3f}). The figure splits each volume's voxels into ten equal groups by "
-            "their standard deviation and shows the mean absolute error of each: a useful map gives errors that "
-            "rise from left to right.</p>")
+    note = (
+        '<p class="note">Does the uncertainty map (per-voxel standard deviation over the samples) say where '
+        "the output is wrong? Spearman's rank correlation between the standard deviation and the absolute "
+        f"error, over the voxels of the mask: mean {np.mean(rho):.3f} over {len(rho)} volume(s) (range "
+        f"{min(rho):.3f} to {max(rho):.3f}). The figure splits each volume's voxels into ten equal groups by "
+        "their standard deviation and shows the mean absolute error of each: a useful map gives errors that "
+        "rise from left to right.</p>"
+    )
     fig = _figure(6.4, 3.6)
     ax = fig.add_subplot()
     deciles = np.arange(1, len(calibration[0]["error_by_decile"]) + 1)
     for c in calibration:
         ax.plot(deciles, c["error_by_decile"], color="#8c959f", lw=1, alpha=0.7)
-    ax.plot(deciles, np.mean([c["error_by_decile"] for c in calibration], axis=0), color="#0550ae", lw=2.5,
-            marker="o", label="mean over volumes")
+    ax.plot(
+        deciles,
+        np.mean([c["error_by_decile"] for c in calibration], axis=0),
+        color="#0550ae",
+        lw=2.5,
+        marker="o",
+        label="mean over volumes",
+    )
     ax.set_xlabel("uncertainty decile (1 = lowest standard deviation)")
     ax.set_ylabel("mean absolute error")
     ax.set_xticks(deciles)
     ax.legend(frameon=False)
     ax.grid(alpha=0.3)
-    body = "".join(f"<tr><td>{_e(c['volume'])}</td><td class=\"num\">{float(c['spearman']):.3f}</td></tr>"
-                   for c in calibration)
-    table = ("<table><thead><tr><th>Volume</th><th class=\"num\">Spearman (std, |error|)</th></tr></thead>"
-             f"<tbody>{body}</tbody></table>")
+    body = "".join(
+        f'<tr><td>{_e(c["volume"])}</td><td class="num">{float(c["spearman"]):.3f}</td></tr>' for c in calibration
+    )
+    table = (
+        '<table><thead><tr><th>Volume</th><th class="num">Spearman (std, |error|)</th></tr></thead>'
+        f"<tbody>{body}</tbody></table>"
+    )
     uri = figures.add("uncertainty_calibration", fig)
     return note + f"\n<figure>{_img(uri, 'uncertainty calibration')}</figure>\n" + table
 
@@ -548,10 +665,13 @@ def _number(v: Any) -> str:
 
 
 def _timings_section(timings: Mapping[str, Any]) -> str:
-    body = "".join(f"<tr><td>{_e(method)}</td><td class=\"num\">{_e(_number(s))}</td></tr>"
-                   for method, s in timings.items())
-    return ("<table><thead><tr><th>Method</th><th class=\"num\">seconds per volume</th></tr></thead>"
-            f"<tbody>{body}</tbody></table>")
+    body = "".join(
+        f'<tr><td>{_e(method)}</td><td class="num">{_e(_number(s))}</td></tr>' for method, s in timings.items()
+    )
+    return (
+        '<table><thead><tr><th>Method</th><th class="num">seconds per volume</th></tr></thead>'
+        f"<tbody>{body}</tbody></table>"
+    )
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -606,11 +726,18 @@ def _metric_plot(rows: list[dict], *, metric: str, methods: list[str], higher_is
             ax.plot(*zip(*xy, strict=True), color="0.6", lw=0.6, alpha=0.45, zorder=1)
     filled = [(p, m) for p, m in zip(positions, methods, strict=True) if values[m]]
     if filled:
-        ax.boxplot([list(values[m].values()) for _, m in filled], positions=[p for p, _ in filled], widths=0.5,
-                   showfliers=False, patch_artist=True, zorder=2,
-                   boxprops={"facecolor": "#eef2f7", "edgecolor": "#57606a"},
-                   medianprops={"color": "#1f2328", "linewidth": 1.6},
-                   whiskerprops={"color": "#57606a"}, capprops={"color": "#57606a"})
+        ax.boxplot(
+            [list(values[m].values()) for _, m in filled],
+            positions=[p for p, _ in filled],
+            widths=0.5,
+            showfliers=False,
+            patch_artist=True,
+            zorder=2,
+            boxprops={"facecolor": "#eef2f7", "edgecolor": "#57606a"},
+            medianprops={"color": "#1f2328", "linewidth": 1.6},
+            whiskerprops={"color": "#57606a"},
+            capprops={"color": "#57606a"},
+        )
     colours = [f"C{i % 10}" for i in range(len(methods))]
     for p, m, c in zip(positions, methods, colours, strict=True):
         if values[m]:
@@ -680,23 +807,23 @@ def _example_figure(example: Mapping[str, Any], title: str):
     cmaps = dict(example.get("cmap") or {})
     planes = _planes(images, title)
     kinds = {label: _panel_kind(label) for label in planes}
-    scales = {kind: _limits([planes[lb][0] for lb in planes if kinds[lb] == kind], kind)
-              for kind in set(kinds.values())}
+    scales = {
+        kind: _limits([planes[lb][0] for lb in planes if kinds[lb] == kind], kind) for kind in set(kinds.values())
+    }
     # Intensity panels first, then the error/uncertainty maps; each line is a subfigure so that a colour bar
     # narrows only its own panel.
     groups = [[lb for lb in planes if kinds[lb] == "intensity"], [lb for lb in planes if kinds[lb] != "intensity"]]
-    lines = [g[i:i + PANELS_PER_ROW] for g in groups for i in range(0, len(g), PANELS_PER_ROW)]
+    lines = [g[i : i + PANELS_PER_ROW] for g in groups for i in range(0, len(g), PANELS_PER_ROW)]
     ncols = max(len(line) for line in lines)
     fig = _figure(1.9 * ncols + 0.4, 2.3 * len(lines))
     for sub, line in zip(fig.subfigures(len(lines), 1, squeeze=False).ravel(), lines, strict=True):
         axes = sub.subplots(1, ncols, squeeze=False)[0]
-        for ax in axes[len(line):]:
+        for ax in axes[len(line) :]:
             ax.set_axis_off()
         for ax, label in zip(axes, line, strict=False):
             plane, aspect = planes[label]
             lo, hi, cmap = scales[kinds[label]]
-            im = ax.imshow(plane, cmap=cmaps.get(label, cmap), vmin=lo, vmax=hi, aspect=aspect,
-                           interpolation="nearest")
+            im = ax.imshow(plane, cmap=cmaps.get(label, cmap), vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
             ax.set_title(label, fontsize=9)
             ax.set_axis_off()
             if kinds[label] != "intensity":
@@ -717,8 +844,9 @@ def _rd_figure(series: list[dict]):
                 pts.append((x, y, text))
         return sorted(pts)
 
-    panels = [(key, label) for key, label in (("psnr", "PSNR (dB)"), ("rmse", "RMSE"))
-              if any(points(s, key) for s in series)]
+    panels = [
+        (key, label) for key, label in (("psnr", "PSNR (dB)"), ("rmse", "RMSE")) if any(points(s, key) for s in series)
+    ]
     if not panels:
         return None
     fig = _figure(5.2 * len(panels), 3.8)

@@ -25,8 +25,9 @@ __all__ = ["bootstrap_ci", "paired_wilcoxon", "summarise"]
 _BOOT_CHUNK_VALUES = 1 << 22
 
 
-def bootstrap_ci(values: Iterable[float], *, confidence: float = 0.95, n_boot: int = 10000,
-                 seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values: Iterable[float], *, confidence: float = 0.95, n_boot: int = 10000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean and percentile-bootstrap confidence interval of the mean.
 
     Args:
@@ -55,9 +56,16 @@ def bootstrap_ci(values: Iterable[float], *, confidence: float = 0.95, n_boot: i
         return mean, mean, mean
     from scipy import stats
 
-    result = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_boot, method="percentile",
-                             vectorized=True, batch=max(1, _BOOT_CHUNK_VALUES // x.size),
-                             rng=np.random.default_rng(seed))
+    result = stats.bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=n_boot,
+        method="percentile",
+        vectorized=True,
+        batch=max(1, _BOOT_CHUNK_VALUES // x.size),
+        rng=np.random.default_rng(seed),
+    )
     return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -111,9 +119,16 @@ def _method_order(rows: Sequence[Mapping], baselines: Sequence[str]) -> list[str
     return [m for m in baselines if m in seen] + [m for m in seen if m not in baselines]
 
 
-def summarise(rows: Sequence[Mapping], *, metrics: Sequence[str], higher_is_better: Mapping[str, bool],
-              baselines: Sequence[str], confidence: float = 0.95, n_boot: int = 10000,
-              seed: int = 0) -> list[dict]:
+def summarise(
+    rows: Sequence[Mapping],
+    *,
+    metrics: Sequence[str],
+    higher_is_better: Mapping[str, bool],
+    baselines: Sequence[str],
+    confidence: float = 0.95,
+    n_boot: int = 10000,
+    seed: int = 0,
+) -> list[dict]:
     """Per method and metric: n, mean, std, bootstrap CI, and the paired Wilcoxon p against the best baseline.
 
     Args:
@@ -180,22 +195,24 @@ def summarise(rows: Sequence[Mapping], *, metrics: Sequence[str], higher_is_bett
                 n_pairs = len(common)
                 p = paired_wilcoxon([vals_by_vol[v] for v in common], [ref[v] for v in common])
             s = stats[method]
-            table.append({
-                "method": method,
-                "metric": metric,
-                "higher_is_better": hib,
-                "is_baseline": is_baseline,
-                "n": int(vals.size),
-                "n_missing": n_rows[method] - int(vals.size),
-                "mean": None if s is None else s[0],
-                "std": float(vals.std(ddof=1)) if vals.size > 1 else None,
-                "ci_low": None if s is None else s[1],
-                "ci_high": None if s is None else s[2],
-                "confidence": confidence,
-                "best_baseline": best,
-                "n_pairs": n_pairs,
-                "p_value": p,
-            })
+            table.append(
+                {
+                    "method": method,
+                    "metric": metric,
+                    "higher_is_better": hib,
+                    "is_baseline": is_baseline,
+                    "n": int(vals.size),
+                    "n_missing": n_rows[method] - int(vals.size),
+                    "mean": None if s is None else s[0],
+                    "std": float(vals.std(ddof=1)) if vals.size > 1 else None,
+                    "ci_low": None if s is None else s[1],
+                    "ci_high": None if s is None else s[2],
+                    "confidence": confidence,
+                    "best_baseline": best,
+                    "n_pairs": n_pairs,
+                    "p_value": p,
+                }
+            )
     order = {m: i for i, m in enumerate(methods)}
     table.sort(key=lambda r: order[r["method"]])  # stable: metrics keep their order within a method
     return table

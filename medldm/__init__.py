@@ -9,9 +9,14 @@ from medldm.errors import MedldmError
 __all__ = ["MedldmError", "__version__", "load", "save", "upscale", "fuse", "evaluate", "Volume"]
 __version__ = "0.1.0"
 
-_LAZY = {"load": "medldm.api", "save": "medldm.api", "upscale": "medldm.api", "fuse": "medldm.api",
-         "evaluate": "medldm.api",
-         "Volume": "medldm.volume"}
+_LAZY = {
+    "load": "medldm.api",
+    "save": "medldm.api",
+    "upscale": "medldm.api",
+    "fuse": "medldm.api",
+    "evaluate": "medldm.api",
+    "Volume": "medldm.volume",
+}
 
 
 def __getattr__(name: str):

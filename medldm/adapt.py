@@ -46,16 +46,25 @@ class Adaptation:
     thickness: float  # slice thickness / spacing of the pairs
 
 
-def adapt(model, volume, plan, *, steps: int | None = DEFAULT_STEPS, minutes: float | None = DEFAULT_MINUTES,
-          seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Adaptation:
+def adapt(
+    model,
+    volume,
+    plan,
+    *,
+    steps: int | None = DEFAULT_STEPS,
+    minutes: float | None = DEFAULT_MINUTES,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Adaptation:
     """Fine-tune ``model``'s estimator on pairs made from ``volume``'s own slices (see the module docstring) and
     return the adapted model. Stops after ``steps`` steps or ``minutes`` minutes, whichever comes first (at least
     one of them must be set). ``plan`` is the medldm.pipeline.Plan of the upscale to come (thick slices)."""
     if model.estimator is None:
         raise MedldmError("--adapt fine-tunes the model's estimator stage, and this model has none", model.path)
     if plan.task.kind != "slice-profile":
-        raise MedldmError("--adapt learns from the scan's own slices, so it needs thick slices (not in-plane kinds)",
-                          volume.path)
+        raise MedldmError(
+            "--adapt learns from the scan's own slices, so it needs thick slices (not in-plane kinds)", volume.path
+        )
     if steps is None and minutes is None:
         raise MedldmError("--adapt needs a bound: --adapt-steps or --adapt-minutes")
     a = plan.axis
@@ -65,8 +74,11 @@ def adapt(model, volume, plan, *, steps: int | None = DEFAULT_STEPS, minutes: fl
     thick_axes = tuple(int(k) for k in np.nonzero(in_plane <= in_plane.min() * 1.2)[0])
     factor = volume.spacing[a] / float(in_plane.min())
     if factor < 1.05:
-        raise MedldmError(f"--adapt needs slices thicker than their in-plane voxels (here {volume.spacing[a]:.3g} "
-                          f"mm vs {in_plane.min():.3g} mm)", volume.path)
+        raise MedldmError(
+            f"--adapt needs slices thicker than their in-plane voxels (here {volume.spacing[a]:.3g} "
+            f"mm vs {in_plane.min():.3g} mm)",
+            volume.path,
+        )
     smallest = PATCH // 2 + 2 * math.ceil(factor)
     if min(volume.shape[d] for d in range(3) if d != a) < smallest:
         raise MedldmError(f"--adapt needs slices of at least {smallest} x {smallest} voxels", volume.path)
@@ -77,12 +89,19 @@ def adapt(model, volume, plan, *, steps: int | None = DEFAULT_STEPS, minutes: fl
     if len(fg) > 20000:
         fg = fg[np.random.default_rng(seed).choice(len(fg), 20000, replace=False)]
     scan = TrainingVolume(str(volume.path or "scan"), data, modality, fg.astype(np.int32))
-    task = Task(kind="slice-profile", scale=plan.task.scale, profile=plan.task.profile,
-                scale_range=(factor, factor), thickness_range=(plan.thickness, plan.thickness), range_share=1.0)
+    task = Task(
+        kind="slice-profile",
+        scale=plan.task.scale,
+        profile=plan.task.profile,
+        scale_range=(factor, factor),
+        thickness_range=(plan.thickness, plan.thickness),
+        range_share=1.0,
+    )
     size = min(PATCH, *(volume.shape[d] for d in range(3) if d != a))
     size -= size % model.estimator.multiple
-    sampler = PairSampler([scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,),
-                          thick_axes=thick_axes)
+    sampler = PairSampler(
+        [scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,), thick_axes=thick_axes
+    )
     label = model.codec.task_label(torch.tensor(config.data.tasks.index(plan.task)), torch.tensor(modality))
     net = copy.deepcopy(model.estimator).train().requires_grad_(True)
     if PARAMETERS == "bias":
@@ -97,7 +116,7 @@ def adapt(model, volume, plan, *, steps: int | None = DEFAULT_STEPS, minutes: fl
         labels = label.expand(BATCH)
         lr = batch["lr"]
         if NEIGHBOURS == "centre":  # the thick axis's neighbours are too far apart to stand in for fine ones
-            lr = lr[:, net.slab // 2: net.slab // 2 + 1].expand_as(lr)
+            lr = lr[:, net.slab // 2 : net.slab // 2 + 1].expand_as(lr)
         out = net(lr, labels, batch["geometry"])
         loss = (out - batch["hr"]).abs().mean()
         opt.zero_grad(set_to_none=True)

@@ -54,8 +54,10 @@ def as_volume(scan: ScanLike, affine: np.ndarray | None = None) -> Volume:
         if not np.all(np.isfinite(scan)):
             raise MedldmError("the array holds NaN or inf voxels")
         return Volume(scan, affine, {"format": "array"})
-    raise MedldmError(f"cannot make a scan from a {type(scan).__name__}: pass a path, a Volume, a nibabel image "
-                      "or an array with its affine")
+    raise MedldmError(
+        f"cannot make a scan from a {type(scan).__name__}: pass a path, a Volume, a nibabel image "
+        "or an array with its affine"
+    )
 
 
 @lru_cache(maxsize=2)
@@ -65,11 +67,22 @@ def _model(model: str, device: str):
     return load_model(model, device=_device(device))
 
 
-def upscale(scan: ScanLike, *, affine: np.ndarray | None = None, scale: int | None = None, axis: str | int = "auto",
-            kind: str | None = None, steps: int | None = None, refine: float | None = None,
-            planes: str | None = None, refine_planes: str | None = None, samples: int = 1, seed: int = 0,
-            model: str | os.PathLike = "default",
-            device: str = "auto") -> Volume:
+def upscale(
+    scan: ScanLike,
+    *,
+    affine: np.ndarray | None = None,
+    scale: int | None = None,
+    axis: str | int = "auto",
+    kind: str | None = None,
+    steps: int | None = None,
+    refine: float | None = None,
+    planes: str | None = None,
+    refine_planes: str | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    model: str | os.PathLike = "default",
+    device: str = "auto",
+) -> Volume:
     """Upscale a scan as ``medldm upscale`` does, with the same defaults, and return the result as a Volume on the
     finer grid (same field of view). With ``samples > 1`` the per-voxel standard deviation over the samples is
     ``result.meta["uncertainty"]`` (an array on the same grid). The model is loaded once and kept for later
@@ -77,16 +90,30 @@ def upscale(scan: ScanLike, *, affine: np.ndarray | None = None, scale: int | No
     from medldm.pipeline import Upscaler
 
     volume = as_volume(scan, affine)
-    upscaler = Upscaler(_model(str(model), device), device=device, steps=steps, refine=refine, planes=planes,
-                        refine_planes=refine_planes)
+    upscaler = Upscaler(
+        _model(str(model), device),
+        device=device,
+        steps=steps,
+        refine=refine,
+        planes=planes,
+        refine_planes=refine_planes,
+    )
     result = upscaler.upscale(volume, axis=axis, scale=scale, kind=kind, samples=samples, seed=seed)
     if result.uncertainty is not None:
         result.sr.meta["uncertainty"] = result.uncertainty.data
     return result.sr
 
 
-def fuse(stacks, *, spacing: float | None = None, like: ScanLike | None = None, register: bool = False,
-         prior: str = "model", model: str | os.PathLike = "default", device: str = "auto") -> Volume:
+def fuse(
+    stacks,
+    *,
+    spacing: float | None = None,
+    like: ScanLike | None = None,
+    register: bool = False,
+    prior: str = "model",
+    model: str | os.PathLike = "default",
+    device: str = "auto",
+) -> Volume:
     """Fuse thick-slice stacks of one session (paths, Volumes or nibabel images) into one isotropic volume, as
     ``medldm fuse`` does: at ``spacing`` mm over their common field of view, or on the grid of ``like``.
     ``result.meta["fuse"]`` holds each stack's consistency residual (a fraction of its range) and, with
@@ -95,8 +122,14 @@ def fuse(stacks, *, spacing: float | None = None, like: ScanLike | None = None, 
     from medldm.pipeline import Upscaler
 
     upscaler = Upscaler(_model(str(model), device), device=device) if prior == "model" else None
-    result = run([as_volume(s) for s in stacks], spacing=spacing, like=None if like is None else as_volume(like),
-                 prior=prior, upscaler=upscaler, register=register)
+    result = run(
+        [as_volume(s) for s in stacks],
+        spacing=spacing,
+        like=None if like is None else as_volume(like),
+        prior=prior,
+        upscaler=upscaler,
+        register=register,
+    )
     result.volume.meta["fuse"].update(residuals=result.residuals, transforms=result.transforms)
     return result.volume
 

@@ -30,8 +30,13 @@ def bids_root(path: str | os.PathLike) -> Path | None:
 
 def bids_scans(root: Path) -> list[Path]:
     """The NIfTI scans of a BIDS dataset (under sub-* folders, never under derivatives/ or sourcedata/)."""
-    return sorted(p for sub in sorted(root.glob("sub-*")) if sub.is_dir() for p in sub.rglob("*")
-                  if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+    return sorted(
+        p
+        for sub in sorted(root.glob("sub-*"))
+        if sub.is_dir()
+        for p in sub.rglob("*")
+        if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+    )
 
 
 def derivative_path(scan: Path, root: Path, out_root: Path | None = None) -> Path:
@@ -65,10 +70,18 @@ def write_dataset_description(derivatives: Path, source: Path) -> Path:
         source_name = json.loads((source / DESCRIPTION).read_text()).get("Name", source_name)
     except (OSError, ValueError, AttributeError):
         pass
-    record = {"Name": f"medldm super-resolution of {source_name}", "BIDSVersion": "1.9.0",
-              "DatasetType": "derivative",
-              "GeneratedBy": [{"Name": PIPELINE, "Version": __version__,
-                               "Description": "latent diffusion super-resolution (regression estimate refined by "
-                                              "a conditional latent diffusion model, made data-consistent)"}],
-              "SourceDatasets": [{"URL": source.resolve().as_uri()}]}
+    record = {
+        "Name": f"medldm super-resolution of {source_name}",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [
+            {
+                "Name": PIPELINE,
+                "Version": __version__,
+                "Description": "latent diffusion super-resolution (regression estimate refined by "
+                "a conditional latent diffusion model, made data-consistent)",
+            }
+        ],
+        "SourceDatasets": [{"URL": source.resolve().as_uri()}],
+    }
     return write_text(path, json.dumps(record, indent=1) + "\n", suffixes=(".json",))

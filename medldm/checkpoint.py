@@ -24,8 +24,17 @@ from safetensors.torch import load_file, save_file
 
 from medldm.errors import MedldmError
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_state", "load_weights", "build_with_weights",
-           "write_model_folder", "read_model_folder", "sha256", "load_partial_weights"]
+__all__ = [
+    "save_checkpoint",
+    "latest_checkpoint",
+    "load_state",
+    "load_weights",
+    "build_with_weights",
+    "write_model_folder",
+    "read_model_folder",
+    "sha256",
+    "load_partial_weights",
+]
 
 STEP_PREFIX = "step_"
 MODEL_FILES = ("config.json", "model.json", "autoencoder.safetensors", "denoiser.safetensors")  # every model has
@@ -48,8 +57,15 @@ def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(stage_dir: Path, step: int, *, modules: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer], state: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    stage_dir: Path,
+    step: int,
+    *,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: dict,
+    keep: int = 2,
+) -> Path:
     """Write a complete checkpoint atomically and drop all but the ``keep`` newest."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     final = stage_dir / f"{STEP_PREFIX}{step:07d}"
@@ -110,8 +126,9 @@ def load_partial_weights(module: torch.nn.Module, path: Path, *, new: str) -> No
         first = str(exc).splitlines()[0] if str(exc) else "mismatch"
         raise MedldmError(f"weights do not fit the model in its config ({first})", path) from None
     if unexpected or any(not name.startswith(new) for name in missing):
-        raise MedldmError(f"weights do not fit the model in its config (missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]})", path)
+        raise MedldmError(
+            f"weights do not fit the model in its config (missing {missing[:3]}, unexpected {unexpected[:3]})", path
+        )
 
 
 def build_with_weights(build: Callable[[], torch.nn.Module], path: Path) -> torch.nn.Module:
@@ -127,9 +144,15 @@ def build_with_weights(build: Callable[[], torch.nn.Module], path: Path) -> torc
         raise MedldmError(f"weights cannot be read ({exc})", path) from None
     if found != expected:
         names = sorted(set(found) ^ set(expected))
-        what = (f"tensor {names[0]} is in only one of them" if names else next(
-            f"{n} is {list(found[n])} in the file, {list(expected[n])} in the config"
-            for n in sorted(expected) if found[n] != expected[n]))
+        what = (
+            f"tensor {names[0]} is in only one of them"
+            if names
+            else next(
+                f"{n} is {list(found[n])} in the file, {list(expected[n])} in the config"
+                for n in sorted(expected)
+                if found[n] != expected[n]
+            )
+        )
         raise MedldmError(f"weights do not fit the model in its config ({what})", path)
     module = build()
     load_weights(module, path)
@@ -169,8 +192,9 @@ def _listed_checksums(folder: Path) -> dict[str, str]:
         if name in (".", "..") or Path(name).name != name or "\\" in name:
             raise MedldmError(f"SHA256SUMS names {name!r}, which is not a file of this folder", folder)
         listed[name] = parts[0].lower()
-    unlisted = sorted(p.name for p in folder.iterdir()
-                      if p.suffix in (".json", ".safetensors") and p.name not in listed)
+    unlisted = sorted(
+        p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors") and p.name not in listed
+    )
     missing = [n for n in MODEL_FILES if n not in listed]
     if unlisted or missing:
         raise MedldmError(f"SHA256SUMS does not list {', '.join(unlisted + missing)} (incomplete or altered)", folder)
@@ -186,11 +210,20 @@ def _check_info(info, folder: Path) -> dict:
     if not isinstance(sampling, dict):
         sampling = {"steps": None}
     steps, refine = sampling.get("steps", 1), sampling.get("refine", 0.0)
-    if (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or isinstance(refine, bool)
-            or not isinstance(refine, int | float) or not 0 <= refine < 1
-            or sampling.get("planes", "both") not in ("one", "both")):
-        raise MedldmError("model.json sampling must be {\"steps\": integer >= 1, \"refine\": number in [0, 1), "
-                          "\"planes\": \"one\" or \"both\"}", folder)
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, int)
+        or steps < 1
+        or isinstance(refine, bool)
+        or not isinstance(refine, int | float)
+        or not 0 <= refine < 1
+        or sampling.get("planes", "both") not in ("one", "both")
+    ):
+        raise MedldmError(
+            'model.json sampling must be {"steps": integer >= 1, "refine": number in [0, 1), '
+            '"planes": "one" or "both"}',
+            folder,
+        )
     return info
 
 

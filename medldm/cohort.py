@@ -21,7 +21,7 @@ def current(device: str = "auto"):
 
 def share(items: list, state) -> list:
     """This process's share of ``items``: every n-th, starting at its index (all of them without a launch)."""
-    return list(items) if state is None else list(items)[state.process_index::state.num_processes]
+    return list(items) if state is None else list(items)[state.process_index :: state.num_processes]
 
 
 def gather(items: list, state) -> list:

@@ -59,8 +59,10 @@ class Task(_Strict):
 
     @model_validator(mode="after")
     def _ranges_are_thick_slices(self):
-        for name, (lo, hi), bounds in (("scale_range", self.scale_range or (2, 2), (1.05, 16)),
-                                       ("thickness_range", self.thickness_range or (1, 1), (0.05, 8))):
+        for name, (lo, hi), bounds in (
+            ("scale_range", self.scale_range or (2, 2), (1.05, 16)),
+            ("thickness_range", self.thickness_range or (1, 1), (0.05, 8)),
+        ):
             if not bounds[0] <= lo <= hi <= bounds[1]:
                 raise ValueError(f"{name} must be [low, high] within {bounds[0]}..{bounds[1]}")
         if (self.scale_range or self.thickness_range) and self.kind != "slice-profile":
@@ -220,8 +222,9 @@ class Stage(_Strict):
     def _sizes_bounded(cls, stages):
         for stage in stages or []:
             if len(stage) < 2 or stage[0] < 1 or any(not 8 <= n <= MAX_PATCH for n in stage[1:]):
-                raise ValueError(f"each progressive entry is [until_step, size...] with sizes in 8..{MAX_PATCH}, "
-                                 f"not {stage}")
+                raise ValueError(
+                    f"each progressive entry is [until_step, size...] with sizes in 8..{MAX_PATCH}, not {stage}"
+                )
         return stages
 
 
@@ -255,8 +258,10 @@ class Config(_Strict):
         if self.estimator is not None and self.data.spatial_dims != 2:
             raise ValueError("the estimator is a 2D (2.5D slab) network: it needs data.spatial_dims 2")
         if self.diffusion.condition == "estimate" and (self.estimator is None or self.data.slab != 1):
-            raise ValueError("diffusion.condition 'estimate' needs an estimator section and data.slab 1 "
-                             "(the estimate already sees the slab)")
+            raise ValueError(
+                "diffusion.condition 'estimate' needs an estimator section and data.slab 1 "
+                "(the estimate already sees the slab)"
+            )
         if self.diffusion.refine is not None and self.estimator is None:
             raise ValueError("diffusion.refine needs an estimator section (it refines the estimate)")
         return self
@@ -313,8 +318,9 @@ def shipped_config(name: str) -> Path | None:
         return Path(path)
 
 
-def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
-                check_files: bool = True) -> tuple[Config, Path]:
+def load_config(
+    path: str | os.PathLike, *, data_root: str | os.PathLike | None = None, check_files: bool = True
+) -> tuple[Config, Path]:
     """Read and validate a YAML config (a path, or the name of a config shipped with medldm, e.g. "brain_mri");
     return it and the resolved data root.
 
@@ -326,8 +332,9 @@ def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None 
     if not path.is_file() and path.parent == Path(".") and (shipped := shipped_config(path.name)):
         path = shipped
     if not path.is_file():
-        raise MedldmError(f"config file not found (the configs shipped with medldm: {', '.join(shipped_configs())})",
-                          path)
+        raise MedldmError(
+            f"config file not found (the configs shipped with medldm: {', '.join(shipped_configs())})", path
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -337,8 +344,9 @@ def load_config(path: str | os.PathLike, *, data_root: str | os.PathLike | None 
     return parse_config(raw, source=str(path), base=path.parent, data_root=data_root, check_files=check_files)
 
 
-def parse_config(raw, *, source: str = "config", base: Path = Path("."), data_root=None,
-                 check_files: bool = True) -> tuple[Config, Path]:
+def parse_config(
+    raw, *, source: str = "config", base: Path = Path("."), data_root=None, check_files: bool = True
+) -> tuple[Config, Path]:
     """Validate an already-parsed config mapping (e.g. the JSON stored in a checkpoint)."""
     if not isinstance(raw, dict):
         raise MedldmError(f"{source}: expected a mapping of keys at the top level")
@@ -352,8 +360,9 @@ def parse_config(raw, *, source: str = "config", base: Path = Path("."), data_ro
     return config, root
 
 
-def resolve_sources(config: Config, root: Path, *, source: str = "config"
-                    ) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+def resolve_sources(
+    config: Config, root: Path, *, source: str = "config"
+) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """(train, validation) lists of (file, modality), split by subject within each source."""
     if not root.is_dir():
         raise MedldmError(f"{source}: data root {root} not found (set --data-root or {DATA_ROOT_ENV})")
@@ -363,8 +372,9 @@ def resolve_sources(config: Config, root: Path, *, source: str = "config"
         if not files:
             raise MedldmError(f"{source}: key 'data.sources.{i}.glob': no files match {src.glob!r} under {root}")
         if src.holdout >= len(files):
-            raise MedldmError(f"{source}: key 'data.sources.{i}.holdout': {src.holdout} leaves no training "
-                              f"files of {len(files)}")
+            raise MedldmError(
+                f"{source}: key 'data.sources.{i}.holdout': {src.holdout} leaves no training files of {len(files)}"
+            )
         cut = len(files) - src.holdout
         train += [(f, src.modality) for f in files[:cut]]
         validation += [(f, src.modality) for f in files[cut:]]

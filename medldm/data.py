@@ -55,8 +55,9 @@ def _prepare(path: Path, modality: str, config: Config) -> TrainingVolume:
     return TrainingVolume(path.name, data, MODALITIES.index(modality), coords.astype(np.int32))
 
 
-def load_volumes(config: Config, root: Path, *, split: str = "train", cache: Path | None = None,
-                 progress=None) -> list[TrainingVolume]:
+def load_volumes(
+    config: Config, root: Path, *, split: str = "train", cache: Path | None = None, progress=None
+) -> list[TrainingVolume]:
     """Load and normalise the split's scans, through an HDF5 cache when ``cache`` is given.
 
     Args:
@@ -112,9 +113,17 @@ class PairSampler:
     ``slab // 2``; otherwise one channel.
     """
 
-    def __init__(self, volumes: list[TrainingVolume], config: Config, *, rank: int = 0, slab: int | None = None,
-                 tasks=None, plane_axes: tuple[int, ...] | None = None,
-                 thick_axes: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        volumes: list[TrainingVolume],
+        config: Config,
+        *,
+        rank: int = 0,
+        slab: int | None = None,
+        tasks=None,
+        plane_axes: tuple[int, ...] | None = None,
+        thick_axes: tuple[int, ...] | None = None,
+    ):
         if not volumes:
             raise MedldmError("no training volumes")
         self.volumes, self.config, self.rank = volumes, config, rank
@@ -146,9 +155,13 @@ class PairSampler:
             modality.append(vol.modality)
             scales.append(scale)
             thicknesses.append(thickness)
-        return {"hr": torch.stack(hr)[:, None], "lr": torch.stack(lr),
-                "task": torch.tensor(task), "modality": torch.tensor(modality),
-                "geometry": geometry_features(scales, thicknesses)}
+        return {
+            "hr": torch.stack(hr)[:, None],
+            "lr": torch.stack(lr),
+            "task": torch.tensor(task),
+            "modality": torch.tensor(modality),
+            "geometry": geometry_features(scales, thicknesses),
+        }
 
     @staticmethod
     def _geometry(task, rng) -> tuple[float, float]:
@@ -169,9 +182,11 @@ class PairSampler:
         if self.dims == 2:
             axes = self.plane_axes or (0, 1, 2)
             plane_axis = axes[int(rng.integers(len(axes)))]  # slice perpendicular to this axis
-        centre = (vol.foreground[rng.integers(len(vol.foreground))]
-                  if len(vol.foreground) and rng.random() < self.config.data.foreground_fraction
-                  else np.array([rng.integers(n) for n in data.shape]))
+        centre = (
+            vol.foreground[rng.integers(len(vol.foreground))]
+            if len(vol.foreground) and rng.random() < self.config.data.foreground_fraction
+            else np.array([rng.integers(n) for n in data.shape])
+        )
         if self.dims == 2:
             # the slab of planes around the centre, index clamped at the border (the pipeline's rule too)
             r = self.slab // 2
@@ -194,8 +209,9 @@ class PairSampler:
         if task.kind == "slice-profile":  # the exact factor of the region's whole LR samples (docs/grids.md)
             n = region.shape[1 + axis]
             scale = n / round(n / scale) if not isinstance(scale, int) else scale
-        op = make_operator(task.kind, axis=axis, scale=scale, spatial_dims=self.dims, profile=task.profile,
-                           thickness=thickness)
+        op = make_operator(
+            task.kind, axis=axis, scale=scale, spatial_dims=self.dims, profile=task.profile, thickness=thickness
+        )
         hr = torch.from_numpy(region.astype(np.float32))  # (C, *spatial)
         if rng.random() < 0.5:  # mirror augmentation, the same for every plane of a slab
             hr = hr.flip(1 + int(rng.integers(self.dims)))

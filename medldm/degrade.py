@@ -170,7 +170,7 @@ class LinearOperator(ABC):
         """
         if spatial_shape is None:
             return self._axis_norm_sq_bound() ** len(self.axes)
-        spatial = tuple(spatial_shape)[-self.spatial_dims:]
+        spatial = tuple(spatial_shape)[-self.spatial_dims :]
         self.output_shape(spatial)  # validates
         return math.prod(float(torch.linalg.eigvalsh(self._gram(spatial[a])).max()) for a in self.axes)
 
@@ -256,8 +256,9 @@ class ThickSlice(LinearOperator):
 
 def _require_integer(op: LinearOperator) -> None:
     if not isinstance(op.scale, int):
-        raise MedldmError(f"{type(op).__name__} needs an integer factor, got {op.scale:g} (non-integer factors: "
-                          "thick slices only)")
+        raise MedldmError(
+            f"{type(op).__name__} needs an integer factor, got {op.scale:g} (non-integer factors: thick slices only)"
+        )
 
 
 class SliceSampling(LinearOperator):
@@ -278,8 +279,7 @@ class SliceSampling(LinearOperator):
         profile: "gaussian" or "boxcar".
     """
 
-    def __init__(self, axes, scale: float, *, thickness: float = 1.0, profile: str = "gaussian",
-                 spatial_dims: int = 3):
+    def __init__(self, axes, scale: float, *, thickness: float = 1.0, profile: str = "gaussian", spatial_dims: int = 3):
         super().__init__(axes, scale, spatial_dims=spatial_dims)
         if profile not in PROFILES:
             raise MedldmError(f"unknown slice profile {profile!r}: use one of {', '.join(PROFILES)}")
@@ -389,8 +389,15 @@ class KSpaceTruncation(LinearOperator):
 
 
 # -------------------------------------------------------------------------------------------- factory
-def make_operator(kind: str, *, axis: int | None, scale: float, spatial_dims: int = 3,
-                  profile: str = "gaussian", thickness: float = 1.0) -> LinearOperator:
+def make_operator(
+    kind: str,
+    *,
+    axis: int | None,
+    scale: float,
+    spatial_dims: int = 3,
+    profile: str = "gaussian",
+    thickness: float = 1.0,
+) -> LinearOperator:
     """Operator for a CLI/config degradation kind.
 
     ``axis`` always names the slice (through-plane) axis; the in-plane axes are the others (in 2D both
@@ -451,8 +458,9 @@ def _slabs(x: Tensor, op: LinearOperator, chunk_voxels: int) -> list[tuple[int, 
     return [(axis, start, min(step, x.shape[axis] - start)) for start in range(0, x.shape[axis], step)]
 
 
-def enforce_consistency(x: Tensor, y: Tensor, op: LinearOperator, *, strength: float = 1.0,
-                        chunk_voxels: int = CHUNK_VOXELS) -> Tensor:
+def enforce_consistency(
+    x: Tensor, y: Tensor, op: LinearOperator, *, strength: float = 1.0, chunk_voxels: int = CHUNK_VOXELS
+) -> Tensor:
     """Add the pseudo-inverse of the LR residual to the HR volume ``x``, in place, slab by slab in float64:
     ``x + strength * A^+ (y - A x)``. With strength 1, ``op.forward(x)`` then equals ``y`` exactly and only the
     part of ``x`` that the acquisition cannot see is kept. ``x``: (*spatial) HR, ``y``: the LR volume."""
@@ -497,9 +505,17 @@ class Degraded(NamedTuple):
     hr: Volume
 
 
-def degrade_volume(volume: Volume, *, kind: str, axis: str | int = "z", scale: float = 4,
-                   profile: str = "gaussian", noise: float = 0.0, seed: int = 0,
-                   thickness: float = 1.0) -> Degraded:
+def degrade_volume(
+    volume: Volume,
+    *,
+    kind: str,
+    axis: str | int = "z",
+    scale: float = 4,
+    profile: str = "gaussian",
+    noise: float = 0.0,
+    seed: int = 0,
+    thickness: float = 1.0,
+) -> Degraded:
     """Make an LR volume with exact geometry from an HR one.
 
     The degraded axes are cropped (fewest voxels, split between both ends) to hold whole LR samples: a multiple
@@ -536,6 +552,13 @@ def degrade_volume(volume: Volume, *, kind: str, axis: str | int = "z", scale: f
         if noise > 0:
             sigma = noise * float(np.percentile(hr.data, 99))
             lr = add_rician_noise(lr, sigma, generator=torch.Generator().manual_seed(int(seed)))
-    record = {"kind": kind, "axis": voxel_axis, "scale": op.scale, "thickness": float(thickness), "profile": profile,
-              "noise": float(noise), "cropped_from": volume.shape}
+    record = {
+        "kind": kind,
+        "axis": voxel_axis,
+        "scale": op.scale,
+        "thickness": float(thickness),
+        "profile": profile,
+        "noise": float(noise),
+        "cropped_from": volume.shape,
+    }
     return Degraded(hr.with_data(lr.numpy(), rescaled_affine(hr.affine, op.factors(3)), degrade=record), hr)

@@ -50,8 +50,10 @@ def main() -> None:
     lr, truth = degrade_volume(truth_full, kind="slice-profile", axis="z", scale=4)
     axis = lr.meta["degrade"]["axis"]
     op = make_operator("slice-profile", axis=axis, scale=4)
-    console.print(f"simulated thick slices: {truth.shape} at {truth.spacing[axis]:.1f} mm -> {lr.shape} at "
-                  f"{lr.spacing[axis]:.1f} mm along z (voxel axis {axis})")
+    console.print(
+        f"simulated thick slices: {truth.shape} at {truth.spacing[axis]:.1f} mm -> {lr.shape} at "
+        f"{lr.spacing[axis]:.1f} mm along z (voxel axis {axis})"
+    )
     # bspline-dc: B-spline with the model's data-consistency projection, to show what the network itself adds
     outputs = {m: baseline(m, lr, op) for m in ("trilinear", "bspline", BSPLINE_DC)}
     paths = {"lr": OUT / "mni152_lr_z4.nii.gz", "truth": OUT / "mni152_truth.nii.gz"}
@@ -67,15 +69,19 @@ def main() -> None:
         tic = time.perf_counter()
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("upscaling", total=None)
-            result = upscaler.upscale(lr, axis="z", scale=4, seed=0,
-                                      progress=lambda d, t: bar.update(task, completed=d, total=t))
+            result = upscaler.upscale(
+                lr, axis="z", scale=4, seed=0, progress=lambda d, t: bar.update(task, completed=d, total=t)
+            )
             took = time.perf_counter() - tic
             task = bar.add_task("uncertainty (2 samples, 8 steps)", total=None)
-            spread = sampler.upscale(lr, axis="z", scale=4, samples=2, seed=0,
-                                     progress=lambda d, t: bar.update(task, completed=d, total=t))
-        console.print(f"upscaled in {took:.0f} s ({upscaler.steps} {upscaler.sampler} step(s), planes "
-                      f"{upscaler.planes}); consistency residual {100 * result.residual:.4f}% of the intensity range; "
-                      f"uncertainty from 2 posterior samples at 8 steps in {time.perf_counter() - tic - took:.0f} s")
+            spread = sampler.upscale(
+                lr, axis="z", scale=4, samples=2, seed=0, progress=lambda d, t: bar.update(task, completed=d, total=t)
+            )
+        console.print(
+            f"upscaled in {took:.0f} s ({upscaler.steps} {upscaler.sampler} step(s), planes "
+            f"{upscaler.planes}); consistency residual {100 * result.residual:.4f}% of the intensity range; "
+            f"uncertainty from 2 posterior samples at 8 steps in {time.perf_counter() - tic - took:.0f} s"
+        )
         outputs["model"] = result.sr
         paths.update(sr=OUT / "mni152_sr.nii.gz", uncertainty=OUT / "mni152_sr_uncertainty.nii.gz")
         save_nifti(result.sr, paths["sr"], overwrite=True)
@@ -90,10 +96,13 @@ def main() -> None:
         s = score(vol, truth, mask=mask, axis=axis)
         table.add_row(name, f"{s['psnr']:.2f}", f"{s['ssim']:.4f}", f"{s['lpips']:.4f}")
     console.print(table)
-    figure = before_after(lr, outputs.get("model", outputs["bspline"]),
-                          OUT / "mni152_comparison.png",
-                          titles=("thick-slice input", "model" if "model" in outputs else "bspline"),
-                          extra={"bspline": outputs["bspline"], "truth": truth})
+    figure = before_after(
+        lr,
+        outputs.get("model", outputs["bspline"]),
+        OUT / "mni152_comparison.png",
+        titles=("thick-slice input", "model" if "model" in outputs else "bspline"),
+        extra={"bspline": outputs["bspline"], "truth": truth},
+    )
     for name, path in {**paths, "figure": figure}.items():
         console.print(f"  {name:12s} {path.resolve()}")
     console.print("Open the NIfTI files over each other in ITK-SNAP or 3D Slicer: they share one field of view.")

@@ -31,9 +31,22 @@ from medldm.outputs import TEMPORARY_MARK, check_output_folder
 __all__ = ["save_dicom", "CARRIED_OVER", "quantisation"]
 
 # Attributes a derived series keeps from its DICOM source (the loader stores them in meta["dicom"]).
-CARRIED_OVER = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID",
-                "StudyDate", "StudyTime", "StudyID", "StudyDescription", "AccessionNumber", "ReferringPhysicianName",
-                "FrameOfReferenceUID", "BodyPartExamined")
+CARRIED_OVER = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "FrameOfReferenceUID",
+    "BodyPartExamined",
+)
 SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}  # CT / MR Image Storage
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 INT16 = np.iinfo(np.int16)
@@ -55,8 +68,9 @@ def _geometry(affine: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, l
     di, dj = float(np.linalg.norm(col_i)), float(np.linalg.norm(col_j))
     row_cos, col_cos = col_i / di, col_j / dj
     if abs(float(row_cos @ col_cos)) > 1e-4:
-        raise MedldmError("the grid's in-plane axes are not perpendicular: DICOM slices cannot hold it "
-                          "(write NIfTI instead)", path)
+        raise MedldmError(
+            "the grid's in-plane axes are not perpendicular: DICOM slices cannot hold it (write NIfTI instead)", path
+        )
     normal = np.cross(row_cos, col_cos)
     return row_cos, col_cos, [dj, di], lps, abs(float(col_k @ normal))
 
@@ -82,7 +96,7 @@ def save_dicom(volume, folder: str | os.PathLike, *, description: str = "medldm"
     study_uid = source.get("StudyInstanceUID") or generate_uid()
     frame_uid = source.get("FrameOfReferenceUID") or generate_uid()
     p1, p99 = np.percentile(data, [1, 99])
-    centre, width = ((40.0, 400.0) if modality == "CT" else ((p1 + p99) / 2, max(p99 - p1, 1e-6)))
+    centre, width = (40.0, 400.0) if modality == "CT" else ((p1 + p99) / 2, max(p99 - p1, 1e-6))
 
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}{TEMPORARY_MARK}")
     tmp.mkdir(parents=True)

@@ -128,8 +128,9 @@ class NoiseSchedule:
         if int(num_train_timesteps) < 2:
             raise MedldmError(f"num_train_timesteps must be at least 2, got {num_train_timesteps}")
         try:
-            monai_scheduler = DDPMScheduler(num_train_timesteps=int(num_train_timesteps), schedule=schedule,
-                                            **schedule_args)
+            monai_scheduler = DDPMScheduler(
+                num_train_timesteps=int(num_train_timesteps), schedule=schedule, **schedule_args
+            )
         except TypeError as err:
             raise MedldmError(f"bad arguments {sorted(schedule_args)} for noise schedule {schedule!r}: {err}") from err
         alphas = 1.0 - monai_scheduler.betas.to(torch.float64)
@@ -153,8 +154,9 @@ class NoiseSchedule:
             raise MedldmError(f"timesteps must be integers, got {t.dtype}")
         low = -1 if allow_clean else 0
         if t.numel() and (t.min() < low or t.max() >= self.num_train_timesteps):
-            raise MedldmError(f"timesteps must lie in {low} .. {self.num_train_timesteps - 1}, "
-                              f"got {int(t.min())} .. {int(t.max())}")
+            raise MedldmError(
+                f"timesteps must lie in {low} .. {self.num_train_timesteps - 1}, got {int(t.min())} .. {int(t.max())}"
+            )
         t = t.long()
         return torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
 

@@ -50,8 +50,10 @@ def most_changed_point(before: Volume, after: Volume, *, max_voxels: int = 1 << 
     step = max(1, int(np.ceil((np.prod(after.shape) / max_voxels) ** (1 / 3))))
     grid = np.stack(np.meshgrid(*[np.arange(0, n, step) for n in after.shape], indexing="ij"), axis=0)
     world = np.tensordot(after.affine[:3, :3], grid, axes=1) + after.affine[:3, 3, None, None, None]
-    index = np.tensordot(np.linalg.inv(before.affine)[:3, :3], world, axes=1) + np.linalg.inv(before.affine)[
-        :3, 3, None, None, None]
+    index = (
+        np.tensordot(np.linalg.inv(before.affine)[:3, :3], world, axes=1)
+        + np.linalg.inv(before.affine)[:3, 3, None, None, None]
+    )
     resampled = map_coordinates(before.data, index, order=1, mode="nearest")
     diff = np.abs(after.data[::step, ::step, ::step] - resampled)
     size = max(3, int(round(10.0 / (step * min(after.spacing)))))
@@ -74,9 +76,17 @@ def _plane(can: Volume, axis: int, point: np.ndarray) -> tuple[np.ndarray, list[
 PLANE_NAMES = ("sagittal", "coronal", "axial")  # the canonical plane across voxel axis 0, 1, 2
 
 
-def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("input", "upscaled"),
-                 extra: dict[str, Volume] | None = None, overwrite: bool = True, zoom_mm: float | None = None,
-                 window: str | None = None) -> Path:
+def before_after(
+    before: Volume,
+    after: Volume,
+    path: str | Path,
+    *,
+    titles=("input", "upscaled"),
+    extra: dict[str, Volume] | None = None,
+    overwrite: bool = True,
+    zoom_mm: float | None = None,
+    window: str | None = None,
+) -> Path:
     """PNG with one row per volume (input, output, and any ``extra``): three orthogonal planes each, through the
     point where the output differs most from the input, in millimetres (so every panel is mm-true) and in the
     modality's display window; then a zoom row: a ``zoom_mm`` square (default: a quarter of the smallest field of
@@ -88,8 +98,9 @@ def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("in
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    rows = [(title, vol.to_canonical()) for title, vol in [(titles[0], before), (titles[1], after),
-                                                             *(extra or {}).items()]]
+    rows = [
+        (title, vol.to_canonical()) for title, vol in [(titles[0], before), (titles[1], after), *(extra or {}).items()]
+    ]
     point = most_changed_point(before, after)
     vmin, vmax, window = display_window(after, window)
     # the zoom plane: across the first axis that was not upscaled, so the upscaled axis lies in it
@@ -99,14 +110,14 @@ def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("in
     if zoom_mm is None:
         zoom_mm = max(40.0, min(n * sp for n, sp in zip(after.shape, after.spacing, strict=True)) / 4)
     box = {a: (point[a] - zoom_mm / 2, point[a] + zoom_mm / 2) for a in range(3)}  # world RAS mm
-    fig, axes = plt.subplots(len(rows) + 1, max(3, len(rows)), figsize=(4.2 * max(3, len(rows)),
-                                                                        3.9 * (len(rows) + 1)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows) + 1, max(3, len(rows)), figsize=(4.2 * max(3, len(rows)), 3.9 * (len(rows) + 1)), squeeze=False
+    )
     for r, (title, vol) in enumerate(rows):
         for c in range(3):
             image, extent = _plane(vol, c, point)
             ax = axes[r, c]
-            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", extent=extent,
-                      interpolation="nearest")
+            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", extent=extent, interpolation="nearest")
             ax.set_axis_off()
             if c == zoom_axis:
                 a, b = (d for d in range(3) if d != c)
@@ -127,8 +138,11 @@ def before_after(before: Volume, after: Volume, path: str | Path, *, titles=("in
         ax.set_title(f"{title}: {PLANE_NAMES[zoom_axis]} zoom, {zoom_mm:g} mm", loc="left", fontsize=10)
     for c in range(len(rows), axes.shape[1]):
         axes[len(rows), c].set_axis_off()
-    fig.suptitle(f"planes through the point the output changed most ({', '.join(f'{v:.0f}' for v in point)} mm "
-                 f"RAS); grey scale: {window}", fontsize=10)
+    fig.suptitle(
+        f"planes through the point the output changed most ({', '.join(f'{v:.0f}' for v in point)} mm "
+        f"RAS); grey scale: {window}",
+        fontsize=10,
+    )
     fig.tight_layout()
     try:
         return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110), overwrite=overwrite, suffixes=(".png",))

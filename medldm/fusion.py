@@ -27,8 +27,17 @@ from medldm.evaluation.baselines import interpolate
 from medldm.intensity import guess_modality
 from medldm.volume import ANISOTROPY, Volume, face_corners, rescaled_affine
 
-__all__ = ["Stack", "Fusion", "as_stack", "fusion_grid", "grid_spacing_along", "StackOperator", "joint_consistency",
-           "fuse", "PRIORS"]
+__all__ = [
+    "Stack",
+    "Fusion",
+    "as_stack",
+    "fusion_grid",
+    "grid_spacing_along",
+    "StackOperator",
+    "joint_consistency",
+    "fuse",
+    "PRIORS",
+]
 
 PRIORS = ("bspline", "model")
 ITERATIONS = 60  # CGLS iterations at most; a few tens reach 1e-4 of the range on x4 stacks
@@ -80,8 +89,9 @@ def fusion_grid(stacks: list[Stack], spacing: float | None = None) -> tuple[tupl
     counts = np.floor((hi - lo) / spacing + 1e-6).astype(int)
     if np.any(counts < 2):
         names = ", ".join(s.name for s in stacks)
-        raise MedldmError(f"the stacks do not overlap (common field of view {np.round(hi - lo, 1).tolist()} mm): "
-                          f"{names}")
+        raise MedldmError(
+            f"the stacks do not overlap (common field of view {np.round(hi - lo, 1).tolist()} mm): {names}"
+        )
     start = lo + (hi - lo - counts * spacing) / 2 + spacing / 2  # first voxel centre, in the frame
     affine = np.eye(4)
     affine[:3, :3] = rotation * spacing
@@ -124,15 +134,18 @@ def _index_map(index_affine: np.ndarray, tol: float = 1e-6):
     """When ``index_affine`` only permutes, flips and shifts voxel indices by whole voxels (grids that line up),
     the source axis, sign and offset for each target axis; else None."""
     m = index_affine[:3]
-    if not np.allclose(np.abs(m[:, :3]), np.round(np.abs(m[:, :3])), atol=tol) or \
-            not np.allclose(m[:, 3], np.round(m[:, 3]), atol=tol):
+    if not np.allclose(np.abs(m[:, :3]), np.round(np.abs(m[:, :3])), atol=tol) or not np.allclose(
+        m[:, 3], np.round(m[:, 3]), atol=tol
+    ):
         return None
     r = np.round(m[:, :3]).astype(int)
     if sorted(np.abs(r).sum(0).tolist()) != [1, 1, 1] or sorted(np.abs(r).sum(1).tolist()) != [1, 1, 1]:
         return None
     # target axis b reads source axis a where r[a, b] != 0: source index = r[a, b] * t + offset[a]
-    return [(int(np.nonzero(r[:, b])[0][0]), int(r[:, b].sum()), int(round(m[np.nonzero(r[:, b])[0][0], 3])))
-            for b in range(3)]
+    return [
+        (int(np.nonzero(r[:, b])[0][0]), int(r[:, b].sum()), int(round(m[np.nonzero(r[:, b])[0][0], 3])))
+        for b in range(3)
+    ]
 
 
 def _gather(x: Tensor, mapping, shape) -> Tensor:
@@ -203,9 +216,14 @@ def _rms_fraction(r: Tensor, y: Tensor, valid: Tensor) -> float:
     return float(r[valid].pow(2).mean().sqrt()) / span
 
 
-def joint_consistency(x0: Tensor, operators: list[StackOperator], *, iterations: int = ITERATIONS,
-                      tolerance: float = TOLERANCE,
-                      progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, list[float]]:
+def joint_consistency(
+    x0: Tensor,
+    operators: list[StackOperator],
+    *,
+    iterations: int = ITERATIONS,
+    tolerance: float = TOLERANCE,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Tensor, list[float]]:
     """CGLS on ``sum_k ||A_k x - y_k||^2`` over each stack's valid voxels, from ``x0``: the least-squares volume
     nearest to ``x0`` after enough iterations. Returns it and each stack's RMS residual as a fraction of its
     range."""
@@ -249,17 +267,32 @@ def _upsampled(stack: Stack, op: StackOperator, prior: str, upscaler) -> np.ndar
         factors = [1.0, 1.0, 1.0]
         factors[stack.axis] = op.op.scale
         return interpolate(vol, factors, method="bspline").data.astype(np.float64)
-    result = upscaler.upscale(vol, axis=stack.axis, scale=op.op.scale, kind="slice-profile",
-                              thickness=stack.thickness * vol.spacing[stack.axis])
+    result = upscaler.upscale(
+        vol,
+        axis=stack.axis,
+        scale=op.op.scale,
+        kind="slice-profile",
+        thickness=stack.thickness * vol.spacing[stack.axis],
+    )
     if result.sr.shape != op.fine_shape:  # the upscaler and this module share medldm.degrade's grid convention
-        raise MedldmError(f"the model's output grid {result.sr.shape} differs from the stack's {op.fine_shape}",
-                          stack.name)
+        raise MedldmError(
+            f"the model's output grid {result.sr.shape} differs from the stack's {op.fine_shape}", stack.name
+        )
     return result.sr.data.astype(np.float64)
 
 
-def fuse(stacks: list[Volume | Stack], *, spacing: float | None = None, like: Volume | None = None,
-         prior: str = "model", upscaler=None, iterations: int = ITERATIONS, consistent: bool = True,
-         register: bool = False, progress: Callable[[str], None] | None = None) -> Fusion:
+def fuse(
+    stacks: list[Volume | Stack],
+    *,
+    spacing: float | None = None,
+    like: Volume | None = None,
+    prior: str = "model",
+    upscaler=None,
+    iterations: int = ITERATIONS,
+    consistent: bool = True,
+    register: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Fusion:
     """Fuse thick-slice ``stacks`` (Volumes or Stacks) of one session into one volume.
 
     Args:
@@ -277,8 +310,9 @@ def fuse(stacks: list[Volume | Stack], *, spacing: float | None = None, like: Vo
     stacks = [s if isinstance(s, Stack) else as_stack(s) for s in stacks]
     kinds = {s.name: guess_modality(s.volume.data, s.volume.meta.get("modality")) for s in stacks}
     if len(set(kinds.values())) > 1:
-        raise MedldmError("the stacks have different modalities: "
-                          + ", ".join(f"{name} {kind}" for name, kind in kinds.items()))
+        raise MedldmError(
+            "the stacks have different modalities: " + ", ".join(f"{name} {kind}" for name, kind in kinds.items())
+        )
     transforms = {}
     if register:
         from medldm.registration import register_stacks
@@ -307,8 +341,9 @@ def fuse(stacks: list[Volume | Stack], *, spacing: float | None = None, like: Vo
             progress("joint data consistency")
         x, residuals = joint_consistency(x, operators, iterations=iterations)
     else:
-        residuals = [_rms_fraction(op.forward(x) * op.valid - op.data() * op.valid, op.data(), op.valid)
-                     for op in operators]
+        residuals = [
+            _rms_fraction(op.forward(x) * op.valid - op.data() * op.valid, op.data(), op.valid) for op in operators
+        ]
     first = stacks[0].volume
     data = x.numpy().astype(np.float32)
     if kinds[stacks[0].name] == "CT":

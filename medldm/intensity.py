@@ -16,8 +16,14 @@ from medldm.errors import MedldmError
 __all__ = ["IntensityTransform", "percentile_scaling", "hu_window", "CT_WINDOWS", "guess_modality"]
 
 # Common CT windows (centre, width) in HU.
-CT_WINDOWS = {"brain": (40.0, 80.0), "subdural": (75.0, 215.0), "bone": (600.0, 2800.0),
-              "soft-tissue": (50.0, 400.0), "lung": (-600.0, 1500.0), "head": (400.0, 2800.0)}
+CT_WINDOWS = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "bone": (600.0, 2800.0),
+    "soft-tissue": (50.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "head": (400.0, 2800.0),
+}
 
 
 MAX_INTENSITY = 1e30  # far beyond any real scan (HU, MR signal), far below float32's 3.4e38
@@ -41,8 +47,10 @@ class IntensityTransform:
         if not (np.isfinite(self.low) and np.isfinite(self.high)) or self.high <= self.low:
             raise MedldmError(f"intensity range [{self.low}, {self.high}] is empty: a constant image?")
         if max(abs(self.low), abs(self.high)) > MAX_INTENSITY:  # outputs may overshoot: float32 would overflow
-            raise MedldmError(f"intensities reach {max(abs(self.low), abs(self.high)):.3g}, beyond the "
-                              f"{MAX_INTENSITY:.0e} float32 arithmetic can upscale safely; rescale the scan")
+            raise MedldmError(
+                f"intensities reach {max(abs(self.low), abs(self.high)):.3g}, beyond the "
+                f"{MAX_INTENSITY:.0e} float32 arithmetic can upscale safely; rescale the scan"
+            )
 
     def forward(self, x):
         return (x - self.low) / (self.high - self.low)
@@ -63,8 +71,9 @@ class IntensityTransform:
         return cls(str(d["kind"]), float(d["low"]), float(d["high"]))
 
 
-def percentile_scaling(data: np.ndarray, *, lower: float = 0.5, upper: float = 99.5,
-                       foreground_only: bool = True) -> IntensityTransform:
+def percentile_scaling(
+    data: np.ndarray, *, lower: float = 0.5, upper: float = 99.5, foreground_only: bool = True
+) -> IntensityTransform:
     """MRI: map the ``lower`` and ``upper`` percentiles of the (non-zero) voxels to 0 and 1.
 
     ``low`` is 0 when the image has a zero background, so the background stays exactly 0.
@@ -93,7 +102,7 @@ def hu_window(
 
 
 def guess_modality(data: np.ndarray, hint: str | None = None) -> str:
-    """"CT" or "MR": the DICOM Modality when known, else CT if air sits near -1000 HU."""
+    """ "CT" or "MR": the DICOM Modality when known, else CT if air sits near -1000 HU."""
     if hint:
         return "CT" if hint.upper() == "CT" else "MR"
     return "CT" if float(np.percentile(data, 1)) < -500 else "MR"

@@ -21,9 +21,21 @@ from medldm.config import Config
 from medldm.diffusion import NoiseSchedule
 from medldm.errors import MedldmError
 
-__all__ = ["Autoencoder", "Denoiser", "DiT", "Estimator", "ConditionCodec", "build_autoencoder", "build_denoiser",
-           "build_estimator", "build_discriminator", "build_schedule", "channels_last_format", "geometry_features",
-           "MODALITIES"]
+__all__ = [
+    "Autoencoder",
+    "Denoiser",
+    "DiT",
+    "Estimator",
+    "ConditionCodec",
+    "build_autoencoder",
+    "build_denoiser",
+    "build_estimator",
+    "build_discriminator",
+    "build_schedule",
+    "channels_last_format",
+    "geometry_features",
+    "MODALITIES",
+]
 
 MODALITIES = ("MR", "CT")
 
@@ -38,18 +50,30 @@ class Autoencoder(nn.Module):
         levels = len(cfg.channels)
         if cfg.kind == "kl":
             self.net = AutoencoderKL(
-                spatial_dims=spatial_dims, in_channels=1, out_channels=1, channels=tuple(cfg.channels),
-                latent_channels=cfg.latent_channels, num_res_blocks=cfg.num_res_blocks,
-                norm_num_groups=cfg.norm_num_groups, attention_levels=(False,) * levels,
-                with_encoder_nonlocal_attn=cfg.attention, with_decoder_nonlocal_attn=cfg.attention,
+                spatial_dims=spatial_dims,
+                in_channels=1,
+                out_channels=1,
+                channels=tuple(cfg.channels),
+                latent_channels=cfg.latent_channels,
+                num_res_blocks=cfg.num_res_blocks,
+                norm_num_groups=cfg.norm_num_groups,
+                attention_levels=(False,) * levels,
+                with_encoder_nonlocal_attn=cfg.attention,
+                with_decoder_nonlocal_attn=cfg.attention,
             )
         else:
             down = levels - 1
             self.net = VQVAE(
-                spatial_dims=spatial_dims, in_channels=1, out_channels=1, channels=tuple(cfg.channels[1:]),
-                num_res_layers=cfg.num_res_blocks, num_res_channels=tuple(cfg.channels[1:]),
-                downsample_parameters=((2, 4, 1, 1),) * down, upsample_parameters=((2, 4, 1, 1, 0),) * down,
-                num_embeddings=cfg.num_embeddings, embedding_dim=cfg.latent_channels,
+                spatial_dims=spatial_dims,
+                in_channels=1,
+                out_channels=1,
+                channels=tuple(cfg.channels[1:]),
+                num_res_layers=cfg.num_res_blocks,
+                num_res_channels=tuple(cfg.channels[1:]),
+                downsample_parameters=((2, 4, 1, 1),) * down,
+                upsample_parameters=((2, 4, 1, 1, 0),) * down,
+                num_embeddings=cfg.num_embeddings,
+                embedding_dim=cfg.latent_channels,
             )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +174,18 @@ class DiT(nn.Module):
     """A small diffusion transformer over latent patches, 2D or 3D, conditioned on timestep and class label
     through adaLN-Zero. Same call signature as MONAI's DiffusionModelUNet."""
 
-    def __init__(self, *, spatial_dims: int, in_channels: int, out_channels: int, patch: int, width: int,
-                 depth: int, heads: int, num_class_embeds: int):
+    def __init__(
+        self,
+        *,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        patch: int,
+        width: int,
+        depth: int,
+        heads: int,
+        num_class_embeds: int,
+    ):
         super().__init__()
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         self.spatial_dims, self.patch, self.width, self.out_channels = spatial_dims, patch, width, out_channels
@@ -188,8 +222,11 @@ class _ResBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -204,8 +241,7 @@ class Estimator(nn.Module):
     :func:`geometry_features`) add a second bias through a small MLP, zero at initialisation (so a network
     fine-tuned to take them starts as the one it came from)."""
 
-    def __init__(self, *, slab: int, channels: list[int], num_res_blocks: int, num_labels: int,
-                 geometry: bool = False):
+    def __init__(self, *, slab: int, channels: list[int], num_res_blocks: int, num_labels: int, geometry: bool = False):
         super().__init__()
         self.slab = slab
         self.multiple = 2 ** len(channels)
@@ -218,13 +254,15 @@ class Estimator(nn.Module):
             nn.init.zeros_(self.geometry[2].weight)
             nn.init.zeros_(self.geometry[2].bias)
         self.down_blocks = nn.ModuleList(
-            nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1])
+            nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1]
+        )
         pairs = list(zip(channels, channels[1:], strict=False))
         self.downs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in pairs)
         self.middle = nn.Sequential(*[_ResBlock(channels[-1]) for _ in range(num_res_blocks)])
         self.ups = nn.ModuleList(nn.Conv2d(b, a, 3, padding=1) for a, b in pairs)
         self.up_blocks = nn.ModuleList(
-            nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1])
+            nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1]
+        )
         self.out = nn.Conv2d(channels[0], 4, 3, padding=1)
         nn.init.zeros_(self.out.weight)  # starts as the identity on the centre plane
         nn.init.zeros_(self.out.bias)
@@ -242,7 +280,7 @@ class Estimator(nn.Module):
         for block, up in zip(reversed(self.up_blocks), reversed(self.ups), strict=True):
             h = up(F.interpolate(h, scale_factor=2.0, mode="nearest")) + skips.pop()
             h = block(h)
-        centre = lr[:, self.slab // 2: self.slab // 2 + 1]
+        centre = lr[:, self.slab // 2 : self.slab // 2 + 1]
         return centre + F.pixel_shuffle(self.out(h), 2)
 
 
@@ -267,13 +305,27 @@ def build_denoiser(config: Config) -> Denoiser:
     labels = ConditionCodec(config).num_labels
     in_channels = latent * (1 + config.data.slab)  # the noisy latent, then one condition latent per plane
     if cfg.denoiser == "dit":
-        backbone = DiT(spatial_dims=dims, in_channels=in_channels, out_channels=latent, patch=cfg.patch,
-                       width=cfg.width, depth=cfg.depth, heads=cfg.heads, num_class_embeds=labels)
+        backbone = DiT(
+            spatial_dims=dims,
+            in_channels=in_channels,
+            out_channels=latent,
+            patch=cfg.patch,
+            width=cfg.width,
+            depth=cfg.depth,
+            heads=cfg.heads,
+            num_class_embeds=labels,
+        )
     else:
         backbone = DiffusionModelUNet(
-            spatial_dims=dims, in_channels=in_channels, out_channels=latent, channels=tuple(cfg.channels),
-            attention_levels=tuple(cfg.attention_levels), num_res_blocks=cfg.num_res_blocks,
-            num_head_channels=cfg.num_head_channels, norm_num_groups=cfg.norm_num_groups, num_class_embeds=labels,
+            spatial_dims=dims,
+            in_channels=in_channels,
+            out_channels=latent,
+            channels=tuple(cfg.channels),
+            attention_levels=tuple(cfg.attention_levels),
+            num_res_blocks=cfg.num_res_blocks,
+            num_head_channels=cfg.num_head_channels,
+            norm_num_groups=cfg.norm_num_groups,
+            num_class_embeds=labels,
         )
     return Denoiser(backbone)
 
@@ -282,8 +334,13 @@ def build_estimator(config: Config) -> Estimator:
     cfg = config.estimator
     if cfg is None:
         raise MedldmError("the config has no estimator section, so there is no estimator stage")
-    return Estimator(slab=cfg.slab, channels=list(cfg.channels), num_res_blocks=cfg.num_res_blocks,
-                     num_labels=ConditionCodec(config).num_task_labels, geometry=cfg.geometry)
+    return Estimator(
+        slab=cfg.slab,
+        channels=list(cfg.channels),
+        num_res_blocks=cfg.num_res_blocks,
+        num_labels=ConditionCodec(config).num_task_labels,
+        geometry=cfg.geometry,
+    )
 
 
 def geometry_features(scale, thickness) -> torch.Tensor:
@@ -297,5 +354,6 @@ def geometry_features(scale, thickness) -> torch.Tensor:
 def build_schedule(config: Config) -> NoiseSchedule:
     """The noise schedule the denoiser is trained and sampled with."""
     d = config.diffusion
-    return NoiseSchedule.from_monai(num_train_timesteps=d.timesteps, schedule=d.schedule,
-                                    beta_start=d.beta_start, beta_end=d.beta_end)
+    return NoiseSchedule.from_monai(
+        num_train_timesteps=d.timesteps, schedule=d.schedule, beta_start=d.beta_start, beta_end=d.beta_end
+    )

@@ -14,8 +14,18 @@ from pathlib import Path
 
 from medldm.errors import MedldmError
 
-__all__ = ["check_output", "check_output_folder", "check_distinct", "write_atomically", "write_text", "write_bytes",
-           "is_temporary", "strip_suffix", "NIFTI_SUFFIXES", "TEMPORARY_MARK"]
+__all__ = [
+    "check_output",
+    "check_output_folder",
+    "check_distinct",
+    "write_atomically",
+    "write_text",
+    "write_bytes",
+    "is_temporary",
+    "strip_suffix",
+    "NIFTI_SUFFIXES",
+    "TEMPORARY_MARK",
+]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TEMPORARY_MARK = ".partial"
@@ -26,7 +36,7 @@ def strip_suffix(name: str, suffixes: Iterable[str]) -> tuple[str, str]:
     """(stem, suffix) of ``name`` for the longest matching suffix, compared case-insensitively."""
     for suffix in sorted(suffixes, key=len, reverse=True):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
+            return name[: -len(suffix)], name[-len(suffix) :]
     return name, ""
 
 
@@ -41,8 +51,9 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool = False, suffixes: Iterable[str] = NIFTI_SUFFIXES,
-                 what: str = "output") -> Path:
+def check_output(
+    path: str | os.PathLike, *, overwrite: bool = False, suffixes: Iterable[str] = NIFTI_SUFFIXES, what: str = "output"
+) -> Path:
     """Refuse, with one line naming the path, an output that could not be written: a wrong suffix, an existing
     file (without ``overwrite``) or folder, a parent that is a file or not writable, or a name too long for its
     temporary file."""
@@ -95,8 +106,13 @@ def check_distinct(paths: Iterable[Path]) -> None:
         seen[key] = Path(path)
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False,
-                     suffixes: Iterable[str] = NIFTI_SUFFIXES) -> Path:
+def write_atomically(
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    suffixes: Iterable[str] = NIFTI_SUFFIXES,
+) -> Path:
     """Call ``write(temporary_path)``, then move the file into place at ``path`` (see the module docstring)."""
     path = Path(path)
     tmp = _temporary(path, suffixes)
@@ -121,8 +137,9 @@ def _claim(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)  # fails if path exists, whoever created it a moment ago
     except FileExistsError:
-        raise MedldmError("already exists (another run wrote it meanwhile?); pass --overwrite to replace it",
-                          path) from None
+        raise MedldmError(
+            "already exists (another run wrote it meanwhile?); pass --overwrite to replace it", path
+        ) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
@@ -130,13 +147,15 @@ def _claim(tmp: Path, path: Path) -> None:
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
-            raise MedldmError("already exists (another run wrote it meanwhile?); pass --overwrite to replace it",
-                              path) from None
+            raise MedldmError(
+                "already exists (another run wrote it meanwhile?); pass --overwrite to replace it", path
+            ) from None
         os.replace(tmp, path)
 
 
 def write_text(path: str | os.PathLike, text: str, *, suffixes: Iterable[str] = ("",)) -> Path:
     """A small text file (reports, sidecars), replaced atomically."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:  # newline="": CSV and HTML exactly as given
             fh.write(text)

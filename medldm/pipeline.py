@@ -65,8 +65,9 @@ class LoadedModel:
         modules = {"autoencoder": self.autoencoder, "denoiser": self.denoiser}
         if self.estimator is not None:
             modules["estimator"] = self.estimator
-        return write_model_folder(Path(out), config=self.config.model_dump(), info={**self.info, **info},
-                                  modules=modules)
+        return write_model_folder(
+            Path(out), config=self.config.model_dump(), info={**self.info, **info}, modules=modules
+        )
 
     @property
     def scope(self) -> TrainingScope:
@@ -94,9 +95,16 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
         estimator = build_with_weights(lambda: build_estimator(config), folder / "estimator.safetensors")
         estimator = estimator.to(device).eval().requires_grad_(False)
     schedule = build_schedule(config)
-    return LoadedModel(config, info, autoencoder.to(device).eval().requires_grad_(False),
-                       denoiser.to(device).eval().requires_grad_(False), schedule, ConditionCodec(config), folder,
-                       estimator)
+    return LoadedModel(
+        config,
+        info,
+        autoencoder.to(device).eval().requires_grad_(False),
+        denoiser.to(device).eval().requires_grad_(False),
+        schedule,
+        ConditionCodec(config),
+        folder,
+        estimator,
+    )
 
 
 @dataclass(frozen=True)
@@ -111,8 +119,14 @@ class Plan:
 
     def operator(self):
         """The forward model of this scan's acquisition (3D)."""
-        return make_operator(self.task.kind, axis=self.axis, scale=self.scale, spatial_dims=3,
-                             profile=self.task.profile, thickness=self.thickness)
+        return make_operator(
+            self.task.kind,
+            axis=self.axis,
+            scale=self.scale,
+            spatial_dims=3,
+            profile=self.task.profile,
+            thickness=self.thickness,
+        )
 
 
 @dataclass
@@ -199,10 +213,22 @@ class Upscaler:
     # for the activations to stay in cache are also faster (docs/performance.md), on a GPU larger calls are.
     BATCH_PIXELS = {"cpu": 1 << 17, "cuda": 1 << 20}
 
-    def __init__(self, model: str | Path | LoadedModel = "default", *, device: str = "auto", steps: int | None = None,
-                 sampler: str = "dpmpp-2m", batch_size: int = 16, consistency: float = 1.0,
-                 condition_level: int = 0, bf16: bool = False, planes: str | None = None, channels_last: bool = True,
-                 refine: float | None = None, refine_planes: str | None = None):
+    def __init__(
+        self,
+        model: str | Path | LoadedModel = "default",
+        *,
+        device: str = "auto",
+        steps: int | None = None,
+        sampler: str = "dpmpp-2m",
+        batch_size: int = 16,
+        consistency: float = 1.0,
+        condition_level: int = 0,
+        bf16: bool = False,
+        planes: str | None = None,
+        channels_last: bool = True,
+        refine: float | None = None,
+        refine_planes: str | None = None,
+    ):
         self.device = _device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.autoencoder.to(self.device)
@@ -211,17 +237,22 @@ class Upscaler:
         steps = defaults["steps"] if steps is None else steps
         refine = defaults["refine"] if refine is None else refine
         planes = defaults["planes"] if planes is None else planes
-        refine_planes = (planes if "refine_planes" not in self.model.info.get("sampling", {}) else
-                         defaults["refine_planes"]) if refine_planes is None else refine_planes
+        refine_planes = (
+            (planes if "refine_planes" not in self.model.info.get("sampling", {}) else defaults["refine_planes"])
+            if refine_planes is None
+            else refine_planes
+        )
         if self.model.estimator is None and refine > 0:
-            raise MedldmError("refine needs a model with an estimator stage; this one samples from pure noise",
-                              self.model.path)
+            raise MedldmError(
+                "refine needs a model with an estimator stage; this one samples from pure noise", self.model.path
+            )
         if not 0.0 <= refine < 1.0:
             raise MedldmError(f"refine must lie in [0, 1), got {refine}")
         trained = self.model.config.diffusion.refine
         if trained is not None and refine > trained + 1e-9:
-            raise MedldmError(f"this model's denoiser was trained to refine from at most {trained}, not {refine}",
-                              self.model.path)
+            raise MedldmError(
+                f"this model's denoiser was trained to refine from at most {trained}, not {refine}", self.model.path
+            )
         self.refine = refine
         if not 0.0 <= consistency <= 1.0:
             raise MedldmError(f"consistency must lie in [0, 1], got {consistency}")
@@ -250,8 +281,16 @@ class Upscaler:
         return other
 
     # ------------------------------------------------------------------------------------ choices
-    def plan(self, volume: Volume, *, axis: str | int = "auto", scale: float | None = None,
-             kind: str | None = None, spacing: float | None = None, thickness: float | None = None) -> Plan:
+    def plan(
+        self,
+        volume: Volume,
+        *,
+        axis: str | int = "auto",
+        scale: float | None = None,
+        kind: str | None = None,
+        spacing: float | None = None,
+        thickness: float | None = None,
+    ) -> Plan:
         """What upscaling ``volume`` will do: the kind, axis and exact factor, the slice thickness, the model task
         whose label the networks get, and warnings where the scan lies outside what the model was trained on.
 
@@ -274,7 +313,9 @@ class Upscaler:
             if str(axis) == "auto" and not anisotropic:
                 raise MedldmError(
                     f"the scan is isotropic ({' x '.join(f'{v:.3g}' for v in voxel_spacing)} mm): name the axis to "
-                    "upscale (e.g. --axis z) or --kind kspace for in-plane", volume.path)
+                    "upscale (e.g. --axis z) or --kind kspace for in-plane",
+                    volume.path,
+                )
             kind = "slice-profile"
         a = resolve_axis(volume, axis)
         trained = [t for t in tasks if t.kind == kind]
@@ -299,16 +340,19 @@ class Upscaler:
             if abs(factor - round(factor)) > 1e-6:
                 raise MedldmError(f"{kind} takes integer factors, not x{factor:.4g}", volume.path)
         if exact < 1.05:
-            raise MedldmError(f"nothing to upscale: factor x{exact:.3g} along voxel axis {a} "
-                              f"({along:.3g} mm spacing)", volume.path)
+            raise MedldmError(
+                f"nothing to upscale: factor x{exact:.3g} along voxel axis {a} ({along:.3g} mm spacing)", volume.path
+            )
         ratio = 1.0
         if kind == "slice-profile":
             recorded = volume.meta.get("slice_thickness") if volume.meta.get("slice_axis") == a else None
             mm = thickness if thickness is not None else recorded
             ratio = float(mm) / along if mm else 1.0
             if not 0.05 <= ratio <= 8:
-                raise MedldmError(f"slice thickness {float(mm):.3g} mm against a spacing of {along:.3g} mm is not "
-                                  "plausible", volume.path)
+                raise MedldmError(
+                    f"slice thickness {float(mm):.3g} mm against a spacing of {along:.3g} mm is not plausible",
+                    volume.path,
+                )
         elif thickness is not None:
             raise MedldmError(f"a slice thickness applies to thick slices, not to {kind}", volume.path)
         task = min(trained, key=lambda t: abs(math.log(t.scale / exact)))
@@ -316,17 +360,29 @@ class Upscaler:
         warnings = self.model.scope.warnings(volume, plan, statistics=scan_statistics(normalised))
         return Plan(task, a, plan.scale, ratio, tuple(warnings))
 
-    def choose(self, volume: Volume, *, axis: str | int = "auto", scale: int | None = None,
-               kind: str | None = None) -> tuple[Task, int]:
+    def choose(
+        self, volume: Volume, *, axis: str | int = "auto", scale: int | None = None, kind: str | None = None
+    ) -> tuple[Task, int]:
         """The model task and voxel axis for a scan (see :meth:`plan`)."""
         plan = self.plan(volume, axis=axis, scale=scale, kind=kind)
         return plan.task, plan.axis
 
     # ----------------------------------------------------------------------------------------- run
-    def upscale(self, volume: Volume, *, axis: str | int = "auto", scale: float | None = None,
-                kind: str | None = None, spacing: float | None = None, thickness: float | None = None,
-                samples: int = 1, seed: int = 0, progress: Progress | None = None, keep_estimate: bool = False,
-                plan: Plan | None = None) -> UpscaleResult:
+    def upscale(
+        self,
+        volume: Volume,
+        *,
+        axis: str | int = "auto",
+        scale: float | None = None,
+        kind: str | None = None,
+        spacing: float | None = None,
+        thickness: float | None = None,
+        samples: int = 1,
+        seed: int = 0,
+        progress: Progress | None = None,
+        keep_estimate: bool = False,
+        plan: Plan | None = None,
+    ) -> UpscaleResult:
         """Upscale one scan; see the class docstring for the options fixed at construction and :meth:`plan` for
         ``axis``, ``scale``, ``kind``, ``spacing`` and ``thickness`` (or pass a ``plan`` made for this scan).
         ``keep_estimate`` also returns the regression estimate alone (models with an estimator; one more volume
@@ -351,11 +407,17 @@ class Upscaler:
         # CT stays within physical Hounsfield units: nothing below air, nothing above the scan's own maximum
         limits = (HU_MIN, float(volume.data.max())) if modality_name == "CT" else None
         task_index = self.model.config.data.tasks.index(task)
-        label = self.model.codec.label(torch.tensor(task_index), torch.tensor(modality),
-                                       torch.tensor(self.condition_level))
+        label = self.model.codec.label(
+            torch.tensor(task_index), torch.tensor(modality), torch.tensor(self.condition_level)
+        )
         sampled = samples if self.model.estimator is None or self.refine > 0 else 0
-        total, done = (self._units(hr_shape, op, self.planes) * (self.model.estimator is not None)
-                       + sampled * self._units(hr_shape, op, self.refine_planes)), 0
+        total, done = (
+            (
+                self._units(hr_shape, op, self.planes) * (self.model.estimator is not None)
+                + sampled * self._units(hr_shape, op, self.refine_planes)
+            ),
+            0,
+        )
 
         def tick():
             nonlocal done
@@ -367,8 +429,14 @@ class Upscaler:
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
         estimate = None
         if self.model.estimator is not None:  # fidelity first: the regression estimate, made consistent
-            estimate = self._estimate_volume(lr, hr_shape, op, self.model.codec.task_label(task_index, modality), tick,
-                                             geometry_features(plan.scale, plan.thickness))
+            estimate = self._estimate_volume(
+                lr,
+                hr_shape,
+                op,
+                self.model.codec.task_label(task_index, modality),
+                tick,
+                geometry_features(plan.scale, plan.thickness),
+            )
             estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
         for k in range(samples):
             if estimate is not None and self.refine == 0:
@@ -380,17 +448,32 @@ class Upscaler:
         mean = stats.mean
         residual = consistency_residual(mean, lr, op)  # normalised LR: a fraction of the intensity range
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
-        meta = {"slice_thickness": None,  # the input's no longer describes the output's slices
-                "upscale": {"kind": task.kind, "scale": plan.scale, "thickness": plan.thickness, "axis": a,
-                            "model_task": f"{task.kind} x{task.scale}", "steps": self.steps,
-                            "refine": self.refine,
-                            "sampler": self.sampler, "samples": samples, "planes": self.planes,
-                            "refine_planes": self.refine_planes, "seed": seed,
-                            "consistency": self.consistency, "model": str(self.model.path)}}
+        meta = {
+            "slice_thickness": None,  # the input's no longer describes the output's slices
+            "upscale": {
+                "kind": task.kind,
+                "scale": plan.scale,
+                "thickness": plan.thickness,
+                "axis": a,
+                "model_task": f"{task.kind} x{task.scale}",
+                "steps": self.steps,
+                "refine": self.refine,
+                "sampler": self.sampler,
+                "samples": samples,
+                "planes": self.planes,
+                "refine_planes": self.refine_planes,
+                "seed": seed,
+                "consistency": self.consistency,
+                "model": str(self.model.path),
+            },
+        }
         kept = None  # before the in-place de-normalisation below: with refine 0 the mean is the estimate
         if keep_estimate and estimate is not None:
-            kept = volume.with_data(_clip(norm.inverse(estimate.float().numpy()), limits), affine,
-                                    **{"upscale": {**meta["upscale"], "refine": 0.0}})
+            kept = volume.with_data(
+                _clip(norm.inverse(estimate.float().numpy()), limits),
+                affine,
+                **{"upscale": {**meta["upscale"], "refine": 0.0}},
+            )
         voxels = mean.float().numpy()
         sr = volume.with_data(_clip(norm.inverse(voxels, out=voxels), limits), affine, **meta)  # in place
         unc = None
@@ -401,8 +484,10 @@ class Upscaler:
     def _units(self, hr_shape, op, planes: str) -> int:
         """Progress units per pass: slice batches (2D) or patches (3D, estimated)."""
         if self.dims == 2:
-            return sum(-(-hr_shape[axis] // self._planes_per_call(np.delete(hr_shape, axis)))
-                       for axis in self._plane_axes(hr_shape, op, planes))
+            return sum(
+                -(-hr_shape[axis] // self._planes_per_call(np.delete(hr_shape, axis)))
+                for axis in self._plane_axes(hr_shape, op, planes)
+            )
         return 1
 
     def _planes_per_call(self, plane_shape) -> int:
@@ -429,8 +514,9 @@ class Upscaler:
                 cond = cond.contiguous(memory_format=self._memory_format())
             return m.autoencoder.encode(cond).float().contiguous() * float(m.info["latent_scale"])
 
-    def _generate(self, c: torch.Tensor, size, label: int, seeds: list[int],
-                  init: torch.Tensor | None = None) -> torch.Tensor:
+    def _generate(
+        self, c: torch.Tensor, size, label: int, seeds: list[int], init: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """SR images (B, 1, *size) for a batch of condition latents ``c`` (from :meth:`_encode`; for 2D slabs, the
         latents of each plane of the slab concatenated along channels). Element ``i`` draws its noise from its own
         ``seeds[i]``, so a plane's output does not depend on how planes are batched (memory caps, devices).
@@ -505,12 +591,13 @@ class Upscaler:
                 labels = torch.full((x.shape[0],), label, dtype=torch.long, device=self.device)
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     out = net(x.to(self.device), labels, geometry.expand(len(x), 2).to(self.device)).float().cpu()
-                planes[start:stop] += out[:, 0, :planes.shape[1], :planes.shape[2]]
+                planes[start:stop] += out[:, 0, : planes.shape[1], : planes.shape[2]]
                 tick()
         return total.div_(len(axes)) if len(axes) > 1 else total
 
-    def _sample_volume(self, lr: torch.Tensor, hr_shape, op, label: int, seed: int, tick, encoded,
-                       estimate: torch.Tensor | None = None) -> torch.Tensor:
+    def _sample_volume(
+        self, lr: torch.Tensor, hr_shape, op, label: int, seed: int, tick, encoded, estimate: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One sample on the HR grid (normalised intensities, before data consistency); with an ``estimate``,
         the estimate plus the detail the diffusion model adds to it."""
         if self.dims == 3:
@@ -529,14 +616,14 @@ class Upscaler:
                 index = torch.arange(start, min(start + per_call, planes.shape[0]))
                 init = None
                 if estimate is not None:
-                    init = self._encode(estimate.movedim(axis, 0)[start:start + len(index)][:, None])
+                    init = self._encode(estimate.movedim(axis, 0)[start : start + len(index)][:, None])
                 if on_estimate:
                     c = init
                 else:  # (B, slab * latent, h, w); slab 1: the planes' own latents
                     near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
                     c = latents[near.to(latents.device)].flatten(1, 2)
                 seeds = [(seed * 4 + n) * 1_000_003 + p for p in index.tolist()]  # per plane, per stack
-                planes[start:start + len(index)] += self._generate(c, planes.shape[1:], label, seeds, init)[:, 0]
+                planes[start : start + len(index)] += self._generate(c, planes.shape[1:], label, seeds, init)[:, 0]
                 tick()
         total = total.div_(len(axes)) if len(axes) > 1 else total
         return total.add_(estimate) if estimate is not None else total
@@ -555,9 +642,17 @@ class Upscaler:
             seeds = [seed * 1_000_003 + w for w in range(first, first + patch.shape[0])]  # per window
             return self._generate(encoded[first], patch.shape[2:], label, seeds).to(patch.device)
 
-        out = sliding_window_inference(cond[None, None], roi_size=roi, sw_batch_size=self.batch_size,
-                                       predictor=predictor, overlap=0.25, mode="gaussian", sw_device="cpu",
-                                       device="cpu", progress=False)
+        out = sliding_window_inference(
+            cond[None, None],
+            roi_size=roi,
+            sw_batch_size=self.batch_size,
+            predictor=predictor,
+            overlap=0.25,
+            mode="gaussian",
+            sw_device="cpu",
+            device="cpu",
+            progress=False,
+        )
         tick()
         return out[0, 0]
 

@@ -19,8 +19,16 @@ from pathlib import Path
 from medldm import __version__
 from medldm.outputs import NIFTI_SUFFIXES, strip_suffix, write_text
 
-__all__ = ["sidecar_path", "input_digest", "model_digest", "git_commit", "upscale_record", "short_description",
-           "write_sidecar"]
+__all__ = [
+    "sidecar_path",
+    "input_digest",
+    "model_digest",
+    "git_commit",
+    "upscale_record",
+    "short_description",
+    "write_sidecar",
+]
+
 
 def sidecar_path(output: str | os.PathLike) -> Path:
     """``scan_sr.nii.gz`` -> ``scan_sr.json`` (the BIDS sidecar name)."""
@@ -60,9 +68,13 @@ def git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
+
+    def run(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
     try:
-        run = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,  # noqa: E731
-                                           timeout=10, check=True).stdout.strip()
         commit = run("rev-parse", "HEAD")
         return commit + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
@@ -70,42 +82,68 @@ def git_commit() -> str | None:
 
 
 def _geometry(volume) -> dict:
-    return {"shape": list(volume.shape), "spacing_mm": [round(s, 6) for s in volume.spacing],
-            "orientation": volume.orientation}
+    return {
+        "shape": list(volume.shape),
+        "spacing_mm": [round(s, 6) for s in volume.spacing],
+        "orientation": volume.orientation,
+    }
 
 
-def upscale_record(*, source: str | os.PathLike, volume, result, upscaler, output: str | os.PathLike,
-                   wall_s: float, command: list[str] | None = None) -> dict:
+def upscale_record(
+    *,
+    source: str | os.PathLike,
+    volume,
+    result,
+    upscaler,
+    output: str | os.PathLike,
+    wall_s: float,
+    command: list[str] | None = None,
+) -> dict:
     """The provenance record of one upscale: ``volume`` was read from ``source`` and became ``result``.
     ``command`` defaults to this process's command line (``medldm`` and its arguments)."""
     model = upscaler.model
     task = result.task
-    settings = {"steps": upscaler.steps, "refine": upscaler.refine, "sampler": upscaler.sampler,
-                "planes": upscaler.planes, "samples": result.sr.meta["upscale"]["samples"],
-                "seed": result.sr.meta["upscale"]["seed"], "consistency": upscaler.consistency,
-                "condition_level": upscaler.condition_level, "bf16": upscaler.bf16, "batch_size": upscaler.batch_size}
+    settings = {
+        "steps": upscaler.steps,
+        "refine": upscaler.refine,
+        "sampler": upscaler.sampler,
+        "planes": upscaler.planes,
+        "samples": result.sr.meta["upscale"]["samples"],
+        "seed": result.sr.meta["upscale"]["seed"],
+        "consistency": upscaler.consistency,
+        "condition_level": upscaler.condition_level,
+        "bf16": upscaler.bf16,
+        "batch_size": upscaler.batch_size,
+    }
     if model.estimator is not None and upscaler.refine == 0:
         how = "its regression estimate (no diffusion refinement)"
     elif model.estimator is not None:
         how = f"its regression estimate refined by {upscaler.steps} diffusion step(s) from {upscaler.refine:g}"
     else:
         how = f"{upscaler.steps} diffusion sampler step(s) from noise"
-    description = (f"Super-resolved by medldm {__version__}: {task.kind} x{task.scale} along voxel axis {result.axis}, "
-                   f"model {model.config.name} ({model_digest(model.path)[:12]}), {how}, made consistent with the "
-                   f"input (residual {100 * result.residual:.3g}% of range). Finer detail than the input's is a "
-                   "model's guess.")
+    description = (
+        f"Super-resolved by medldm {__version__}: {task.kind} x{task.scale} along voxel axis {result.axis}, "
+        f"model {model.config.name} ({model_digest(model.path)[:12]}), {how}, made consistent with the "
+        f"input (residual {100 * result.residual:.3g}% of range). Finer detail than the input's is a "
+        "model's guess."
+    )
     return {
         "Description": description,
-        "GeneratedBy": [{"Name": "medldm", "Version": __version__,
-                         **({"Commit": git_commit()} if git_commit() else {})}],
+        "GeneratedBy": [
+            {"Name": "medldm", "Version": __version__, **({"Commit": git_commit()} if git_commit() else {})}
+        ],
         "Sources": [str(source)],
         "medldm": {
             "command": ["medldm", *sys.argv[1:]] if command is None else list(command),  # as a user types it
             "cwd": os.getcwd(),
             "input": {"path": str(Path(source).resolve()), "sha256": input_digest(source), **_geometry(volume)},
             "output": {"path": str(Path(output).resolve()), **_geometry(result.sr)},
-            "model": {"name": model.config.name, "path": str(model.path), "sha256": model_digest(model.path),
-                      "config_digest": model.info.get("config_digest")},
+            "model": {
+                "name": model.config.name,
+                "path": str(model.path),
+                "sha256": model_digest(model.path),
+                "config_digest": model.info.get("config_digest"),
+            },
             "task": {"kind": task.kind, "scale": task.scale, "axis": result.axis, "profile": task.profile},
             "sampling": settings,
             "consistency_residual": result.residual,
@@ -126,8 +164,10 @@ def short_description(record: dict) -> str:
     """The record in one short line, for the NIfTI descrip field (save_nifti keeps its first 79 bytes)."""
     m = record["medldm"]
     s, t = m["sampling"], m["task"]
-    return (f"medldm {record['GeneratedBy'][0]['Version']} {m['model']['sha256'][:12]} {t['kind']} x{t['scale']} "
-            f"ax{t['axis']} r{s['refine']:g} s{s['steps']} n{s['samples']} seed{s['seed']}")
+    return (
+        f"medldm {record['GeneratedBy'][0]['Version']} {m['model']['sha256'][:12]} {t['kind']} x{t['scale']} "
+        f"ax{t['axis']} r{s['refine']:g} s{s['steps']} n{s['samples']} seed{s['seed']}"
+    )
 
 
 def write_sidecar(output: str | os.PathLike, record: dict) -> Path:

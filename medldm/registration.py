@@ -67,8 +67,11 @@ def rigid_parameters(matrix: np.ndarray) -> dict:
     """Rotation (total angle in degrees, and the matrix) and translation (mm) of a 4 x 4 rigid transform."""
     r = matrix[:3, :3]
     angle = float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
-    return {"rotation_deg": round(angle, 4), "translation_mm": [round(float(v), 4) for v in matrix[:3, 3]],
-            "matrix": [[round(float(v), 6) for v in row] for row in matrix]}
+    return {
+        "rotation_deg": round(angle, 4),
+        "translation_mm": [round(float(v), 4) for v in matrix[:3, 3]],
+        "matrix": [[round(float(v), 6) for v in row] for row in matrix],
+    }
 
 
 def register_stacks(stacks: list, *, seed: int = 0) -> tuple[list, dict[str, dict]]:
@@ -84,29 +87,36 @@ def register_stacks(stacks: list, *, seed: int = 0) -> tuple[list, dict[str, dic
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentage(0.2, seed)
         reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=300,
-                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=1.0,
+            minStep=1e-4,
+            numberOfIterations=300,
+            relaxationFactor=0.5,
+            gradientMagnitudeTolerance=1e-8,
+        )
         reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetShrinkFactorsPerLevel([4, 2, 1])
         reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
-                                                    sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        initial = sitk.CenteredTransformInitializer(
+            fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
+        )
         reg.SetInitialTransform(initial, inPlace=True)  # optimised in place: an Euler3DTransform
         try:
             start = reg.MetricEvaluate(fixed, moving)
             reg.Execute(fixed, moving)
         except RuntimeError as exc:
-            raise MedldmError(f"could not be registered to {stacks[0].name}: {str(exc).splitlines()[-1]}",
-                              stack.name) from exc
+            raise MedldmError(
+                f"could not be registered to {stacks[0].name}: {str(exc).splitlines()[-1]}", stack.name
+            ) from exc
         end = reg.GetMetricValue()
         if not np.isfinite(end) or end > start + MIN_METRIC_IMPROVEMENT:
-            raise MedldmError(f"could not be registered to {stacks[0].name} (mutual information did not improve)",
-                              stack.name)
+            raise MedldmError(
+                f"could not be registered to {stacks[0].name} (mutual information did not improve)", stack.name
+            )
         h = _matrix(initial)  # first stack's world -> this stack's world
         correction = np.linalg.inv(h)  # where this stack's recorded positions are in the first stack's world
-        moved = replace(stack, volume=stack.volume.with_data(stack.volume.data,
-                                                             correction @ stack.volume.affine))
+        moved = replace(stack, volume=stack.volume.with_data(stack.volume.data, correction @ stack.volume.affine))
         out.append(moved)
         transforms[stack.name] = rigid_parameters(correction)
     return out, transforms

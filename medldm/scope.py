@@ -21,8 +21,19 @@ __all__ = ["TrainingScope", "scan_statistics", "contrast_hint", "measured_scope"
 FOREGROUND = 0.05  # normalised intensity above which a voxel counts as foreground (as in training)
 SPACING_MARGIN = 1.25  # in-plane spacings within this factor of the trained range count as seen
 INTENSITY_MARGIN = 0.05  # normalised foreground mean within this of the trained range counts as seen
-_CONTRASTS = {"t1": "T1", "t1w": "T1", "mprage": "T1", "t1c": "T1", "t2": "T2", "t2w": "T2", "flair": "FLAIR",
-              "pd": "PD", "pdw": "PD", "dwi": "DWI", "swi": "SWI"}
+_CONTRASTS = {
+    "t1": "T1",
+    "t1w": "T1",
+    "mprage": "T1",
+    "t1c": "T1",
+    "t2": "T2",
+    "t2w": "T2",
+    "flair": "FLAIR",
+    "pd": "PD",
+    "pdw": "PD",
+    "dwi": "DWI",
+    "swi": "SWI",
+}
 
 
 def contrast_hint(*names: str | None) -> str | None:
@@ -58,8 +69,10 @@ class TrainingScope:
         factors: dict[str, list[float]] = {}
         for task in config.data.tasks:
             factors.setdefault(task.kind, []).append(task.scale)
-        derived = {"modalities": tuple(sorted({s.modality for s in config.data.sources})) or ("MR",),
-                   "factors": {k: tuple(sorted(v)) for k, v in factors.items()}}
+        derived = {
+            "modalities": tuple(sorted({s.modality for s in config.data.sources})) or ("MR",),
+            "factors": {k: tuple(sorted(v)) for k, v in factors.items()},
+        }
         derived["contrasts"] = tuple(config.data.contrasts) if config.data.contrasts else None
         derived["region"] = config.data.region
         recorded = info.get("trained_on", {})
@@ -80,16 +93,19 @@ class TrainingScope:
         modality = guess_modality(volume.data, volume.meta.get("modality"))
         if modality not in self.modalities:
             out.append(f"the scan looks like {modality}; the model was trained on {'/'.join(self.modalities)} only")
-        contrast = contrast_hint(volume.path and str(volume.path).rsplit("/", 1)[-1],
-                                 volume.meta.get("series_description"))
+        contrast = contrast_hint(
+            volume.path and str(volume.path).rsplit("/", 1)[-1], volume.meta.get("series_description")
+        )
         if modality == "MR" and self.contrasts and contrast and contrast not in self.contrasts:
             out.append(f"its name says {contrast}; the model was trained on {'/'.join(self.contrasts)}")
         trained = self.factors.get(plan.task.kind, ())
         if trained and not any(abs(plan.scale - f) < 1e-6 for f in trained):
             listed = ", ".join(f"x{f:g}" for f in trained)
             where = "between" if min(trained) < plan.scale < max(trained) else "outside"
-            out.append(f"factor x{plan.scale:.3g} lies {where} the trained factors ({listed}); the networks are told "
-                       f"x{plan.task.scale:g}")
+            out.append(
+                f"factor x{plan.scale:.3g} lies {where} the trained factors ({listed}); the networks are told "
+                f"x{plan.task.scale:g}"
+            )
         lo, hi = self.thickness
         if plan.task.kind == "slice-profile" and not lo - 1e-3 <= plan.thickness <= hi + 1e-3:
             kind = "gaps between slices" if plan.thickness < 1 else "overlapping slices"
@@ -104,8 +120,10 @@ class TrainingScope:
             lo, hi = self.foreground_mean
             value = statistics["foreground_mean"]
             if not lo - INTENSITY_MARGIN <= value <= hi + INTENSITY_MARGIN:
-                out.append(f"normalised foreground mean {value:.2f}; the training scans had {lo:.2f}-{hi:.2f} "
-                           "(another contrast or body region?)")
+                out.append(
+                    f"normalised foreground mean {value:.2f}; the training scans had {lo:.2f}-{hi:.2f} "
+                    "(another contrast or body region?)"
+                )
         return out
 
 

@@ -117,13 +117,22 @@ class Trainer:
         progress: show a rich progress bar on the main process.
     """
 
-    def __init__(self, config: Config, data_root: Path, run_dir: Path, *, accelerator=None,
-                 lpips_weights: str | None = None, progress: bool = True):
+    def __init__(
+        self,
+        config: Config,
+        data_root: Path,
+        run_dir: Path,
+        *,
+        accelerator=None,
+        lpips_weights: str | None = None,
+        progress: bool = True,
+    ):
         from accelerate import Accelerator
 
         self.config, self.data_root, self.run_dir = config, Path(data_root), Path(run_dir)
-        self.acc = accelerator or Accelerator(mixed_precision=resolve_precision(config.training.mixed_precision),
-                                              cpu=not torch.cuda.is_available())
+        self.acc = accelerator or Accelerator(
+            mixed_precision=resolve_precision(config.training.mixed_precision), cpu=not torch.cuda.is_available()
+        )
         self.lpips_weights = lpips_weights or config.autoencoder.lpips_weights
         self.progress = progress and self.acc.is_main_process
         self._volumes = None
@@ -150,8 +159,7 @@ class Trainer:
     def sampler(self, *, slab: int | None = None) -> PairSampler:
         if self._volumes is None:
             cache = self.config.data.cache
-            self._volumes = load_volumes(self.config, self.data_root,
-                                         cache=self.run_dir / cache if cache else None)
+            self._volumes = load_volumes(self.config, self.data_root, cache=self.run_dir / cache if cache else None)
         return PairSampler(self._volumes, self.config, rank=self.rank, slab=slab)
 
     def stage_dir(self, stage: str) -> Path:
@@ -174,8 +182,16 @@ class Trainer:
             opt.load_state_dict(optim[name])
         return int(state["step"]), state
 
-    def _loop(self, stage: str, *, start: int, stop: int, step_fn: Callable[[int], dict], batch_size: int,
-              save: Callable[[int], None]) -> None:
+    def _loop(
+        self,
+        stage: str,
+        *,
+        start: int,
+        stop: int,
+        step_fn: Callable[[int], dict],
+        batch_size: int,
+        save: Callable[[int], None],
+    ) -> None:
         """Run steps [start, stop): log to CSV (and TensorBoard), checkpoint every N steps and at the end, show
         progress."""
         cfg = self.config.training
@@ -188,8 +204,13 @@ class Trainer:
         if self.progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            progress = Progress(
+                TextColumn(f"[bold]{stage}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
             task = progress.add_task(stage, total=stop, completed=start, info="")
             progress.start()
         board = None
@@ -203,14 +224,20 @@ class Trainer:
                 logs = step_fn(step)
                 done = step + 1
                 if not math.isfinite(logs["loss"]):  # diverged: stop before a NaN model is saved or exported
-                    raise MedldmError(f"the {stage} loss became {logs['loss']} at step {done}: training diverged "
-                                      "and stopped, nothing was exported (lower the learning rate?)",
-                                      self.stage_dir(stage))
+                    raise MedldmError(
+                        f"the {stage} loss became {logs['loss']} at step {done}: training diverged "
+                        "and stopped, nothing was exported (lower the learning rate?)",
+                        self.stage_dir(stage),
+                    )
                 if done % cfg.log_every == 0 or done == stop:
                     elapsed = time.perf_counter() - tic
                     rate = (done - start) * batch_size * self.acc.num_processes / max(elapsed, 1e-9)
-                    row = {"step": done, **{k: f"{v:.6g}" for k, v in logs.items()},
-                           "samples_per_s": f"{rate:.3g}", "elapsed_s": f"{elapsed:.3f}"}
+                    row = {
+                        "step": done,
+                        **{k: f"{v:.6g}" for k, v in logs.items()},
+                        "samples_per_s": f"{rate:.3g}",
+                        "elapsed_s": f"{elapsed:.3f}",
+                    }
                     rows.append(row)
                     if board is not None:
                         for key, value in {**logs, "samples_per_s": rate}.items():
@@ -248,10 +275,12 @@ class Trainer:
         for stage, build in (("autoencoder", build_autoencoder), ("estimator", build_estimator)):
             if getattr(cfg, stage) is None:
                 continue
-            same = (getattr(cfg, stage) == getattr(old, stage)
-                    and getattr(cfg.training, stage) == getattr(old.training, stage)
-                    and info.get(f"{stage}_steps") == getattr(cfg.training, stage).steps
-                    and (stage != "autoencoder" or cfg.data.intensity == old.data.intensity))
+            same = (
+                getattr(cfg, stage) == getattr(old, stage)
+                and getattr(cfg.training, stage) == getattr(old.training, stage)
+                and info.get(f"{stage}_steps") == getattr(cfg.training, stage).steps
+                and (stage != "autoencoder" or cfg.data.intensity == old.data.intensity)
+            )
             if not same and stage == "estimator" and (folder / "estimator.safetensors").is_file():
                 try:  # the same network, perhaps told the geometry too: fine-tune the folder's weights
                     load_partial_weights(build_estimator(cfg), folder / "estimator.safetensors", new="geometry.")
@@ -267,9 +296,13 @@ class Trainer:
                 continue
             module = build(cfg)
             load_weights(module, folder / f"{stage}.safetensors")
-            save_checkpoint(self.stage_dir(stage), getattr(cfg.training, stage).steps,
-                            modules={"ema": AveragedModel(module, use_buffers=True)}, optimizers={},
-                            state={"stage": stage, "taken_from": str(folder), "version": __version__})
+            save_checkpoint(
+                self.stage_dir(stage),
+                getattr(cfg.training, stage).steps,
+                modules={"ema": AveragedModel(module, use_buffers=True)},
+                optimizers={},
+                state={"stage": stage, "taken_from": str(folder), "version": __version__},
+            )
             taken[stage] = f"taken as finished from {folder}"
         denoiser = build_denoiser(cfg)
         try:
@@ -278,10 +311,13 @@ class Trainer:
             taken["diffusion"] = "trained from scratch (the folder's denoiser has another shape)"
         else:
             self.stage_dir("diffusion").mkdir(parents=True, exist_ok=True)
-            (self.stage_dir("diffusion") / "init.json").write_text(json.dumps(
-                {"from": str(folder), "latent_scale": info["latent_scale"]}))
-            save_file({k: v.contiguous() for k, v in denoiser.state_dict().items()},
-                      str(self.stage_dir("diffusion") / "init.safetensors"))
+            (self.stage_dir("diffusion") / "init.json").write_text(
+                json.dumps({"from": str(folder), "latent_scale": info["latent_scale"]})
+            )
+            save_file(
+                {k: v.contiguous() for k, v in denoiser.state_dict().items()},
+                str(self.stage_dir("diffusion") / "init.safetensors"),
+            )
             taken["diffusion"] = f"fine-tuned from {folder}'s denoiser"
         return taken
 
@@ -296,8 +332,9 @@ class Trainer:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
         opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=st.lr, weight_decay=st.weight_decay, betas=(0.5, 0.9))
-        start, _ = self._restore(stage, {"model": model, "ema": ema, "discriminator": disc},
-                                 {"model": opt, "discriminator": opt_d})
+        start, _ = self._restore(
+            stage, {"model": model, "ema": ema, "discriminator": disc}, {"model": opt, "discriminator": opt_d}
+        )
         stop = min(st.steps, max_steps or st.steps)
         if start >= stop:
             return self.stage_dir(stage)
@@ -337,8 +374,10 @@ class Trainer:
             opt.step()
             if use_adv:
                 with self.acc.autocast():
-                    d_loss = 0.5 * (adversarial(disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
-                                    + adversarial(disc(x)[-1], target_is_real=True, for_discriminator=True))
+                    d_loss = 0.5 * (
+                        adversarial(disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
+                        + adversarial(disc(x)[-1], target_is_real=True, for_discriminator=True)
+                    )
                 opt_d.zero_grad(set_to_none=True)
                 self.acc.backward(d_loss)
                 opt_d.step()
@@ -347,12 +386,18 @@ class Trainer:
             return {"loss": loss.item(), **logs}
 
         def save(step: int) -> None:
-            save_checkpoint(self.stage_dir(stage), step,
-                            modules={"model": self.acc.unwrap_model(model), "ema": ema,
-                                     "discriminator": self.acc.unwrap_model(disc)},
-                            optimizers={"model": opt, "discriminator": opt_d},
-                            state={"stage": stage, "config": cfg.model_dump(), "version": __version__},
-                            keep=cfg.training.keep_checkpoints)
+            save_checkpoint(
+                self.stage_dir(stage),
+                step,
+                modules={
+                    "model": self.acc.unwrap_model(model),
+                    "ema": ema,
+                    "discriminator": self.acc.unwrap_model(disc),
+                },
+                optimizers={"model": opt, "discriminator": opt_d},
+                state={"stage": stage, "config": cfg.model_dump(), "version": __version__},
+                keep=cfg.training.keep_checkpoints,
+            )
 
         self._loop(stage, start=start, stop=stop, step_fn=step_fn, batch_size=st.batch_size, save=save)
         self.trained[stage] = self.acc.unwrap_model(model)
@@ -368,8 +413,10 @@ class Trainer:
         ckpt = latest_checkpoint(self.stage_dir(stage))
         done = self.finished_step(stage)
         if ckpt is None or done < steps:
-            raise MedldmError(f"the {stage} stage has not finished (step {done} of {steps}); "
-                              f"train it first (--stage {stage})", self.stage_dir(stage))
+            raise MedldmError(
+                f"the {stage} stage has not finished (step {done} of {steps}); train it first (--stage {stage})",
+                self.stage_dir(stage),
+            )
         ema = AveragedModel(module, use_buffers=True)
         load_weights(ema, ckpt / "ema.safetensors")
         return ema.module.eval().requires_grad_(False)
@@ -419,11 +466,14 @@ class Trainer:
             return {"loss": loss.item(), "lr": lr_at(step)}
 
         def save(step: int) -> None:
-            save_checkpoint(self.stage_dir(stage), step,
-                            modules={"model": self.acc.unwrap_model(model), "ema": ema},
-                            optimizers={"model": opt},
-                            state={"stage": stage, "config": cfg.model_dump(), "version": __version__},
-                            keep=cfg.training.keep_checkpoints)
+            save_checkpoint(
+                self.stage_dir(stage),
+                step,
+                modules={"model": self.acc.unwrap_model(model), "ema": ema},
+                optimizers={"model": opt},
+                state={"stage": stage, "config": cfg.model_dump(), "version": __version__},
+                keep=cfg.training.keep_checkpoints,
+            )
 
         self._loop(stage, start=start, stop=stop, step_fn=step_fn, batch_size=st.batch_size, save=save)
         self.trained[stage] = self.acc.unwrap_model(model)
@@ -500,12 +550,14 @@ class Trainer:
                 return {"loss": loss.item()}
 
             def save(step: int) -> None:
-                save_checkpoint(self.stage_dir(stage), step,
-                                modules={"model": self.acc.unwrap_model(model), "ema": ema},
-                                optimizers={"model": opt},
-                                state={"stage": stage, "config": cfg.model_dump(), "latent_scale": scale,
-                                       "version": __version__},
-                                keep=cfg.training.keep_checkpoints)
+                save_checkpoint(
+                    self.stage_dir(stage),
+                    step,
+                    modules={"model": self.acc.unwrap_model(model), "ema": ema},
+                    optimizers={"model": opt},
+                    state={"stage": stage, "config": cfg.model_dump(), "latent_scale": scale, "version": __version__},
+                    keep=cfg.training.keep_checkpoints,
+                )
 
             self._loop(stage, start=start, stop=stop, step_fn=step_fn, batch_size=st.batch_size, save=save)
             self.trained[stage] = self.acc.unwrap_model(model)
@@ -520,9 +572,14 @@ class Trainer:
         denoiser = build_denoiser(self.config)
         ema = AveragedModel(denoiser, use_buffers=True)
         load_weights(ema, ckpt / "ema.safetensors")
-        info = {"version": __version__, "latent_scale": scale, "spatial_dims": self.config.data.spatial_dims,
-                "autoencoder_steps": self.finished_step("autoencoder"),
-                "diffusion_steps": self.finished_step("diffusion"), "config_digest": self.config.digest()}
+        info = {
+            "version": __version__,
+            "latent_scale": scale,
+            "spatial_dims": self.config.data.spatial_dims,
+            "autoencoder_steps": self.finished_step("autoencoder"),
+            "diffusion_steps": self.finished_step("diffusion"),
+            "config_digest": self.config.digest(),
+        }
         modules = {"autoencoder": self.trained_autoencoder(), "denoiser": ema.module}
         if self.config.estimator is not None:
             info["estimator_steps"] = self.finished_step("estimator")
@@ -531,8 +588,7 @@ class Trainer:
         info["trained_on"] = measured_scope(self.config, self.data_root, self._volumes)
         if self.config.diffusion.refine is not None:  # refinement models: refine from where they were trained
             info["sampling"] = {"refine": self.config.diffusion.refine}
-        return write_model_folder(self.run_dir / "model", config=self.config.model_dump(), info=info,
-                                  modules=modules)
+        return write_model_folder(self.run_dir / "model", config=self.config.model_dump(), info=info, modules=modules)
 
     def run(self, stage: str = "all", max_steps: int | None = None) -> None:
         """Train ``stage`` or all stages in order; with ``all``, a stage stopped early by ``max_steps`` makes the

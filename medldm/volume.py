@@ -242,9 +242,12 @@ def _series_files(folder: Path) -> list[Path]:
         return sorted(p for p in folder.iterdir() if p.is_file())
     scans = [p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)]
     if scans:
-        raise MedldmError(f"holds scans ({', '.join(sorted(scans)[:3])}{' ...' if len(scans) > 3 else ''}) and no "
-                          "DICOM files of its own: a folder of scans is a batch for 'medldm upscale'; name one scan "
-                          "here", folder)
+        raise MedldmError(
+            f"holds scans ({', '.join(sorted(scans)[:3])}{' ...' if len(scans) > 3 else ''}) and no "
+            "DICOM files of its own: a folder of scans is a batch for 'medldm upscale'; name one scan "
+            "here",
+            folder,
+        )
     return sorted(p for p in folder.rglob("*") if p.is_file())  # a DICOM tree (patient/study/series/...)
 
 
@@ -333,8 +336,10 @@ def _geometry_warnings(img) -> list[str]:
     sform, s_code = img.header.get_sform(coded=True)
     qform, q_code = img.header.get_qform(coded=True)
     if s_code == 0 and q_code == 0:
-        return ["neither sform nor qform is set: the orientation is unknown, so the voxel sizes alone place the "
-                "image (nibabel's default, left-right flipped); check it before trusting left and right"]
+        return [
+            "neither sform nor qform is set: the orientation is unknown, so the voxel sizes alone place the "
+            "image (nibabel's default, left-right flipped); check it before trusting left and right"
+        ]
     if s_code and q_code and not np.allclose(sform, qform, atol=1e-3):
         gap = float(np.abs(sform - qform).max())
         return [f"the qform and the sform disagree (by up to {gap:.3g} in the affine); the sform is used"]
@@ -346,12 +351,16 @@ def _load_nifti(path: Path) -> Volume:
     if raw is not None:
         offset, size = float(raw["vox_offset"]), path.stat().st_size
         if path.name.lower().endswith(".nii") and offset >= size:
-            raise MedldmError(f"header says the voxel data start at byte {offset:.0f}, past the end of the file "
-                              f"({size} bytes): wrong vox_offset or a truncated file", path)
+            raise MedldmError(
+                f"header says the voxel data start at byte {offset:.0f}, past the end of the file "
+                f"({size} bytes): wrong vox_offset or a truncated file",
+                path,
+            )
         pixdim = tuple(float(z) for z in raw["pixdim"][1:4])
         if int(raw["sform_code"]) == 0 and any(not np.isfinite(z) or z == 0 for z in pixdim):
-            raise MedldmError(f"voxel size {pixdim} in the header has a zero entry and no sform gives the "
-                              "geometry", path)
+            raise MedldmError(
+                f"voxel size {pixdim} in the header has a zero entry and no sform gives the geometry", path
+            )
     said: list[str] = []  # nibabel's own warnings and log lines, kept for one "warning:" line each
     try:
         with _nibabel_messages(said):
@@ -407,9 +416,14 @@ def _load_nrrd(path: Path) -> Volume:
     affine[:3, :3] = directions.T  # each 'space directions' row is the step of one voxel axis
     affine[:3, 3] = origin
     space = str(header.get("space", "right-anterior-superior")).lower()
-    flips = {"left-posterior-superior": LPS_TO_RAS, "lps": LPS_TO_RAS,
-             "right-anterior-superior": np.eye(4), "ras": np.eye(4),
-             "left-anterior-superior": np.diag([-1.0, 1.0, 1.0, 1.0]), "las": np.diag([-1.0, 1.0, 1.0, 1.0])}
+    flips = {
+        "left-posterior-superior": LPS_TO_RAS,
+        "lps": LPS_TO_RAS,
+        "right-anterior-superior": np.eye(4),
+        "ras": np.eye(4),
+        "left-anterior-superior": np.diag([-1.0, 1.0, 1.0, 1.0]),
+        "las": np.diag([-1.0, 1.0, 1.0, 1.0]),
+    }
     if space not in flips:
         raise MedldmError(f"NRRD space {space!r} is not supported (RAS, LAS or LPS)", path)
     meta = {"path": str(path), "format": "nrrd", "dtype": str(data.dtype)}
@@ -453,24 +467,46 @@ def _frames_of(ds, source: str) -> list[_Frame]:
         shared = _first(ds, "SharedFunctionalGroupsSequence")
         frames = []
         for index, per in enumerate(ds.PerFrameFunctionalGroupsSequence):
+
             def group(name, per=per):
                 return _first(per, name) or (_first(shared, name) if shared is not None else None)
 
-            pos, ori, meas, pvt = (group("PlanePositionSequence"), group("PlaneOrientationSequence"),
-                                   group("PixelMeasuresSequence"), group("PixelValueTransformationSequence"))
+            pos, ori, meas, pvt = (
+                group("PlanePositionSequence"),
+                group("PlaneOrientationSequence"),
+                group("PixelMeasuresSequence"),
+                group("PixelValueTransformationSequence"),
+            )
             if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
                 raise MedldmError(f"frame {index + 1} lacks plane position, orientation or pixel spacing", source)
-            frames.append(_Frame(source, np.asarray(pos.ImagePositionPatient, float),
-                                 np.asarray(ori.ImageOrientationPatient, float), np.asarray(meas.PixelSpacing, float),
-                                 float(getattr(pvt, "RescaleSlope", 1.0) or 1.0),
-                                 float(getattr(pvt, "RescaleIntercept", 0.0) or 0.0), ds, index))
+            frames.append(
+                _Frame(
+                    source,
+                    np.asarray(pos.ImagePositionPatient, float),
+                    np.asarray(ori.ImageOrientationPatient, float),
+                    np.asarray(meas.PixelSpacing, float),
+                    float(getattr(pvt, "RescaleSlope", 1.0) or 1.0),
+                    float(getattr(pvt, "RescaleIntercept", 0.0) or 0.0),
+                    ds,
+                    index,
+                )
+            )
         return frames
     missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if t not in ds]
     if missing:
         raise MedldmError(f"missing {', '.join(missing)}: the slice geometry is unknown", source)
-    return [_Frame(source, np.asarray(ds.ImagePositionPatient, float), np.asarray(ds.ImageOrientationPatient, float),
-                   np.asarray(ds.PixelSpacing, float), float(getattr(ds, "RescaleSlope", 1.0) or 1.0),
-                   float(getattr(ds, "RescaleIntercept", 0.0) or 0.0), ds, None)]
+    return [
+        _Frame(
+            source,
+            np.asarray(ds.ImagePositionPatient, float),
+            np.asarray(ds.ImageOrientationPatient, float),
+            np.asarray(ds.PixelSpacing, float),
+            float(getattr(ds, "RescaleSlope", 1.0) or 1.0),
+            float(getattr(ds, "RescaleIntercept", 0.0) or 0.0),
+            ds,
+            None,
+        )
+    ]
 
 
 def _decoder_available(syntax) -> bool:
@@ -495,7 +531,8 @@ def _read_pixels(frame: _Frame) -> np.ndarray:
         if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
             raise MedldmError(
                 f"pixel data is compressed ({syntax.name}) and no decoder is installed: "
-                "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)", frame.source
+                "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)",
+                frame.source,
             ) from None
         raise MedldmError(f"pixel data cannot be read ({exc})", frame.source) from None
     if frame.frame is not None:
@@ -515,8 +552,9 @@ def _load_dicom_file(path: Path, series_uid: str | None) -> Volume:
         raise MedldmError(f"not a readable DICOM file ({exc})", path) from None
     if "PerFrameFunctionalGroupsSequence" in ds or "SeriesInstanceUID" not in ds:
         return _load_dicom([path], path, series_uid)
-    return _load_dicom(sorted(p for p in path.parent.iterdir() if p.is_file()), path.parent,
-                       series_uid or str(ds.SeriesInstanceUID))
+    return _load_dicom(
+        sorted(p for p in path.parent.iterdir() if p.is_file()), path.parent, series_uid or str(ds.SeriesInstanceUID)
+    )
 
 
 def _load_dicom(files: list[Path], where: Path, series_uid: str | None) -> Volume:
@@ -537,9 +575,11 @@ def _load_dicom(files: list[Path], where: Path, series_uid: str | None) -> Volum
             raise MedldmError("DICOM image ends before its pixel data: the file is truncated or damaged", f)
         # objects without pixels (reports, presentation states) are skipped; an image without a position is kept,
         # so that the series is refused by name rather than loaded a slice short
-        if "SeriesInstanceUID" not in ds or "PixelData" not in ds and (len(files) == 1 or not (
-            "ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds
-        )):
+        if (
+            "SeriesInstanceUID" not in ds
+            or "PixelData" not in ds
+            and (len(files) == 1 or not ("ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds))
+        ):
             continue
         series[str(ds.SeriesInstanceUID)].append((f, ds))
     if not series:
@@ -590,7 +630,8 @@ def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
         k = int(np.argmin(gaps))
         raise MedldmError(
             f"two slices share position {depth[k]:.3f} mm ({frames[k].source}, {frames[k + 1].source}): "
-            "several echoes, phases or series mixed?", where
+            "several echoes, phases or series mixed?",
+            where,
         )
     step = float(np.median(gaps))
     uneven = np.abs(gaps - step) > SLICE_GAP_RTOL * step
@@ -598,15 +639,17 @@ def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
         k = int(np.argmax(uneven))
         raise MedldmError(
             f"uneven slice gaps: {gaps[k]:.3f} mm after {frames[k].source} where the series has {step:.3f} mm "
-            "(a missing slice?)", where
+            "(a missing slice?)",
+            where,
         )
     pixels = [_read_pixels(fr) for fr in frames]
     if len({p.shape for p in pixels}) != 1:
         raise MedldmError("slices differ in size within the series", where)
     check_memory((*pixels[0].shape, len(pixels)), where)
     # voxel axis i runs along a row (DICOM column index), j down the columns (row index), k across slices
-    data = np.stack([p.T.astype(np.float32) * fr.slope + fr.intercept for p, fr in zip(pixels, frames, strict=True)],
-                    axis=-1)
+    data = np.stack(
+        [p.T.astype(np.float32) * fr.slope + fr.intercept for p, fr in zip(pixels, frames, strict=True)], axis=-1
+    )
     d_row, d_col = frames[0].pixel_spacing
     lps = np.eye(4)
     lps[:3, 0] = row_cos * d_col
@@ -630,8 +673,9 @@ def _stack_frames(frames: list[_Frame], where: Path, uid: str) -> Volume:
 
 
 # -------------------------------------------------------------------------------------------------- saving
-def save_nifti(volume: Volume, path: str | os.PathLike, *, overwrite: bool = False,
-               description: str | None = None) -> Path:
+def save_nifti(
+    volume: Volume, path: str | os.PathLike, *, overwrite: bool = False, description: str | None = None
+) -> Path:
     """Write ``volume`` as float32 NIfTI with sform and qform set, atomically (medldm.outputs); ``description``
     (at most 79 ASCII characters) goes in the header's descrip field.
 
@@ -644,8 +688,11 @@ def save_nifti(volume: Volume, path: str | os.PathLike, *, overwrite: bool = Fal
     data = volume.data.astype(np.float32)
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
-        raise MedldmError(f"refusing to write {bad} non-finite voxels (NaN or inf, {100 * bad / data.size:.3g}% of "
-                          "the volume): the model or the input produced values float32 cannot hold", path)
+        raise MedldmError(
+            f"refusing to write {bad} non-finite voxels (NaN or inf, {100 * bad / data.size:.3g}% of "
+            "the volume): the model or the input produced values float32 cannot hold",
+            path,
+        )
     img = nib.Nifti1Image(data, volume.affine)
     img.set_sform(volume.affine, code=1)
     img.set_qform(volume.affine, code=1)  # qform cannot hold shear; readers use the exact sform

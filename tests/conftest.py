@@ -11,6 +11,7 @@ from tests.helpers import REPO, SHARED, TINY_CONFIG, shared_path
 
 __all__ = ["REPO", "SHARED", "shared_path"]
 
+
 @pytest.fixture(scope="session")
 def ixi_files() -> list[Path]:
     files = sorted(shared_path("data/mri/ixi-t1-2mm").glob("*.nii.gz"))
@@ -25,8 +26,17 @@ def ixi_path(ixi_files) -> Path:
 
 # The quick lane (`make test-quick`, marker `slow` left out) skips what trains or runs models end to end: whole
 # modules of such tests, and any test that asks for a model folder fixture. `make test` runs everything.
-SLOW_MODULES = {"test_pipeline", "test_estimator", "test_train", "test_cohort", "test_provenance", "test_bids",
-                "test_dicom_out", "test_install", "test_api"}
+SLOW_MODULES = {
+    "test_pipeline",
+    "test_estimator",
+    "test_train",
+    "test_cohort",
+    "test_provenance",
+    "test_bids",
+    "test_dicom_out",
+    "test_install",
+    "test_api",
+}
 MODEL_FIXTURES = {"tiny_model", "models", "model"}
 
 
@@ -58,8 +68,12 @@ def tiny_model(tmp_path_factory) -> Path:
     cfg, _ = load_config(TINY_CONFIG, data_root=shared_path("data"))
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tiny_model")
-    write_model_folder(root / "model", config=cfg.model_dump(), info={"latent_scale": 1.0, "spatial_dims": 2},
-                       modules={"autoencoder": build_autoencoder(cfg), "denoiser": build_denoiser(cfg)})
+    write_model_folder(
+        root / "model",
+        config=cfg.model_dump(),
+        info={"latent_scale": 1.0, "spatial_dims": 2},
+        modules={"autoencoder": build_autoencoder(cfg), "denoiser": build_denoiser(cfg)},
+    )
     other = cfg.model_dump()
     other["diffusion"]["channels"] = [24, 48]
     foreign = build_denoiser(Config.model_validate(other))

@@ -17,6 +17,10 @@ for stage in ("autoencoder", "diffusion"):  # the live weights each rank holds i
     for value in trainer.trained[stage].state_dict().values():
         digest.update(value.detach().float().numpy().tobytes())
 batch = trainer.sampler().batch(0, 2)["hr"]
-report = {"rank": trainer.acc.process_index, "world": trainer.acc.num_processes,
-          "batch_digest": hashlib.sha256(batch.numpy().tobytes()).hexdigest(), "weights": digest.hexdigest()}
+report = {
+    "rank": trainer.acc.process_index,
+    "world": trainer.acc.num_processes,
+    "batch_digest": hashlib.sha256(batch.numpy().tobytes()).hexdigest(),
+    "weights": digest.hexdigest(),
+}
 Path(run_dir, f"rank{report['rank']}.json").write_text(json.dumps(report))

@@ -50,8 +50,9 @@ TINY_CONFIG = REPO / "configs" / "tiny_2d.yaml"
 
 
 def medldm(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 def assert_refused(result: subprocess.CompletedProcess, *phrases: str | Path, out_dir: Path | None = None) -> str:
@@ -124,7 +125,7 @@ def _series(tmp: Path, n: int = 8) -> tuple[Path, list[Path]]:
     """A folder holding n contiguous real slices from the middle of the head."""
     dest = tmp / "series"
     dest.mkdir()
-    return dest, [Path(shutil.copy(f, dest / f.name)) for f in _trio_slices()[80:80 + n]]
+    return dest, [Path(shutil.copy(f, dest / f.name)) for f in _trio_slices()[80 : 80 + n]]
 
 
 def _edit_dicom(path: Path, edit) -> None:
@@ -135,8 +136,11 @@ def _edit_dicom(path: Path, edit) -> None:
 
 def _reseal(folder: Path) -> None:
     """Rewrite SHA256SUMS so the checksums pass and only the damage itself can be caught."""
-    sums = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}"
-            for p in sorted(folder.iterdir()) if p.name != "SHA256SUMS"]
+    sums = [
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}"
+        for p in sorted(folder.iterdir())
+        if p.name != "SHA256SUMS"
+    ]
     (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
 
 

@@ -12,7 +12,7 @@ from medldm.degrade import SliceSampling, ThickSlice, degrade_volume, grid_for_f
 from medldm.pipeline import Upscaler
 from medldm.scope import TrainingScope, contrast_hint
 from medldm.volume import Volume, crop, face_corners, load, save_nifti
-from tests.helpers import medldm, shared_path
+from tests.helpers import LPIPS, medldm, shared_path
 
 
 # ------------------------------------------------------------------------------------------- forward model
@@ -26,8 +26,9 @@ def test_slice_sampling_is_thick_slice_at_integer_factors(scale, profile):
 
 
 @pytest.mark.parametrize("profile", ["gaussian", "boxcar"])
-@pytest.mark.parametrize(("scale", "thickness", "n"), [(5.5, 1.0, 176), (2.5, 0.6, 60), (177 / 29, 1.3, 177),
-                                                       (4, 0.5, 64)])
+@pytest.mark.parametrize(
+    ("scale", "thickness", "n"), [(5.5, 1.0, 176), (2.5, 0.6, 60), (177 / 29, 1.3, 177), (4, 0.5, 64)]
+)
 def test_slice_sampling_adjoint_and_pseudo_inverse(scale, thickness, n, profile):
     op = SliceSampling(2, scale, thickness=thickness, profile=profile)
     g = torch.Generator().manual_seed(0)
@@ -46,8 +47,9 @@ def test_slice_gaps_sample_only_the_middle_of_each_slab():
     # x4 with a boxcar half the spacing wide: each slice averages the two central voxels of its block of four
     op = SliceSampling(0, 4, thickness=0.5, profile="boxcar", spatial_dims=2)
     x = torch.arange(16, dtype=torch.float64)[:, None]  # (16, 1): axis 0 degraded
-    torch.testing.assert_close(op.matrix(16)[1], torch.tensor([0, 0, 0, 0, 0, 0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                                                              dtype=torch.float64))
+    torch.testing.assert_close(
+        op.matrix(16)[1], torch.tensor([0, 0, 0, 0, 0, 0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    )
     torch.testing.assert_close(op(x)[:, 0], torch.tensor([1.5, 5.5, 9.5, 13.5], dtype=torch.float64))
 
 
@@ -101,8 +103,9 @@ def test_spacing_sets_the_output_grid_over_the_same_field_of_view(default_upscal
     result = default_upscaler.upscale(lr, plan=plan)
     assert result.sr.shape == (32, 220, 32)
     np.testing.assert_allclose(result.sr.spacing, (2.0, 1.0, 2.0), rtol=1e-9)
-    np.testing.assert_allclose(face_corners(result.sr.shape, result.sr.affine), face_corners(lr.shape, lr.affine),
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        face_corners(result.sr.shape, result.sr.affine), face_corners(lr.shape, lr.affine), atol=1e-9
+    )
     assert result.residual < 1e-6  # consistent with the 5.5 mm slices through the exact operator
     assert result.sr.meta["upscale"]["scale"] == pytest.approx(5.5)
 
@@ -139,8 +142,9 @@ def test_dicom_slice_thickness_sets_the_operator(default_upscaler):
     assert plan.operator().thickness == pytest.approx(0.75)
     assert default_upscaler.plan(scan, thickness=4.0).thickness == pytest.approx(1.0)  # --thickness wins
     # a thickness recorded for another axis does not apply
-    assert default_upscaler.plan(_scan((32, 32, 8), (1.0, 1.0, 4.0), slice_thickness=3.0,
-                                       slice_axis=0)).thickness == 1.0
+    assert (
+        default_upscaler.plan(_scan((32, 32, 8), (1.0, 1.0, 4.0), slice_thickness=3.0, slice_axis=0)).thickness == 1.0
+    )
 
 
 def test_dicom_series_reads_slice_thickness_and_spacing():
@@ -182,8 +186,6 @@ def test_contrast_hints_from_names():
     assert contrast_hint("remind_t2_space_3d.nii.gz") == "T2"
     assert contrast_hint("IXI613-HH-2734_T1.nii.gz") == "T1"
     assert contrast_hint("scan.nii.gz", None, "") is None
-
-
 
 
 @pytest.mark.slow
@@ -234,11 +236,47 @@ def test_adaptation_needs_thick_slices_and_a_bound(default_upscaler, ixi_path):
 
 
 @pytest.mark.slow
+def test_evaluate_adapt_scores_the_model_adapted_and_unadapted(tmp_path, head_ct):
+    import csv
+
+    from medldm.evaluation.evaluate import evaluate
+
+    scan = save_nifti(head_ct, tmp_path / "ct.nii.gz")
+    evaluate(
+        scan,
+        tmp_path / "report",
+        model="default",
+        axis="x",
+        scale=4,
+        baselines=["bspline-dc"],
+        adapt={"steps": 2, "minutes": None},
+        lpips_weights=str(LPIPS),
+    )
+    with open(tmp_path / "report" / "metrics.csv") as fh:
+        methods = [r["method"] for r in csv.DictReader(fh)]
+    assert sorted(methods) == ["bspline-dc", "model", "unadapted"]
+    assert "adapted to each degraded scan first" in (tmp_path / "report" / "report.html").read_text()
+
+
+@pytest.mark.slow
 def test_cli_adapt_saves_a_checksummed_model_that_loads(tmp_path, head_ct):
     lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="x", scale=4)
     scan = save_nifti(lr, tmp_path / "ct.nii.gz")
-    run = medldm("upscale", scan, "--axis", "x", "--scale", "4", "--adapt", "--adapt-steps", "3", "--save-adapted",
-                 tmp_path / "adapted", "-o", tmp_path / "sr.nii.gz")
+    run = medldm(
+        "upscale",
+        scan,
+        "--axis",
+        "x",
+        "--scale",
+        "4",
+        "--adapt",
+        "--adapt-steps",
+        "3",
+        "--save-adapted",
+        tmp_path / "adapted",
+        "-o",
+        tmp_path / "sr.nii.gz",
+    )
     assert run.returncode == 0, run.stderr
     assert "adapted to ct.nii.gz: 3 steps" in run.stderr
     from medldm.pipeline import load_model
@@ -247,8 +285,21 @@ def test_cli_adapt_saves_a_checksummed_model_that_loads(tmp_path, head_ct):
     assert model.info["adapted_to"]["steps"] == 3
     sidecar = (tmp_path / "sr.json").read_text()
     assert '"adaptation"' in sidecar
-    again = medldm("upscale", scan, "--axis", "x", "--scale", "4", "--adapt", "--adapt-steps", "3", "--save-adapted",
-                   tmp_path / "adapted", "-o", tmp_path / "sr2.nii.gz")
+    again = medldm(
+        "upscale",
+        scan,
+        "--axis",
+        "x",
+        "--scale",
+        "4",
+        "--adapt",
+        "--adapt-steps",
+        "3",
+        "--save-adapted",
+        tmp_path / "adapted",
+        "-o",
+        tmp_path / "sr2.nii.gz",
+    )
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
@@ -270,6 +321,7 @@ def test_the_shipped_model_knows_what_it_was_trained_on(default_upscaler):
     assert any("name says T2" in w for w in default_upscaler.plan(t2).warnings)
     fine = _scan((64, 64, 10), (0.43, 0.43, 2.5), path="scan.nii.gz")
     assert any("in-plane spacing 0.43 mm" in w for w in default_upscaler.plan(fine).warnings)
-    dark = _scan((64, 64, 10), (1.0, 1.0, 4.0), data=np.random.default_rng(1).exponential(20, (64, 64, 10))
-                 .astype(np.float32))  # most of the foreground near the bottom of the range
+    dark = _scan(
+        (64, 64, 10), (1.0, 1.0, 4.0), data=np.random.default_rng(1).exponential(20, (64, 64, 10)).astype(np.float32)
+    )  # most of the foreground near the bottom of the range
     assert any("normalised foreground mean" in w for w in default_upscaler.plan(dark).warnings)

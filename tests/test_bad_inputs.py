@@ -314,8 +314,11 @@ def nrrd_unknown_space(tmp):
 
 def nrrd_4d(tmp):
     data, header = _brain_nrrd()
-    header = {**header, "kinds": ["domain"] * 3 + ["list"],
-              "space directions": np.vstack([header["space directions"], [np.nan] * 3])}
+    header = {
+        **header,
+        "kinds": ["domain"] * 3 + ["list"],
+        "space directions": np.vstack([header["space directions"], [np.nan] * 3]),
+    }
     path = _write_nrrd(tmp / "dwi.nrrd", np.stack([data, data, data], axis=-1), header)
     return path, path
 
@@ -333,25 +336,29 @@ SCAN_CASES = [
     pytest.param(nan_voxel, ["1 voxels are NaN or infinite"], id="nifti-nan"),
     pytest.param(inf_voxels, ["3 voxels are NaN or infinite"], id="nifti-inf"),
     pytest.param(one_voxel_thick, ["shape (120, 1, 90) is a single slice"], id="nifti-one-voxel-thick"),
-    pytest.param(huge_declared_size, ["declared size (40000, 40000, 40000)", "GiB as float32"],
-                 id="nifti-huge-declared-size"),
+    pytest.param(
+        huge_declared_size, ["declared size (40000, 40000, 40000)", "GiB as float32"], id="nifti-huge-declared-size"
+    ),
     pytest.param(dicom_renamed, ["not a readable NIfTI file", "not a gzip file"], id="nifti-is-really-dicom"),
     pytest.param(empty_file, ["not a readable NIfTI file", "Empty file"], id="nifti-empty-file"),
     pytest.param(folder_named_like_a_file, ["no DICOM images found"], id="nifti-name-on-a-folder"),
     # DICOM
     pytest.param(mixed_series, ["holds 2 DICOM series", "--series"], id="dicom-two-series-uids"),
     pytest.param(duplicate_position, ["two slices share position"], id="dicom-duplicate-position"),
-    pytest.param(missing_slice_near_edge, ["uneven slice gaps: 2.000 mm", "a missing slice?"],
-                 id="dicom-missing-slice"),
+    pytest.param(
+        missing_slice_near_edge, ["uneven slice gaps: 2.000 mm", "a missing slice?"], id="dicom-missing-slice"
+    ),
     pytest.param(rotated_slice, ["slice orientation differs within the series"], id="dicom-rotated-slice"),
     pytest.param(missing_pixel_spacing, ["missing PixelSpacing"], id="dicom-no-pixel-spacing"),
     pytest.param(compressed_without_decoder, None, id="dicom-jpeg-lossless-no-decoder"),
     pytest.param(compressed_damaged, None, id="dicom-jpeg2000-undecodable"),
     pytest.param(only_non_dicom, ["no DICOM images found"], id="dicom-folder-of-notes"),
-    pytest.param(truncated_edge_slice_header, ["ends before its pixel data", "truncated"],
-                 id="dicom-truncated-header-at-edge"),
-    pytest.param(truncated_slice_pixels, ["pixel data cannot be read", "less than expected"],
-                 id="dicom-truncated-pixels"),
+    pytest.param(
+        truncated_edge_slice_header, ["ends before its pixel data", "truncated"], id="dicom-truncated-header-at-edge"
+    ),
+    pytest.param(
+        truncated_slice_pixels, ["pixel data cannot be read", "less than expected"], id="dicom-truncated-pixels"
+    ),
     # NRRD
     pytest.param(nrrd_without_directions, ["no 'space directions'"], id="nrrd-no-space-directions"),
     pytest.param(nrrd_truncated, ["not a readable NRRD file, truncated or damaged?"], id="nrrd-truncated"),
@@ -360,8 +367,14 @@ SCAN_CASES = [
 ]
 
 # cheap loads where `medldm info` is checked as well as `convert`
-INFO_TOO = {"nifti-zero-pixdim", "nifti-rgb24", "nifti-huge-declared-size", "nifti-empty-file",
-            "dicom-truncated-header-at-edge", "nrrd-no-space-directions"}
+INFO_TOO = {
+    "nifti-zero-pixdim",
+    "nifti-rgb24",
+    "nifti-huge-declared-size",
+    "nifti-empty-file",
+    "dicom-truncated-header-at-edge",
+    "nrrd-no-space-directions",
+}
 
 
 def _compressed_phrases(case: str) -> list[str]:
@@ -454,21 +467,46 @@ def _pop_steps(raw):
 
 
 CONFIG_CASES = [
-    pytest.param(None, "name: tiny\ndata:\n\tsources: [\nfoo: bar: baz\n",
-                 ["not valid YAML at line 3, column 1", "cannot start any token"], id="not-yaml"),
-    pytest.param(None, yaml.safe_dump([{"name": "tiny"}, {"data": None}]),
-                 ["expected a mapping of keys at the top level"], id="list-at-top-level"),
-    pytest.param(lambda raw: raw["training"]["autoencoder"].update(warmup_steps=10), None,
-                 ["unknown key 'training.autoencoder.warmup_steps'"], id="unknown-nested-key"),
-    pytest.param(lambda raw: raw["training"]["diffusion"].update(batch_size="eight"), None,
-                 ["key 'training.diffusion.batch_size'", "valid integer"], id="string-batch-size"),
+    pytest.param(
+        None,
+        "name: tiny\ndata:\n\tsources: [\nfoo: bar: baz\n",
+        ["not valid YAML at line 3, column 1", "cannot start any token"],
+        id="not-yaml",
+    ),
+    pytest.param(
+        None,
+        yaml.safe_dump([{"name": "tiny"}, {"data": None}]),
+        ["expected a mapping of keys at the top level"],
+        id="list-at-top-level",
+    ),
+    pytest.param(
+        lambda raw: raw["training"]["autoencoder"].update(warmup_steps=10),
+        None,
+        ["unknown key 'training.autoencoder.warmup_steps'"],
+        id="unknown-nested-key",
+    ),
+    pytest.param(
+        lambda raw: raw["training"]["diffusion"].update(batch_size="eight"),
+        None,
+        ["key 'training.diffusion.batch_size'", "valid integer"],
+        id="string-batch-size",
+    ),
     pytest.param(_pop_steps, None, ["missing key 'training.autoencoder.steps'"], id="missing-steps"),
-    pytest.param(lambda raw: raw["training"]["autoencoder"].update(lr=-1e-3), None,
-                 ["key 'training.autoencoder.lr'", "greater than 0"], id="negative-lr"),
-    pytest.param(lambda raw: raw["data"].update(spatial_dims=4), None,
-                 ["key 'data.spatial_dims'", "2 or 3"], id="spatial-dims-4"),
-    pytest.param(lambda raw: raw["data"]["sources"][0].update(holdout=50), None,
-                 ["key 'data.sources.0.holdout'", "50 leaves no training files"], id="holdout-too-large"),
+    pytest.param(
+        lambda raw: raw["training"]["autoencoder"].update(lr=-1e-3),
+        None,
+        ["key 'training.autoencoder.lr'", "greater than 0"],
+        id="negative-lr",
+    ),
+    pytest.param(
+        lambda raw: raw["data"].update(spatial_dims=4), None, ["key 'data.spatial_dims'", "2 or 3"], id="spatial-dims-4"
+    ),
+    pytest.param(
+        lambda raw: raw["data"]["sources"][0].update(holdout=50),
+        None,
+        ["key 'data.sources.0.holdout'", "50 leaves no training files"],
+        id="holdout-too-large",
+    ),
 ]
 
 
@@ -510,12 +548,15 @@ def flipped_byte(model: Path, root: Path):
     return model, ["denoiser.safetensors", "does not match its checksum"]
 
 
-@pytest.mark.parametrize("damage", [
-    pytest.param(no_model_folder, id="missing-folder"),
-    pytest.param(truncated_weights, id="truncated-denoiser-resealed"),
-    pytest.param(foreign_weights, id="other-architecture-resealed"),
-    pytest.param(flipped_byte, id="checksum-mismatch"),
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(no_model_folder, id="missing-folder"),
+        pytest.param(truncated_weights, id="truncated-denoiser-resealed"),
+        pytest.param(foreign_weights, id="other-architecture-resealed"),
+        pytest.param(flipped_byte, id="checksum-mismatch"),
+    ],
+)
 def test_bad_model_folder_is_refused(tmp_path, out_dir, tiny_model, damage):
     model = Path(shutil.copytree(tiny_model / "model", tmp_path / "model"))
     offender, phrases = damage(model, tiny_model)
@@ -567,11 +608,13 @@ def oblique_affines(draw) -> np.ndarray:
     if np.linalg.norm(q) < 0.1:
         q = np.array([1.0, 0.0, 0.0, 0.0])
     w, x, y, z = q / np.linalg.norm(q)
-    rotation = np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    rotation = np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
     shear = np.eye(3)
     if draw(st.booleans()):
         shear[0, 1], shear[0, 2], shear[1, 2] = draw(st.lists(st.floats(-0.2, 0.2), min_size=3, max_size=3))
@@ -587,8 +630,7 @@ SMALL = st.integers(2, 12)
 
 
 @settings(max_examples=25, deadline=None)
-@given(affine=oblique_affines(), shape=st.tuples(SMALL, SMALL, SMALL), seed=st.integers(0, 2**31),
-       gz=st.booleans())
+@given(affine=oblique_affines(), shape=st.tuples(SMALL, SMALL, SMALL), seed=st.integers(0, 2**31), gz=st.booleans())
 def test_oblique_round_trip_through_nifti(affine, shape, seed, gz):
     data = (np.random.default_rng(seed).normal(size=shape) * 100).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -603,22 +645,34 @@ def test_oblique_round_trip_through_nifti(affine, shape, seed, gz):
 
 
 @settings(max_examples=25, deadline=None)
-@given(affine=oblique_affines(), counts=st.tuples(*[st.integers(1, 6)] * 3),
-       factors=st.tuples(*[st.integers(1, 4)] * 3), upscale=st.tuples(*[st.booleans()] * 3))
+@given(
+    affine=oblique_affines(),
+    counts=st.tuples(*[st.integers(1, 6)] * 3),
+    factors=st.tuples(*[st.integers(1, 4)] * 3),
+    upscale=st.tuples(*[st.booleans()] * 3),
+)
 def test_integer_rescaling_keeps_the_field_of_view(affine, counts, factors, upscale):
     shape = tuple(m if up else m * f for m, f, up in zip(counts, factors, upscale, strict=True))
     scaled = tuple(1.0 / f if up else float(f) for f, up in zip(factors, upscale, strict=True))
     expected = tuple(m * f if up else m for m, f, up in zip(counts, factors, upscale, strict=True))
     new_shape = rescaled_shape(shape, scaled)
     assert new_shape == expected
-    np.testing.assert_allclose(face_corners(new_shape, rescaled_affine(affine, scaled)),
-                               face_corners(shape, affine), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        face_corners(new_shape, rescaled_affine(affine, scaled)), face_corners(shape, affine), rtol=0, atol=1e-6
+    )
 
 
 @settings(max_examples=25, deadline=None)
-@given(kind=st.sampled_from(["slice-profile", "kspace", "blur"]), profile=st.sampled_from(["gaussian", "boxcar"]),
-       scale=st.integers(2, 4), axis=st.integers(0, 2), counts=st.tuples(*[st.integers(1, 3)] * 3),
-       a=st.floats(-3, 3), b=st.floats(-3, 3), seed=st.integers(0, 2**31))
+@given(
+    kind=st.sampled_from(["slice-profile", "kspace", "blur"]),
+    profile=st.sampled_from(["gaussian", "boxcar"]),
+    scale=st.integers(2, 4),
+    axis=st.integers(0, 2),
+    counts=st.tuples(*[st.integers(1, 3)] * 3),
+    a=st.floats(-3, 3),
+    b=st.floats(-3, 3),
+    seed=st.integers(0, 2**31),
+)
 def test_degradation_operators_are_linear(kind, profile, scale, axis, counts, a, b, seed):
     op = make_operator(kind, axis=axis, scale=scale, spatial_dims=3, profile=profile)
     shape = (2, *(m * scale for m in counts))  # a batch of two, every axis a multiple of the scale

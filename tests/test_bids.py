@@ -28,10 +28,18 @@ def test_a_bids_dataset_becomes_bids_derivatives(tmp_path, tiny_model):
     assert first.returncode == 0, first.stderr
     derivatives = root / "derivatives" / "medldm"
     assert _listing(derivatives) == [
-        "dataset_description.json", "medldm_upscale.csv", "sub-01", "sub-01/anat",
-        "sub-01/anat/sub-01_desc-sr_T1w.json", "sub-01/anat/sub-01_desc-sr_T1w.nii.gz",
-        "sub-02", "sub-02/ses-1", "sub-02/ses-1/anat",
-        "sub-02/ses-1/anat/sub-02_ses-1_desc-sr_T1w.json", "sub-02/ses-1/anat/sub-02_ses-1_desc-sr_T1w.nii.gz"]
+        "dataset_description.json",
+        "medldm_upscale.csv",
+        "sub-01",
+        "sub-01/anat",
+        "sub-01/anat/sub-01_desc-sr_T1w.json",
+        "sub-01/anat/sub-01_desc-sr_T1w.nii.gz",
+        "sub-02",
+        "sub-02/ses-1",
+        "sub-02/ses-1/anat",
+        "sub-02/ses-1/anat/sub-02_ses-1_desc-sr_T1w.json",
+        "sub-02/ses-1/anat/sub-02_ses-1_desc-sr_T1w.nii.gz",
+    ]
     description = json.loads((derivatives / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "medldm"
     before = _listing(root)

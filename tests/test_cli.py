@@ -18,8 +18,6 @@ TRIO = "data/mri/trio-b17-t1-mprage/dicom"
 PHILIPS = "data/mri/dcm_qa-philips-t1-mprage/dicom"
 
 
-
-
 def dicom_by_position(folder: Path) -> list[Path]:
     """Slice files of a single-series folder sorted along the slice normal."""
     files = sorted(folder.glob("*.dcm"))
@@ -123,8 +121,9 @@ def test_convert_dicom_series_to_nifti(tmp_path):
     assert result.returncode == 0, result.stderr
     converted, reference = load(out), load(shared_path("data/mri/trio-b17-t1-mprage/trio_b17_t1_mprage.nii.gz"))
     np.testing.assert_array_equal(converted.to_canonical().data, reference.to_canonical().data)
-    np.testing.assert_allclose(face_corners(converted.shape, converted.affine),
-                               face_corners(reference.shape, reference.affine), atol=0.01)
+    np.testing.assert_allclose(
+        face_corners(converted.shape, converted.affine), face_corners(reference.shape, reference.affine), atol=0.01
+    )
 
 
 def test_series_option_picks_one_of_two(tmp_path):

@@ -25,9 +25,30 @@ def test_two_processes_share_a_batch_and_match_one_process(tmp_path, tiny_model)
         _small_scan(batch, name)
     model = tiny_model / "model"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "medldm.cli", "upscale", str(batch), "-o",
-           str(tmp_path / "two"), "--model", str(model), "--device", "cpu", "--kind", "kspace", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "medldm.cli",
+        "upscale",
+        str(batch),
+        "-o",
+        str(tmp_path / "two"),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--kind",
+        "kspace",
+        "--json",
+    ]
     two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     lines = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
@@ -38,16 +59,16 @@ def test_two_processes_share_a_batch_and_match_one_process(tmp_path, tiny_model)
     assert sorted(os.path.basename(r["input"]) for r in summary) == names
     assert {r["status"] for r in summary} == {"written"}
 
-    one = medldm("upscale", batch, "-o", tmp_path / "one", "--model", model, "--device", "cpu", "--kind",
-                 "kspace")
+    one = medldm("upscale", batch, "-o", tmp_path / "one", "--model", model, "--device", "cpu", "--kind", "kspace")
     assert one.returncode == 0, one.stderr
     for name in names:
         out = name.replace(".nii.gz", "_sr.nii.gz")
         one_out, two_out = nib.load(tmp_path / "one" / out), nib.load(tmp_path / "two" / out)
         assert np.array_equal(one_out.get_fdata(), two_out.get_fdata())
 
-    rerun = subprocess.run(cmd[:8] + [str(_free_port())] + cmd[9:], env=env, capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(
+        cmd[:8] + [str(_free_port())] + cmd[9:], env=env, capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     statuses = [json.loads(line)["status"] for line in rerun.stdout.splitlines() if line.startswith("{")]
     assert statuses == ["skipped"] * 4
@@ -59,16 +80,45 @@ def test_two_processes_share_an_evaluation_and_report_what_one_process_reports(t
     scans = []
     for i, start in enumerate((20, 40, 56)):  # three 64^3 blocks of one scan: distinct volumes, LPIPS-sized
         path = tmp_path / f"v{i}.nii.gz"
-        nib.save(nib.Nifti1Image(data[start:start + 64, 30:94, 10:74].astype(np.float32), affine), str(path))
+        nib.save(nib.Nifti1Image(data[start : start + 64, 30:94, 10:74].astype(np.float32), affine), str(path))
         scans.append(str(path))
     (tmp_path / "list.txt").write_text("\n".join(scans) + "\n")
-    options = ["--data", str(tmp_path / "list.txt"), "--baseline", "trilinear", "--baseline", "bspline-dc",
-               "--lpips-weights", str(LPIPS), "--device", "cpu"]
+    options = [
+        "--data",
+        str(tmp_path / "list.txt"),
+        "--baseline",
+        "trilinear",
+        "--baseline",
+        "bspline-dc",
+        "--lpips-weights",
+        str(LPIPS),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), "-m", "medldm.cli", "evaluate",
-                          "--out", str(tmp_path / "two"), *options], env=env, capture_output=True, text=True,
-                         timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "medldm.cli",
+            "evaluate",
+            "--out",
+            str(tmp_path / "two"),
+            *options,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     one = medldm("evaluate", "--out", tmp_path / "one", *options)
     assert one.returncode == 0, one.stderr
@@ -81,5 +131,6 @@ def test_two_processes_share_an_evaluation_and_report_what_one_process_reports(t
     assert [(r["volume"], r["method"]) for r in two_rows] == [(r["volume"], r["method"]) for r in one_rows]
     for a, b in zip(two_rows, one_rows, strict=True):  # equal up to the order of threaded float sums
         assert {k: float(v) for k, v in a.items() if k not in ("volume", "method") and v} == pytest.approx(
-            {k: float(v) for k, v in b.items() if k not in ("volume", "method") and v}, rel=1e-9)
+            {k: float(v) for k, v in b.items() if k not in ("volume", "method") and v}, rel=1e-9
+        )
     assert [r["volume"] for r in table(tmp_path / "two")][::2] == ["v0.nii.gz", "v1.nii.gz", "v2.nii.gz"]

@@ -294,8 +294,15 @@ def test_degrade_volume_crops_and_keeps_field_of_view():
     # hr is the centred crop: one voxel dropped at the start of axis 0 and of axis 1
     np.testing.assert_allclose(hr.data, volume.data[:8, 1:9], rtol=0)
     np.testing.assert_allclose(hr.affine[:3, 3], (volume.affine @ [0, 1, 0, 1])[:3])
-    assert lr.meta["degrade"] == {"kind": "blur", "axis": 2, "scale": 4, "thickness": 1.0, "profile": "boxcar",
-                                  "noise": 0.0, "cropped_from": (9, 10, 7)}
+    assert lr.meta["degrade"] == {
+        "kind": "blur",
+        "axis": 2,
+        "scale": 4,
+        "thickness": 1.0,
+        "profile": "boxcar",
+        "noise": 0.0,
+        "cropped_from": (9, 10, 7),
+    }
     assert lr.meta["path"] == "synthetic"
 
 

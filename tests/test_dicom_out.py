@@ -35,8 +35,12 @@ def _read_series(folder: Path) -> list[pydicom.Dataset]:
 
 @pytest.mark.parametrize("case", ["ct-head-hu", "ct-gantry-tilt", "mr", "mr-oblique"])
 def test_a_dicom_output_reads_back_on_the_same_grid_and_values(tmp_path, case):
-    source = {"ct-head-hu": lambda: shared_path(CT_HEAD), "ct-gantry-tilt": lambda: shared_path(GANTRY_TILT),
-              "mr": lambda: _small_scan(tmp_path), "mr-oblique": lambda: _oblique_mr(tmp_path)}[case]()
+    source = {
+        "ct-head-hu": lambda: shared_path(CT_HEAD),
+        "ct-gantry-tilt": lambda: shared_path(GANTRY_TILT),
+        "mr": lambda: _small_scan(tmp_path),
+        "mr-oblique": lambda: _oblique_mr(tmp_path),
+    }[case]()
     series, back = tmp_path / "series", tmp_path / "back.nii.gz"
     assert medldm("convert", source, series, "--format", "dicom").returncode == 0
     datasets = _read_series(series)
@@ -71,15 +75,28 @@ def test_a_series_made_from_a_dicom_series_keeps_its_patient_and_study(tmp_path)
 
 def test_upscale_writes_a_dicom_series_with_its_sidecar(tmp_path, tiny_model):
     scan, out = _small_scan(tmp_path), tmp_path / "up"
-    result = medldm("upscale", scan, "--model", tiny_model / "model", "-o", out, "--format", "dicom",
-                    "--device", "cpu", "--axis", "k", "--kind", "slice-profile")
+    result = medldm(
+        "upscale",
+        scan,
+        "--model",
+        tiny_model / "model",
+        "-o",
+        out,
+        "--format",
+        "dicom",
+        "--device",
+        "cpu",
+        "--axis",
+        "k",
+        "--kind",
+        "slice-profile",
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "up.json").read_text())
     datasets = _read_series(out)
     assert len(datasets) == record["medldm"]["output"]["shape"][2]
     assert "medldm" in datasets[0].SeriesDescription and datasets[0].DerivationDescription.startswith("medldm")
-    again = medldm("upscale", scan, "--model", tiny_model / "model", "-o", out, "--format", "dicom",
-                   "--device", "cpu")
+    again = medldm("upscale", scan, "--model", tiny_model / "model", "-o", out, "--format", "dicom", "--device", "cpu")
     assert_refused(again, out, "already exists")
 
 

@@ -32,8 +32,9 @@ from medldm.diffusion import (
 
 MU, S = 0.7, 0.3
 SHAPE = (5000, 1, 2, 2)  # 20k iid elements; trailing dims exercise the per-sample broadcasting
-SCHED = NoiseSchedule.from_monai(num_train_timesteps=1000, schedule="scaled_linear_beta",
-                                 beta_start=0.0015, beta_end=0.0195)
+SCHED = NoiseSchedule.from_monai(
+    num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,8 +85,7 @@ def run(name: str, seed: int | None = 1, s: float = S, **kw) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- schedule
 def test_from_monai_matches_monai_in_float64():
-    monai = DDPMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015,
-                          beta_end=0.0195)
+    monai = DDPMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
     assert SCHED.alphas_cumprod.dtype == torch.float64 and SCHED.num_train_timesteps == 1000
     np.testing.assert_allclose(SCHED.alphas_cumprod.numpy(), monai.alphas_cumprod.double().numpy(), rtol=1e-5)
     cosine = NoiseSchedule.from_monai(num_train_timesteps=50, schedule="cosine")
@@ -153,6 +153,7 @@ def test_make_denoiser_with_a_perfect_network_and_clipping():
     t = torch.tensor([0, 10, 100, 400, 800, 999])
     x_t = SCHED.add_noise(x0, noise, t)
     for prediction in ("epsilon", "v_prediction", "sample"):
+
         def model(x, tt, prediction=prediction):
             assert torch.equal(tt, t)
             return SCHED.training_target(x0, noise, tt, prediction)
@@ -183,15 +184,18 @@ def test_timesteps_for_spacing():
 
 
 # --------------------------------------------------------------------------------------------- samplers
-@pytest.mark.parametrize("name, kw", [
-    ("ddpm", {"steps": 1000}),
-    ("ddim", {"steps": 1000}),
-    ("ddim", {"steps": 1000, "eta": 1.0}),
-    ("dpmpp-2m", {"steps": 200}),
-    ("sde", {"steps": 1000}),
-    ("ode", {"steps": 50}),
-    ("ode", {"steps": 200, "method": "euler"}),
-])
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("ddpm", {"steps": 1000}),
+        ("ddim", {"steps": 1000}),
+        ("ddim", {"steps": 1000, "eta": 1.0}),
+        ("dpmpp-2m", {"steps": 200}),
+        ("sde", {"steps": 1000}),
+        ("ode", {"steps": 50}),
+        ("ode", {"steps": 200, "method": "euler"}),
+    ],
+)
 def test_samplers_reproduce_the_data_distribution(name, kw):
     out = run(name, **kw)
     assert out.shape == SHAPE and out.dtype == torch.float64
@@ -209,12 +213,15 @@ def test_ddpm_with_all_steps_is_ddim_with_eta_one():
     assert not torch.allclose(run("ddpm", steps=20), run("ddim", steps=20))
 
 
-@pytest.mark.parametrize("name, kw, tol", [
-    ("ddim", {"steps": 1000}, 0.03),
-    ("dpmpp-2m", {"steps": 200}, 0.04),
-    ("ode", {"steps": 50}, 0.02),
-    ("ode", {"steps": 200, "method": "euler"}, 0.01),
-])
+@pytest.mark.parametrize(
+    "name, kw, tol",
+    [
+        ("ddim", {"steps": 1000}, 0.03),
+        ("dpmpp-2m", {"steps": 200}, 0.04),
+        ("ode", {"steps": 50}, 0.02),
+        ("ode", {"steps": 200, "method": "euler"}, 0.01),
+    ],
+)
 def test_deterministic_samplers_are_the_exact_flow_map(name, kw, tol):
     out = run(name, seed=None, **kw)
     assert torch.equal(out, sample(name, toy_denoiser(), x_T(0), SCHED, **kw))  # same input, same output
@@ -233,9 +240,15 @@ def test_dpmpp_2m_is_at_least_as_good_as_ddim_with_few_steps(steps, s):
     assert float((dpm - exact).abs().max()) <= float((ddim - exact).abs().max())
 
 
-@pytest.mark.parametrize("name, kw, order", [
-    ("ddim", {}, 1), ("dpmpp-2m", {}, 2), ("ode", {"method": "euler"}, 1), ("ode", {"method": "heun"}, 2),
-])
+@pytest.mark.parametrize(
+    "name, kw, order",
+    [
+        ("ddim", {}, 1),
+        ("dpmpp-2m", {}, 2),
+        ("ode", {"method": "euler"}, 1),
+        ("ode", {"method": "heun"}, 2),
+    ],
+)
 def test_convergence_order_of_deterministic_samplers(name, kw, order):
     """Error at t = 100 (a grid point for 21 and 41 steps) against the exact flow: halving the step divides
     it by 2 ** order."""
@@ -268,24 +281,40 @@ def test_one_generator_per_element_makes_each_sample_independent_of_its_batch(na
     gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     batch = sample(name, toy_denoiser(), x, SCHED, steps=20, generator=gens(1, 2, 3), **kw)
     for i, seed in enumerate((1, 2, 3)):  # the same element alone, with its own stream, is the same sample
-        alone = sample(name, toy_denoiser(), x[i:i + 1], SCHED, steps=20, generator=gens(seed), **kw)
+        alone = sample(name, toy_denoiser(), x[i : i + 1], SCHED, steps=20, generator=gens(seed), **kw)
         torch.testing.assert_close(alone[0], batch[i], rtol=0, atol=1e-12)
     with pytest.raises(MedldmError, match="2 generators for a batch of 3"):
         sample(name, toy_denoiser(), x, SCHED, steps=20, generator=gens(1, 2), **kw)
 
 
-@pytest.mark.parametrize("name, kw, calls", [
-    ("ddpm", {}, 5), ("ddim", {}, 5), ("dpmpp-2m", {}, 5), ("sde", {}, 5), ("ode", {}, 9),
-    ("ode", {"method": "euler"}, 5),
-])
+@pytest.mark.parametrize(
+    "name, kw, calls",
+    [
+        ("ddpm", {}, 5),
+        ("ddim", {}, 5),
+        ("dpmpp-2m", {}, 5),
+        ("sde", {}, 5),
+        ("ode", {}, 9),
+        ("ode", {"method": "euler"}, 5),
+    ],
+)
 def test_sdedit_start_runs_fewer_calls_and_small_start_keeps_x_init(name, kw, calls):
     x_init = MU + S * x_T(9, (256, 2))
     gen = torch.Generator().manual_seed(0)
     full, half, tiny = Counted(toy_denoiser()), Counted(toy_denoiser()), Counted(toy_denoiser())
     seen = []
     sample(name, full, x_T(1, (256, 2)), SCHED, steps=10, generator=gen, **kw)
-    sample(name, half, x_init, SCHED, steps=10, start=0.5, generator=gen,
-           callback=lambda i, total, x: seen.append((i, total)), **kw)
+    sample(
+        name,
+        half,
+        x_init,
+        SCHED,
+        steps=10,
+        start=0.5,
+        generator=gen,
+        callback=lambda i, total, x: seen.append((i, total)),
+        **kw,
+    )
     assert half.calls == calls < full.calls
     assert seen == [(i, 5) for i in range(5)]
     out = sample(name, tiny, x_init, SCHED, steps=10, start=1e-3, generator=gen, **kw)
@@ -315,8 +344,9 @@ def test_samplers_keep_float32_and_report_progress():
 def test_sample_dispatch_and_unknown_names():
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp-2m", "sde", "ode"}
     x = x_T(0, (3, 2))
-    torch.testing.assert_close(sample("ddim", toy_denoiser(), x, SCHED, steps=4),
-                               sample_ddim(toy_denoiser(), x, SCHED, steps=4))
+    torch.testing.assert_close(
+        sample("ddim", toy_denoiser(), x, SCHED, steps=4), sample_ddim(toy_denoiser(), x, SCHED, steps=4)
+    )
     with pytest.raises(MedldmError, match="dpmpp-2m"):
         sample("nope", toy_denoiser(), x, SCHED, steps=4)
     with pytest.raises(MedldmError, match="heun"):
@@ -331,8 +361,9 @@ def test_gaussian_kl():
     torch.testing.assert_close(gaussian_kl(m, v, m, v), torch.zeros(2))
     # by hand: ln(s2 / s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2 for N(1, 2) and N(-0.5, 0.5)
     assert float(gaussian_kl(1.0, 2.0, -0.5, 0.5)) == pytest.approx(math.log(0.5) + (2.0 + 2.25) / 1.0 - 0.5)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m, v.sqrt()),
-                                            torch.distributions.Normal(-m, (2 * v).sqrt()))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m, v.sqrt()), torch.distributions.Normal(-m, (2 * v).sqrt())
+    )
     torch.testing.assert_close(gaussian_kl(m, v, -m, 2 * v), ref)
 
 
@@ -349,8 +380,7 @@ def test_prior_kl_on_the_toy_problem():
 
 
 def test_posterior_mean_var():
-    monai = DDPMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015,
-                          beta_end=0.0195)
+    monai = DDPMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
     g = torch.Generator().manual_seed(6)
     x0 = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
     x_t = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)

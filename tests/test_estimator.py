@@ -79,8 +79,11 @@ def test_refine_zero_gives_the_consistent_estimate_and_refining_adds_detail(mode
 
 def test_an_untrained_estimator_reproduces_linear_interpolation_made_consistent(tmp_path, ixi_path):
     config, _ = tiny_with_estimator()
-    modules = {"autoencoder": build_autoencoder(config), "denoiser": build_denoiser(config),
-               "estimator": build_estimator(config)}  # untrained: no training needed
+    modules = {
+        "autoencoder": build_autoencoder(config),
+        "denoiser": build_denoiser(config),
+        "estimator": build_estimator(config),
+    }  # untrained: no training needed
     write_model_folder(tmp_path / "model", config=config.model_dump(), info={"latent_scale": 1.0}, modules=modules)
     lr, _ = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=4)
     out = Upscaler(tmp_path / "model", device="cpu", refine=0.0).upscale(lr, axis="z")
@@ -126,11 +129,11 @@ def test_config_errors_and_old_digests(model):
 
 
 def test_evaluate_reports_the_regression_baseline_and_the_uncertainty_calibration(model, ixi_files, tmp_path):
-    block = save_nifti(crop(load(ixi_files[-20]), (slice(30, 78), slice(20, 68), slice(25, 57))),
-                       tmp_path / "block.nii.gz")
+    block = save_nifti(
+        crop(load(ixi_files[-20]), (slice(30, 78), slice(20, 68), slice(25, 57))), tmp_path / "block.nii.gz"
+    )
     out = tmp_path / "report"
-    evaluate(block, out, model=model / "model", steps=2, refine=0.3, samples=2,
-             baselines=["bspline-dc", "regression"])
+    evaluate(block, out, model=model / "model", steps=2, refine=0.3, samples=2, baselines=["bspline-dc", "regression"])
     with open(out / "metrics.csv") as fh:
         methods = {row["method"]: row for row in csv.DictReader(fh)}
     assert set(methods) == {"bspline-dc", "regression", "model"}
@@ -148,8 +151,9 @@ def test_a_refinement_model_fine_tuned_from_a_model_folder(model, tmp_path, ixi_
     """--init takes the folder's finished stages as they are and fine-tunes its denoiser to refine the estimate:
     conditioned on the estimate's latent, on the timesteps a refinement from ``diffusion.refine`` meets."""
     config, root = tiny_with_estimator()
-    config = config.model_copy(update={"diffusion": config.diffusion.model_copy(
-        update={"condition": "estimate", "refine": 0.3})})
+    config = config.model_copy(
+        update={"diffusion": config.diffusion.model_copy(update={"condition": "estimate", "refine": 0.3})}
+    )
     run = tmp_path / "run"
     tuner = trainer(config, root, run)
     taken = tuner.init_from(model / "model")
@@ -168,8 +172,9 @@ def test_a_refinement_model_fine_tuned_from_a_model_folder(model, tmp_path, ixi_
     assert max(seen) <= 300  # round(0.3 * 999): never the noise levels a refinement from 0.3 does not meet
     source, tuned = load_model(model / "model"), load_model(run / "model")
     for name in ("autoencoder", "estimator"):  # taken as they were
-        torch.testing.assert_close(getattr(tuned, name).state_dict(), getattr(source, name).state_dict(),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            getattr(tuned, name).state_dict(), getattr(source, name).state_dict(), rtol=0, atol=0
+        )
     assert tuned.info["latent_scale"] == source.info["latent_scale"] and tuned.defaults()["refine"] == 0.3
     lr, _ = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=4)
     out = Upscaler(tuned, device="cpu", steps=2).upscale(lr, axis="z", keep_estimate=True)  # refines by default
@@ -181,8 +186,12 @@ def test_a_refinement_model_fine_tuned_from_a_model_folder(model, tmp_path, ixi_
 def test_refinement_settings_need_an_estimator(model):
     raw, _ = read_model_folder(model / "model")
     for key, value in (("condition", "estimate"), ("refine", 0.3)):
-        bad = {**raw, "estimator": None, "training": {**raw["training"], "estimator": None},
-               "diffusion": {**raw["diffusion"], key: value}}
+        bad = {
+            **raw,
+            "estimator": None,
+            "training": {**raw["training"], "estimator": None},
+            "diffusion": {**raw["diffusion"], key: value},
+        }
         with pytest.raises(MedldmError, match="needs an estimator section"):
             parse_config(bad, check_files=False)
 
@@ -190,13 +199,17 @@ def test_refinement_settings_need_an_estimator(model):
 def test_the_model_chooses_its_planes_and_the_regression_baseline_always_averages_both(model, ixi_files, tmp_path):
     loaded = load_model(model / "model")
     info = {**loaded.info, "sampling": {"steps": 2, "refine": 0.3, "planes": "one"}}
-    folder = write_model_folder(tmp_path / "model", config=loaded.config.model_dump(), info=info,
-                                modules={"autoencoder": loaded.autoencoder, "denoiser": loaded.denoiser,
-                                         "estimator": loaded.estimator})
+    folder = write_model_folder(
+        tmp_path / "model",
+        config=loaded.config.model_dump(),
+        info=info,
+        modules={"autoencoder": loaded.autoencoder, "denoiser": loaded.denoiser, "estimator": loaded.estimator},
+    )
     assert Upscaler(folder, device="cpu").planes == "one"
     assert Upscaler(folder, device="cpu", planes="both").planes == "both"
-    block = save_nifti(crop(load(ixi_files[-20]), (slice(30, 78), slice(20, 68), slice(25, 57))),
-                       tmp_path / "block.nii.gz")
+    block = save_nifti(
+        crop(load(ixi_files[-20]), (slice(30, 78), slice(20, 68), slice(25, 57))), tmp_path / "block.nii.gz"
+    )
     scores = {}
     for planes in ("one", "both"):
         evaluate(block, tmp_path / planes, model=folder, planes=planes, baselines=["regression"])

@@ -64,7 +64,8 @@ def test_evaluate_scores_each_baseline_on_the_acquired_slices(scan, tmp_path, ki
     for method, row in rows.items():
         pred = baseline(method, lr, op)
         assert float(row["psnr"]) == pytest.approx(psnr(pred.data, truth.data, data_range=r, mask=mask), abs=1e-6)
-        assert float(row["ssim"]) == pytest.approx(ssim(pred.data, truth.data, data_range=r, axis=1, mask=mask),
-                                                   abs=1e-6)
+        assert float(row["ssim"]) == pytest.approx(
+            ssim(pred.data, truth.data, data_range=r, axis=1, mask=mask), abs=1e-6
+        )
     if kind == "kspace":  # keeping the measured frequencies exactly beats every interpolation in the mean error
         assert float(rows["zero-fill"]["nrmse"]) < min(float(rows[m]["nrmse"]) for m in ("trilinear", "bspline"))

@@ -62,8 +62,7 @@ def test_grid_is_the_common_field_of_view_at_the_finest_spacing():
     shape, affine = fusion_grid([as_stack(s) for s in stacks], spacing=1.5)
     assert shape == (26, 26, 26)
     np.testing.assert_allclose(np.diag(affine)[:3], [1.5] * 3)
-    np.testing.assert_allclose(face_corners(shape, affine).min(0), face_corners(truth.shape, truth.affine).min(0)
-                               + 0.5)
+    np.testing.assert_allclose(face_corners(shape, affine).min(0), face_corners(truth.shape, truth.affine).min(0) + 0.5)
 
 
 def test_stack_slice_axis_and_thickness():
@@ -100,8 +99,9 @@ def test_operator_adjoint_is_exact():
         y = torch.randn(stack.shape, generator=g, dtype=torch.float64)
         assert abs(float((op.forward(x) * y).sum() - (x * op.adjoint(y)).sum())) < 1e-9 * float(x.abs().sum())
     op = StackOperator(truth.shape, truth.affine, as_stack(lr))  # aligned: the stack itself, exactly
-    torch.testing.assert_close(op.forward(torch.from_numpy(truth.data).double()),
-                               torch.from_numpy(lr.data).double(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        op.forward(torch.from_numpy(truth.data).double()), torch.from_numpy(lr.data).double(), rtol=0, atol=1e-5
+    )
 
 
 def _oblique_stack(truth: Volume, degrees: float, scale: int = 4) -> Volume:
@@ -114,8 +114,9 @@ def _oblique_stack(truth: Volume, degrees: float, scale: int = 4) -> Volume:
     back[:3, 3] = -centre[:3]
     n = 24
     fine = move @ _rotation(degrees, 0) @ back @ truth.affine.copy()
-    fine[:3, 3] = (move @ _rotation(degrees, 0) @ back @ truth.affine @ np.array([*((np.array(truth.shape) - n) / 2),
-                                                                                    1.0]))[:3]
+    fine[:3, 3] = (
+        move @ _rotation(degrees, 0) @ back @ truth.affine @ np.array([*((np.array(truth.shape) - n) / 2), 1.0])
+    )[:3]
     index = np.linalg.inv(truth.affine) @ fine
     grid = np.indices((n, n, n)).reshape(3, -1)
     points = index[:3, :3] @ grid + index[:3, 3:4]
@@ -157,8 +158,6 @@ def test_refuses_different_modalities_and_single_stacks():
         fuse(stacks[:1], prior="bspline")
     with pytest.raises(MedldmError, match="needs an upscaler"):
         fuse(stacks, prior="model")
-
-
 
 
 def test_cli_fuses_and_refuses(tmp_path):

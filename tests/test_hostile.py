@@ -73,13 +73,16 @@ def test_a_diverged_training_stops_with_one_line_and_exports_nothing(tmp_path, m
 def test_a_model_that_outputs_nan_writes_nothing(tmp_path, out_dir, tiny_model):
     model = Path(shutil.copytree(tiny_model / "model", tmp_path / "model"))
     weights = load_file(model / "denoiser.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()},
-              str(model / "denoiser.safetensors"))
+    save_file(
+        {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()},
+        str(model / "denoiser.safetensors"),
+    )
 
     _reseal(model)
     out = out_dir / "sr.nii.gz"
-    assert_refused(_upscale(_small_scan(tmp_path), "--model", model, "-o", out), out, "non-finite voxels",
-                   out_dir=out_dir)
+    assert_refused(
+        _upscale(_small_scan(tmp_path), "--model", model, "-o", out), out, "non-finite voxels", out_dir=out_dir
+    )
 
 
 def test_input_values_near_the_float32_limit_are_refused_not_written_as_inf(tmp_path, out_dir, tiny_model):
@@ -229,8 +232,10 @@ MODEL_CASES = {
     "info-is-a-list": (lambda m: _set_info(m, whole=[1, 2]), "positive number latent_scale"),
     "bad-sampling": (lambda m: _set_info(m, sampling={"steps": "many"}), "model.json sampling"),
     # within the config's bounds, but ~1.5 GB of parameters: refused from the weights' header, before allocating
-    "huge-claimed-network": (lambda m: _set_config(m, "diffusion", channels=lambda c: [2048] * len(c)),
-                             "weights do not fit the model in its config"),
+    "huge-claimed-network": (
+        lambda m: _set_config(m, "diffusion", channels=lambda c: [2048] * len(c)),
+        "weights do not fit the model in its config",
+    ),
 }
 
 
@@ -269,8 +274,11 @@ CONFIG_ESCAPES = {
     "huge-patch": ("  patch_size: [32, 32]", "  patch_size: [100000, 100000]", "patch_size entries must lie in"),
     "huge-progressive": ("lr: 1.0e-3}", "lr: 1.0e-3, progressive: [[2, 99999, 99999]]}", "progressive"),
     "beta-end-above-one": ("  condition_levels: 4", "  condition_levels: 4\n  beta_end: 2.0", "beta_end"),
-    "unknown-ct-window": ("  patch_size: [32, 32]",
-                          "  patch_size: [32, 32]\n  intensity: {kind: window, window: liver}", "window: one of brain"),
+    "unknown-ct-window": (
+        "  patch_size: [32, 32]",
+        "  patch_size: [32, 32]\n  intensity: {kind: window, window: liver}",
+        "window: one of brain",
+    ),
 }
 
 
@@ -308,8 +316,16 @@ def test_an_output_too_large_for_memory_is_refused_before_any_work(tmp_path, out
 
 
 # ------------------------------------------------------------------------------ 8. geometry invented
-def _nifti_with(tmp: Path, name: str, *, image=nib.Nifti1Image, sform: int, qform: int, qform_shift: float = 0.0,
-                zero_pixdim: bool = False) -> Path:
+def _nifti_with(
+    tmp: Path,
+    name: str,
+    *,
+    image=nib.Nifti1Image,
+    sform: int,
+    qform: int,
+    qform_shift: float = 0.0,
+    zero_pixdim: bool = False,
+) -> Path:
     data, affine = _ixi()
     img = image(data[36:84, 36:84, 33:57].astype(np.float32), None)
     img.set_sform(affine, code=sform)

@@ -18,22 +18,49 @@ def test_an_installed_copy_has_its_model_and_configs(tmp_path):
     source.mkdir()
     for name in SOURCES:  # a clean copy: no build/ folder left by an earlier build can leak into the package
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                            if (REPO / name).is_dir() else {}))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(site), str(source)], check=True, capture_output=True, timeout=300)
+        copy(
+            REPO / name,
+            source / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if (REPO / name).is_dir() else {}),
+        )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    code = ("import medldm, medldm.pipeline as p, medldm.config as c; print(medldm.__file__); "
-            "m = p.load_model('default'); print(m.config.name); print(' '.join(c.shipped_configs())); "
-            "print(c.load_config('brain_mri', check_files=False)[0].name)")
-    run = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
-                         timeout=300)
+    code = (
+        "import medldm, medldm.pipeline as p, medldm.config as c; print(medldm.__file__); "
+        "m = p.load_model('default'); print(m.config.name); print(' '.join(c.shipped_configs())); "
+        "print(c.load_config('brain_mri', check_files=False)[0].name)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     where, model, configs, loaded = run.stdout.splitlines()
     assert Path(where).is_relative_to(site)  # the installed copy, not the checkout
     assert model == "brain_mri" and loaded == "brain_mri"
     assert {"brain_mri", "ct_head", "tiny_2d"} <= set(configs.split())
-    version = subprocess.run([sys.executable, "-m", "medldm.cli", "--version"], cwd=elsewhere, env=env,
-                             capture_output=True, text=True, timeout=120)
+    version = subprocess.run(
+        [sys.executable, "-m", "medldm.cli", "--version"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert version.returncode == 0 and version.stdout.startswith("medldm "), version.stderr

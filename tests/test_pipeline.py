@@ -48,8 +48,9 @@ def test_upscale_restores_the_grid_and_is_consistent(models, ixi_path, name):
     assert result.sr.shape == hr.shape == (vol.shape[0], 120, vol.shape[2])
     np.testing.assert_allclose(result.sr.affine, rescaled_affine(lr.affine, [1, 0.25, 1]), atol=1e-12)
     np.testing.assert_allclose(result.sr.affine, hr.affine, atol=1e-9)
-    np.testing.assert_allclose(face_corners(result.sr.shape, result.sr.affine), face_corners(lr.shape, lr.affine),
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        face_corners(result.sr.shape, result.sr.affine), face_corners(lr.shape, lr.affine), atol=1e-9
+    )
     assert result.sr.data.dtype == np.float32 and np.isfinite(result.sr.data).all()
     # data consistency: degrading the output with the model's forward operator gives back the input
     op = make_operator("slice-profile", axis=1, scale=4)
@@ -91,8 +92,9 @@ def test_output_does_not_depend_on_how_planes_are_batched(models, degraded, monk
     monkeypatch.setitem(Upscaler.BATCH_PIXELS, "cpu", 1)  # one plane per call
     small = Upscaler(models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=3)
     odd = Upscaler(models["tiny_2d"], batch_size=5, **kw).upscale(lr, axis="z", seed=3)
-    other_seed = np.abs(Upscaler(models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=4).sr.data
-                        - big.sr.data)
+    other_seed = np.abs(
+        Upscaler(models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=4).sr.data - big.sr.data
+    )
     for other in (small, odd):  # float rounding only: thousands of times below another sample's difference
         d = np.abs(other.sr.data - big.sr.data)
         assert d.mean() < 1e-3 * other_seed.mean() and d.max() < 0.05 * other_seed.max()
@@ -129,7 +131,8 @@ def test_channels_last_is_the_same_autoencoder(models, degraded, name):
         # the same function in another memory layout: equal up to float32 summation order
         assert (fast.model.autoencoder.encode(x.contiguous(memory_format=fmt)) - z).abs().max() <= 1e-4 * z.abs().max()
         assert (fast.model.autoencoder.decode(z.contiguous(memory_format=fmt)) - image).abs().max() <= (
-            1e-4 * image.abs().max())
+            1e-4 * image.abs().max()
+        )
     result = fast.upscale(lr, axis="z")
     assert result.residual < 1e-6 and result.sr.data.flags.c_contiguous
 
@@ -228,15 +231,27 @@ def test_model_folder_checksums_and_task_choice(models, degraded, tmp_path):
         load_model(tampered)
 
 
-
-
 def test_cli_upscale_leaves_the_input_untouched(models, degraded, tmp_path):
     lr, hr = degraded
     scan = tmp_path / "thick.nii.gz"
     save_nifti(lr, scan)
     before = scan.read_bytes()
-    result = medldm("upscale", scan, "--model", models["tiny_2d"], "--steps", "2", "--axis", "z", "--samples", "2",
-                    "--preview", tmp_path / "preview.png", "--device", "cpu")
+    result = medldm(
+        "upscale",
+        scan,
+        "--model",
+        models["tiny_2d"],
+        "--steps",
+        "2",
+        "--axis",
+        "z",
+        "--samples",
+        "2",
+        "--preview",
+        tmp_path / "preview.png",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     assert scan.read_bytes() == before
     sr = load(tmp_path / "thick_sr.nii.gz")
@@ -256,11 +271,17 @@ def test_batch_mode_survives_a_corrupt_file_and_resumes(models, degraded, tmp_pa
     good = (folder / "a.nii.gz").read_bytes()
     (folder / "b.nii.gz").write_bytes(good[: len(good) // 3])
     out = tmp_path / "out"
-    result = medldm("upscale", folder, "-o", out, "--model", models["tiny_2d"], "--steps", "1", "--axis", "z",
-                    "--device", "cpu")
+    result = medldm(
+        "upscale", folder, "-o", out, "--model", models["tiny_2d"], "--steps", "1", "--axis", "z", "--device", "cpu"
+    )
     assert result.returncode == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a_sr.json", "a_sr.nii.gz", "c_sr.json", "c_sr.nii.gz",
-                                                     "medldm_upscale.csv"]  # scans, sidecars, the batch summary
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_sr.json",
+        "a_sr.nii.gz",
+        "c_sr.json",
+        "c_sr.nii.gz",
+        "medldm_upscale.csv",
+    ]  # scans, sidecars, the batch summary
     with open(out / "medldm_upscale.csv", newline="") as fh:
         assert sorted(r["status"] for r in csv.DictReader(fh)) == ["failed", "written", "written"]
     assert "2 written, 0 skipped (already done), 1 failed" in result.stdout

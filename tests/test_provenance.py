@@ -19,8 +19,24 @@ def test_the_sidecar_records_the_run_and_reruns_it_to_the_same_output(tmp_path, 
     scan, out = _small_scan(tmp_path), tmp_path / "out" / "up.nii.gz"
     out.parent.mkdir()
     model = tiny_model / "model"
-    first = medldm("upscale", scan, "--model", model, "-o", out, "--device", "cpu", "--steps", "2", "--seed", "7",
-                   "--axis", "k", "--kind", "slice-profile")
+    first = medldm(
+        "upscale",
+        scan,
+        "--model",
+        model,
+        "-o",
+        out,
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "--axis",
+        "k",
+        "--kind",
+        "slice-profile",
+    )
     assert first.returncode == 0, first.stderr
     record = json.loads((out.parent / "up.json").read_text())
     run = record["medldm"]
@@ -38,8 +54,13 @@ def test_the_sidecar_records_the_run_and_reruns_it_to_the_same_output(tmp_path, 
     # the recorded command, run again from the recorded folder, makes the same volume
     out.rename(tmp_path / "first.nii.gz")
     assert run["command"][0] == "medldm"
-    again = subprocess.run([sys.executable, "-m", "medldm.cli", *run["command"][1:]], cwd=run["cwd"],
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "medldm.cli", *run["command"][1:]],
+        cwd=run["cwd"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
     assert np.array_equal(nib.load(out).get_fdata(), nib.load(tmp_path / "first.nii.gz").get_fdata())
 
@@ -54,13 +75,26 @@ def test_json_lines_report_each_scan_of_a_batch_and_quiet_prints_nothing(tmp_pat
     first = medldm("upscale", batch, "--model", model, "--device", "cpu", "--kind", "kspace", "--json")
     assert first.returncode == 0, first.stderr
     lines = [json.loads(line) for line in first.stdout.splitlines()]  # nothing but JSON on stdout
-    assert [(x["status"], Path(x["output"]).name) for x in lines] == [("written", "a_sr.nii.gz"),
-                                                                       ("written", "b_sr.nii.gz")]
+    assert [(x["status"], Path(x["output"]).name) for x in lines] == [
+        ("written", "a_sr.nii.gz"),
+        ("written", "b_sr.nii.gz"),
+    ]
     assert lines[0]["provenance"] == json.loads((batch / "a_sr.json").read_text())
     second = medldm("upscale", batch, "--model", model, "--device", "cpu", "--kind", "kspace", "--json")
     assert [json.loads(line)["status"] for line in second.stdout.splitlines()] == ["skipped", "skipped"]
-    quiet = medldm("upscale", batch / "a.nii.gz", "--model", model, "--device", "cpu", "-o", tmp_path / "q.nii.gz",
-                   "--kind", "kspace", "--quiet")
+    quiet = medldm(
+        "upscale",
+        batch / "a.nii.gz",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "q.nii.gz",
+        "--kind",
+        "kspace",
+        "--quiet",
+    )
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
     assert (tmp_path / "q.nii.gz").is_file() and (tmp_path / "q.json").is_file()
 
@@ -79,20 +113,35 @@ def test_an_evaluation_records_its_command_and_reruns_to_the_same_table(tmp_path
     import csv
     import shlex
 
-
     scan = tmp_path / "v.nii.gz"
 
     data, affine = _ixi()
     nib.save(nib.Nifti1Image(data[30:94, 30:94, 10:74].astype(np.float32), affine), str(scan))
-    first = medldm("evaluate", "--data", scan, "--out", tmp_path / "r", "--baseline", "bspline-dc",
-                   "--lpips-weights", LPIPS, "--device", "cpu")
+    first = medldm(
+        "evaluate",
+        "--data",
+        scan,
+        "--out",
+        tmp_path / "r",
+        "--baseline",
+        "bspline-dc",
+        "--lpips-weights",
+        LPIPS,
+        "--device",
+        "cpu",
+    )
     assert first.returncode == 0, first.stderr
     provenance = json.loads((tmp_path / "r" / "summary.json").read_text())["protocol"]["provenance"]
     command = shlex.split(provenance["command line"])
     assert command[:2] == ["medldm", "evaluate"]
     (tmp_path / "r").rename(tmp_path / "first")
-    again = subprocess.run([sys.executable, "-m", "medldm.cli", *command[1:]], cwd=provenance["cwd"],
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "medldm.cli", *command[1:]],
+        cwd=provenance["cwd"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
 
     def table(folder):

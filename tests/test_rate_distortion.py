@@ -86,8 +86,7 @@ def test_empirical_entropy():
 def test_rate_matches_closed_form_gaussian_kls(schedule):
     x0 = toy_x0()
     log: dict[int, np.ndarray] = {}
-    records = diffusion_rd(logging_denoiser(schedule, log), x0, schedule, timesteps=REPORT, voxels_per_dim=4.0,
-                           seed=3)
+    records = diffusion_rd(logging_denoiser(schedule, log), x0, schedule, timesteps=REPORT, voxels_per_dim=4.0, seed=3)
     assert [r["t"] for r in records] == REPORT
     assert sorted(log) == list(range(1000)), "the KL sum must visit every timestep"
 
@@ -172,8 +171,19 @@ def test_oracle_denoiser_sends_only_the_prior(schedule):
 def test_seed_decode_and_arguments(schedule):
     short = NoiseSchedule(schedule.alphas_cumprod[::20].clone())  # T = 50
     x0 = toy_x0(seed=5, shape=(4, 1, 4, 4))
-    run = lambda seed: diffusion_rd(logging_denoiser(short), x0, short, timesteps=[49, 10, 0], seed=seed,  # noqa: E731
-                                    decode=lambda z: 2.0 * z, reference=2.0 * x0, image_data_range=2.0)
+
+    def run(seed):
+        return diffusion_rd(
+            logging_denoiser(short),
+            x0,
+            short,
+            timesteps=[49, 10, 0],
+            seed=seed,
+            decode=lambda z: 2.0 * z,
+            reference=2.0 * x0,
+            image_data_range=2.0,
+        )
+
     a, b, c = run(0), run(0), run(1)
     assert a == b
     assert a[-1]["bits_per_dim"] != c[-1]["bits_per_dim"]
@@ -280,11 +290,15 @@ def test_model_rd_structure():
     config = tiny_config()
     d = config.diffusion
     model = SimpleNamespace(
-        config=config, info={"latent_scale": 0.8}, codec=ConditionCodec(config),
+        config=config,
+        info={"latent_scale": 0.8},
+        codec=ConditionCodec(config),
         autoencoder=build_autoencoder(config).eval().requires_grad_(False),
         denoiser=build_denoiser(config).eval().requires_grad_(False),
-        schedule=NoiseSchedule.from_monai(num_train_timesteps=d.timesteps, schedule=d.schedule,
-                                          beta_start=d.beta_start, beta_end=d.beta_end))
+        schedule=NoiseSchedule.from_monai(
+            num_train_timesteps=d.timesteps, schedule=d.schedule, beta_start=d.beta_start, beta_end=d.beta_end
+        ),
+    )
     hr = smooth_images(n=2, seed=2)
     cond = torch.nn.functional.avg_pool2d(hr, (4, 1)).repeat_interleave(4, dim=2)
     out = model_rd(model, hr, cond_images=cond, label=[0, 1], timesteps=[999, 995], qsteps=[None, 0.5])

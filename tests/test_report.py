@@ -23,9 +23,17 @@ from medldm import MedldmError
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Flags that work with Debian's chromium (156) as root in a container without a display or D-Bus.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr",
-                  "--v=0"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--enable-logging=stderr",
+    "--v=0",
+]
 METHODS = ("nearest", "trilinear", "model")
 DIRECTIONS = {"psnr": True, "ssim": True, "lpips": False, "nrmse": False}
 PROTOCOL = {
@@ -82,14 +90,19 @@ def _rows(n_volumes: int = 8, seed: int = 0) -> list[dict]:
     for v in range(n_volumes):
         psnr0, ssim0 = rng.normal(28, 1.5), rng.normal(0.82, 0.02)
         for j, method in enumerate(METHODS):
-            rows.append({"volume": f"sub-{v:02d}.nii.gz", "method": method,
-                         "psnr": psnr0 + 1.5 * j + rng.normal(0, 0.2),
-                         "ssim": ssim0 + 0.03 * j + rng.normal(0, 0.004),
-                         "lpips": 0.30 - 0.05 * j + rng.normal(0, 0.01),
-                         "nrmse": 0.20 - 0.03 * j + rng.normal(0, 0.005),
-                         "seconds": 0.01 if method != "model" else 12.5,
-                         **{f"dice_{c}": 0.7 + 0.05 * j + rng.normal(0, 0.01) for c in (1, 2, 3)},
-                         **{f"volume_error_{c}": 12 - 3 * j + rng.normal(0, 0.5) for c in (1, 2, 3)}})
+            rows.append(
+                {
+                    "volume": f"sub-{v:02d}.nii.gz",
+                    "method": method,
+                    "psnr": psnr0 + 1.5 * j + rng.normal(0, 0.2),
+                    "ssim": ssim0 + 0.03 * j + rng.normal(0, 0.004),
+                    "lpips": 0.30 - 0.05 * j + rng.normal(0, 0.01),
+                    "nrmse": 0.20 - 0.03 * j + rng.normal(0, 0.005),
+                    "seconds": 0.01 if method != "model" else 12.5,
+                    **{f"dice_{c}": 0.7 + 0.05 * j + rng.normal(0, 0.01) for c in (1, 2, 3)},
+                    **{f"volume_error_{c}": 12 - 3 * j + rng.normal(0, 0.5) for c in (1, 2, 3)},
+                }
+            )
     return rows
 
 
@@ -103,8 +116,12 @@ def test_summarise_picks_the_best_baseline_in_each_direction():
             {"volume": f"v{v}", "method": "bspline", "psnr": 29.0 + d, "nrmse": 0.10 + d},
             {"volume": f"v{v}", "method": "model", "psnr": 31.0 + 2 * d, "nrmse": None if v == 0 else 0.05 + d / 2},
         ]
-    table = summarise(rows, metrics=["psnr", "nrmse"], higher_is_better={"psnr": True, "nrmse": False},
-                      baselines=["nearest", "trilinear", "bspline"])
+    table = summarise(
+        rows,
+        metrics=["psnr", "nrmse"],
+        higher_is_better={"psnr": True, "nrmse": False},
+        baselines=["nearest", "trilinear", "bspline"],
+    )
     cell = {(r["method"], r["metric"]): r for r in table}
     assert len(table) == 8
     assert [r["method"] for r in table[::2]] == ["nearest", "trilinear", "bspline", "model"]
@@ -132,19 +149,39 @@ def report(tmp_path_factory) -> Path:
     rng = np.random.default_rng(2)
     truth = rng.random((24, 32))
     model = truth + rng.normal(0, 0.05, truth.shape)
-    example = {"title": "sub-00 <axial> slice 12",
-               "images": {"LR (nearest)": np.repeat(truth[::4], 4, axis=0), "trilinear": truth * 0.9,
-                          "model": model, "truth": truth, "error model": np.abs(model - truth),
-                          "uncertainty (std)": rng.random((24, 32)) * 0.05},
-               "cmap": {"error model": "inferno"}}
-    rd = {"autoencoder": [{"label": f"q={q}", "bits_per_voxel": b, "psnr": p, "rmse": r}
-                          for q, b, p, r in ((0.1, 0.9, 36.0, 0.016), (0.5, 0.4, 33.0, 0.022), (1.0, 0.2, 30.0, 0.03))],
-          "diffusion": [{"t": t, "bits_per_dim": b * 4, "bits_per_voxel": b, "psnr": p, "rmse": r}
-                        for t, b, p, r in ((999, 0.001, 12.0, 0.25), (500, 0.05, 22.0, 0.08), (0, 0.6, 35.0, 0.018))]}
+    example = {
+        "title": "sub-00 <axial> slice 12",
+        "images": {
+            "LR (nearest)": np.repeat(truth[::4], 4, axis=0),
+            "trilinear": truth * 0.9,
+            "model": model,
+            "truth": truth,
+            "error model": np.abs(model - truth),
+            "uncertainty (std)": rng.random((24, 32)) * 0.05,
+        },
+        "cmap": {"error model": "inferno"},
+    }
+    rd = {
+        "autoencoder": [
+            {"label": f"q={q}", "bits_per_voxel": b, "psnr": p, "rmse": r}
+            for q, b, p, r in ((0.1, 0.9, 36.0, 0.016), (0.5, 0.4, 33.0, 0.022), (1.0, 0.2, 30.0, 0.03))
+        ],
+        "diffusion": [
+            {"t": t, "bits_per_dim": b * 4, "bits_per_voxel": b, "psnr": p, "rmse": r}
+            for t, b, p, r in ((999, 0.001, 12.0, 0.25), (500, 0.05, 22.0, 0.08), (0, 0.6, 35.0, 0.018))
+        ],
+    }
     out = tmp_path_factory.mktemp("report") / "out"
-    path = write_report(out, rows=_rows(), protocol=PROTOCOL, examples=[example], rd=rd,
-                        timings={"nearest": 0.01, "trilinear": 0.05, "model": 12.5}, higher_is_better=DIRECTIONS,
-                        rd_sample="4 central slices of <one> volume")
+    path = write_report(
+        out,
+        rows=_rows(),
+        protocol=PROTOCOL,
+        examples=[example],
+        rd=rd,
+        timings={"nearest": 0.01, "trilinear": 0.05, "model": 12.5},
+        higher_is_better=DIRECTIONS,
+        rd_sample="4 central slices of <one> volume",
+    )
     assert path == out / "report.html"
     return path
 
@@ -214,8 +251,12 @@ def test_report_rejects_bad_input(tmp_path):
     with pytest.raises(MedldmError, match="no metrics rows"):
         write_report(tmp_path / "a", rows=[], protocol=PROTOCOL)
     with pytest.raises(MedldmError, match="2D array"):
-        write_report(tmp_path / "b", rows=_rows(2), protocol=PROTOCOL,
-                     examples=[{"title": "x", "images": {"truth": np.zeros((2, 3, 4))}}])
+        write_report(
+            tmp_path / "b",
+            rows=_rows(2),
+            protocol=PROTOCOL,
+            examples=[{"title": "x", "images": {"truth": np.zeros((2, 3, 4))}}],
+        )
     assert not (tmp_path / "b").exists()  # nothing written when rendering fails
 
 

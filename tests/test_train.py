@@ -43,10 +43,15 @@ def test_tiny_config_trains_both_stages_and_exports_a_model(tmp_path, name):
 
 def test_overfitting_one_batch_halves_the_loss(tmp_path, monkeypatch):
     _one_batch(monkeypatch)
-    config, root = tiny(training={"log_every": 1, "checkpoint_every": 1000,
-                                  "autoencoder": {"steps": 60, "lr": 3e-3, "ema_decay": 0.5},
-                                  "diffusion": {"steps": 60, "lr": 2e-3, "ema_decay": 0.5}},
-                        autoencoder={"adversarial_weight": 0.0})
+    config, root = tiny(
+        training={
+            "log_every": 1,
+            "checkpoint_every": 1000,
+            "autoencoder": {"steps": 60, "lr": 3e-3, "ema_decay": 0.5},
+            "diffusion": {"steps": 60, "lr": 2e-3, "ema_decay": 0.5},
+        },
+        autoencoder={"adversarial_weight": 0.0},
+    )
     t = trainer(config, root, tmp_path / "run")
     t.run("all")
     for stage in ("autoencoder", "diffusion"):
@@ -72,9 +77,21 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path):
 def test_two_data_parallel_ranks_end_with_identical_weights(tmp_path):
     shared_path("data/mri/ixi-t1-2mm")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MEDLDM_DATA_ROOT": str(DATA)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "ddp_worker.py"),
-           str(REPO / "configs" / "tiny_2d.yaml"), str(tmp_path / "run"), str(LPIPS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(REPO / "tests" / "ddp_worker.py"),
+        str(REPO / "configs" / "tiny_2d.yaml"),
+        str(tmp_path / "run"),
+        str(LPIPS),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -96,12 +113,16 @@ def test_perceptual_loss_refuses_to_run_without_real_weights(tmp_path):
 BAD_CONFIGS = {
     "typo": ({"training": {"autoencoder": {"stesp": 4}}}, "unknown key 'training.autoencoder.stesp'"),
     "negative lr": ({"training": {"diffusion": {"lr": -1e-4}}}, "key 'training.diffusion.lr'"),
-    "missing folder": ({"data": {"sources": [{"glob": "mri/no-such-folder/*.nii.gz"}]}},
-                       "key 'data.sources.0.glob': no files match"),
+    "missing folder": (
+        {"data": {"sources": [{"glob": "mri/no-such-folder/*.nii.gz"}]}},
+        "key 'data.sources.0.glob': no files match",
+    ),
     "spatial_dims 4": ({"data": {"spatial_dims": 4}}, "key 'data.spatial_dims'"),
     "even slab": ({"data": {"slab": 2}}, "key 'data.slab': slab must be odd"),
-    "slab in 3D": ({"data": {"spatial_dims": 3, "patch_size": [16, 16, 16], "slab": 3}},
-                   "key 'data.slab': slab 3 needs spatial_dims 2"),
+    "slab in 3D": (
+        {"data": {"spatial_dims": 3, "patch_size": [16, 16, 16], "slab": 3}},
+        "key 'data.slab': slab 3 needs spatial_dims 2",
+    ),
 }
 
 
@@ -117,9 +138,23 @@ def test_config_errors_name_the_key(tmp_path, case):
                 raw[section][k] = v
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    result = subprocess.run([sys.executable, "-m", "medldm.cli", "train", "--config", str(path), "--data-root",
-                             str(DATA), "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medldm.cli",
+            "train",
+            "--config",
+            str(path),
+            "--data-root",
+            str(DATA),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], result.stderr
@@ -130,9 +165,23 @@ def test_cli_refuses_to_train_over_an_existing_run(tmp_path):
     config, root = tiny()
     trainer(config, root, tmp_path / "run").run("autoencoder", max_steps=2)
     config_path = str(REPO / "configs/tiny_2d.yaml")
-    result = subprocess.run([sys.executable, "-m", "medldm.cli", "train", "--config", config_path,
-                             "--data-root", str(DATA), "--run-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medldm.cli",
+            "train",
+            "--config",
+            config_path,
+            "--data-root",
+            str(DATA),
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1 and "--resume" in result.stderr
 
 
@@ -141,8 +190,10 @@ def test_vq_autoencoder_and_dit_denoiser_train_and_upscale(tmp_path, ixi_path):
     from medldm.pipeline import Upscaler
     from medldm.volume import crop, load
 
-    config, root = tiny(autoencoder={"kind": "vq", "num_embeddings": 16},
-                        diffusion={"denoiser": "dit", "patch": 2, "depth": 2, "width": 32, "heads": 2})
+    config, root = tiny(
+        autoencoder={"kind": "vq", "num_embeddings": 16},
+        diffusion={"denoiser": "dit", "patch": 2, "depth": 2, "width": 32, "heads": 2},
+    )
     trainer(config, root, tmp_path / "run").run("all")
     vol = crop(load(ixi_path), (slice(40, 72), slice(None), slice(30, 50)))
     lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=4)
@@ -161,8 +212,20 @@ def test_training_killed_with_sigkill_resumes_from_a_complete_checkpoint(tmp_pat
     cfg_path = tmp_path / "long.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     run = tmp_path / "run"
-    base = [sys.executable, "-m", "medldm.cli", "train", "--config", str(cfg_path), "--data-root", str(DATA),
-            "--lpips-weights", str(LPIPS), "--stage", "autoencoder"]
+    base = [
+        sys.executable,
+        "-m",
+        "medldm.cli",
+        "train",
+        "--config",
+        str(cfg_path),
+        "--data-root",
+        str(DATA),
+        "--lpips-weights",
+        str(LPIPS),
+        "--stage",
+        "autoencoder",
+    ]
     proc = subprocess.Popen([*base, "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((run / "autoencoder").glob("step_*"))) < 3:
@@ -174,8 +237,9 @@ def test_training_killed_with_sigkill_resumes_from_a_complete_checkpoint(tmp_pat
     state, _ = load_state(ckpt)  # the newest complete checkpoint reads back whole
     step = int(state["step"])
     assert all((ckpt / f"{n}.safetensors").is_file() for n in ("model", "ema", "discriminator"))
-    result = subprocess.run([*base, "--resume", str(run), "--max-steps", str(step + 2)], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [*base, "--resume", str(run), "--max-steps", str(step + 2)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert latest_checkpoint(run / "autoencoder").name == f"step_{step + 2:07d}"
 
@@ -204,12 +268,13 @@ def test_slab_channels_are_the_degraded_neighbouring_planes():
         for k in (-1, 0, 1):
             plane = np.take(data, centre[plane_axis] + k, axis=plane_axis)
             pad = [m if a == degraded else 0 for a in range(2)]
-            region = torch.from_numpy(plane[origin[0] - pad[0]:origin[0] + s + pad[0],
-                                            origin[1] - pad[1]:origin[1] + s + pad[1]].copy())
+            region = torch.from_numpy(
+                plane[origin[0] - pad[0] : origin[0] + s + pad[0], origin[1] - pad[1] : origin[1] + s + pad[1]].copy()
+            )
             region = region.flip(flip) if flip is not None else region
             low = make_operator("slice-profile", axis=degraded, scale=task["scale"], spatial_dims=2).forward(region)
             up = F.interpolate(low[None, None], size=region.shape, mode="bilinear", align_corners=False)[0, 0]
-            out.append(up[pad[0]:pad[0] + s, pad[1]:pad[1] + s])
+            out.append(up[pad[0] : pad[0] + s, pad[1] : pad[1] + s])
         return torch.stack(out)
 
     for b in range(6):
@@ -223,7 +288,7 @@ def test_slab_channels_are_the_degraded_neighbouring_planes():
                 patch = (hr.flip(flip) if flip is not None else hr).numpy()
                 for o0 in range(c[0] - 24, c[0] - 7):
                     for o1 in range(c[1] - 24, c[1] - 7):
-                        if np.array_equal(plane[o0:o0 + s, o1:o1 + s], patch):
+                        if np.array_equal(plane[o0 : o0 + s, o1 : o1 + s], patch):
                             matches.append((plane_axis, (o0, o1), flip))
         assert len(matches) == 1, matches
         plane_axis, origin, flip = matches[0]
@@ -274,7 +339,8 @@ def test_training_without_tensorboard_logs_to_csv_only(tmp_path, monkeypatch, ca
     assert not (tmp_path / "run" / "autoencoder" / "tensorboard").exists()
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "tensorboard" in line] == [
-        "tensorboard is not installed: metrics go to metrics.csv only"], err
+        "tensorboard is not installed: metrics go to metrics.csv only"
+    ], err
 
 
 def test_channels_last_training_runs_end_to_end_and_upscales(tmp_path, ixi_path):
@@ -284,8 +350,9 @@ def test_channels_last_training_runs_end_to_end_and_upscales(tmp_path, ixi_path)
     from medldm.pipeline import Upscaler
     from medldm.volume import load
 
-    config, root = tiny("tiny_2d", training={"channels_last": True, "autoencoder": {"steps": 2},
-                                             "diffusion": {"steps": 2}})
+    config, root = tiny(
+        "tiny_2d", training={"channels_last": True, "autoencoder": {"steps": 2}, "diffusion": {"steps": 2}}
+    )
     trainer(config, root, tmp_path / "run").run("all")
     for stage in ("autoencoder", "diffusion"):
         assert all(np.isfinite(float(r["loss"])) for r in rows(tmp_path / "run" / stage / "metrics.csv"))

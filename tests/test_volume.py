@@ -63,8 +63,9 @@ def test_enhanced_multiframe_matches_classic_series(tmp_path):
 
     folder = shared_path("data/mri/trio-b17-t1-mprage/dicom")
     datasets = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))]
-    enhanced = LegacyConvertedEnhancedMRImage(datasets, series_instance_uid=UID(), series_number=99,
-                                              sop_instance_uid=UID(), instance_number=1)
+    enhanced = LegacyConvertedEnhancedMRImage(
+        datasets, series_instance_uid=UID(), series_number=99, sop_instance_uid=UID(), instance_number=1
+    )
     enhanced.save_as(tmp_path / "enhanced.dcm")
     multi = load(tmp_path / "enhanced.dcm")
     classic = load(folder)
@@ -135,8 +136,9 @@ def test_upscaled_grid_keeps_field_of_view():
         new_shape = rescaled_shape(shape, factors)
         new_affine = rescaled_affine(affine, factors)
         np.testing.assert_allclose(face_corners(new_shape, new_affine), face_corners(shape, affine), atol=1e-9)
-        np.testing.assert_allclose(np.linalg.norm(new_affine[:3, :3], axis=0),
-                                   np.linalg.norm(affine[:3, :3], axis=0) * factors)
+        np.testing.assert_allclose(
+            np.linalg.norm(new_affine[:3, :3], axis=0), np.linalg.norm(affine[:3, :3], axis=0) * factors
+        )
     with pytest.raises(MedldmError, match="whole number"):
         rescaled_shape((30, 20, 13), [1, 1, 4])
 
