@@ -241,3 +241,13 @@ def test_an_anisotropic_grid_lines_up_with_stacks_made_from_it():
         op = StackOperator(truth.shape, truth.affine, as_stack(lr))
         assert op.lined_up is not None and op.fine_shape == truth.shape
     assert max(fuse(stacks, like=truth, prior="bspline").residuals.values()) < 1e-6
+
+
+def test_a_stack_that_cannot_be_registered_is_refused():
+    pytest.importorskip("SimpleITK")
+    from medldm.registration import register_stacks
+
+    stacks = _stacks(_truth())
+    blank = stacks[1].with_data(np.zeros(stacks[1].shape, np.float32))  # nothing to align
+    with pytest.raises(MedldmError, match="could not be registered"):
+        register_stacks([as_stack(stacks[0]), as_stack(blank)])
