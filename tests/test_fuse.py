@@ -128,6 +128,7 @@ def _oblique_stack(truth: Volume, degrees: float, scale: int = 4) -> Volume:
     return Volume(thick, rescaled_affine(fine, [1, 1, scale]), {"path": "oblique"})
 
 
+@pytest.mark.slow  # 800 CGLS iterations
 def test_oblique_stack_is_modelled_exactly():
     truth = _truth()
     straight = _stacks(truth)[:2]
