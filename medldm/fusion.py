@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from medldm.degrade import SliceSampling, _matmul_along, grid_for_factor
@@ -99,25 +98,16 @@ def fusion_grid(stacks: list[Stack], spacing: float | None = None) -> tuple[tupl
     return tuple(int(n) for n in counts), affine
 
 
-def _sample(x: Tensor, index_affine: np.ndarray, shape) -> Tensor:
-    """Trilinear samples of ``x`` (3D) at the points ``index_affine @ (i, j, k, 1)`` of a grid of ``shape``, in
-    ``x``'s voxel indices; zero outside. Exact (a copy) when the points are ``x``'s own voxel centres."""
-    m = torch.as_tensor(index_affine, dtype=x.dtype, device=x.device)
-    axes = [torch.arange(n, dtype=x.dtype, device=x.device) for n in shape]
-    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # (*shape, 3) voxel indices of the grid
-    points = points @ m[:3, :3].T + m[:3, 3]
-    size = torch.tensor(x.shape, dtype=x.dtype, device=x.device)
-    norm = 2 * points / (size - 1).clamp(min=1) - 1  # align_corners=True: -1 and 1 are the end voxel centres
-    grid = norm.flip(-1)[None]  # grid_sample wants (w, h, d) order
-    out = F.grid_sample(x[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out[0, 0]
+def _grid_points(index_affine: np.ndarray, shape) -> Tensor:
+    """The points ``index_affine @ (i, j, k, 1)`` of every voxel of a grid of ``shape``, (*shape, 3), float64."""
+    m = torch.as_tensor(index_affine, dtype=torch.float64)
+    axes = [torch.arange(n, dtype=torch.float64) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1) @ m[:3, :3].T + m[:3, 3]
 
 
 def _inside(index_affine: np.ndarray, shape, bounds, tol: float = 1e-6) -> Tensor:
     """Which points of a grid of ``shape`` map (through ``index_affine``) into the index box ``[0, bounds - 1]``."""
-    m = torch.as_tensor(index_affine, dtype=torch.float64)
-    axes = [torch.arange(n, dtype=torch.float64) for n in shape]
-    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1) @ m[:3, :3].T + m[:3, 3]
+    points = _grid_points(index_affine, shape)
     upper = torch.tensor(bounds, dtype=torch.float64) - 1
     return ((points >= -tol) & (points <= upper + tol)).all(-1)
 
@@ -184,9 +174,7 @@ class _Trilinear:
     so the adjoint is the same eight corners added back (index_add) instead of a differentiated grid_sample."""
 
     def __init__(self, index_affine: np.ndarray, shape, source_shape):
-        m = torch.as_tensor(index_affine, dtype=torch.float64)
-        axes = [torch.arange(n, dtype=torch.float64) for n in shape]
-        points = (torch.stack(torch.meshgrid(*axes, indexing="ij"), -1) @ m[:3, :3].T + m[:3, 3]).reshape(-1, 3)
+        points = _grid_points(index_affine, shape).reshape(-1, 3)
         base = torch.floor(points)
         frac = points - base
         base = base.to(torch.int64)
@@ -398,7 +386,11 @@ def fuse(
         fine = torch.from_numpy(_upsampled(s, op, prior, upscaler))
         back = np.linalg.inv(op.to_grid)  # grid voxel index -> fine voxel index
         lined_up = _index_map(back)
-        total += _gather(fine, lined_up, shape) if lined_up is not None else _sample(fine, back, shape)
+        total += (
+            _gather(fine, lined_up, shape)
+            if lined_up is not None
+            else _Trilinear(back, shape, fine.shape).forward(fine)
+        )
         weight += _inside(back, shape, op.fine_shape).to(torch.float64)
     x = total / weight.clamp(min=1)
     if consistent:

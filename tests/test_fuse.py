@@ -211,7 +211,7 @@ def test_register_recovers_a_known_rigid_motion():
 
 
 def test_grids_that_line_up_are_read_by_index_as_interpolation_would():
-    from medldm.fusion import _gather, _index_map, _sample
+    from medldm.fusion import _gather, _index_map, _Trilinear
 
     truth = _truth(20)
     # a stack stored in another voxel order (axes swapped, one flipped) and shifted by whole voxels
@@ -219,7 +219,9 @@ def test_grids_that_line_up_are_read_by_index_as_interpolation_would():
     mapping = _index_map(swap)
     assert mapping is not None and _index_map(_rotation(10, 2)) is None
     x = torch.from_numpy(truth.data).double()
-    torch.testing.assert_close(_gather(x, mapping, (24, 18, 22)), _sample(x, swap, (24, 18, 22)), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        _gather(x, mapping, (24, 18, 22)), _Trilinear(swap, (24, 18, 22), x.shape).forward(x), rtol=0, atol=1e-9
+    )
 
 
 def test_python_api_fuses_paths(tmp_path):
