@@ -3,6 +3,7 @@ results are gathered afterwards. Without a multi-process launch everything runs 
 
 from __future__ import annotations
 
+import atexit
 import os
 
 __all__ = ["current", "share", "gather"]
@@ -16,7 +17,20 @@ def current(device: str = "auto"):
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    atexit.register(_close, state)
+    return state
+
+
+def _close(state) -> None:
+    """Shut the process group down, all processes together, before the interpreter exits: left to interpreter exit,
+    a process that finished first aborts in gloo's teardown ("terminate called without an active exception",
+    SIGABRT), which fails the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        state.wait_for_everyone()  # together: one process leaving first tears the other's connections down
+        dist.destroy_process_group()
 
 
 def share(items: list, state) -> list:
