@@ -46,16 +46,16 @@ def _reference(model, lr, a: int, cut: int, device: str, bf16: bool):
     import torch.nn.functional as F
     from monai.networks.schedulers import DDPMScheduler
 
-    from medldm.data import normaliser, upsample
     from medldm.degrade import make_operator
-    from medldm.intensity import guess_modality
+    from medldm.intensity import guess_modality, normaliser
     from medldm.nets import MODALITIES
+    from medldm.resample import upsample
 
     cfg = model.config
     d = cfg.diffusion
     op = make_operator("slice-profile", axis=a, scale=4)
     hr_shape = op.input_shape(lr.shape)
-    norm = normaliser(cfg, lr.data)
+    norm = normaliser(cfg.data.intensity, lr.data)
     cond = upsample(torch.from_numpy(norm.forward(lr.data.astype(np.float32)))[None, None], hr_shape)[0, 0]
     task = next(t for t in cfg.data.tasks if t.kind == "slice-profile" and t.scale == 4)
     modality = MODALITIES.index(guess_modality(lr.data, lr.meta.get("modality")))

@@ -2,17 +2,16 @@
 model's data-consistency projection (which separates what the projection adds from what the generative model
 adds); and for k-space truncation, zero filling.
 
-LR sample m along a degraded axis sits at HR continuous index ``s*m + (s-1)/2`` (the grid maths of
-medldm.volume), so HR voxel i is read at LR coordinate ``(i - (s-1)/2) / s``. Borders replicate the edge.
+The interpolations themselves are medldm.resample's (the grid maths shared with the model's input).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from medldm.degrade import enforce_consistency
+from medldm.resample import SPLINE_ORDER, interpolate
 from medldm.volume import Volume, rescaled_affine
 
 __all__ = [
@@ -22,11 +21,10 @@ __all__ = [
     "REGRESSION",
     "baseline",
     "baselines_for",
-    "interpolate",
     "zero_fill",
 ]
 
-BASELINES = {"nearest": 0, "trilinear": 1, "bspline": 3}  # interpolations: spline order
+BASELINES = tuple(SPLINE_ORDER)  # the interpolations
 BSPLINE_DC = "bspline-dc"
 ZERO_FILL = "zero-fill"
 # the model's own regression (estimator) stage made data-consistent, without the diffusion model's detail:
@@ -60,36 +58,3 @@ def zero_fill(lr: Volume, op) -> Volume:
     data = op.back_project(torch.from_numpy(lr.data.astype(np.float64))).numpy()
     affine = rescaled_affine(lr.affine, [1.0 / f for f in op.factors(3)])
     return lr.with_data(data.astype(np.float32), affine, baseline=ZERO_FILL)
-
-
-def interpolate(lr: Volume, factors, *, method: str = "trilinear") -> Volume:
-    """Upsample ``lr`` by ``factors`` per voxel axis onto the HR grid with the same field of view (``round(n * f)``
-    voxels; HR voxel ``j`` sits at LR index ``(j - (f - 1) / 2) / f``, the grid of medldm.degrade).
-
-    Args:
-        lr: the low-resolution volume.
-        factors: upsampling factor per voxel axis (1 for untouched axes; need not be integers).
-        method: "nearest", "trilinear" or "bspline" (cubic, with scipy's prefilter).
-    """
-    order = BASELINES[method]
-    factors = [int(round(f)) if abs(f - round(f)) < 1e-9 else float(f) for f in factors]
-    shape = tuple(int(round(n * f)) for n, f in zip(lr.shape, factors, strict=True))
-    coords = [(np.arange(n) - (f - 1) / 2.0) / f for n, f in zip(shape, factors, strict=True)]
-    data = lr.data.astype(np.float64)
-    # separable: interpolate one axis at a time (exact for these tensor-product kernels, and much cheaper)
-    for axis, (f, c) in enumerate(zip(factors, coords, strict=True)):
-        if f == 1:
-            continue
-        if order == 0:
-            data = np.take(data, np.clip(np.floor(c + 0.5).astype(int), 0, lr.shape[axis] - 1), axis=axis)
-            continue
-        grid = np.meshgrid(
-            *[
-                np.arange(n, dtype=np.float64) if a != axis else c
-                for a, n in enumerate(data.shape[:axis] + (len(c),) + data.shape[axis + 1 :])
-            ],
-            indexing="ij",
-        )
-        data = ndimage.map_coordinates(data, grid, order=order, mode="nearest", prefilter=order > 1)
-    affine = rescaled_affine(lr.affine, [1.0 / f for f in factors])
-    return lr.with_data(data.astype(np.float32), affine, baseline=method)

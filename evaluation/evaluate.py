@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from medldm.evaluation.baselines import REGRESSION, baseline, baselines_for, interpolate
+from medldm.evaluation.baselines import REGRESSION, baseline, baselines_for
 from medldm.evaluation.metrics import (
     TissueClasses,
     foreground_mask,
@@ -27,6 +27,7 @@ from medldm.evaluation.metrics import (
 from medldm import __version__, cohort
 from medldm.degrade import degrade_volume, make_operator
 from medldm.errors import MedldmError
+from medldm.resample import interpolate
 from medldm.volume import SCAN_SUFFIXES, Volume, load
 
 __all__ = ["evaluate", "score", "scan_list", "METRICS", "HIGHER_IS_BETTER"]
@@ -307,16 +308,16 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
     import torch
     from medldm.evaluation.rate_distortion import model_rd
 
-    from medldm.data import normaliser, upsample
-    from medldm.intensity import guess_modality
+    from medldm.intensity import guess_modality, normaliser
     from medldm.nets import MODALITIES
+    from medldm.resample import upsample
 
     m = upscaler.model
     if m.config.data.spatial_dims != 2:
         return {}, None
     lr, truth = degrade_volume(load(path), kind=kind, axis=axis, scale=scale, profile=profile)
     a = lr.meta["degrade"]["axis"]
-    norm = normaliser(m.config, lr.data)
+    norm = normaliser(m.config.data.intensity, lr.data)
     hr = torch.from_numpy(norm.forward(truth.data)).float()
     cond = upsample(torch.from_numpy(norm.forward(lr.data)).float()[None, None], truth.shape)[0, 0]
     cut = [d for d in range(3) if d != a][0]

@@ -150,7 +150,7 @@ def evaluate_fusion(
 
 def _example(truth, stacks, outputs) -> dict:
     """The middle plane across voxel axis k: each stack's nearest view is the input, then the results."""
-    from medldm.evaluation.baselines import interpolate
+    from medldm.resample import interpolate
 
     k = truth.shape[2] // 2
     images = {}

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from medldm.config import Task
-from medldm.data import PairSampler, TrainingVolume, normaliser
+from medldm.data import PairSampler, TrainingVolume
 from medldm.errors import MedldmError
-from medldm.intensity import guess_modality
+from medldm.intensity import guess_modality, normaliser
 from medldm.nets import MODALITIES
 
 __all__ = ["Adaptation", "adapt", "DEFAULT_STEPS", "DEFAULT_MINUTES"]
@@ -83,7 +83,7 @@ def adapt(
     if min(volume.shape[d] for d in range(3) if d != a) < smallest:
         raise MedldmError(f"--adapt needs slices of at least {smallest} x {smallest} voxels", volume.path)
     config = model.config
-    data = normaliser(config, volume.data).forward(volume.data.astype(np.float32))
+    data = normaliser(config.data.intensity, volume.data).forward(volume.data.astype(np.float32))
     modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
     fg = np.argwhere(data > FOREGROUND)
     if len(fg) > 20000:

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medldm.config import Config, resolve_sources
 from medldm.degrade import add_rician_noise, make_operator
 from medldm.errors import MedldmError
-from medldm.intensity import IntensityTransform, hu_window, percentile_scaling
+from medldm.intensity import normaliser
 from medldm.nets import MODALITIES, geometry_features
+from medldm.resample import upsample
 from medldm.volume import load
 
-__all__ = ["TrainingVolume", "load_volumes", "PairSampler", "upsample", "normaliser"]
+__all__ = ["TrainingVolume", "load_volumes", "PairSampler"]
 
 FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as foreground
 FOREGROUND_SAMPLES = 20000  # foreground coordinates kept per volume for biased sampling
@@ -38,17 +38,9 @@ class TrainingVolume:
     foreground: np.ndarray  # (N, 3) voxel coordinates above FOREGROUND_LEVEL
 
 
-def normaliser(config: Config, data: np.ndarray) -> IntensityTransform:
-    """The intensity transform the config asks for, fitted to one scan."""
-    cfg = config.data.intensity
-    if cfg.kind == "window":
-        return hu_window(preset=cfg.window or "brain")
-    return percentile_scaling(data, lower=cfg.lower, upper=cfg.upper)
-
-
 def _prepare(path: Path, modality: str, config: Config) -> TrainingVolume:
     vol = load(path).to_canonical()
-    data = normaliser(config, vol.data).forward(vol.data).astype(np.float16)
+    data = normaliser(config.data.intensity, vol.data).forward(vol.data).astype(np.float16)
     coords = np.argwhere(data > FOREGROUND_LEVEL)
     if len(coords) > FOREGROUND_SAMPLES:
         coords = coords[np.random.default_rng(0).choice(len(coords), FOREGROUND_SAMPLES, replace=False)]
@@ -96,13 +88,6 @@ def load_volumes(
         if h5 is not None:
             h5.close()
     return volumes
-
-
-def upsample(lr: torch.Tensor, size) -> torch.Tensor:
-    """Interpolate an LR batch (B, C, *spatial) onto the HR grid. With align_corners=False, LR sample m lands
-    at HR index s*m + (s-1)/2: the same grid maths as the forward operators and volume affines."""
-    mode = "bilinear" if lr.dim() == 4 else "trilinear"
-    return F.interpolate(lr, size=tuple(size), mode=mode, align_corners=False)
 
 
 class PairSampler:

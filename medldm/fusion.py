@@ -22,8 +22,8 @@ from torch import Tensor
 
 from medldm.degrade import SliceSampling, _matmul_along, grid_for_factor
 from medldm.errors import MedldmError
-from medldm.evaluation.baselines import interpolate
 from medldm.intensity import guess_modality
+from medldm.resample import interpolate
 from medldm.volume import ANISOTROPY, Volume, face_corners, rescaled_affine
 
 __all__ = [

@@ -13,7 +13,7 @@ import numpy as np
 
 from medldm.errors import MedldmError
 
-__all__ = ["IntensityTransform", "percentile_scaling", "hu_window", "CT_WINDOWS", "guess_modality"]
+__all__ = ["IntensityTransform", "normaliser", "percentile_scaling", "hu_window", "CT_WINDOWS", "guess_modality"]
 
 # Common CT windows (centre, width) in HU.
 CT_WINDOWS = {
@@ -99,6 +99,14 @@ def hu_window(
     if centre is None or width is None or width <= 0:
         raise MedldmError("a CT window needs a centre and a positive width (HU)")
     return IntensityTransform("window", centre - width / 2.0, centre + width / 2.0)
+
+
+def normaliser(settings, data: np.ndarray) -> IntensityTransform:
+    """The intensity transform a model's settings (its config's ``data.intensity``: kind, lower/upper percentiles or
+    a CT window preset) ask for, fitted to one scan."""
+    if settings.kind == "window":
+        return hu_window(preset=settings.window or "brain")
+    return percentile_scaling(data, lower=settings.lower, upper=settings.upper)
 
 
 def guess_modality(data: np.ndarray, hint: str | None = None) -> str:

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 
 from medldm.checkpoint import build_with_weights, read_model_folder, write_model_folder
 from medldm.config import Config, Task, parse_config
-from medldm.data import normaliser, upsample
 from medldm.degrade import consistency_residual, enforce_consistency, make_operator
 from medldm.diffusion import NoiseSchedule, make_denoiser, randn, sample
 from medldm.errors import MedldmError
-from medldm.intensity import guess_modality
+from medldm.intensity import guess_modality, normaliser
 from medldm.nets import (
     MODALITIES,
     ConditionCodec,
@@ -38,6 +37,7 @@ from medldm.nets import (
     channels_last_format,
     geometry_features,
 )
+from medldm.resample import upsample
 from medldm.scope import TrainingScope, scan_statistics
 from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, resolve_axis
 
@@ -304,7 +304,8 @@ class Upscaler:
         """
         tasks = self.model.config.data.tasks
         try:  # first, so that an unusable scan (e.g. a constant image) is named for what it is
-            normalised = normaliser(self.model.config, volume.data).forward(volume.data.astype(np.float32))
+            intensity = self.model.config.data.intensity
+            normalised = normaliser(intensity, volume.data).forward(volume.data.astype(np.float32))
         except MedldmError as err:
             raise MedldmError(err.reason, err.path or volume.path) from None
         voxel_spacing = np.asarray(volume.spacing, dtype=np.float64)
@@ -398,7 +399,7 @@ class Upscaler:
         copies = 3 + (self.model.estimator is not None) + keep_estimate + 2 * (samples > 1)
         check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
         try:
-            norm = normaliser(self.model.config, volume.data)
+            norm = normaliser(self.model.config.data.intensity, volume.data)
         except MedldmError as err:  # e.g. a constant image: name the scan
             raise MedldmError(err.reason, err.path or volume.path) from None
         lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))

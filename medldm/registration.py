@@ -43,7 +43,7 @@ def _image(volume: Volume):
 
 def _isotropic(stack) -> Volume:
     """The stack upsampled along its slice axis to its in-plane spacing (B-spline), same field of view."""
-    from medldm.evaluation.baselines import interpolate
+    from medldm.resample import interpolate
 
     vol = stack.volume
     if stack.axis is None:

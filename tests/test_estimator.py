@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from medldm.evaluation.baselines import interpolate
 from medldm.evaluation.evaluate import evaluate
 from safetensors.torch import load_file
 
@@ -19,6 +18,7 @@ from medldm.config import parse_config
 from medldm.degrade import degrade_volume, enforce_consistency, make_operator
 from medldm.nets import Estimator, build_autoencoder, build_denoiser, build_estimator, build_schedule
 from medldm.pipeline import Upscaler, load_model
+from medldm.resample import interpolate
 from medldm.volume import crop, load, save_nifti
 from tests.helpers import _one_batch, rows, tiny, trainer
 

@@ -8,11 +8,12 @@ import csv
 import numpy as np
 import pytest
 import torch
-from medldm.evaluation.baselines import BSPLINE_DC, ZERO_FILL, baseline, baselines_for, interpolate
+from medldm.evaluation.baselines import BSPLINE_DC, ZERO_FILL, baseline, baselines_for
 from medldm.evaluation.evaluate import evaluate
 from medldm.evaluation.metrics import foreground_mask, psnr, ssim
 
 from medldm.degrade import degrade_volume, make_operator
+from medldm.resample import interpolate
 from medldm.volume import crop, load, resolve_axis, save_nifti
 
 

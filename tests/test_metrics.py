@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from medldm.evaluation import foreground_mask, lpips, lpips_volume, nrmse, psnr, ssim
-from medldm.evaluation.baselines import interpolate
 from scipy import ndimage
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
 
 from medldm import MedldmError
 from medldm.degrade import degrade_volume
+from medldm.resample import interpolate
 from medldm.volume import Volume, face_corners, load
 from tests.helpers import shared_path
 

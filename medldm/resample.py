@@ -1,0 +1,60 @@
+"""Onto a finer grid with the same field of view: the interpolations every stage shares (the network's input, the
+baselines, fusion's start, registration's resampling).
+
+LR sample m along an axis upsampled by f sits at HR continuous index ``f*m + (f-1)/2`` (the grid maths of
+medldm.volume and medldm.degrade), so HR voxel j is read at LR coordinate ``(j - (f-1)/2) / f``. Borders replicate
+the edge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from medldm.volume import Volume, rescaled_affine
+
+__all__ = ["SPLINE_ORDER", "interpolate", "upsample"]
+
+SPLINE_ORDER = {"nearest": 0, "trilinear": 1, "bspline": 3}
+
+
+def upsample(lr: torch.Tensor, size) -> torch.Tensor:
+    """Interpolate an LR batch (B, C, *spatial) onto the HR grid (bi- or trilinear). With align_corners=False, LR
+    sample m lands at HR index s*m + (s-1)/2: the same grid maths as the forward operators and volume affines."""
+    mode = "bilinear" if lr.dim() == 4 else "trilinear"
+    return F.interpolate(lr, size=tuple(size), mode=mode, align_corners=False)
+
+
+def interpolate(lr: Volume, factors, *, method: str = "trilinear") -> Volume:
+    """Upsample ``lr`` by ``factors`` per voxel axis onto the HR grid with the same field of view (``round(n * f)``
+    voxels; HR voxel ``j`` sits at LR index ``(j - (f - 1) / 2) / f``, the grid of medldm.degrade).
+
+    Args:
+        lr: the low-resolution volume.
+        factors: upsampling factor per voxel axis (1 for untouched axes; need not be integers).
+        method: "nearest", "trilinear" or "bspline" (cubic, with scipy's prefilter).
+    """
+    order = SPLINE_ORDER[method]
+    factors = [int(round(f)) if abs(f - round(f)) < 1e-9 else float(f) for f in factors]
+    shape = tuple(int(round(n * f)) for n, f in zip(lr.shape, factors, strict=True))
+    coords = [(np.arange(n) - (f - 1) / 2.0) / f for n, f in zip(shape, factors, strict=True)]
+    data = lr.data.astype(np.float64)
+    # separable: interpolate one axis at a time (exact for these tensor-product kernels, and much cheaper)
+    for axis, (f, c) in enumerate(zip(factors, coords, strict=True)):
+        if f == 1:
+            continue
+        if order == 0:
+            data = np.take(data, np.clip(np.floor(c + 0.5).astype(int), 0, lr.shape[axis] - 1), axis=axis)
+            continue
+        grid = np.meshgrid(
+            *[
+                np.arange(n, dtype=np.float64) if a != axis else c
+                for a, n in enumerate(data.shape[:axis] + (len(c),) + data.shape[axis + 1 :])
+            ],
+            indexing="ij",
+        )
+        data = ndimage.map_coordinates(data, grid, order=order, mode="nearest", prefilter=order > 1)
+    affine = rescaled_affine(lr.affine, [1.0 / f for f in factors])
+    return lr.with_data(data.astype(np.float32), affine, baseline=method)
