@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, save, table
 
 SCAN = "data/mri/colin27-mricron/ch2.nii.gz"
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {  # Upscaler options
     "default": {},
     "estimate": {"refine": 0.0, "planes": "both"},
     "refine-0.3": {"refine": 0.3, "steps": 2},

@@ -13,11 +13,19 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from benchmarks.common import SHARED, save, table
 
-QUICK = {"samplers": ["dpmpp-2m", "ddim"], "steps": [1, 2, 8], "planes": 32}
-FULL = {"samplers": ["dpmpp-2m", "ddim", "ddpm", "sde", "ode"], "steps": [1, 2, 4, 8, 16, 50], "planes": 40}
+
+class Grid(TypedDict):
+    samplers: list[str]
+    steps: list[int]
+    planes: int
+
+
+QUICK: Grid = {"samplers": ["dpmpp-2m", "ddim"], "steps": [1, 2, 8], "planes": 32}
+FULL: Grid = {"samplers": ["dpmpp-2m", "ddim", "ddpm", "sde", "ode"], "steps": [1, 2, 4, 8, 16, 50], "planes": 40}
 
 
 def validation_scan() -> Path:

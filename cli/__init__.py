@@ -8,9 +8,10 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 
@@ -88,7 +89,8 @@ class Format(str, Enum):
     dicom = "dicom"
 
 
-Window = Enum("Window", {name.replace("-", "_"): name for name in CT_WINDOWS}, type=str)  # medldm.intensity
+# members from medldm.intensity.CT_WINDOWS; mypy reads the members of an Enum() call only from a literal
+Window = Enum("Window", {name.replace("-", "_"): name for name in CT_WINDOWS}, type=str)  # type: ignore[misc]
 
 
 class Planes(str, Enum):  # medldm.pipeline.PLANES
@@ -121,7 +123,11 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="print errors only")]
 
 
 def _check_outputs(
-    scans: list[Path], overwrite: bool, previews: list[Path] = (), sidecars: list[Path] = (), fmt: Format = Format.nifti
+    scans: list[Path],
+    overwrite: bool,
+    previews: Sequence[Path] = (),
+    sidecars: Sequence[Path] = (),
+    fmt: Format = Format.nifti,
 ) -> None:
     """Refuse bad output paths (NIfTI scans or DICOM series folders, PNG previews, JSON sidecars) before any work
     is done, so a failure writes nothing (medldm.outputs). A sidecar belongs to its scan: it is replaced whenever
@@ -610,7 +616,7 @@ def upscale(
     provenance sidecar (<name>.json: command, input SHA-256, model digest, every setting, residual, time)."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
     if not scan.exists():
@@ -626,6 +632,7 @@ def upscale(
     summary_dir = out or scan
     if not bids and scan.is_dir() and (scan / "dataset_description.json").is_file():
         raise MedldmError("is a BIDS dataset: pass --bids to upscale its scans into derivatives/medldm", scan)
+    batch: list[Path] | None
     if bids:
         batch, jobs, summary_dir = _bids_jobs(scan, out, fmt)
     elif (batch := _batch_inputs(scan, out) if scan.is_dir() else None) is None:
@@ -701,7 +708,7 @@ def upscale(
             "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
             "uncertainty map"
         )
-    rows = []  # one per scan: what report() recorded
+    rows: list[dict] = []  # one per scan: what report() recorded
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
@@ -742,13 +749,11 @@ def upscale(
                         quiet=quiet or json_lines,
                     )
                 task = bar.add_task(escape(source.name), total=None)
-                result = runner.upscale(
-                    vol,
-                    plan=plan,
-                    samples=samples,
-                    seed=seed,
-                    progress=lambda d, t, task=task: bar.update(task, completed=d, total=t),
-                )
+
+                def show_progress(d: int, t: int, task: TaskID = task) -> None:
+                    bar.update(task, completed=d, total=t)
+
+                result = runner.upscale(vol, plan=plan, samples=samples, seed=seed, progress=show_progress)
                 record = upscale_record(
                     source=source,
                     volume=vol,
@@ -809,7 +814,8 @@ def upscale(
             if bids:
                 from medldm.bids import bids_root, write_dataset_description
 
-                write_dataset_description(summary_dir, bids_root(scan))
+                # _bids_jobs refused a scan outside a BIDS dataset
+                write_dataset_description(summary_dir, cast(Path, bids_root(scan)))
             summary = _write_batch_summary(summary_dir, rows)
             counts = {k: sum(r["status"] == k for r in rows) for k in ("written", "skipped", "failed")}
             if not quiet:

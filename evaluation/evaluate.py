@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from medldm.evaluation.baselines import REGRESSION, baseline, baselines_for
@@ -179,7 +180,8 @@ def evaluate(
         raise MedldmError(
             f"unknown or unavailable baseline {unknown[0]!r} for {kind}; choose from {', '.join(offered)}"
         )
-    rows, examples, timings, calibration = [], [], {}, []
+    rows, examples, calibration = [], [], []
+    timings: dict[str, list[float]] = {}
     if adapt is not None:
         if upscaler is None:
             raise MedldmError("--adapt adapts a model: pass --model")
@@ -376,7 +378,8 @@ def _protocol(
     import skimage
     import torch
 
-    protocol = {
+    skimage_version = skimage.__version__  # type: ignore[attr-defined]  # left out of skimage's __init__.pyi
+    protocol: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "scans": f"{len(files)}: " + ", ".join(p.name for p in files),
         "degradation": f"{kind} x{scale:g} along {axis} (profile {profile}"
@@ -417,7 +420,7 @@ def _protocol(
         "statistics": "mean with 95% percentile-bootstrap CI (10,000 resamples, seed 0); two-sided paired Wilcoxon "
         "signed-rank test against the best baseline of each metric",
         "software": f"medldm {__version__}, torch {torch.__version__}, monai {monai.__version__}, "
-        f"scikit-image {skimage.__version__}, numpy {np.__version__}, Python {platform.python_version()}",
+        f"scikit-image {skimage_version}, numpy {np.__version__}, Python {platform.python_version()}",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
     }
     from medldm.provenance import git_commit, model_digest

@@ -68,7 +68,8 @@ def evaluate_fusion(
     files = scan_list(data)[:limit]
     lpips_folder = find_lpips_weights(lpips_weights)
     upscaler = Upscaler(model, device=device)
-    rows, examples, timings = [], [], {}
+    rows, examples = [], []
+    timings: dict[str, list[float]] = {}
     for n, path in enumerate(files):
         if progress:
             progress(path.name, n, len(files))

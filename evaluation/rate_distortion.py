@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -50,6 +51,9 @@ from medldm.diffusion import (
     timesteps_for,
 )
 from medldm.errors import MedldmError
+
+if TYPE_CHECKING:
+    from medldm.nets import Autoencoder
 
 __all__ = ["FLOAT_BITS", "empirical_entropy", "autoencoder_rd", "diffusion_rd", "model_rd"]
 
@@ -112,7 +116,7 @@ class _EvalMode:
 # ------------------------------------------------------------------------------------------ autoencoder
 @torch.no_grad()
 def autoencoder_rd(
-    autoencoder: torch.nn.Module,
+    autoencoder: Autoencoder,
     images: Tensor,
     *,
     steps: Sequence[float | None] = (None, 0.5, 0.25, 0.1),
@@ -188,11 +192,11 @@ def autoencoder_rd(
                 q = float(q)
                 codes = [torch.round(z.double() / q).long() for z in latents]
                 bits = sum(empirical_entropy(torch.cat([c[:, k] for c in codes])) for k in range(channels)) / channels
-                rmse, psnr = distortion(
-                    lambda i, codes=codes, q=q: autoencoder.decode(
-                        (codes[i].double() * q / latent_scale).float().to(device)
-                    )
-                )
+
+                def decode_codes(i: int, codes: list[Tensor] = codes, q: float = q) -> Tensor:
+                    return autoencoder.decode((codes[i].double() * q / latent_scale).float().to(device))
+
+                rmse, psnr = distortion(decode_codes)
             records.append(
                 {
                     "label": label,

@@ -234,7 +234,7 @@ def write_report(
 # ------------------------------------------------------------------------------------------ files
 
 
-def _csv_text(rows: list[dict], metrics: Sequence[str]) -> str:
+def _csv_text(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     columns = ["volume", "method"] + [m for m in metrics if m in keys]
     columns += [k for k in keys if k not in columns]
@@ -690,7 +690,7 @@ def _figure(width: float, height: float):
 class _Figures:
     """The report's figures: each is embedded in the page as a PNG data URI and kept as PNG and SVG files."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
 
     def add(self, name: str, fig) -> str:

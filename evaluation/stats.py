@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -173,14 +174,14 @@ def summarise(
 
     methods = _method_order(rows, baselines)
     n_rows = {m: sum(1 for _, meth in seen if meth == m) for m in methods}
-    table = []
+    table: list[dict[str, Any]] = []
     for metric in metrics:
         hib = bool(higher_is_better[metric])
         stats: dict[str, tuple[float, float, float] | None] = {}
         for method in methods:
-            vals = list(per.get((method, metric), {}).values())
-            stats[method] = bootstrap_ci(vals, confidence=confidence, n_boot=n_boot, seed=seed) if vals else None
-        scored = [(stats[m][0], m) for m in baselines if stats.get(m) is not None]
+            values = list(per.get((method, metric), {}).values())
+            stats[method] = bootstrap_ci(values, confidence=confidence, n_boot=n_boot, seed=seed) if values else None
+        scored = [(st[0], m) for m in baselines if (st := stats.get(m)) is not None]
         best = None
         if scored:
             best = (max if hib else min)(scored, key=lambda t: t[0])[1]

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from medldm.data import PairSampler, TrainingVolume
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality, normaliser
 from medldm.nets import MODALITIES
+
+if TYPE_CHECKING:
+    from medldm.pipeline import LoadedModel
 
 __all__ = ["Adaptation", "adapt", "DEFAULT_STEPS", "DEFAULT_MINUTES"]
 
@@ -38,7 +42,7 @@ PARAMETERS = "all"  # or "bias": only biases and normalisation scales change (a 
 
 @dataclass
 class Adaptation:
-    model: object  # the adapted medldm.pipeline.LoadedModel (its estimator fine-tuned; the rest shared)
+    model: LoadedModel  # the adapted model (its estimator fine-tuned; the rest shared)
     steps: int
     seconds: float
     losses: list[float]  # L1 per step, on the scan's own pairs
@@ -129,7 +133,8 @@ def adapt(
             elapsed = time.perf_counter() - started
             # the time bound: progress in seconds; the step bound: in steps
             if steps is None:
-                progress(min(int(elapsed), int(60 * minutes)), int(60 * minutes))
+                limit = int(60 * cast(float, minutes))  # no step bound: the time bound is set (checked above)
+                progress(min(int(elapsed), limit), limit)
             else:
                 progress(step, total)
     if not losses or not all(math.isfinite(v) for v in losses):

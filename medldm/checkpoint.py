@@ -17,6 +17,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
@@ -131,7 +132,10 @@ def load_partial_weights(module: torch.nn.Module, path: Path, *, new: str) -> No
         )
 
 
-def build_with_weights(build: Callable[[], torch.nn.Module], path: Path) -> torch.nn.Module:
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def build_with_weights(build: Callable[[], ModuleT], path: Path) -> ModuleT:
     """``build()`` with the weights of ``path``. The network is first built without memory (meta device) and its
     tensor names and shapes compared with the safetensors header, so a config that does not match its weights,
     however large it claims to be, is refused before anything is allocated."""

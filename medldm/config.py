@@ -366,7 +366,8 @@ def resolve_sources(
     """(train, validation) lists of (file, modality), split by subject within each source."""
     if not root.is_dir():
         raise MedldmError(f"{source}: data root {root} not found (set --data-root or {DATA_ROOT_ENV})")
-    train, validation = [], []
+    train: list[tuple[Path, str]] = []
+    validation: list[tuple[Path, str]] = []
     for i, src in enumerate(config.data.sources):
         files = sorted(Path(p) for p in glob.glob(str(root / src.glob)))
         if not files:

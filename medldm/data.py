@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -182,6 +183,7 @@ class PairSampler:
             r, data = 0, data[None]  # one channel
         # degraded axes: one in-plane axis for thick slices (random orientation), all axes otherwise
         scale, thickness = task.scale, 1.0
+        axis: int | None
         if task.kind == "slice-profile":
             axes = self.thick_axes or tuple(range(self.dims))
             axis = axes[int(rng.integers(len(axes)))]
@@ -192,7 +194,7 @@ class PairSampler:
             degraded = [a for a in range(self.dims) if a != axis]
         region = self._region(data, centre, size, degraded, scale, rng)
         if task.kind == "slice-profile":  # the exact factor of the region's whole LR samples (docs/grids.md)
-            n = region.shape[1 + axis]
+            n = region.shape[1 + cast(int, axis)]  # set for slice-profile above
             scale = n / round(n / scale) if not isinstance(scale, int) else scale
         op = make_operator(
             task.kind, axis=axis, scale=scale, spatial_dims=self.dims, profile=task.profile, thickness=thickness
@@ -206,13 +208,13 @@ class PairSampler:
             sigma = float(rng.random()) * self.config.data.noise
         # every plane goes through the same operator and noise level, one at a time; the centre plane first, so
         # that it draws the same noise as it would alone
-        up = [None] * len(hr)
+        up_planes: list[torch.Tensor | None] = [None] * len(hr)
         for k in [r, *(k for k in range(len(hr)) if k != r)]:
             low = op.forward(hr[k])
             if g is not None:
                 low = add_rician_noise(low, sigma, generator=g)
-            up[k] = upsample(low[None, None], hr.shape[1:])[0, 0]
-        up = torch.stack(up)
+            up_planes[k] = upsample(low[None, None], hr.shape[1:])[0, 0]
+        up = torch.stack(cast(list[torch.Tensor], up_planes))  # the loop set every plane
         margin = [(m - s) // 2 for m, s in zip(hr.shape[1:], size, strict=True)]
         crop = tuple(slice(m, m + s) for m, s in zip(margin, size, strict=True))
         return hr[r][crop].contiguous(), up[(slice(None), *crop)].contiguous(), scale, thickness

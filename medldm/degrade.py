@@ -135,7 +135,7 @@ class LinearOperator(ABC):
         """Exact adjoint ``A^T y`` (the vector-Jacobian product of :meth:`forward`); differentiable in
         ``y`` and usable under ``torch.no_grad()``."""
         zeros = y.new_zeros(self.input_shape(y.shape))
-        _, vjp = torch.func.vjp(self.forward, zeros)
+        vjp = torch.func.vjp(self.forward, zeros)[1]  # (output, vjp_fn)
         return vjp(y)[0]
 
     def back_project(self, y: Tensor) -> Tensor:
@@ -224,7 +224,9 @@ class ThickSlice(LinearOperator):
         spatial_dims: number of trailing spatial dims (2 or 3).
     """
 
-    def __init__(self, axes, scale: int, *, profile: str = "gaussian", spatial_dims: int = 3):
+    scale: int  # _require_integer
+
+    def __init__(self, axes, scale: float, *, profile: str = "gaussian", spatial_dims: int = 3):
         super().__init__(axes, scale, spatial_dims=spatial_dims)
         _require_integer(self)
         offsets, _ = slice_profile(self.scale, profile=profile)  # validates the profile
@@ -363,7 +365,9 @@ class KSpaceTruncation(LinearOperator):
         spatial_dims: number of trailing spatial dims (2 or 3).
     """
 
-    def __init__(self, axes, scale: int, *, spatial_dims: int = 3):
+    scale: int  # _require_integer
+
+    def __init__(self, axes, scale: float, *, spatial_dims: int = 3):
         super().__init__(axes, scale, spatial_dims=spatial_dims)
         _require_integer(self)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from pathlib import Path
+from typing import cast
 
 from medldm.errors import MedldmError
 
@@ -40,7 +41,7 @@ def main() -> None:
     from medldm.evaluation.metrics import foreground_mask
     from medldm.figures import before_after
     from medldm.pipeline import DEFAULT_MODEL, Upscaler
-    from medldm.volume import load, save_nifti
+    from medldm.volume import Volume, load, save_nifti
 
     console = Console()
     scan = example_scan()
@@ -85,7 +86,7 @@ def main() -> None:
         outputs["model"] = result.sr
         paths.update(sr=OUT / "mni152_sr.nii.gz", uncertainty=OUT / "mni152_sr_uncertainty.nii.gz")
         save_nifti(result.sr, paths["sr"], overwrite=True)
-        save_nifti(spread.uncertainty, paths["uncertainty"], overwrite=True)
+        save_nifti(cast(Volume, spread.uncertainty), paths["uncertainty"], overwrite=True)  # set: 2 samples
     save_nifti(lr, paths["lr"], overwrite=True)
     save_nifti(truth, paths["truth"], overwrite=True)
     mask = foreground_mask(truth.data)

@@ -80,7 +80,7 @@ def save_dicom(volume, folder: str | os.PathLike, *, description: str = "medldm"
     failure leaves nothing). Returns the folder."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     folder = check_output_folder(folder, overwrite=overwrite)
     data = volume.data
@@ -103,7 +103,7 @@ def save_dicom(volume, folder: str | os.PathLike, *, description: str = "medldm"
     try:
         for k in range(data.shape[2]):
             meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
+            meta.MediaStorageSOPClassUID = UID(SOP_CLASS[modality])
             meta.MediaStorageSOPInstanceUID = generate_uid()
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds = pydicom.Dataset()

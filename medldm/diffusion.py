@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -480,7 +481,7 @@ def sample_dpmpp_2m(
             h = lam(ab_s) - lam(ab_t)
             d = x0
             if x0_prev is not None and i + 2 < len(ts):
-                r = h_prev / h
+                r = cast(float, h_prev) / h  # set together with x0_prev
                 d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
             x = ((1.0 - ab_s) / (1.0 - ab_t)) ** 0.5 * x - ab_s**0.5 * math.expm1(-h) * d
             x0_prev, h_prev = x0, h

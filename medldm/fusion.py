@@ -13,8 +13,9 @@ consistent stacks: the prior projected onto the set of volumes that reproduce ev
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def fusion_grid(stacks: list[Stack], spacing: float | None = None) -> tuple[tupl
     affine = np.eye(4)
     affine[:3, :3] = rotation * spacing
     affine[:3, 3] = rotation @ start
-    return tuple(int(n) for n in counts), affine
+    return cast(tuple[int, int, int], tuple(int(n) for n in counts)), affine  # counts: one per axis
 
 
 def _grid_points(index_affine: np.ndarray, shape) -> Tensor:
@@ -180,7 +181,8 @@ class _Trilinear:
         base = base.to(torch.int64)
         self.shape, self.source_shape = tuple(shape), tuple(source_shape)
         strides = torch.tensor([source_shape[1] * source_shape[2], source_shape[2], 1])
-        self.corners = []  # (flat source index, weight) per corner, 8 bytes a point; weight 0 outside the source
+        # (flat source index, weight) per corner, 8 bytes a point; weight 0 outside the source
+        self.corners: list[tuple[Tensor, Tensor]] = []
         for c in np.ndindex(2, 2, 2):
             idx = base + torch.tensor(c)
             w = torch.prod(torch.where(torch.tensor(c, dtype=torch.bool), frac, 1 - frac), dim=1)
@@ -190,7 +192,7 @@ class _Trilinear:
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1)
-        out = sum(flat[src] * w.to(x.dtype) for src, w in self.corners)
+        out = cast(Tensor, sum(flat[src] * w.to(x.dtype) for src, w in self.corners))  # 8 corners: a Tensor
         return out.reshape(self.shape)
 
     def adjoint(self, y: Tensor) -> Tensor:
@@ -209,7 +211,7 @@ class StackOperator:
     def __init__(self, grid_shape, grid_affine: np.ndarray, stack: Stack):
         self.stack, self.grid_shape = stack, tuple(grid_shape)
         vol, a = stack.volume, stack.axis
-        self.op = None
+        self.op: SliceSampling | None = None
         fine_shape, fine_affine = list(vol.shape), vol.affine
         if a is not None:
             spacing = grid_spacing_along(grid_affine, vol.affine[:3, a])
@@ -239,18 +241,18 @@ class StackOperator:
         if self.lined_up is not None:
             fine = _gather(x, self.lined_up, self.fine_shape)
         else:
-            fine = self.trilinear.forward(x)
+            fine = cast(_Trilinear, self.trilinear).forward(x)  # built when the grids do not line up
         return fine if self.op is None else self.op(fine)
 
     def adjoint(self, y: Tensor) -> Tensor:
         fine = y  # written out: several times faster than differentiating the forward model
         if self.op is not None:  # the transposed slice-profile matrix along the slice axis
-            a = self.stack.axis
+            a = cast(int, self.stack.axis)  # self.op is only built along a slice axis
             matrix = self.op.matrix(self.fine_shape[a], device=y.device).to(y.dtype)
             fine = _matmul_along(y, matrix.T, a)
         if self.lined_up is not None:
             return _scatter(fine, self.lined_up, self.grid_shape)
-        return self.trilinear.adjoint(fine)
+        return cast(_Trilinear, self.trilinear).adjoint(fine)  # built when the grids do not line up
 
     def data(self, dtype=torch.float64) -> Tensor:
         return torch.from_numpy(self.stack.volume.data).to(dtype)
@@ -284,7 +286,8 @@ def joint_consistency(
         return [float(ri.pow(2).sum() / c) ** 0.5 / sp for ri, c, sp in zip(r, counts, spans, strict=True)]
 
     r = [(y - op.forward(x)) * w for op, y, w in zip(operators, ys, masks, strict=True)]
-    s = sum(op.adjoint(ri) for op, ri in zip(operators, r, strict=True))
+    # sums of Tensors: operators is not empty (fuse passes two or more)
+    s = cast(Tensor, sum(op.adjoint(ri) for op, ri in zip(operators, r, strict=True)))
     p, gamma = s.clone(), float(s.pow(2).sum())
     history = [max(fractions(r))]
     for it in range(iterations):
@@ -294,7 +297,7 @@ def joint_consistency(
         alpha = gamma / sum(float(qi.pow(2).sum()) for qi in q)
         x += alpha * p
         r = [ri - alpha * qi for ri, qi in zip(r, q, strict=True)]
-        s = sum(op.adjoint(ri) for op, ri in zip(operators, r, strict=True))
+        s = cast(Tensor, sum(op.adjoint(ri) for op, ri in zip(operators, r, strict=True)))
         gamma, previous = float(s.pow(2).sum()), gamma
         p = s + (gamma / previous) * p
         history.append(max(fractions(r)))
@@ -316,16 +319,17 @@ def _upsampled(stack: Stack, op: StackOperator, prior: str, upscaler) -> np.ndar
     vol = stack.volume
     if op.op is None:
         return vol.data.astype(np.float64)
+    axis = cast(int, stack.axis)  # op.op is only built along a slice axis
     if prior == "bspline":
         factors = [1.0, 1.0, 1.0]
-        factors[stack.axis] = op.op.scale
+        factors[axis] = op.op.scale
         return interpolate(vol, factors, method="bspline").data.astype(np.float64)
     result = upscaler.upscale(
         vol,
-        axis=stack.axis,
+        axis=axis,
         scale=op.op.scale,
         kind="slice-profile",
-        thickness=stack.thickness * vol.spacing[stack.axis],
+        thickness=stack.thickness * vol.spacing[axis],
     )
     if result.sr.shape != op.fine_shape:  # the upscaler and this module share medldm.degrade's grid convention
         raise MedldmError(
@@ -335,7 +339,7 @@ def _upsampled(stack: Stack, op: StackOperator, prior: str, upscaler) -> np.ndar
 
 
 def fuse(
-    stacks: list[Volume | Stack],
+    stacks: Sequence[Volume | Stack],
     *,
     spacing: float | None = None,
     like: Volume | None = None,
@@ -360,27 +364,27 @@ def fuse(
         raise MedldmError("fusion needs at least two stacks")
     if prior not in PRIORS:
         raise MedldmError(f"unknown prior {prior!r}: use one of {', '.join(PRIORS)}")
-    stacks = [s if isinstance(s, Stack) else as_stack(s) for s in stacks]
-    kinds = {s.name: guess_modality(s.volume.data, s.volume.meta.get("modality")) for s in stacks}
+    stack_list = [s if isinstance(s, Stack) else as_stack(s) for s in stacks]
+    kinds = {s.name: guess_modality(s.volume.data, s.volume.meta.get("modality")) for s in stack_list}
     if len(set(kinds.values())) > 1:
         raise MedldmError(
             "the stacks have different modalities: " + ", ".join(f"{name} {kind}" for name, kind in kinds.items())
         )
-    transforms = {}
+    transforms: dict[str, dict] = {}
     if register:
         from medldm.registration import register_stacks
 
-        stacks, transforms = register_stacks(stacks)
+        stack_list, transforms = register_stacks(stack_list)
     if like is not None:
         shape, affine = like.shape, like.affine
     else:
-        shape, affine = fusion_grid(stacks, spacing)
+        shape, affine = fusion_grid(stack_list, spacing)
     if prior == "model" and upscaler is None:
         raise MedldmError("prior 'model' needs an upscaler (medldm.pipeline.Upscaler)")
-    operators = [StackOperator(shape, affine, s) for s in stacks]
+    operators = [StackOperator(shape, affine, s) for s in stack_list]
     total = torch.zeros(shape, dtype=torch.float64)
     weight = torch.zeros(shape, dtype=torch.float64)
-    for s, op in zip(stacks, operators, strict=True):
+    for s, op in zip(stack_list, operators, strict=True):
         if progress:
             progress(f"upsampling {s.name} ({prior})")
         fine = torch.from_numpy(_upsampled(s, op, prior, upscaler))
@@ -401,10 +405,10 @@ def fuse(
         residuals = [
             _rms_fraction(op.forward(x) * op.valid - op.data() * op.valid, op.data(), op.valid) for op in operators
         ]
-    first = stacks[0].volume
+    first = stack_list[0].volume
     data = x.numpy().astype(np.float32)
-    if kinds[stacks[0].name] == "CT":
-        data = np.clip(data, -1024, max(float(s.volume.data.max()) for s in stacks))
+    if kinds[stack_list[0].name] == "CT":
+        data = np.clip(data, -1024, max(float(s.volume.data.max()) for s in stack_list))
     out = Volume(data, affine, {k: v for k, v in first.meta.items() if k not in ("slice_thickness", "slice_axis")})
-    out.meta["fuse"] = {"stacks": [s.name for s in stacks], "prior": prior, "consistent": consistent}
-    return Fusion(out, {s.name: r for s, r in zip(stacks, residuals, strict=True)}, prior, transforms)
+    out.meta["fuse"] = {"stacks": [s.name for s in stack_list], "prior": prior, "consistent": consistent}
+    return Fusion(out, {s.name: r for s, r in zip(stack_list, residuals, strict=True)}, prior, transforms)

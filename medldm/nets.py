@@ -10,6 +10,7 @@ so the network knows how much to trust it.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.kind = cfg.kind
         levels = len(cfg.channels)
+        self.net: AutoencoderKL | VQVAE
         if cfg.kind == "kl":
             self.net = AutoencoderKL(
                 spatial_dims=spatial_dims,
@@ -146,8 +148,9 @@ class _DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-        nn.init.zeros_(self.modulation[1].weight)
-        nn.init.zeros_(self.modulation[1].bias)
+        last = cast(nn.Linear, self.modulation[1])
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(emb)[:, None].chunk(6, dim=-1)
@@ -196,7 +199,7 @@ class DiT(nn.Module):
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, out_channels * patch**spatial_dims)
-        for layer in (self.final_mod[1], self.out):
+        for layer in (cast(nn.Linear, self.final_mod[1]), self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -248,11 +251,12 @@ class Estimator(nn.Module):
         self.inp = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * slab, channels[0], 3, padding=1))
         self.labels = nn.Embedding(num_labels, channels[0])
         nn.init.zeros_(self.labels.weight)
-        self.geometry = None
+        self.geometry: nn.Sequential | None = None
         if geometry:
             self.geometry = nn.Sequential(nn.Linear(2, channels[0]), nn.SiLU(), nn.Linear(channels[0], channels[0]))
-            nn.init.zeros_(self.geometry[2].weight)
-            nn.init.zeros_(self.geometry[2].bias)
+            last = cast(nn.Linear, self.geometry[2])
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.down_blocks = nn.ModuleList(
             nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1]
         )
@@ -265,7 +269,7 @@ class Estimator(nn.Module):
         )
         self.out = nn.Conv2d(channels[0], 4, 3, padding=1)
         nn.init.zeros_(self.out.weight)  # starts as the identity on the centre plane
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.out.bias))  # built with a bias (Conv2d's default)
 
     def forward(self, lr: torch.Tensor, label: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
         h = self.inp(lr) + self.labels(label)[:, :, None, None]
@@ -304,6 +308,7 @@ def build_denoiser(config: Config) -> Denoiser:
     cfg, dims, latent = config.diffusion, config.data.spatial_dims, config.autoencoder.latent_channels
     labels = ConditionCodec(config).num_labels
     in_channels = latent * (1 + config.data.slab)  # the noisy latent, then one condition latent per plane
+    backbone: nn.Module
     if cfg.denoiser == "dit":
         backbone = DiT(
             spatial_dims=dims,

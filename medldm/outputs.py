@@ -108,7 +108,7 @@ def check_distinct(paths: Iterable[Path]) -> None:
 
 def write_atomically(
     path: str | os.PathLike,
-    write: Callable[[Path], None],
+    write: Callable[[Path], object],  # its return value is ignored
     *,
     overwrite: bool = False,
     suffixes: Iterable[str] = NIFTI_SUFFIXES,

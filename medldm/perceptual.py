@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import lpips
 import numpy as np
@@ -307,7 +308,7 @@ def load_lpips(
     """
     _net_files(net)
     folder = find_lpips_weights(weights, net=net)
-    backbone = _backbone_file(folder, net)
+    backbone = cast(Path, _backbone_file(folder, net))  # find_lpips_weights only returns folders that have it
     heads, heads_in_folder = _heads_file(folder, net)
     if not heads.is_file():
         raise MedldmError(f"no LPIPS heads: expected {_expected_files(net)}", folder)
@@ -360,6 +361,8 @@ class PerceptualLoss(torch.nn.Module):
         slices_per_plane: for volumes, how many slices per plane to draw at random (torch's global RNG, the
             same slices for input and target) at each call; None uses every slice.
     """
+
+    lpips: lpips.LPIPS  # set with object.__setattr__ in __init__, not a submodule
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,7 +30,10 @@ from medldm.errors import MedldmError
 from medldm.intensity import guess_modality, normaliser
 from medldm.nets import (
     MODALITIES,
+    Autoencoder,
     ConditionCodec,
+    Denoiser,
+    Estimator,
     build_autoencoder,
     build_denoiser,
     build_estimator,
@@ -53,12 +57,12 @@ Progress = Callable[[int, int], None]
 class LoadedModel:
     config: Config
     info: dict
-    autoencoder: torch.nn.Module
-    denoiser: torch.nn.Module
+    autoencoder: Autoencoder
+    denoiser: Denoiser
     schedule: NoiseSchedule
     codec: ConditionCodec
     path: Path
-    estimator: torch.nn.Module | None = None  # the fidelity stage, in models that have one
+    estimator: Estimator | None = None  # the fidelity stage, in models that have one
 
     def save(self, out: str | Path, **info) -> Path:
         """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""
@@ -349,7 +353,7 @@ class Upscaler:
             recorded = volume.meta.get("slice_thickness") if volume.meta.get("slice_axis") == a else None
             mm = thickness if thickness is not None else recorded
             ratio = float(mm) / along if mm else 1.0
-            if not 0.05 <= ratio <= 8:
+            if mm and not 0.05 <= ratio <= 8:  # without mm, ratio is 1.0
                 raise MedldmError(
                     f"slice thickness {float(mm):.3g} mm against a spacing of {along:.3g} mm is not plausible",
                     volume.path,
@@ -449,7 +453,7 @@ class Upscaler:
         mean = stats.mean
         residual = consistency_residual(mean, lr, op)  # normalised LR: a fraction of the intensity range
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
-        meta = {
+        meta: dict[str, Any] = {
             "slice_thickness": None,  # the input's no longer describes the output's slices
             "upscale": {
                 "kind": task.kind,
@@ -573,7 +577,7 @@ class Upscaler:
         """The estimator's regression estimate on the HR grid (normalised intensities, before data consistency),
         averaged over the stacks of planes like the samples. Each batch interpolates just its block of LR planes
         (plus the slab's neighbours) onto the HR grid, so the HR-grid input volume is never held whole."""
-        net = self.model.estimator
+        net = cast(Estimator, self.model.estimator)  # called for models with an estimator only
         r = net.slab // 2
         total = torch.zeros(hr_shape)
         axes = self._plane_axes(hr_shape, op, self.planes)
@@ -618,8 +622,8 @@ class Upscaler:
                 init = None
                 if estimate is not None:
                     init = self._encode(estimate.movedim(axis, 0)[start : start + len(index)][:, None])
-                if on_estimate:
-                    c = init
+                if latents is None:  # on_estimate: the estimate's latents (refinement models always get one)
+                    c = cast(torch.Tensor, init)
                 else:  # (B, slab * latent, h, w); slab 1: the planes' own latents
                     near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
                     c = latents[near.to(latents.device)].flatten(1, 2)
@@ -655,7 +659,7 @@ class Upscaler:
             progress=False,
         )
         tick()
-        return out[0, 0]
+        return cast(torch.Tensor, out)[0, 0]  # a Tensor predictor gives a Tensor (monai types a union)
 
 
 def _clip(values: np.ndarray, limits: tuple[float, float] | None) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class TrainingScope:
         factors: dict[str, list[float]] = {}
         for task in config.data.tasks:
             factors.setdefault(task.kind, []).append(task.scale)
-        derived = {
+        derived: dict[str, Any] = {
             "modalities": tuple(sorted({s.modality for s in config.data.sources})) or ("MR",),
             "factors": {k: tuple(sorted(v)) for k, v in factors.items()},
         }
@@ -136,7 +137,12 @@ def measured_scope(config, root, volumes) -> dict:
     from medldm.config import resolve_sources
 
     train, _ = resolve_sources(config, root)
-    spacings = [float(z) for path, _ in train for z in nib.load(str(path)).header.get_zooms()[:3]]
+    # nibabel types load() as FileBasedImage (its docs say SpatialImage): the header type has no get_zooms
+    spacings = [
+        float(z)
+        for path, _ in train
+        for z in nib.load(str(path)).header.get_zooms()[:3]  # type: ignore[attr-defined]
+    ]
     means = [scan_statistics(np.asarray(v.data, dtype=np.float32))["foreground_mean"] for v in volumes]
     record = TrainingScope.of(config, {}).to_json()
     record["spacing_mm"] = [round(min(spacings), 4), round(max(spacings), 4)] if spacings else None

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ from medldm.checkpoint import (
     save_checkpoint,
     write_model_folder,
 )
-from medldm.config import Config, parse_config
-from medldm.data import PairSampler, load_volumes
+from medldm.config import Config, Stage, parse_config
+from medldm.config import Estimator as EstimatorSection
+from medldm.data import PairSampler, TrainingVolume, load_volumes
 from medldm.errors import MedldmError
 from medldm.nets import (
     ConditionCodec,
@@ -135,7 +137,7 @@ class Trainer:
         )
         self.lpips_weights = lpips_weights or config.autoencoder.lpips_weights
         self.progress = progress and self.acc.is_main_process
-        self._volumes = None
+        self._volumes: list[TrainingVolume] | None = None
         self.trained: dict[str, torch.nn.Module] = {}  # each stage's live (non-EMA) model on this rank
 
     # ------------------------------------------------------------------------------------------ shared
@@ -430,14 +432,14 @@ class Trainer:
         init = self.stage_dir(stage) / "init.safetensors"  # written by init_from: fine-tune a folder's estimator
         if init.is_file():
             load_partial_weights(model, init, new="geometry.")
-        st = cfg.training.estimator
+        st = cast(Stage, cfg.training.estimator)  # set with an estimator section (the Config checks it)
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
         opt = torch.optim.AdamW(model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
         start, _ = self._restore(stage, {"model": model, "ema": ema}, {"model": opt})
         stop = min(st.steps, max_steps or st.steps)
         if start >= stop:
             return self.stage_dir(stage)
-        sampler = self.sampler(slab=cfg.estimator.slab)
+        sampler = self.sampler(slab=cast(EstimatorSection, cfg.estimator).slab)  # build_estimator checked it
         model, opt = self.acc.prepare(model, opt)
         forward = self._fast(model)
         codec = ConditionCodec(cfg)
@@ -499,7 +501,8 @@ class Trainer:
         start, state = self._restore(stage, {"model": model, "ema": ema}, {"model": opt})
         stop = min(st.steps, max_steps or st.steps)
         refining = d_cfg.condition == "estimate"
-        sampler = self.sampler(slab=cfg.estimator.slab if refining else None)
+        # refining needs an estimator section (the Config checks it)
+        sampler = self.sampler(slab=cast(EstimatorSection, cfg.estimator).slab if refining else None)
         estimator = self.trained_estimator().to(self.acc.device) if refining else None
         # the timesteps trained: all, or those a refinement from ``refine`` of the schedule meets
         # (medldm.diffusion.timesteps_for starts it at round(refine * (T - 1)))
@@ -525,7 +528,7 @@ class Trainer:
                 with torch.no_grad(), self.acc.autocast():
                     z0 = ae.encode(batch["hr"].to(self.acc.device)).float() * scale
                     lr = batch["lr"].to(self.acc.device)
-                    if refining:  # condition on the estimator's estimate, as upscale does
+                    if estimator is not None:  # refining: condition on the estimator's estimate, as upscale does
                         task = codec.task_label(batch["task"], batch["modality"]).to(self.acc.device)
                         lr = estimator(self._layout(lr), task, batch["geometry"].to(self.acc.device)).float()
                     cond = encode_planes(ae, lr).float() * scale
@@ -568,7 +571,7 @@ class Trainer:
 
     def export(self, scale: float) -> Path:
         """Write ``run_dir/model``: the EMA autoencoder and denoiser with everything upscale needs."""
-        ckpt = latest_checkpoint(self.stage_dir("diffusion"))
+        ckpt = cast(Path, latest_checkpoint(self.stage_dir("diffusion")))  # called once the stage has run
         denoiser = build_denoiser(self.config)
         ema = AveragedModel(denoiser, use_buffers=True)
         load_weights(ema, ckpt / "ema.safetensors")

@@ -12,7 +12,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -72,12 +72,13 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.data.shape)
+        return cast(tuple[int, int, int], tuple(int(n) for n in self.data.shape))  # 3D: __post_init__
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along each voxel axis (column norms of the affine)."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+        norms = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return cast(tuple[float, float, float], tuple(float(s) for s in norms))  # 4x4 affine: __post_init__
 
     @property
     def orientation(self) -> str:
@@ -140,7 +141,7 @@ def rescaled_shape(shape, factors) -> tuple[int, int, int]:
         if abs(m - round(m)) > 1e-6:
             raise MedldmError(f"an axis of {n} voxels does not hold a whole number of voxels {f:g} times as large")
         out.append(int(round(m)))
-    return tuple(out)
+    return cast(tuple[int, int, int], tuple(out))  # one per axis of the 3D shape
 
 
 def face_corners(shape, affine: np.ndarray) -> np.ndarray:
@@ -173,8 +174,8 @@ def resolve_axis(volume: Volume, axis: str | int) -> int:
     raise MedldmError(f"unknown axis {axis!r}: use x, y, z (world), i, j, k (voxel) or auto")
 
 
-def crop(volume: Volume, slices: tuple[slice, slice, slice]) -> Volume:
-    """Sub-volume by index ranges (step 1), with the affine moved so world positions are unchanged."""
+def crop(volume: Volume, slices: tuple[slice, ...]) -> Volume:
+    """Sub-volume by index ranges (step 1, one per axis), with the affine moved so world positions are unchanged."""
     starts = [s.indices(n)[0] for s, n in zip(slices, volume.shape, strict=True)]
     affine = volume.affine.copy()
     affine[:3, 3] = (volume.affine @ np.array([*starts, 1.0]))[:3]
@@ -285,7 +286,7 @@ def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path) -> tuple[int, int, i
                 f"shape {shape} holds {int(np.prod(shape[3:]))} volumes (4D); extract one volume first", path
             )
         shape = shape[:3]
-    return shape
+    return cast(tuple[int, int, int], shape)  # 3 axes: fewer raised above, more were cut
 
 
 def _raw_nifti_header(path: Path):
@@ -364,7 +365,9 @@ def _load_nifti(path: Path) -> Volume:
     said: list[str] = []  # nibabel's own warnings and log lines, kept for one "warning:" line each
     try:
         with _nibabel_messages(said):
-            img = nib.load(str(path))
+            # typed FileBasedImage by nibabel, the base of all its formats: the NIfTI attributes used below
+            # (get_data_dtype, shape, dataobj.slope, affine) are not on it
+            img: Any = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for broken headers
         raise MedldmError(f"not a readable NIfTI file ({exc})", path) from None
     dtype = img.get_data_dtype()
