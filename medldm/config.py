@@ -98,6 +98,10 @@ class Data(_Strict):
     noise: float = Field(0.0, ge=0, le=0.2)  # Rician noise on LR inputs, fraction of the intensity range
     # 2.5D: 2D models see the LR planes of `slab` adjacent planes (the target in the middle) as the condition
     slab: int = Field(1, ge=1)
+    # share of training samples whose HR slab first goes through a random intensity curve (medldm.data
+    # random_contrast), so the networks learn anatomy rather than T1 contrast; the pairs stay exact (the curve is
+    # applied before the forward model)
+    contrast_augmentation: float = Field(0.0, ge=0, le=1)
     # what the sources hold, for the model's out-of-distribution warnings (medldm.scope): e.g. [T1], brain
     contrasts: list[str] | None = None
     region: str | None = None
@@ -279,6 +283,8 @@ class Config(_Strict):
         for key in ("contrasts", "region"):
             if settings["data"][key] is None:
                 del settings["data"][key]
+        if settings["data"]["contrast_augmentation"] == 0:
+            del settings["data"]["contrast_augmentation"]
         if settings.get("estimator") is not None and not settings["estimator"]["geometry"]:
             del settings["estimator"]["geometry"]
         for task in settings["data"]["tasks"]:

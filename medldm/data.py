@@ -25,7 +25,7 @@ from medldm.nets import MODALITIES, geometry_features
 from medldm.resample import upsample
 from medldm.volume import load
 
-__all__ = ["TrainingVolume", "load_volumes", "PairSampler"]
+__all__ = ["TrainingVolume", "load_volumes", "PairSampler", "random_contrast"]
 
 FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as foreground
 FOREGROUND_SAMPLES = 20000  # foreground coordinates kept per volume for biased sampling
@@ -91,6 +91,18 @@ def load_volumes(
     return volumes
 
 
+def random_contrast(data: np.ndarray, rng: np.random.Generator, *, knots: int = 6) -> np.ndarray:
+    """``data`` (normalised intensities) through a random piecewise-linear intensity curve: values at ``knots``
+    evenly spaced levels in [0, 1] drawn uniformly, 0 kept at 0 (background stays dark), the curve scaled to a
+    maximum of 1, levels outside [0, 1] held at the end values. It can invert or reorder tissues (T1 to T2- or
+    FLAIR-like), so a network trained on T1 sees many contrasts of the same anatomy (as in SynthSR)."""
+    levels = np.linspace(0.0, 1.0, knots)
+    values = rng.uniform(0.0, 1.0, knots)
+    values[0] = 0.0
+    values /= max(float(values.max()), 1e-3)
+    return np.interp(data, levels, values).astype(data.dtype)
+
+
 class PairSampler:
     """Draws batches of (HR patch, interpolated LR patch, task, modality) from training volumes.
 
@@ -129,12 +141,14 @@ class PairSampler:
     def batch(self, step: int, batch_size: int, patch_size=None, *, stream: int = 0) -> dict[str, torch.Tensor]:
         """Batch number ``step`` of this rank; ``stream`` picks an independent sequence (e.g. for measurements)."""
         rng = np.random.default_rng([self.config.training.seed, step, self.rank, stream])
+        # the contrast augmentation draws from its own stream, so the patches are the same with it and without
+        looks = np.random.default_rng([self.config.training.seed, step, self.rank, stream, 1])
         size = tuple(patch_size or self.config.data.patch_size)
         hr, lr, task, modality, scales, thicknesses = [], [], [], [], [], []
         for _ in range(batch_size):
             vol = self.volumes[rng.integers(len(self.volumes))]
             t = int(rng.integers(len(self.tasks)))
-            h, low, scale, thickness = self._pair(vol, self.tasks[t], size, rng)
+            h, low, scale, thickness = self._pair(vol, self.tasks[t], size, rng, looks)
             hr.append(h)
             lr.append(low)
             task.append(t)
@@ -160,10 +174,12 @@ class PairSampler:
         lo, hi = task.thickness_range or (1.0, 1.0)
         return scale, float(rng.uniform(lo, hi))
 
-    def _pair(self, vol: TrainingVolume, task, size, rng) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    def _pair(
+        self, vol: TrainingVolume, task, size, rng: np.random.Generator, looks: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """One HR patch (*size), its interpolated LR channels (C, *size), and the exact factor and slice thickness
         / spacing used. The RNG draws do not depend on the slab, so a slab's centre channel is exactly the slab-1
-        LR patch of the same draw."""
+        LR patch of the same draw; ``looks`` draws the contrast augmentation."""
         data = vol.data
         if self.dims == 2:
             axes = self.plane_axes or (0, 1, 2)
@@ -199,6 +215,9 @@ class PairSampler:
         op = make_operator(
             task.kind, axis=axis, scale=scale, spatial_dims=self.dims, profile=task.profile, thickness=thickness
         )
+        share = self.config.data.contrast_augmentation
+        if share > 0 and looks.random() < share:
+            region = random_contrast(region, looks)
         hr = torch.from_numpy(region.astype(np.float32))  # (C, *spatial)
         if rng.random() < 0.5:  # mirror augmentation, the same for every plane of a slab
             hr = hr.flip(1 + int(rng.integers(self.dims)))
