@@ -15,6 +15,7 @@ from typing import Annotated, cast
 
 import typer
 
+from medldm.choices import Kind, Planes, Prior, Profile
 from medldm.errors import MedldmError
 from medldm.intensity import CT_WINDOWS
 
@@ -73,17 +74,6 @@ def _main(
     """Latent diffusion super-resolution for MRI and CT volumes."""
 
 
-class Kind(str, Enum):
-    slice_profile = "slice-profile"
-    kspace = "kspace"
-    blur = "blur"
-
-
-class Profile(str, Enum):
-    gaussian = "gaussian"
-    boxcar = "boxcar"
-
-
 class Format(str, Enum):
     nifti = "nifti"
     dicom = "dicom"
@@ -91,11 +81,6 @@ class Format(str, Enum):
 
 # members from medldm.intensity.CT_WINDOWS; mypy reads the members of an Enum() call only from a literal
 Window = Enum("Window", {name.replace("-", "_"): name for name in CT_WINDOWS}, type=str)  # type: ignore[misc]
-
-
-class Planes(str, Enum):  # medldm.pipeline.PLANES
-    one = "one"
-    both = "both"
 
 
 REFINE_PLANES_HELP = (
@@ -307,11 +292,6 @@ def degrade(
         )
     if result.hr.shape != vol.shape:
         print(f"note: the scan was cropped from {vol.shape} to {result.hr.shape} to hold whole thick voxels")
-
-
-class Prior(str, Enum):  # medldm.fusion.PRIORS
-    model = "model"
-    bspline = "bspline"
 
 
 @app.command()

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from medldm.choices import Kind, Profile
 from medldm.errors import MedldmError
 
 __all__ = ["Config", "load_config", "DataSource", "Estimator", "Task", "resolve_sources"]
@@ -47,9 +48,9 @@ class Task(_Strict):
     chosen per sample among the planes' axes, so the model sees every orientation); ``kspace``/``blur``: in-plane
     loss of resolution."""
 
-    kind: Literal["slice-profile", "kspace", "blur"]
+    kind: Kind
     scale: int = Field(ge=2, le=8)
-    profile: Literal["gaussian", "boxcar"] = "gaussian"
+    profile: Profile = Profile.gaussian
     # thick slices at any factor (docs/grids.md): a share of this task's samples draw their factor log-uniformly
     # from scale_range and their slice thickness / spacing uniformly from thickness_range; the estimator is told
     # both (estimator.geometry), the networks' label stays this task's
@@ -234,7 +235,7 @@ class Stage(_Strict):
 
 class Training(_Strict):
     seed: int = 0
-    # auto: bf16 on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX); emulated bf16 was 30x slower here
+    # auto: bf16 on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX); emulated bf16 is far slower than fp32
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     channels_last: bool = False  # channels-last memory layout for the networks (see benchmarks/training.py)
     compile: bool = False  # torch.compile the trained network (see benchmarks/training.py)
@@ -252,7 +253,7 @@ class Config(_Strict):
     data: Data
     autoencoder: Autoencoder = Autoencoder()
     diffusion: Diffusion = Diffusion()
-    estimator: Estimator | None = None  # None: the diffusion model alone (models before 2026-12-03)
+    estimator: Estimator | None = None  # None: the diffusion model alone, sampling from noise
     training: Training
 
     @model_validator(mode="after")

@@ -26,12 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medldm.choices import Kind, Profile
 from medldm.errors import MedldmError
 from medldm.volume import Volume, crop_to_length, crop_to_multiple, rescaled_affine, resolve_axis
 
 __all__ = [
     "KINDS",
+    "Kind",
     "PROFILES",
+    "Profile",
     "LinearOperator",
     "ThickSlice",
     "KSpaceTruncation",
@@ -48,8 +51,8 @@ __all__ = [
     "degrade_volume",
 ]
 
-PROFILES = ("gaussian", "boxcar")
-KINDS = ("slice-profile", "kspace", "blur")
+PROFILES = Profile.values()
+KINDS = Kind.values()
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 TRUNCATE_SIGMAS = 3.0
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medldm.choices import Prior
 from medldm.degrade import SliceSampling, _matmul_along, grid_for_factor
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality
@@ -37,9 +38,10 @@ __all__ = [
     "joint_consistency",
     "fuse",
     "PRIORS",
+    "Prior",
 ]
 
-PRIORS = ("bspline", "model")
+PRIORS = Prior.values()
 ITERATIONS = 60  # CGLS iterations at most; a few tens reach 1e-4 of the range on x4 stacks
 TOLERANCE = 1e-7  # stop when every stack's RMS residual is below this fraction of its range
 

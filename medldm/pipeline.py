@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from medldm.checkpoint import build_with_weights, read_model_folder, write_model_folder
+from medldm.choices import Planes
 from medldm.config import Config, Task, parse_config
 from medldm.degrade import consistency_residual, enforce_consistency, make_operator
 from medldm.diffusion import NoiseSchedule, make_denoiser, randn, sample
@@ -45,10 +46,19 @@ from medldm.resample import upsample
 from medldm.scope import TrainingScope, scan_statistics
 from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, resolve_axis
 
-__all__ = ["PLANES", "LoadedModel", "load_model", "Upscaler", "UpscaleResult", "RunningStats", "DEFAULT_MODEL"]
+__all__ = [
+    "PLANES",
+    "Planes",
+    "LoadedModel",
+    "load_model",
+    "Upscaler",
+    "UpscaleResult",
+    "RunningStats",
+    "DEFAULT_MODEL",
+]
 
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
-PLANES = ("one", "both")
+PLANES = Planes.values()
 HU_MIN = -1024.0  # air: CT outputs are clipped here (and at the scan's maximum)
 Progress = Callable[[int, int], None]
 

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # docs/architecture.md, lowest first
-    0: ("errors", "outputs"),
+    0: ("errors", "outputs", "choices"),
     1: ("volume", "dicom", "intensity", "bids", "provenance"),
     2: ("degrade", "resample"),
     3: ("config", "diffusion", "nets", "checkpoint", "perceptual"),

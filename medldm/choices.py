@@ -1,0 +1,56 @@
+"""The base of every closed set of options (degradation kinds, slice profiles, plane stacks, fusion priors): one
+enum per choice, which the configs (pydantic), the command line (typer) and the library all use."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = ["Choice", "Kind", "Planes", "Prior", "Profile"]
+
+
+class Choice(str, Enum):
+    """An option that is its own string value everywhere: equal to, hashed like, printed and formatted as the
+    value (``"slice-profile"``), so it can key and look up dicts read from JSON, and a plain string may be passed
+    wherever a member is expected."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    __hash__ = str.__hash__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class Kind(Choice):
+    """How an acquisition lost resolution: thick slices along one axis, or in-plane k-space truncation or blur."""
+
+    slice_profile = "slice-profile"
+    kspace = "kspace"
+    blur = "blur"
+
+
+class Profile(Choice):
+    """The shape of a thick slice's sensitivity along its normal."""
+
+    gaussian = "gaussian"
+    boxcar = "boxcar"
+
+
+class Planes(Choice):
+    """2D models on thick slices: the planes of one stack (across the free axis with the fewest voxels), or of
+    both stacks averaged."""
+
+    one = "one"
+    both = "both"
+
+
+class Prior(Choice):
+    """What the fused estimate starts from before the joint consistency step."""
+
+    model = "model"
+    bspline = "bspline"
