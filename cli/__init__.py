@@ -15,7 +15,7 @@ from typing import Annotated, cast
 
 import typer
 
-from medldm.choices import Kind, Planes, Prior, Profile
+from medldm.choices import Kind, Planes, Prior, Profile, Sampler
 from medldm.errors import MedldmError
 from medldm.intensity import CT_WINDOWS
 
@@ -548,7 +548,7 @@ def upscale(
         ),
     ] = None,
     refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
-    sampler: Annotated[str, typer.Option(help="ddim, dpmpp-2m, ddpm, sde or ode")] = "dpmpp-2m",
+    sampler: Annotated[Sampler, typer.Option(help="diffusion sampler")] = Sampler.dpmpp_2m,
     samples: Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")] = 1,
     seed: Annotated[
         int, typer.Option(min=0, max=SEED_MAX, help="random seed; the same seed gives the same output")
@@ -901,7 +901,7 @@ def evaluate(
     ] = 1.0,
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default: the model's)")] = None,
     refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
-    sampler: Annotated[str, typer.Option()] = "dpmpp-2m",
+    sampler: Annotated[Sampler, typer.Option(help="diffusion sampler")] = Sampler.dpmpp_2m,
     planes: Annotated[
         Planes | None, typer.Option(help="2D models, thick slices: one or both stacks of planes (default: the model's)")
     ] = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["Choice", "Kind", "Planes", "Prior", "Profile"]
+__all__ = ["Choice", "Kind", "Planes", "Prior", "Profile", "Sampler"]
 
 
 class Choice(str, Enum):
@@ -54,3 +54,13 @@ class Prior(Choice):
 
     model = "model"
     bspline = "bspline"
+
+
+class Sampler(Choice):
+    """The diffusion samplers of medldm.diffusion.SAMPLERS (tests/test_choices.py keeps the two lists equal)."""
+
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpmpp_2m = "dpmpp-2m"
+    sde = "sde"
+    ode = "ode"

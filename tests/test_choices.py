@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from medldm.choices import Choice, Kind, Planes, Prior, Profile
+from medldm.choices import Choice, Kind, Planes, Prior, Profile, Sampler
 from medldm.config import Task
 from tests.helpers import medldm
 
 
-@pytest.mark.parametrize("member", [m for enum in (Kind, Profile, Planes, Prior) for m in enum], ids=str)
+@pytest.mark.parametrize("member", [m for enum in (Kind, Profile, Planes, Prior, Sampler) for m in enum], ids=str)
 def test_a_choice_is_its_string_everywhere(member: Choice):
     value = member.value
     assert member == value and hash(member) == hash(value)
@@ -39,5 +39,12 @@ def test_the_command_line_offers_the_same_values():
 
     assert enum_of("upscale", "kind") is Kind and enum_of("upscale", "planes") is Planes
     assert enum_of("degrade", "profile") is Profile and enum_of("fuse", "prior") is Prior
+    assert enum_of("upscale", "sampler") is Sampler and enum_of("evaluate", "sampler") is Sampler
     refused = medldm("degrade", "scan.nii.gz", "out.nii.gz", "--kind", "thick")
     assert refused.returncode != 0 and all(value in refused.stderr for value in Kind.values())
+
+
+def test_the_sampler_choices_are_the_registered_samplers():
+    from medldm.diffusion import SAMPLERS
+
+    assert set(Sampler.values()) == set(SAMPLERS)
