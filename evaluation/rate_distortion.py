@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from medldm.diffusion import (
-    Denoiser,
+    DenoiseFn,
     NoiseSchedule,
     gaussian_kl,
     make_denoiser,
@@ -261,7 +261,7 @@ def _randn(like: Tensor, generator: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def diffusion_rd(
-    denoise: Denoiser,
+    denoise: DenoiseFn,
     x0: Tensor,
     schedule: NoiseSchedule,
     *,

@@ -39,7 +39,7 @@ from medldm.errors import MedldmError
 __all__ = [
     "PREDICTIONS",
     "SAMPLERS",
-    "Denoiser",
+    "DenoiseFn",
     "NoiseSchedule",
     "make_denoiser",
     "timesteps_for",
@@ -57,7 +57,8 @@ __all__ = [
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# a denoising function (x_t, t) -> (x0, eps): what the samplers call (nets.Denoiser is the network behind one)
+DenoiseFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 Callback = Callable[[int, int, Tensor], None]
 
 
@@ -249,7 +250,7 @@ def make_denoiser(
     prediction: str,
     *,
     clip_x0: float | None = None,
-) -> Denoiser:
+) -> DenoiseFn:
     """Wrap a network into a denoiser ``denoise(x_t, t) -> (x0_hat, eps_hat)`` that every sampler accepts.
 
     Args:
@@ -328,7 +329,7 @@ def _prepare(schedule: NoiseSchedule, x: Tensor, steps: int, start: float, gener
     return ts, x
 
 
-def _call(denoise: Denoiser, x: Tensor, t: int) -> tuple[Tensor, Tensor]:
+def _call(denoise: DenoiseFn, x: Tensor, t: int) -> tuple[Tensor, Tensor]:
     return denoise(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
 
 
@@ -352,7 +353,7 @@ def _report(callback: Callback | None, i: int, total: int, x: Tensor) -> None:
 
 @torch.no_grad()
 def sample_ddpm(
-    denoise: Denoiser,
+    denoise: DenoiseFn,
     x: Tensor,
     schedule: NoiseSchedule,
     *,
@@ -395,7 +396,7 @@ def sample_ddpm(
 
 @torch.no_grad()
 def sample_ddim(
-    denoise: Denoiser,
+    denoise: DenoiseFn,
     x: Tensor,
     schedule: NoiseSchedule,
     *,
@@ -437,7 +438,7 @@ def sample_ddim(
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    denoise: Denoiser,
+    denoise: DenoiseFn,
     x: Tensor,
     schedule: NoiseSchedule,
     *,
@@ -489,7 +490,7 @@ def sample_dpmpp_2m(
     return x
 
 
-def _vp_drift(schedule: NoiseSchedule, denoise: Denoiser, x: Tensor, u: float, score_weight: float) -> Tensor:
+def _vp_drift(schedule: NoiseSchedule, denoise: DenoiseFn, x: Tensor, u: float, score_weight: float) -> Tensor:
     """``f(x, u) - score_weight * beta(u) * score`` of the VP-SDE, ``f = -beta x / 2``, ``score = -eps / sigma``."""
     _, eps = _call(denoise, x, schedule.vp_timestep(u))
     beta, sigma = schedule.vp_beta(u), (1.0 - schedule.vp_alpha_bar(u)) ** 0.5
@@ -502,7 +503,7 @@ def _time_grid(schedule: NoiseSchedule, ts: list[int]) -> list[float]:
 
 @torch.no_grad()
 def sample_sde(
-    denoise: Denoiser,
+    denoise: DenoiseFn,
     x: Tensor,
     schedule: NoiseSchedule,
     *,
@@ -542,7 +543,7 @@ def sample_sde(
 
 @torch.no_grad()
 def sample_ode(
-    denoise: Denoiser,
+    denoise: DenoiseFn,
     x: Tensor,
     schedule: NoiseSchedule,
     *,
@@ -598,7 +599,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def sample(name: str, denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, **kwargs) -> Tensor:
+def sample(name: str, denoise: DenoiseFn, x: Tensor, schedule: NoiseSchedule, **kwargs) -> Tensor:
     """Run the sampler called ``name`` (a key of :data:`SAMPLERS`) with keyword arguments ``kwargs``.
 
     Args:

@@ -141,7 +141,7 @@ class Trainer:
         self.trained: dict[str, torch.nn.Module] = {}  # each stage's live (non-EMA) model on this rank
 
     # ------------------------------------------------------------------------------------------ shared
-    def _fast(self, model):
+    def _training_forward(self, model):
         """The callable a training step runs: the model in channels-last layout and/or compiled, by config
         (benchmarks/training.py measures both; the weights, EMA and checkpoints stay those of ``model``)."""
         cfg = self.config.training
@@ -149,7 +149,8 @@ class Trainer:
             model.to(memory_format=channels_last_format(self.config.data.spatial_dims))
         return torch.compile(model) if cfg.compile else model
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+    def _in_model_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory layout the training forward expects (channels-last when the config asks)."""
         if not self.config.training.channels_last:
             return x
         return x.contiguous(memory_format=channels_last_format(self.config.data.spatial_dims))
@@ -347,13 +348,13 @@ class Trainer:
             perceptual = PerceptualLoss(weights=self.lpips_weights).to(self.acc.device)
         sampler = self.sampler()
         model, disc, opt, opt_d = self.acc.prepare(model, disc, opt, opt_d)
-        forward = self._fast(model)
+        forward = self._training_forward(model)
         adversarial = PatchAdversarialLoss(criterion="least_squares")
         reg_weight = ae_cfg.kl_weight if ae_cfg.kind == "kl" else 1.0
 
         def step_fn(step: int) -> dict:
             size = sampler.patch_size(step, st.progressive)
-            x = self._layout(sampler.batch(step, st.batch_size, size)["hr"].to(self.acc.device))
+            x = self._in_model_layout(sampler.batch(step, st.batch_size, size)["hr"].to(self.acc.device))
             use_adv = ae_cfg.adversarial_weight > 0 and step >= ae_cfg.adversarial_start
             with self.acc.autocast():
                 recon, reg = forward(x)
@@ -441,7 +442,7 @@ class Trainer:
             return self.stage_dir(stage)
         sampler = self.sampler(slab=cast(EstimatorSection, cfg.estimator).slab)  # build_estimator checked it
         model, opt = self.acc.prepare(model, opt)
-        forward = self._fast(model)
+        forward = self._training_forward(model)
         codec = ConditionCodec(cfg)
         # cosine decay to 10 % over the whole stage: a function of the step, so resumed runs match (a Python float:
         # the optimizer state is saved with it and read back with weights_only=True)
@@ -450,7 +451,7 @@ class Trainer:
         def step_fn(step: int) -> dict:
             size = sampler.patch_size(step, st.progressive)
             batch = sampler.batch(step, st.batch_size, size, stream=3)
-            lr_in = self._layout(batch["lr"].to(self.acc.device))
+            lr_in = self._in_model_layout(batch["lr"].to(self.acc.device))
             hr = batch["hr"].to(self.acc.device)
             label = codec.task_label(batch["task"], batch["modality"]).to(self.acc.device)
             geometry = batch["geometry"].to(self.acc.device)
@@ -513,7 +514,7 @@ class Trainer:
                 scale = latent_scale(ae, sampler, st.batch_size, self.acc.device)
         if start < stop:
             model, opt = self.acc.prepare(model, opt)
-            forward = self._fast(model)
+            forward = self._training_forward(model)
             schedule = build_schedule(cfg)
             codec = ConditionCodec(cfg)
             seed = cfg.training.seed
@@ -530,7 +531,7 @@ class Trainer:
                     lr = batch["lr"].to(self.acc.device)
                     if estimator is not None:  # refining: condition on the estimator's estimate, as upscale does
                         task = codec.task_label(batch["task"], batch["modality"]).to(self.acc.device)
-                        lr = estimator(self._layout(lr), task, batch["geometry"].to(self.acc.device)).float()
+                        lr = estimator(self._in_model_layout(lr), task, batch["geometry"].to(self.acc.device)).float()
                     cond = encode_planes(ae, lr).float() * scale
                 noise = torch.randn(z0.shape, generator=g).to(self.acc.device)
                 cond_noise = torch.randn(cond.shape, generator=g).to(self.acc.device)
@@ -542,7 +543,7 @@ class Trainer:
                 label = codec.label(batch["task"].to(self.acc.device), batch["modality"].to(self.acc.device), level)
                 target = schedule.training_target(z0, noise, t, d_cfg.prediction)
                 with self.acc.autocast():
-                    out = forward(self._layout(x_t), t, self._layout(cond), label)
+                    out = forward(self._in_model_layout(x_t), t, self._in_model_layout(cond), label)
                 loss = F.mse_loss(out.float(), target.float())
                 opt.zero_grad(set_to_none=True)
                 self.acc.backward(loss)
