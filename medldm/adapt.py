@@ -103,7 +103,7 @@ def adapt(
     )
     size = min(PATCH, *(volume.shape[d] for d in range(3) if d != a))
     size -= size % model.estimator.multiple
-    sampler = PairSampler(
+    pairs = PairSampler(
         [scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,), thick_axes=thick_axes
     )
     label = model.codec.task_label(torch.tensor(config.data.tasks.index(plan.task)), torch.tensor(modality))
@@ -116,7 +116,7 @@ def adapt(
     total = steps if steps is not None else 0
     step = 0
     while (steps is None or step < steps) and (minutes is None or time.perf_counter() - started < 60 * minutes):
-        batch = sampler.batch(step, BATCH, (size, size), stream=seed)
+        batch = pairs.batch(step, BATCH, (size, size), stream=seed)
         labels = label.expand(BATCH)
         lr = batch["lr"]
         if NEIGHBOURS == "centre":  # the thick axis's neighbours are too far apart to stand in for fine ones

@@ -101,9 +101,9 @@ def _generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def latent_scale(autoencoder, sampler: PairSampler, batch_size: int, device) -> float:
+def latent_scale(autoencoder, pairs: PairSampler, batch_size: int, device) -> float:
     """1 / std of the latents of a few fixed training batches (Rombach et al. 2022, Sec. G)."""
-    z = [autoencoder.encode(sampler.batch(i, batch_size, stream=1)["hr"].to(device)) for i in range(SCALE_BATCHES)]
+    z = [autoencoder.encode(pairs.batch(i, batch_size, stream=1)["hr"].to(device)) for i in range(SCALE_BATCHES)]
     return float(1.0 / torch.cat([v.flatten() for v in z]).float().std())
 
 
@@ -159,7 +159,7 @@ class Trainer:
     def rank(self) -> int:
         return self.acc.process_index
 
-    def sampler(self, *, slab: int | None = None) -> PairSampler:
+    def pair_sampler(self, *, slab: int | None = None) -> PairSampler:
         if self._volumes is None:
             cache = self.config.data.cache
             self._volumes = load_volumes(self.config, self.data_root, cache=self.run_dir / cache if cache else None)
@@ -346,15 +346,15 @@ class Trainer:
             from medldm.perceptual import PerceptualLoss
 
             perceptual = PerceptualLoss(weights=self.lpips_weights).to(self.acc.device)
-        sampler = self.sampler()
+        pairs = self.pair_sampler()
         model, disc, opt, opt_d = self.acc.prepare(model, disc, opt, opt_d)
         forward = self._training_forward(model)
         adversarial = PatchAdversarialLoss(criterion="least_squares")
         reg_weight = ae_cfg.kl_weight if ae_cfg.kind == "kl" else 1.0
 
         def step_fn(step: int) -> dict:
-            size = sampler.patch_size(step, st.progressive)
-            x = self._in_model_layout(sampler.batch(step, st.batch_size, size)["hr"].to(self.acc.device))
+            size = pairs.patch_size(step, st.progressive)
+            x = self._in_model_layout(pairs.batch(step, st.batch_size, size)["hr"].to(self.acc.device))
             use_adv = ae_cfg.adversarial_weight > 0 and step >= ae_cfg.adversarial_start
             with self.acc.autocast():
                 recon, reg = forward(x)
@@ -440,7 +440,7 @@ class Trainer:
         stop = min(st.steps, max_steps or st.steps)
         if start >= stop:
             return self.stage_dir(stage)
-        sampler = self.sampler(slab=cast(EstimatorSection, cfg.estimator).slab)  # build_estimator checked it
+        pairs = self.pair_sampler(slab=cast(EstimatorSection, cfg.estimator).slab)  # build_estimator checked it
         model, opt = self.acc.prepare(model, opt)
         forward = self._training_forward(model)
         codec = ConditionCodec(cfg)
@@ -449,8 +449,8 @@ class Trainer:
         lr_at = lambda step: st.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / st.steps)))  # noqa: E731
 
         def step_fn(step: int) -> dict:
-            size = sampler.patch_size(step, st.progressive)
-            batch = sampler.batch(step, st.batch_size, size, stream=3)
+            size = pairs.patch_size(step, st.progressive)
+            batch = pairs.batch(step, st.batch_size, size, stream=3)
             lr_in = self._in_model_layout(batch["lr"].to(self.acc.device))
             hr = batch["hr"].to(self.acc.device)
             label = codec.task_label(batch["task"], batch["modality"]).to(self.acc.device)
@@ -503,7 +503,7 @@ class Trainer:
         stop = min(st.steps, max_steps or st.steps)
         refining = d_cfg.condition == "estimate"
         # refining needs an estimator section (the Config checks it)
-        sampler = self.sampler(slab=cast(EstimatorSection, cfg.estimator).slab if refining else None)
+        pairs = self.pair_sampler(slab=cast(EstimatorSection, cfg.estimator).slab if refining else None)
         estimator = self.trained_estimator().to(self.acc.device) if refining else None
         # the timesteps trained: all, or those a refinement from ``refine`` of the schedule meets
         # (medldm.diffusion.timesteps_for starts it at round(refine * (T - 1)))
@@ -511,7 +511,7 @@ class Trainer:
         scale = state.get("latent_scale", init.get("latent_scale"))
         if scale is None:
             with self.acc.autocast():
-                scale = latent_scale(ae, sampler, st.batch_size, self.acc.device)
+                scale = latent_scale(ae, pairs, st.batch_size, self.acc.device)
         if start < stop:
             model, opt = self.acc.prepare(model, opt)
             forward = self._training_forward(model)
@@ -520,8 +520,8 @@ class Trainer:
             seed = cfg.training.seed
 
             def step_fn(step: int) -> dict:
-                size = sampler.patch_size(step, st.progressive)
-                batch = sampler.batch(step, st.batch_size, size)
+                size = pairs.patch_size(step, st.progressive)
+                batch = pairs.batch(step, st.batch_size, size)
                 g = _generator(seed, step, self.rank, 1)
                 n = st.batch_size
                 t = torch.randint(0, t_stop, (n,), generator=g)
@@ -588,7 +588,7 @@ class Trainer:
         if self.config.estimator is not None:
             info["estimator_steps"] = self.finished_step("estimator")
             modules["estimator"] = self.trained_estimator()
-        self.sampler()  # loads the training volumes, if no stage did
+        self.pair_sampler()  # loads the training volumes, if no stage did
         info["trained_on"] = measured_scope(self.config, self.data_root, self._volumes)
         if self.config.diffusion.refine is not None:  # refinement models: refine from where they were trained
             info["sampling"] = {"refine": self.config.diffusion.refine}

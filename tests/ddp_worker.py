@@ -16,7 +16,7 @@ digest = hashlib.sha256()
 for stage in ("autoencoder", "diffusion"):  # the live weights each rank holds in memory
     for value in trainer.trained[stage].state_dict().values():
         digest.update(value.detach().float().numpy().tobytes())
-batch = trainer.sampler().batch(0, 2)["hr"]
+batch = trainer.pair_sampler().batch(0, 2)["hr"]
 report = {
     "rank": trainer.acc.process_index,
     "world": trainer.acc.num_processes,
