@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from medldm.evaluation.baselines import REGRESSION, baseline, baselines_for
 from medldm.evaluation.metrics import (
+    HIGHER_IS_BETTER,
+    SUMMARY_METRICS,
     TissueClasses,
     foreground_mask,
     lpips_volume,
@@ -34,16 +36,7 @@ from medldm.volume import SCAN_SUFFIXES, Volume, load
 __all__ = ["evaluate", "score", "scan_list", "METRICS", "HIGHER_IS_BETTER"]
 
 UNADAPTED = "unadapted"  # with adapt: the same model before adapting to the scan
-METRICS = ("psnr", "ssim", "ssim3d", "lpips", "nrmse", "dice", "volume_error")
-HIGHER_IS_BETTER = {
-    "psnr": True,
-    "ssim": True,
-    "ssim3d": True,
-    "lpips": False,
-    "nrmse": False,
-    "dice": True,
-    "volume_error": False,
-}
+METRICS = SUMMARY_METRICS  # per volume, in the summary table (medldm.evaluation.metrics.METRIC_INFO)
 
 
 def scan_list(data: str | Path) -> list[Path]:

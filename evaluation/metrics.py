@@ -15,6 +15,8 @@ Conventions (reported with every result):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
@@ -32,6 +34,10 @@ __all__ = [
     "TissueClasses",
     "TISSUE_CLASSES",
     "PER_CLASS_METRICS",
+    "METRIC_INFO",
+    "SUMMARY_METRICS",
+    "HIGHER_IS_BETTER",
+    "Metric",
 ]
 
 
@@ -198,6 +204,30 @@ def uncertainty_calibration(
 TISSUE_CLASSES = 3
 # the per-class scores TissueClasses.compare gives (besides their means, "dice" and "volume_error")
 PER_CLASS_METRICS = tuple(f"{kind}_{c}" for c in range(1, TISSUE_CLASSES + 1) for kind in ("dice", "volume_error"))
+TISSUES = ("class 1 (T1: CSF)", "class 2 (T1: GM)", "class 3 (T1: WM)")  # intensity classes, darkest first
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str  # as reports show it
+    higher_is_better: bool
+
+
+# every score a report may show, in one place: medldm evaluate scores SUMMARY_METRICS per volume (and the per-class
+# ones); the report labels and orders them from here
+METRIC_INFO: dict[str, Metric] = {
+    "psnr": Metric("PSNR (dB)", True),
+    "ssim": Metric("SSIM", True),
+    "ssim3d": Metric("SSIM 3D", True),
+    "lpips": Metric("LPIPS", False),
+    "nrmse": Metric("NRMSE", False),
+    "dice": Metric("tissue Dice", True),
+    "volume_error": Metric("tissue volume error (%)", False),
+    **{f"dice_{c + 1}": Metric(f"Dice {t}", True) for c, t in enumerate(TISSUES)},
+    **{f"volume_error_{c + 1}": Metric(f"volume error (%) {t}", False) for c, t in enumerate(TISSUES)},
+}
+SUMMARY_METRICS = ("psnr", "ssim", "ssim3d", "lpips", "nrmse", "dice", "volume_error")
+HIGHER_IS_BETTER = {name: metric.higher_is_better for name, metric in METRIC_INFO.items()}
 
 
 class TissueClasses:

@@ -22,37 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from medldm.evaluation.metrics import PER_CLASS_METRICS
+from medldm.evaluation.metrics import HIGHER_IS_BETTER, METRIC_INFO, PER_CLASS_METRICS
 from medldm.evaluation.stats import summarise
 
 import medldm
 from medldm.errors import MedldmError
 from medldm.outputs import write_bytes, write_text
 
-__all__ = ["write_report", "DEFAULT_HIGHER_IS_BETTER", "REPORT_FILES"]
+__all__ = ["write_report", "REPORT_FILES"]
 
-TISSUES = ("class 1 (T1: CSF)", "class 2 (T1: GM)", "class 3 (T1: WM)")  # intensity classes, darkest first
-DEFAULT_HIGHER_IS_BETTER = {
-    "psnr": True,
-    "ssim": True,
-    "ssim3d": True,
-    "lpips": False,
-    "nrmse": False,
-    "dice": True,
-    "volume_error": False,
-    **{m: m.startswith("dice") for m in PER_CLASS_METRICS},
-}
-METRIC_LABELS = {
-    "psnr": "PSNR (dB)",
-    "ssim": "SSIM",
-    "ssim3d": "SSIM 3D",
-    "lpips": "LPIPS",
-    "nrmse": "NRMSE",
-    "dice": "tissue Dice",
-    "volume_error": "tissue volume error (%)",
-    **{f"dice_{c + 1}": f"Dice {t}" for c, t in enumerate(TISSUES)},
-    **{f"volume_error_{c + 1}": f"volume error (%) {t}" for c, t in enumerate(TISSUES)},
-}
 REPORT_FILES = ("metrics.csv", "summary.json", "report.html")
 FIGURES_DIR = "figures"
 SMALL_SAMPLE = 8  # below this many volumes the report warns that intervals and p-values are rough
@@ -139,7 +117,7 @@ def write_report(
             series, missing keys are fine.
         timings: seconds per volume for each method.
         metrics: metric keys, in table order; those no row holds are listed as not computed.
-        higher_is_better: direction of each metric, merged over ``DEFAULT_HIGHER_IS_BETTER``.
+        higher_is_better: direction of each metric, merged over medldm.evaluation.metrics.HIGHER_IS_BETTER.
         baselines: baseline method names; the best of them per metric is the reference of the paired tests.
         title: page title.
         confidence: coverage of the bootstrap intervals.
@@ -159,7 +137,7 @@ def write_report(
     rows = [dict(r) for r in rows]
     if not rows:
         raise MedldmError("no metrics rows to report")
-    direction = {**DEFAULT_HIGHER_IS_BETTER, **(higher_is_better or {})}
+    direction = {**HIGHER_IS_BETTER, **(higher_is_better or {})}
     present = [m for m in metrics if any(r.get(m) is not None for r in rows)]
     table = summarise(
         rows,
@@ -305,7 +283,7 @@ def _e(v: Any) -> str:
 
 
 def _label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric)
+    return METRIC_INFO[metric].label if metric in METRIC_INFO else metric
 
 
 def _page(
