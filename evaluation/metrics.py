@@ -15,6 +15,7 @@ Conventions (reported with every result):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from medldm.errors import MedldmError
 
 __all__ = [
     "psnr",
+    "psnr_from_mse",
     "nrmse",
     "ssim",
     "lpips",
@@ -61,8 +63,12 @@ def psnr(pred, ref, *, data_range: float | None = None, mask=None) -> float:
     """Peak signal-to-noise ratio in dB: ``10 log10(R^2 / MSE)``; R is the reference maximum unless given."""
     pred, ref = _pair(pred, ref)
     diff = (pred - ref) if mask is None else (pred - ref)[np.asarray(mask, bool)]
-    mse = float(np.mean(diff**2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(_range(ref, data_range) ** 2 / mse)
+    return psnr_from_mse(float(np.mean(diff**2)), _range(ref, data_range))
+
+
+def psnr_from_mse(mse: float, data_range: float) -> float:
+    """``10 log10(R^2 / MSE)`` in dB, infinite for a perfect match."""
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
 
 def nrmse(pred, ref, *, mask=None) -> float:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from medldm.evaluation.metrics import psnr_from_mse
 from torch import Tensor
 
 from medldm.diffusion import (
@@ -48,6 +49,7 @@ from medldm.diffusion import (
     make_denoiser,
     posterior_mean_var,
     prior_kl,
+    randn,
     timesteps_for,
 )
 from medldm.errors import MedldmError
@@ -77,10 +79,6 @@ def empirical_entropy(symbols: Tensor) -> float:
     _, counts = torch.unique(symbols.detach().flatten().cpu(), return_counts=True)
     p = counts.to(torch.float64) / symbols.numel()
     return max(0.0, float(-(p * torch.log2(p)).sum()))
-
-
-def _psnr(mse: float, data_range: float) -> float:
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
 
 def _check_images(images: Tensor) -> Tensor:
@@ -173,7 +171,7 @@ def autoencoder_rd(
                 )
             sse += float((recon.double() - x.double()).pow(2).sum())
         mse = sse / voxels
-        return math.sqrt(mse), _psnr(mse, data_range)
+        return math.sqrt(mse), psnr_from_mse(mse, data_range)
 
     with _EvalMode(autoencoder):
         if kind == "vq":
@@ -255,10 +253,6 @@ def _report_timesteps(schedule: NoiseSchedule, timesteps) -> list[int]:
     return sorted(set(out), reverse=True)
 
 
-def _randn(like: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
-
-
 @torch.no_grad()
 def diffusion_rd(
     denoise: DenoiseFn,
@@ -315,7 +309,7 @@ def diffusion_rd(
 
     prior = float(prior_kl(schedule, x0).double().sum()) / dims / _LN2
     rate = prior  # bits per latent value sent so far
-    x = schedule.add_noise(x0, _randn(x0, g), T - 1)
+    x = schedule.add_noise(x0, randn(x0.shape, g, device=x0.device, dtype=x0.dtype), T - 1)
     records = []
     for s in range(T - 1, last - 1, -1):
         t = torch.full((batch,), s, dtype=torch.long, device=x0.device)
@@ -329,7 +323,7 @@ def diffusion_rd(
                 "bits_per_voxel": rate / voxels_per_dim,
                 "prior_bits_per_dim": prior,
                 "rmse": math.sqrt(mse),
-                "psnr": _psnr(mse, data_range),
+                "psnr": psnr_from_mse(mse, data_range),
             }
             if decode is not None:
                 image = decode(x0_hat).double().cpu()
@@ -337,13 +331,13 @@ def diffusion_rd(
                 if image.shape != ref.shape:
                     raise MedldmError(f"decode gives shape {tuple(image.shape)} but reference has {tuple(ref.shape)}")
                 image_mse = float((image - ref).pow(2).mean())
-                rec.update(image_rmse=math.sqrt(image_mse), image_psnr=_psnr(image_mse, image_data_range))
+                rec.update(image_rmse=math.sqrt(image_mse), image_psnr=psnr_from_mse(image_mse, image_data_range))
             records.append(rec)
         if s > last:  # send x_{s-1}: pay KL(q(x_{s-1} | x_s, x0) || p(x_{s-1} | x_s)), then step the trajectory
             mean_q, var = posterior_mean_var(schedule, x0, x, s, s - 1)
             mean_p, _ = posterior_mean_var(schedule, x0_hat, x, s, s - 1)
             rate += float(gaussian_kl(mean_q, var, mean_p, var).double().sum()) / dims / _LN2
-            x = mean_q + var.sqrt() * _randn(x0, g)
+            x = mean_q + var.sqrt() * randn(x0.shape, g, device=x0.device, dtype=x0.dtype)
     return records
 
 
