@@ -129,13 +129,14 @@ def lpips_volume(
     contain mask voxels."""
     import torch
 
-    from medldm.perceptual import load_lpips
+    from medldm.perceptual import load_lpips, min_image_size
 
     pred, ref = _pair(pred, ref)
     if pred.ndim != 3:
         raise MedldmError("lpips_volume needs 3D arrays; use lpips() for 2D images")
     r = _range(ref, data_range)
     model = load_lpips(net, weights)
+    smallest = min_image_size(net)  # slices are never resized: planes with a shorter side are left out
     m = None if mask is None else np.asarray(mask, bool)
     scores = []
     with torch.no_grad():
@@ -145,8 +146,8 @@ def lpips_volume(
                 idx = idx[np.any(m, axis=tuple(a for a in range(3) if a != axis))]
             if max_slices is not None and len(idx) > max_slices:
                 idx = idx[np.linspace(0, len(idx) - 1, max_slices).round().astype(int)]
-            if min(s for a, s in enumerate(pred.shape) if a != axis) < 32:
-                continue  # AlexNet needs 31+ pixels a side
+            if min(s for a, s in enumerate(pred.shape) if a != axis) < smallest:
+                continue
             a = np.clip(np.take(pred, idx, axis=axis) / r, 0, 1)
             b = np.clip(np.take(ref, idx, axis=axis) / r, 0, 1)
             ta = torch.from_numpy(np.moveaxis(a, axis, 0)).float()[:, None].repeat(1, 3, 1, 1) * 2 - 1
@@ -154,7 +155,7 @@ def lpips_volume(
             for start in range(0, len(idx), 16):
                 scores.append(model(ta[start : start + 16], tb[start : start + 16]).flatten().numpy())
     if not scores:
-        raise MedldmError("volume too small for LPIPS (needs 32 voxels a side)")
+        raise MedldmError(f"volume too small for LPIPS (needs {smallest} voxels a side)")
     return float(np.concatenate(scores).mean())
 
 

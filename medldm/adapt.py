@@ -103,9 +103,7 @@ def adapt(
     )
     size = min(PATCH, *(volume.shape[d] for d in range(3) if d != a))
     size -= size % model.estimator.multiple
-    pairs = PairSampler(
-        [scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,), thick_axes=thick_axes
-    )
+    pairs = PairSampler([scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,), thick_axes=thick_axes)
     label = model.codec.task_label(torch.tensor(config.data.tasks.index(plan.task)), torch.tensor(modality))
     net = copy.deepcopy(model.estimator).train().requires_grad_(True)
     if PARAMETERS == "bias":

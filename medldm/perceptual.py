@@ -46,6 +46,7 @@ __all__ = [
     "find_lpips_weights",
     "load_lpips",
     "lpips_distance",
+    "min_image_size",
     "verify_checksums",
 ]
 
@@ -88,6 +89,11 @@ def _net_files(net: str) -> _NetFiles:
     if net not in _NETS:
         raise MedldmError(f"unknown LPIPS network {net!r}: expected one of {', '.join(_NETS)}")
     return _NETS[net]
+
+
+def min_image_size(net: str = "alex") -> int:
+    """The smallest image side the LPIPS backbone ``net`` accepts without resizing (31 for AlexNet)."""
+    return _net_files(net).min_size
 
 
 def _backbone_file(folder: Path, net: str) -> Path | None:

@@ -62,6 +62,15 @@ def test_lpips_on_real_slices(pair):
     assert lpips_volume(pred, ref, max_slices=4) > 0.01
 
 
+def test_lpips_volume_scores_planes_as_small_as_the_backbone_takes(pair):
+    _, ref = pair
+    c = [n // 2 for n in ref.shape]
+    small = ref[c[0] - 15 : c[0] + 16, c[1] - 15 : c[1] + 16, c[2] - 15 : c[2] + 16]  # AlexNet's smallest side
+    assert lpips_volume(ndimage.gaussian_filter(small, 2.0), small, max_slices=4) > 0.01
+    with pytest.raises(MedldmError, match="needs 31 voxels a side"):
+        lpips_volume(small[:30, :30, :30], small[:30, :30, :30])
+
+
 def test_foreground_mask_is_the_head(pair):
     _, ref = pair
     mask = foreground_mask(ref)
