@@ -457,7 +457,7 @@ class Upscaler:
             if estimate is not None and self.refine == 0:
                 stats.add(estimate)  # already consistent; every sample is the same
                 continue
-            x = self._sample_volume(lr, hr_shape, op, int(label), seed * 1_000_003 + k, tick, encoded, estimate)
+            x = self._sample_volume(lr, hr_shape, op, int(label), _mix_seed(seed, k), tick, encoded, estimate)
             stats.add(enforce_consistency(x, lr, op, strength=self.consistency))  # in place, slab by slab
         del encoded
         mean = stats.mean
@@ -637,7 +637,7 @@ class Upscaler:
                 else:  # (B, slab * latent, h, w); slab 1: the planes' own latents
                     near = (index[:, None] + offsets).clamp(0, planes.shape[0] - 1)  # (B, slab)
                     c = latents[near.to(latents.device)].flatten(1, 2)
-                seeds = [(seed * 4 + n) * 1_000_003 + p for p in index.tolist()]  # per plane, per stack
+                seeds = [_mix_seed(seed * 4 + n, p) for p in index.tolist()]  # per plane, per stack
                 planes[start : start + len(index)] += self._generate(c, planes.shape[1:], label, seeds, init)[:, 0]
                 tick()
         total = total.div_(len(axes)) if len(axes) > 1 else total
@@ -654,7 +654,7 @@ class Upscaler:
             first, seen = seen, seen + patch.shape[0]
             if first not in encoded:
                 encoded[first] = self._encode(patch)
-            seeds = [seed * 1_000_003 + w for w in range(first, first + patch.shape[0])]  # per window
+            seeds = [_mix_seed(seed, w) for w in range(first, first + patch.shape[0])]  # per window
             return self._generate(encoded[first], patch.shape[2:], label, seeds).to(patch.device)
 
         out = sliding_window_inference(
@@ -670,6 +670,12 @@ class Upscaler:
         )
         tick()
         return cast(torch.Tensor, out)[0, 0]  # a Tensor predictor gives a Tensor (monai types a union)
+
+
+def _mix_seed(seed: int, index: int) -> int:
+    """The seed of item ``index`` (a sample, plane or window) of a run seeded ``seed``: distinct for every pair
+    while indices stay below the prime stride."""
+    return seed * 1_000_003 + index
 
 
 def _clip(values: np.ndarray, limits: tuple[float, float] | None) -> np.ndarray:
