@@ -40,6 +40,7 @@ __all__ = [
     "SUMMARY_METRICS",
     "HIGHER_IS_BETTER",
     "Metric",
+    "metric_label",
 ]
 
 
@@ -235,6 +236,11 @@ METRIC_INFO: dict[str, Metric] = {
 }
 SUMMARY_METRICS = ("psnr", "ssim", "ssim3d", "lpips", "nrmse", "dice", "volume_error")
 HIGHER_IS_BETTER = {name: metric.higher_is_better for name, metric in METRIC_INFO.items()}
+
+
+def metric_label(name: str) -> str:
+    """How reports show a metric (its name when it is not registered)."""
+    return METRIC_INFO[name].label if name in METRIC_INFO else name
 
 
 class TissueClasses:
