@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from medldm.evaluation.baselines import REGRESSION, baseline, baselines_for
 from medldm.evaluation.metrics import (
-    HIGHER_IS_BETTER,
     SUMMARY_METRICS,
     TissueClasses,
     foreground_mask,
@@ -33,10 +32,9 @@ from medldm.errors import MedldmError
 from medldm.resample import interpolate
 from medldm.volume import SCAN_SUFFIXES, Volume, load
 
-__all__ = ["evaluate", "score", "scan_list", "METRICS", "HIGHER_IS_BETTER"]
+__all__ = ["evaluate", "score", "scan_list"]
 
 UNADAPTED = "unadapted"  # with adapt: the same model before adapting to the scan
-METRICS = SUMMARY_METRICS  # per volume, in the summary table (medldm.evaluation.metrics.METRIC_INFO)
 
 
 def scan_list(data: str | Path) -> list[Path]:
@@ -289,8 +287,7 @@ def evaluate(
         examples=examples,
         rd=rd_data,
         timings={k: float(np.mean(v)) for k, v in timings.items()},
-        metrics=METRICS,
-        higher_is_better=HIGHER_IS_BETTER,
+        metrics=SUMMARY_METRICS,
         baselines=methods,
         calibration=calibration,
         rd_sample=rd_sample,

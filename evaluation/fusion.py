@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from medldm.evaluation.evaluate import HIGHER_IS_BETTER, METRICS, _protocol, scan_list, score
-from medldm.evaluation.metrics import TissueClasses, foreground_mask
+from medldm.evaluation.evaluate import _protocol, scan_list, score
+from medldm.evaluation.metrics import SUMMARY_METRICS, TissueClasses, foreground_mask
 
 from medldm.degrade import degrade_volume
 from medldm.errors import MedldmError
@@ -142,8 +142,7 @@ def evaluate_fusion(
         protocol=protocol,
         examples=examples,
         timings={k: float(np.mean(v)) for k, v in timings.items()},
-        metrics=METRICS,
-        higher_is_better=HIGHER_IS_BETTER,
+        metrics=SUMMARY_METRICS,
         baselines=FUSION_BASELINES,
         title="Fusion of orthogonal thick-slice stacks",
     )

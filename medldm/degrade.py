@@ -32,9 +32,7 @@ from medldm.volume import Volume, crop_to_length, crop_to_multiple, rescaled_aff
 
 __all__ = [
     "KINDS",
-    "Kind",
     "PROFILES",
-    "Profile",
     "LinearOperator",
     "ThickSlice",
     "KSpaceTruncation",

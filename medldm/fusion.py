@@ -38,7 +38,6 @@ __all__ = [
     "joint_consistency",
     "fuse",
     "PRIORS",
-    "Prior",
 ]
 
 PRIORS = Prior.values()

@@ -48,7 +48,6 @@ from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, res
 
 __all__ = [
     "PLANES",
-    "Planes",
     "LoadedModel",
     "load_model",
     "Upscaler",

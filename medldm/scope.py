@@ -105,8 +105,8 @@ class TrainingScope:
             where = "between" if min(trained) < plan.scale < max(trained) else "outside"
             out.append(
                 f"factor x{plan.scale:.3g} lies {where} the trained factors ({listed}); the networks are told "
-                f"x{plan.task.scale:g}, and at such factors the model measured no better than B-spline made "
-                "consistent (docs/model_card.md)"
+                f"x{plan.task.scale:g}; compare it with B-spline made consistent (medldm evaluate --baseline "
+                "bspline-dc): the shipped model was no better at such factors (docs/model_card.md)"
             )
         lo, hi = self.thickness
         if plan.task.kind == "slice-profile" and not lo - 1e-3 <= plan.thickness <= hi + 1e-3:
