@@ -11,13 +11,16 @@ import time
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
-from medldm.choices import Kind, Planes, Prior, Profile, Sampler
+from medldm.choices import Format, Kind, Planes, Prior, Profile, Sampler, TrainingStage
 from medldm.errors import MedldmError
 from medldm.intensity import CT_WINDOWS
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 __all__ = ["app"]
 
@@ -74,11 +77,6 @@ def _main(
     """Latent diffusion super-resolution for MRI and CT volumes."""
 
 
-class Format(str, Enum):
-    nifti = "nifti"
-    dicom = "dicom"
-
-
 # members from medldm.intensity.CT_WINDOWS; mypy reads the members of an Enum() call only from a literal
 Window = Enum("Window", {name.replace("-", "_"): name for name in CT_WINDOWS}, type=str)  # type: ignore[misc]
 
@@ -129,18 +127,6 @@ def _check_outputs(
         check_output(path, overwrite=overwrite, suffixes=(".png",), what="preview")
     for path in sidecars:
         check_output(path, overwrite=True, suffixes=(".json",), what="sidecar")
-
-
-def _save(volume, out: Path, fmt: Format, *, overwrite: bool, description: str | None = None) -> None:
-    """Write a volume as NIfTI, or as a DICOM series folder."""
-    if fmt == Format.dicom:
-        from medldm.dicom import save_dicom
-
-        save_dicom(volume, out, overwrite=overwrite, description=description or "medldm")
-    else:
-        from medldm.volume import save_nifti
-
-        save_nifti(volume, out, overwrite=overwrite, description=description)
 
 
 def _load(scan: Path, series: str | None = None):
@@ -230,7 +216,9 @@ def convert(
     a DICOM series (--format dicom)."""
     _check_outputs([out], overwrite, fmt=fmt)
     vol = _load(scan, series)
-    _save(vol, out, fmt, overwrite=overwrite, description="medldm convert")
+    from medldm.batch import save_volume
+
+    save_volume(vol, out, fmt, overwrite=overwrite, description="medldm convert")
     print(
         f"wrote {out}: {' x '.join(map(str, vol.shape))} voxels, {vol.orientation}, "
         f"spacing {' x '.join(f'{s:.4g}' for s in vol.spacing)} mm"
@@ -383,17 +371,10 @@ def fuse(
     )
 
 
-class StageName(str, Enum):
-    all = "all"
-    autoencoder = "autoencoder"
-    estimator = "estimator"
-    diffusion = "diffusion"
-
-
 @app.command()
 def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/brain_mri.yaml")],
-    stage: Annotated[StageName, typer.Option(help="which stage to train")] = StageName.all,
+    stage: Annotated[TrainingStage, typer.Option(help="which stage to train")] = TrainingStage.all,
     run_dir: Annotated[Path | None, typer.Option(help="output folder (default: runs/<config name>)")] = None,
     resume: Annotated[
         Path | None, typer.Option(help="continue the run in this folder from its last checkpoint")
@@ -446,181 +427,144 @@ def train(
         print(f"model written to {folder / 'model'}")
 
 
-def _batch_inputs(folder: Path, out_dir: Path | None) -> list[Path] | None:
-    """The scans of a batch folder (NIfTI/NRRD files and DICOM sub-folders), or None for a DICOM series folder (one
-    that directly holds DICOM files).
-    A batch never takes its own products as inputs: hidden and temporary files, the outputs (and uncertainty maps)
-    of the folder's other scans, and the output folder when it lies inside."""
-    from medldm.outputs import is_temporary
-    from medldm.volume import SCAN_SUFFIXES, holds_dicom
-
-    if holds_dicom(folder):  # one rule for every command (medldm.volume.holds_dicom)
-        return None
-    entries = [p for p in folder.iterdir() if not is_temporary(p)]
-    files = [p for p in entries if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)]
-    subdirs = [p for p in entries if p.is_dir() and (out_dir is None or p.resolve() != out_dir.resolve())]
-    if not files and not subdirs:
-        return None  # a DICOM series folder (or nothing): load() decides and explains
-    products = {q.name for p in [*files, *subdirs] for fmt in Format for q in _outputs_of(p, folder, fmt)}
-    return sorted(p for p in files if p.name not in products) + sorted(p for p in subdirs if p.name not in products)
-
-
-def _outputs_of(scan: Path, out_dir: Path | None, fmt: Format = Format.nifti) -> tuple[Path, Path]:
-    """The upscaled scan's default path (a file, or a folder for DICOM) and its uncertainty map's."""
-    from medldm.outputs import strip_suffix
-    from medldm.volume import SCAN_SUFFIXES
-
-    stem, _ = strip_suffix(scan.name, SCAN_SUFFIXES)
-    target = (out_dir or scan.parent) / (f"{stem}_sr.nii.gz" if fmt == Format.nifti else f"{stem}_sr")
-    return target, _uncertainty_path(target)
-
-
-def _uncertainty_path(target: Path) -> Path:
-    from medldm.outputs import NIFTI_SUFFIXES, strip_suffix
-
-    stem, suffix = strip_suffix(target.name, NIFTI_SUFFIXES)
-    return target.with_name(f"{stem}_uncertainty{suffix}")
+# options of upscale, and those evaluate shares with it
+OutScan = Annotated[
+    Path | None,
+    typer.Option(
+        "-o", "--out", help="output .nii.gz (a folder in batch mode); default: <name>_sr.nii.gz beside the input"
+    ),
+]
+ModelFolder = Annotated[str, typer.Option(help="model folder, or 'default' for the shipped model")]
+Factor = Annotated[
+    float | None,
+    typer.Option(min=1.05, max=16, help="factor, need not be an integer (default: the spacing ratio or the model's)"),
+]
+TargetSpacing = Annotated[
+    float | None,
+    typer.Option(
+        min=0.01,
+        help="output spacing in mm along the upscaled axis (e.g. 1: 5.5 mm slices become 1 mm), instead of --scale",
+    ),
+]
+Thickness = Annotated[
+    float | None,
+    typer.Option(
+        min=0.01,
+        help="slice thickness in mm when it differs from the slice spacing (default: DICOM SliceThickness, else the "
+        "spacing)",
+    ),
+]
+Strict = Annotated[
+    bool,
+    typer.Option("--strict", help="refuse scans outside what the model was trained on (exit 1 instead of a warning)"),
+]
+Adapt = Annotated[
+    bool,
+    typer.Option(
+        "--adapt", help="first fine-tune the model's estimator on the scan's own slices (self-supervised; thick slices)"
+    ),
+]
+AdaptSteps = Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")]
+AdaptMinutes = Annotated[
+    float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes (default: 200 steps within 4)")
+]
+SaveAdapted = Annotated[Path | None, typer.Option(help="--adapt: also write the adapted model folder here")]
+Axis = Annotated[str, typer.Option(help=AXIS_HELP)]
+KindToUndo = Annotated[
+    Kind | None,
+    typer.Option(help="degradation to undo (default: thick slices for anisotropic scans, in-plane otherwise)"),
+]
+Steps = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=1000,
+        help="sampler steps (default: the model's; 1 from noise is close to the posterior mean, 8 or more draw "
+        "sharper posterior samples)",
+    ),
+]
+Refine = Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)]
+SamplerName = Annotated[Sampler, typer.Option(help="diffusion sampler")]
+Samples = Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")]
+Seed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="random seed; the same seed gives the same output")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+Consistency = Annotated[float, typer.Option(min=0.0, max=1.0, help="data-consistency strength")]
+PlaneStacks = Annotated[
+    Planes | None,
+    typer.Option(
+        help="2D models, thick slices: sample one stack of planes containing the upscaled axis, or both and average "
+        "them (default: the model's)"
+    ),
+]
+RefinePlanes = Annotated[Planes | None, typer.Option(help=REFINE_PLANES_HELP)]
+BatchSize = Annotated[int, typer.Option(min=1, help="slices or patches per network call")]
+Bf16 = Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")]
+ChannelsLast = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="channels-last autoencoder (faster on the CPUs measured; see docs/performance.md)",
+    ),
+]
+Preview = Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")]
+CtWindow = Annotated[
+    Window | None,
+    typer.Option(help="CT preview window (default soft-tissue); MR previews use the 0.5-99.5th percentiles"),
+]
+Bids = Annotated[
+    bool,
+    typer.Option(
+        "--bids",
+        help="SCAN is (in) a BIDS dataset: upscale its NIfTI scans into derivatives/medldm/ (or -o DIR) with a "
+        "desc-sr entity",
+    ),
+]
+LpipsWeights = Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")]
 
 
 @app.command()
 def upscale(
     scan: Scan,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "-o", "--out", help="output .nii.gz (a folder in batch mode); default: <name>_sr.nii.gz beside the input"
-        ),
-    ] = None,
-    model: Annotated[str, typer.Option(help="model folder, or 'default' for the shipped model")] = "default",
-    scale: Annotated[
-        float | None,
-        typer.Option(
-            min=1.05, max=16, help="factor, need not be an integer (default: the spacing ratio or the model's)"
-        ),
-    ] = None,
-    spacing: Annotated[
-        float | None,
-        typer.Option(
-            min=0.01,
-            help="output spacing in mm along the upscaled axis (e.g. 1: 5.5 mm slices become 1 mm), instead of --scale",
-        ),
-    ] = None,
-    thickness: Annotated[
-        float | None,
-        typer.Option(
-            min=0.01,
-            help="slice thickness in mm when it differs from the "
-            "slice spacing (default: DICOM SliceThickness, else "
-            "the spacing)",
-        ),
-    ] = None,
-    strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict", help="refuse scans outside what the model was trained on (exit 1 instead of a warning)"
-        ),
-    ] = False,
-    adapt: Annotated[
-        bool,
-        typer.Option(
-            "--adapt",
-            help="first fine-tune the model's estimator on the scan's own slices (self-supervised; thick slices)",
-        ),
-    ] = False,
-    adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
-    adapt_minutes: Annotated[
-        float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes (default: 200 steps within 4)")
-    ] = None,
-    save_adapted: Annotated[Path | None, typer.Option(help="--adapt: also write the adapted model folder here")] = None,
-    axis: Annotated[str, typer.Option(help=AXIS_HELP)] = "auto",
-    kind: Annotated[
-        Kind | None,
-        typer.Option(help="degradation to undo (default: thick slices for anisotropic scans, in-plane otherwise)"),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            max=1000,
-            help="sampler steps (default: the model's; 1 from "
-            "noise is close to the posterior mean, 8 or more "
-            "draw sharper posterior samples)",
-        ),
-    ] = None,
-    refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
-    sampler: Annotated[Sampler, typer.Option(help="diffusion sampler")] = Sampler.dpmpp_2m,
-    samples: Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")] = 1,
-    seed: Annotated[
-        int, typer.Option(min=0, max=SEED_MAX, help="random seed; the same seed gives the same output")
-    ] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    consistency: Annotated[float, typer.Option(min=0.0, max=1.0, help="data-consistency strength")] = 1.0,
-    planes: Annotated[
-        Planes | None,
-        typer.Option(
-            help="2D models, thick slices: sample one stack of planes "
-            "containing the upscaled axis, or both and average them "
-            "(default: the model's)"
-        ),
-    ] = None,
-    refine_planes: Annotated[Planes | None, typer.Option(help=REFINE_PLANES_HELP)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="slices or patches per network call")] = 16,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")] = False,
-    channels_last: Annotated[
-        bool,
-        typer.Option(
-            "--channels-last/--no-channels-last",
-            help="channels-last autoencoder (faster on the CPUs measured; see docs/performance.md)",
-        ),
-    ] = True,
-    preview: Annotated[Path | None, typer.Option(help="write a three-plane before/after PNG here")] = None,
-    window: Annotated[
-        Window | None,
-        typer.Option(help="CT preview window (default soft-tissue); MR previews use the 0.5-99.5th percentiles"),
-    ] = None,
+    out: OutScan = None,
+    model: ModelFolder = "default",
+    scale: Factor = None,
+    spacing: TargetSpacing = None,
+    thickness: Thickness = None,
+    strict: Strict = False,
+    adapt: Adapt = False,
+    adapt_steps: AdaptSteps = None,
+    adapt_minutes: AdaptMinutes = None,
+    save_adapted: SaveAdapted = None,
+    axis: Axis = "auto",
+    kind: KindToUndo = None,
+    steps: Steps = None,
+    refine: Refine = None,
+    sampler: SamplerName = Sampler.dpmpp_2m,
+    samples: Samples = 1,
+    seed: Seed = 0,
+    device: Device = "auto",
+    consistency: Consistency = 1.0,
+    planes: PlaneStacks = None,
+    refine_planes: RefinePlanes = None,
+    batch_size: BatchSize = 16,
+    bf16: Bf16 = False,
+    channels_last: ChannelsLast = True,
+    preview: Preview = None,
+    window: CtWindow = None,
     series: Series = None,
     overwrite: Overwrite = False,
     fmt: OutFormat = Format.nifti,
-    bids: Annotated[
-        bool,
-        typer.Option(
-            "--bids",
-            help="SCAN is (in) a BIDS dataset: upscale its NIfTI scans into "
-            "derivatives/medldm/ (or -o DIR) with a desc-sr entity",
-        ),
-    ] = False,
+    bids: Bids = False,
     json_lines: JsonLines = False,
     quiet: Quiet = False,
 ):
     """Upscale a scan (or every scan in a folder) with the latent diffusion model. Beside every output goes its
     provenance sidecar (<name>.json: command, input SHA-256, model digest, every setting, residual, time)."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+    from medldm import batch as runs
+    from medldm.provenance import sidecar_path
 
-    console = Console(stderr=True)
-    if not scan.exists():
-        raise MedldmError("no such file or folder", scan)
-    if spacing is not None and scale is not None:
-        raise MedldmError("pass --spacing or --scale, not both")
-    if not adapt and (adapt_steps or adapt_minutes or save_adapted):
-        raise MedldmError("--adapt-steps, --adapt-minutes and --save-adapted go with --adapt")
-    if save_adapted is not None and scan.is_dir():
-        raise MedldmError("--save-adapted takes one scan, not a batch folder", save_adapted)
-    if save_adapted is not None and save_adapted.exists() and not overwrite:
-        raise MedldmError("already exists; pass --overwrite to replace it", save_adapted)
-    summary_dir = out or scan
-    if not bids and scan.is_dir() and (scan / "dataset_description.json").is_file():
-        raise MedldmError("is a BIDS dataset: pass --bids to upscale its scans into derivatives/medldm", scan)
-    batch: list[Path] | None
-    if bids:
-        batch, jobs, summary_dir = _bids_jobs(scan, out, fmt)
-    elif (batch := _batch_inputs(scan, out) if scan.is_dir() else None) is None:
-        jobs = [(scan, out or _outputs_of(scan, None, fmt)[0])]
-    else:
-        if out is not None and out.name.lower().endswith((".nii", ".nii.gz")):
-            raise MedldmError("in batch mode --out is a folder", out)
-        jobs = [(s, _outputs_of(s, out, fmt)[0]) for s in batch]
+    _check_upscale_options(scan, spacing, scale, adapt, adapt_steps, adapt_minutes, save_adapted, overwrite, bids)
+    batch, jobs, summary_dir = _upscale_jobs(scan, out, fmt, bids)
     if preview is not None and batch is not None:
         raise MedldmError("--preview takes one scan, not a batch folder", preview)
     from medldm import cohort as cohorts
@@ -633,37 +577,14 @@ def upscale(
         device = str(cohort.device) if device == "auto" else device
     # every output of the run is checked before any work (a batch skips finished scans, so it checks the others)
     todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
-    from medldm.provenance import sidecar_path
-
     _check_outputs(
-        [*todo, *([_uncertainty_path(t) for t in todo] if samples > 1 else [])],
+        [*todo, *([runs.uncertainty_path(t) for t in todo] if samples > 1 else [])],
         overwrite,
         previews=[preview] if preview is not None else [],
         sidecars=[sidecar_path(t) for t in todo],
         fmt=fmt,
     )
     from medldm.pipeline import Upscaler
-    from medldm.provenance import short_description, upscale_record, write_sidecar
-
-    def report(status: str, source: Path, target: Path, **extra) -> None:
-        run = extra.get("provenance", {}).get("medldm", {})
-        rows.append(
-            {
-                "input": str(source),
-                "output": str(target),
-                "status": status,
-                "seconds": run.get("wall_time_s", ""),
-                "residual": run.get("consistency_residual", ""),
-                "error": extra.get("error", ""),
-            }
-        )
-        if json_lines:  # one object per scan on stdout, nothing else there
-            # one write per line: the processes of a cohort run share stdout, and print() writes the text and its
-            # newline separately, so two processes' lines could interleave
-            sys.stdout.write(
-                json.dumps({"status": status, "input": str(source), "output": str(target), **extra}) + "\n"
-            )
-            sys.stdout.flush()
 
     upscaler = Upscaler(
         model,
@@ -678,211 +599,170 @@ def upscale(
         refine=refine,
         refine_planes=refine_planes.value if refine_planes else None,
     )
-    if (
-        samples > 1
-        and not quiet
-        and (upscaler.steps < 8 or upscaler.model.estimator is not None and upscaler.refine == 0)
-    ):
-        console.print(
+    near_mean = upscaler.steps < 8 or upscaler.model.estimator is not None and upscaler.refine == 0
+    if samples > 1 and not quiet and near_mean:
+        print(
             f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
             "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
-            "uncertainty map"
+            "uncertainty map",
+            file=sys.stderr,
         )
-    rows: list[dict] = []  # one per scan: what report() recorded
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-        overall = bar.add_task("all scans", total=len(jobs)) if len(jobs) > 1 else None
-        for source, target in jobs:
-            try:
-                if target.exists() and not overwrite:
-                    if batch is None:
-                        raise MedldmError("already exists; pass --overwrite to replace it", target)
-                    report("skipped", source, target)  # a resumed batch skips finished outputs
-                    continue
-                vol = _load(source, series)
-                plan = upscaler.plan(
-                    vol, axis=axis, scale=scale, kind=kind.value if kind else None, spacing=spacing, thickness=thickness
-                )
-                if plan.warnings and strict:
-                    raise MedldmError(
-                        "outside what the model was trained on: "
-                        + "; ".join(plan.warnings)
-                        + " (drop --strict to upscale it anyway)",
-                        source,
-                    )
-                for line in plan.warnings:
-                    bar.console.print(f"warning: {source.name}: {line}", markup=False, highlight=False, soft_wrap=True)
-                started = time.perf_counter()
-                runner, adapted = upscaler, None
-                if adapt:
-                    runner, adapted = _adapted_upscaler(
-                        upscaler,
-                        vol,
-                        plan,
-                        bar,
-                        source.name,
-                        steps=adapt_steps,
-                        minutes=adapt_minutes,
-                        seed=seed,
-                        save=save_adapted,
-                        quiet=quiet or json_lines,
-                    )
-                task = bar.add_task(escape(source.name), total=None)
-
-                def show_progress(d: int, t: int, task: TaskID = task) -> None:
-                    bar.update(task, completed=d, total=t)
-
-                result = runner.upscale(vol, plan=plan, samples=samples, seed=seed, progress=show_progress)
-                record = upscale_record(
-                    source=source,
-                    volume=vol,
-                    result=result,
-                    upscaler=runner,
-                    output=target,
-                    wall_s=time.perf_counter() - started,
-                )
-                if adapted is not None:
-                    record["medldm"]["adaptation"] = {
-                        "steps": adapted.steps,
-                        "seconds": round(adapted.seconds, 2),
-                        "factor": adapted.factor,
-                        "thickness": adapted.thickness,
-                        "loss_first": adapted.losses[0],
-                        "loss_last": adapted.losses[-1],
-                    }
-                _save(result.sr, target, fmt, overwrite=overwrite, description=short_description(record))
-                if result.uncertainty is not None:
-                    _save(
-                        result.uncertainty,
-                        _uncertainty_path(target),
-                        fmt,
-                        overwrite=overwrite,
-                        description="medldm uncertainty (std over samples)",
-                    )
-                    record["medldm"]["uncertainty"] = str(_uncertainty_path(target).resolve())
-                write_sidecar(target, record)
-                if preview is not None:
-                    from medldm.figures import before_after
-
-                    before_after(vol, result.sr, preview, overwrite=overwrite, window=window.value if window else None)
-                report("written", source, target, provenance=record)
-                if not quiet and not json_lines:
-                    bar.console.print(  # plain text, one line whatever the width (scripts parse it)
-                        f"wrote {target}: {' x '.join(map(str, result.sr.shape))} voxels, "
-                        f"{' x '.join(f'{v:.4g}' for v in result.sr.spacing)} mm, {result.task.kind} "
-                        f"x{plan.scale:.4g} along voxel axis {result.axis}, consistency residual "
-                        f"{100 * result.residual:.3f}% of range",
-                        markup=False,
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-            except MedldmError as err:
-                if batch is None:
-                    raise
-                report("failed", source, target, error=str(err))
-                bar.console.print(f"[red]failed[/]: {escape(str(err))}", soft_wrap=True)
-            finally:
-                if overall is not None:
-                    bar.update(overall, advance=1)
-    if batch is not None:
-        for row in rows:
-            if row["status"] == "failed":
-                print(f"failed: {row['error']}", file=sys.stderr)
-        rows = sorted(cohorts.gather(rows, cohort), key=lambda r: r["input"])  # every process's scans
-        if cohort is None or cohort.is_main_process:
-            if bids:
-                from medldm.bids import bids_root, write_dataset_description
-
-                # _bids_jobs refused a scan outside a BIDS dataset
-                write_dataset_description(summary_dir, cast(Path, bids_root(scan)))
-            summary = _write_batch_summary(summary_dir, rows)
-            counts = {k: sum(r["status"] == k for r in rows) for k in ("written", "skipped", "failed")}
-            if not quiet:
-                print(
-                    f"{counts['written']} written, {counts['skipped']} skipped (already done), {counts['failed']} "
-                    f"failed; summary: {summary}",
-                    file=sys.stderr if json_lines else sys.stdout,
-                )
-        if any(r["status"] == "failed" for r in rows):
-            raise typer.Exit(1)
-
-
-BATCH_SUMMARY = "medldm_upscale.csv"
-
-
-def _adapt_bounds(steps: int | None, minutes: float | None) -> dict:
-    """--adapt-steps / --adapt-minutes as medldm.adapt.adapt's bounds: the one given, or both; neither: the tuned
-    step count, capped at 4 minutes."""
-    from medldm.adapt import DEFAULT_MINUTES, DEFAULT_STEPS
-
-    if steps is None and minutes is None:
-        return {"steps": DEFAULT_STEPS, "minutes": DEFAULT_MINUTES}
-    return {"steps": steps, "minutes": minutes}
-
-
-def _adapted_upscaler(upscaler, vol, plan, bar, name: str, *, steps, minutes, seed, save, quiet):
-    """An Upscaler with the same settings whose model's estimator was fine-tuned on ``vol`` (medldm.adapt), and
-    the Adaptation; the adapted model folder is written to ``save`` when given."""
-    from rich.markup import escape
-
-    from medldm.adapt import adapt as run_adaptation
-
-    task = bar.add_task(f"adapting to {escape(name)}", total=None)
-    adapted = run_adaptation(
-        upscaler.model,
-        vol,
-        plan,
-        **_adapt_bounds(steps, minutes),
+    request = runs.Request(
+        axis=axis,
+        scale=scale,
+        kind=kind.value if kind else None,
+        spacing=spacing,
+        thickness=thickness,
+        strict=strict,
+        samples=samples,
         seed=seed,
-        progress=lambda d, t: bar.update(task, completed=d, total=t),
+        fmt=fmt,
+        overwrite=overwrite,
+        preview=preview,
+        window=window.value if window else None,
+        adapt=runs.AdaptSettings(adapt_steps, adapt_minutes, save_adapted) if adapt else None,
     )
-    bar.update(task, visible=False)
-    if not quiet:
-        bar.console.print(
-            f"adapted to {name}: {adapted.steps} steps in {adapted.seconds:.0f} s, L1 "
-            f"{adapted.losses[0]:.4f} -> {sum(adapted.losses[-20:]) / len(adapted.losses[-20:]):.4f}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+    with _UpscaleListener(quiet=quiet, json_lines=json_lines, scans=len(jobs)) as listener:
+        rows = runs.run_batch(
+            jobs,
+            lambda source, target: runs.upscale_to_files(
+                upscaler, _load(source, series), source, target, request, listener
+            ),
+            overwrite=overwrite,
+            single=batch is None,
+            listener=listener,
         )
-    if save is not None:
-        adapted.model.save(
-            save, adapted_to={"scan": str(vol.path), "steps": adapted.steps, "seconds": round(adapted.seconds, 2)}
-        )
-    return upscaler.with_model(adapted.model), adapted
+    if batch is not None:
+        _finish_batch(rows, cohort, summary_dir, scan if bids else None, quiet=quiet, json_lines=json_lines)
 
 
-def _bids_jobs(scan: Path, out: Path | None, fmt: Format) -> tuple[list[Path], list[tuple[Path, Path]], Path]:
-    """A BIDS run: the dataset's scans at or under SCAN, each with its derivative path, and the derivatives
-    folder (which also takes the batch summary)."""
-    from medldm.bids import PIPELINE, bids_root, bids_scans, derivative_path
-
-    root = bids_root(scan)
-    if root is None:
-        raise MedldmError("is not inside a BIDS dataset (no dataset_description.json at or above it)", scan)
-    if fmt != Format.nifti:
-        raise MedldmError("BIDS derivatives are NIfTI: --bids takes no --format dicom", scan)
-    here = scan.resolve()
-    sources = [p for p in bids_scans(root) if p == here or here in p.parents]
-    if not sources:
-        raise MedldmError("holds no NIfTI scans of the BIDS dataset (under its sub-* folders)", scan)
-    derivatives = out if out is not None else root / "derivatives" / PIPELINE
-    return sources, [(p, derivative_path(p, root, derivatives)) for p in sources], derivatives
+def _check_upscale_options(scan, spacing, scale, adapt, adapt_steps, adapt_minutes, save_adapted, overwrite, bids):
+    """Refuse option combinations that cannot work, before anything is read."""
+    if not scan.exists():
+        raise MedldmError("no such file or folder", scan)
+    if spacing is not None and scale is not None:
+        raise MedldmError("pass --spacing or --scale, not both")
+    if not adapt and (adapt_steps or adapt_minutes or save_adapted):
+        raise MedldmError("--adapt-steps, --adapt-minutes and --save-adapted go with --adapt")
+    if save_adapted is not None and scan.is_dir():
+        raise MedldmError("--save-adapted takes one scan, not a batch folder", save_adapted)
+    if save_adapted is not None and save_adapted.exists() and not overwrite:
+        raise MedldmError("already exists; pass --overwrite to replace it", save_adapted)
+    if not bids and scan.is_dir() and (scan / "dataset_description.json").is_file():
+        raise MedldmError("is a BIDS dataset: pass --bids to upscale its scans into derivatives/medldm", scan)
 
 
-def _write_batch_summary(folder: Path, rows: list[dict]) -> Path:
-    """One CSV row per scan of a batch (merged over every process of a cohort run), written atomically."""
-    import csv
-    import io
+def _upscale_jobs(scan: Path, out: Path | None, fmt: Format, bids: bool):
+    """(the batch's scans or None for one scan, the (source, target) jobs, the folder of the batch summary)."""
+    from medldm import batch as runs
 
-    from medldm.outputs import write_text
+    if bids:
+        return runs.bids_jobs(scan, out, fmt)
+    batch = runs.batch_inputs(scan, out) if scan.is_dir() else None
+    if batch is None:
+        return None, [(scan, out or runs.outputs_of(scan, None, fmt)[0])], out or scan
+    if out is not None and out.name.lower().endswith((".nii", ".nii.gz")):
+        raise MedldmError("in batch mode --out is a folder", out)
+    return batch, [(s, runs.outputs_of(s, out, fmt)[0]) for s in batch], out or scan
 
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["input", "output", "status", "seconds", "residual", "error"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text(folder / BATCH_SUMMARY, text.getvalue(), suffixes=(".csv",))
+
+class _UpscaleListener:
+    """medldm.batch's listener for the terminal: a bar per piece of work (none outside a terminal), warnings and
+    one line per written scan on stderr, or with --json one JSON object per scan on stdout."""
+
+    def __init__(self, *, quiet: bool, json_lines: bool, scans: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        # no bars outside a terminal (logs, pipes): rich would print the last frame and a blank line to stderr
+        self.bar = Progress(*columns, console=console, disable=not console.is_terminal)
+        self.quiet, self.json_lines = quiet, json_lines
+        self.overall = self.bar.add_task("all scans", total=scans) if scans > 1 else None
+        self.adapting: TaskID | None = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def _line(self, text: str) -> None:
+        self.bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def warn(self, source: Path, line: str) -> None:
+        self._line(f"warning: {source.name}: {line}")
+
+    def progress(self, label: str):
+        from rich.markup import escape
+
+        task = self.bar.add_task(escape(label), total=None)
+        if label.startswith("adapting to "):
+            self.adapting = task
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def adapted(self, source: Path, adaptation) -> None:
+        if self.adapting is not None:
+            self.bar.update(self.adapting, visible=False)
+        if not (self.quiet or self.json_lines):
+            last = adaptation.losses[-20:]
+            self._line(
+                f"adapted to {source.name}: {adaptation.steps} steps in {adaptation.seconds:.0f} s, L1 "
+                f"{adaptation.losses[0]:.4f} -> {sum(last) / len(last):.4f}"
+            )
+
+    def done(self, row, result=None) -> None:
+        from rich.markup import escape
+
+        if self.json_lines:  # one object per scan on stdout, nothing else there
+            extra = {"provenance": row.record} if row.record is not None else {"error": row.error} if row.error else {}
+            # one write per line: the processes of a cohort run share stdout, and print() writes the text and its
+            # newline separately, so two processes' lines could interleave
+            line = {"status": row.status, "input": row.input, "output": row.output, **extra}
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+        if row.status == "failed":
+            self.bar.console.print(f"[red]failed[/]: {escape(row.error)}", soft_wrap=True)
+        elif row.status == "written" and not (self.quiet or self.json_lines):
+            sr, plan_scale = result.sr, result.plan.scale
+            self._line(  # plain text, one line whatever the width (scripts parse it)
+                f"wrote {row.output}: {' x '.join(map(str, sr.shape))} voxels, "
+                f"{' x '.join(f'{v:.4g}' for v in sr.spacing)} mm, {result.task.kind} "
+                f"x{plan_scale:.4g} along voxel axis {result.axis}, consistency residual "
+                f"{100 * result.residual:.3f}% of range"
+            )
+        if self.overall is not None:
+            self.bar.update(self.overall, advance=1)
+
+
+def _finish_batch(rows, cohort, summary_dir: Path, bids_scan: Path | None, *, quiet: bool, json_lines: bool) -> None:
+    """After a batch: its failures on stderr, the summary CSV (every process's scans, written by the first) and
+    its counts, exit 1 when a scan failed."""
+    from medldm import cohort as cohorts
+    from medldm.batch import write_batch_summary
+
+    for row in rows:
+        if row.status == "failed":
+            print(f"failed: {row.error}", file=sys.stderr)
+    rows = sorted(cohorts.gather(rows, cohort), key=lambda r: r.input)
+    if cohort is None or cohort.is_main_process:
+        if bids_scan is not None:
+            from medldm.bids import bids_root, write_dataset_description
+
+            # bids_jobs refused a scan outside a BIDS dataset
+            write_dataset_description(summary_dir, cast(Path, bids_root(bids_scan)))
+        summary = write_batch_summary(summary_dir, rows)
+        counts = {k: sum(r.status == k for r in rows) for k in ("written", "skipped", "failed")}
+        if not quiet:
+            print(
+                f"{counts['written']} written, {counts['skipped']} skipped (already done), {counts['failed']} "
+                f"failed; summary: {summary}",
+                file=sys.stderr if json_lines else sys.stdout,
+            )
+    if any(r.status == "failed" for r in rows):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -900,12 +780,12 @@ def evaluate(
         ),
     ] = 1.0,
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default: the model's)")] = None,
-    refine: Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)] = None,
-    sampler: Annotated[Sampler, typer.Option(help="diffusion sampler")] = Sampler.dpmpp_2m,
+    refine: Refine = None,
+    sampler: SamplerName = Sampler.dpmpp_2m,
     planes: Annotated[
         Planes | None, typer.Option(help="2D models, thick slices: one or both stacks of planes (default: the model's)")
     ] = None,
-    refine_planes: Annotated[Planes | None, typer.Option(help=REFINE_PLANES_HELP)] = None,
+    refine_planes: RefinePlanes = None,
     samples: Annotated[int, typer.Option(min=1)] = 1,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX)] = 0,
     baseline: Annotated[
@@ -923,10 +803,8 @@ def evaluate(
             "--adapt", help="fine-tune the model on each degraded scan's own slices first (also scores it unadapted)"
         ),
     ] = False,
-    adapt_steps: Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")] = None,
-    adapt_minutes: Annotated[
-        float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes (default: 200 steps within 4)")
-    ] = None,
+    adapt_steps: AdaptSteps = None,
+    adapt_minutes: AdaptMinutes = None,
     stacks: Annotated[
         bool,
         typer.Option(
@@ -938,8 +816,8 @@ def evaluate(
     no_mask: Annotated[bool, typer.Option("--no-mask", help="score whole volumes, not the foreground")] = False,
     rd: Annotated[bool, typer.Option("--rd", help="the model's rate-distortion curves alone")] = False,
     with_rd: Annotated[bool, typer.Option("--with-rd", help="metrics and rate-distortion curves")] = False,
-    device: Annotated[str, typer.Option()] = "auto",
-    lpips_weights: Annotated[Path | None, typer.Option(help="folder of the real LPIPS weights")] = None,
+    device: Device = "auto",
+    lpips_weights: LpipsWeights = None,
     overwrite: Overwrite = False,
     json_lines: Annotated[bool, typer.Option("--json", help="machine-readable: summary.json on stdout")] = False,
     quiet: Quiet = False,
@@ -951,6 +829,8 @@ def evaluate(
         raise MedldmError("already holds a report; pass --overwrite to replace it", out)
     from medldm.evaluation.evaluate import evaluate as run_evaluation
     from rich.markup import escape
+
+    from medldm.batch import AdaptSettings
 
     console = Console(stderr=True)
     if stacks:
@@ -988,7 +868,7 @@ def evaluate(
                 refine=refine,
                 baselines=baseline or None,
                 refine_planes=refine_planes.value if refine_planes else None,
-                adapt=_adapt_bounds(adapt_steps, adapt_minutes) if adapt else None,
+                adapt=AdaptSettings(adapt_steps, adapt_minutes).bounds() if adapt else None,
                 samples=samples,
                 seed=seed,
                 use_mask=not no_mask,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["Choice", "Kind", "Planes", "Prior", "Profile", "Sampler"]
+__all__ = ["Choice", "Format", "Kind", "Planes", "Prior", "Profile", "Sampler", "TrainingStage"]
 
 
 class Choice(str, Enum):
@@ -64,3 +64,19 @@ class Sampler(Choice):
     dpmpp_2m = "dpmpp-2m"
     sde = "sde"
     ode = "ode"
+
+
+class Format(Choice):
+    """How a scan is written: a NIfTI file, or a folder holding a derived DICOM series."""
+
+    nifti = "nifti"
+    dicom = "dicom"
+
+
+class TrainingStage(Choice):
+    """What ``medldm train`` trains: every stage of the config in order, or one (medldm.train.STAGES)."""
+
+    all = "all"
+    autoencoder = "autoencoder"
+    estimator = "estimator"
+    diffusion = "diffusion"

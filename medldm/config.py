@@ -203,6 +203,9 @@ class Estimator(_Strict):
     num_res_blocks: int = Field(2, ge=1, le=4)
     slab: int = Field(5, ge=1)
     geometry: bool = False  # tell the network the factor and slice thickness (continuous, for any factor)
+    # 3: a 3D network on whole patches (slab 1) of patch_size; 2: planes (2.5D slabs) of data.patch_size
+    spatial_dims: Literal[2, 3] = 2
+    patch_size: list[int] | None = None  # 3D: the training patch (each a multiple of 2^len(channels))
 
     @field_validator("slab")
     @classmethod
@@ -210,6 +213,19 @@ class Estimator(_Strict):
         if slab % 2 == 0:
             raise ValueError(f"slab must be odd (the target plane in the middle), got {slab}")
         return slab
+
+    @model_validator(mode="after")
+    def _patches_fit(self):
+        if self.spatial_dims == 3 and (self.slab != 1 or self.patch_size is None):
+            raise ValueError("a 3D estimator sees whole patches: it needs slab 1 and a patch_size")
+        if self.spatial_dims == 2 and self.patch_size is not None:
+            raise ValueError("a 2D estimator trains on data.patch_size; patch_size is for spatial_dims 3")
+        multiple = 2 ** len(self.channels)
+        if self.patch_size is not None and (
+            len(self.patch_size) != 3 or any(n % multiple or n > MAX_PATCH for n in self.patch_size)
+        ):
+            raise ValueError(f"patch_size needs 3 sizes, each a multiple of {multiple} and <= {MAX_PATCH}")
+        return self
 
 
 class Stage(_Strict):
@@ -248,6 +264,19 @@ class Training(_Strict):
     estimator: Stage | None = None  # needed when the config has an estimator section
 
 
+# options added after models were shipped: left out of the digest at their defaults, so older digests still hold
+_LATER_OPTIONS: tuple[tuple[str, str, object], ...] = (
+    ("diffusion", "condition", "lr"),
+    ("diffusion", "refine", None),
+    ("data", "contrasts", None),
+    ("data", "region", None),
+    ("data", "contrast_augmentation", 0),
+    ("estimator", "geometry", False),
+    ("estimator", "spatial_dims", 2),
+    ("estimator", "patch_size", None),
+)
+
+
 class Config(_Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=128)  # names the run folder: no paths
     data: Data
@@ -278,16 +307,10 @@ class Config(_Strict):
         for section in (settings, settings["training"]):
             if section.get("estimator") is None:
                 section.pop("estimator", None)
-        for key, default in (("condition", "lr"), ("refine", None)):
-            if settings["diffusion"][key] == default:
-                del settings["diffusion"][key]
-        for key in ("contrasts", "region"):
-            if settings["data"][key] is None:
-                del settings["data"][key]
-        if settings["data"]["contrast_augmentation"] == 0:
-            del settings["data"]["contrast_augmentation"]
-        if settings.get("estimator") is not None and not settings["estimator"]["geometry"]:
-            del settings["estimator"]["geometry"]
+        for section, key, default in _LATER_OPTIONS:
+            values = settings.get(section)
+            if values is not None and values[key] == default:
+                del values[key]
         for task in settings["data"]["tasks"]:
             if task["scale_range"] is None and task["thickness_range"] is None:
                 for key in ("scale_range", "thickness_range", "range_share"):

@@ -121,11 +121,12 @@ class PairSampler:
         tasks=None,
         plane_axes: tuple[int, ...] | None = None,
         thick_axes: tuple[int, ...] | None = None,
+        spatial_dims: int | None = None,
     ):
         if not volumes:
             raise MedldmError("no training volumes")
         self.volumes, self.config, self.rank = volumes, config, rank
-        self.dims = config.data.spatial_dims
+        self.dims = spatial_dims or config.data.spatial_dims  # a 3D estimator draws 3D patches beside 2D models
         self.tasks = tasks or config.data.tasks
         self.slab = slab or config.data.slab  # the estimator sees its own slab
         self.plane_axes = plane_axes  # 2D: planes are cut across one of these axes (None: any of the three)

@@ -223,32 +223,74 @@ class _ResBlock(nn.Module):
     """conv-ReLU-conv with an identity skip and no normalisation (as in EDSR: normalisation layers shift the
     intensities a regression network must reproduce exactly)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, spatial_dims: int = 2):
         super().__init__()
+        conv = _CONV[spatial_dims]
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1),
+            conv(channels, channels, 3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            conv(channels, channels, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
 
 
+_CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _unshuffle(x: torch.Tensor) -> torch.Tensor:
+    """Space-to-depth by 2 on every spatial axis, (B, C, *n) -> (B, C * 2^dims, *n / 2): 2D as nn.PixelUnshuffle;
+    3D the same channel order (torch has no 3D pixel unshuffle)."""
+    if x.dim() == 4:
+        return F.pixel_unshuffle(x, 2)
+    b, c, d, h, w = x.shape
+    x = x.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * 8, d // 2, h // 2, w // 2)
+
+
+def _shuffle(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_unshuffle`."""
+    if x.dim() == 4:
+        return F.pixel_shuffle(x, 2)
+    b, c, d, h, w = x.shape
+    x = x.reshape(b, c // 8, 2, 2, 2, d, h, w)
+    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, c // 8, 2 * d, 2 * h, 2 * w)
+
+
+class _Unshuffle(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _unshuffle(x)
+
+
 class Estimator(nn.Module):
     """The fidelity stage: a residual U-Net in pixel space from the interpolated LR slab (B, slab, H, W) to the
-    HR centre plane (B, 1, H, W), the centre LR plane plus a learned correction. It works at half resolution
-    (pixel unshuffle in, pixel shuffle out: no information is lost, and full-resolution convolutions, most of
-    the cost, are avoided). A per-label bias after the first convolution tells it the task and modality.
-    H and W must be multiples of ``multiple``. With ``geometry``, the factor and the slice thickness (as
+    HR centre plane (B, 1, H, W), the centre LR plane plus a learned correction; with ``spatial_dims`` 3, from the
+    interpolated LR patch (B, 1, D, H, W) to the HR patch (slab 1). It works at half resolution (pixel unshuffle
+    in, pixel shuffle out: no information is lost, and full-resolution convolutions, most of the cost, are
+    avoided). A per-label bias after the first convolution tells it the task and modality.
+    Spatial sizes must be multiples of ``multiple``. With ``geometry``, the factor and the slice thickness (as
     :func:`geometry_features`) add a second bias through a small MLP, zero at initialisation (so a network
     fine-tuned to take them starts as the one it came from)."""
 
-    def __init__(self, *, slab: int, channels: list[int], num_res_blocks: int, num_labels: int, geometry: bool = False):
+    def __init__(
+        self,
+        *,
+        slab: int,
+        channels: list[int],
+        num_res_blocks: int,
+        num_labels: int,
+        geometry: bool = False,
+        spatial_dims: int = 2,
+    ):
         super().__init__()
-        self.slab = slab
+        if spatial_dims == 3 and slab != 1:
+            raise MedldmError(f"a 3D estimator sees whole patches: slab must be 1, not {slab}")
+        self.slab, self.spatial_dims = slab, spatial_dims
         self.multiple = 2 ** len(channels)
-        self.inp = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * slab, channels[0], 3, padding=1))
+        conv, cells = _CONV[spatial_dims], 2**spatial_dims  # voxels per half-resolution cell
+        unshuffle = nn.PixelUnshuffle(2) if spatial_dims == 2 else _Unshuffle()  # 2D: the weights' names as shipped
+        self.inp = nn.Sequential(unshuffle, conv(cells * slab, channels[0], 3, padding=1))
         self.labels = nn.Embedding(num_labels, channels[0])
         nn.init.zeros_(self.labels.weight)
         self.geometry: nn.Sequential | None = None
@@ -257,24 +299,25 @@ class Estimator(nn.Module):
             last = cast(nn.Linear, self.geometry[2])
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
-        self.down_blocks = nn.ModuleList(
-            nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1]
-        )
+
+        def blocks(c: int) -> nn.Sequential:
+            return nn.Sequential(*[_ResBlock(c, spatial_dims) for _ in range(num_res_blocks)])
+
+        self.down_blocks = nn.ModuleList(blocks(c) for c in channels[:-1])
         pairs = list(zip(channels, channels[1:], strict=False))
-        self.downs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in pairs)
-        self.middle = nn.Sequential(*[_ResBlock(channels[-1]) for _ in range(num_res_blocks)])
-        self.ups = nn.ModuleList(nn.Conv2d(b, a, 3, padding=1) for a, b in pairs)
-        self.up_blocks = nn.ModuleList(
-            nn.Sequential(*[_ResBlock(c) for _ in range(num_res_blocks)]) for c in channels[:-1]
-        )
-        self.out = nn.Conv2d(channels[0], 4, 3, padding=1)
+        self.downs = nn.ModuleList(conv(a, b, 3, stride=2, padding=1) for a, b in pairs)
+        self.middle = blocks(channels[-1])
+        self.ups = nn.ModuleList(conv(b, a, 3, padding=1) for a, b in pairs)
+        self.up_blocks = nn.ModuleList(blocks(c) for c in channels[:-1])
+        self.out = conv(channels[0], cells, 3, padding=1)
         nn.init.zeros_(self.out.weight)  # starts as the identity on the centre plane
         nn.init.zeros_(cast(torch.Tensor, self.out.bias))  # built with a bias (Conv2d's default)
 
     def forward(self, lr: torch.Tensor, label: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.inp(lr) + self.labels(label)[:, :, None, None]
+        spatial = (1,) * self.spatial_dims  # a bias per channel, broadcast over space
+        h = self.inp(lr) + self.labels(label).view(*label.shape, -1, *spatial)
         if self.geometry is not None and geometry is not None:
-            h = h + self.geometry(geometry.to(h.dtype))[:, :, None, None]
+            h = h + self.geometry(geometry.to(h.dtype)).view(len(geometry), -1, *spatial)
         skips = []
         for block, down in zip(self.down_blocks, self.downs, strict=True):
             h = block(h)
@@ -285,7 +328,7 @@ class Estimator(nn.Module):
             h = up(F.interpolate(h, scale_factor=2.0, mode="nearest")) + skips.pop()
             h = block(h)
         centre = lr[:, self.slab // 2 : self.slab // 2 + 1]
-        return centre + F.pixel_shuffle(self.out(h), 2)
+        return centre + _shuffle(self.out(h))
 
 
 def channels_last_format(spatial_dims: int) -> torch.memory_format:
@@ -345,6 +388,7 @@ def build_estimator(config: Config) -> Estimator:
         num_res_blocks=cfg.num_res_blocks,
         num_labels=ConditionCodec(config).num_task_labels,
         geometry=cfg.geometry,
+        spatial_dims=cfg.spatial_dims,
     )
 
 

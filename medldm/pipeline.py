@@ -427,7 +427,7 @@ class Upscaler:
         sampled = samples if self.model.estimator is None or self.refine > 0 else 0
         total, done = (
             (
-                self._units(hr_shape, op, self.planes) * (self.model.estimator is not None)
+                (self._estimate_units(hr_shape, op) if self.model.estimator is not None else 0)
                 + sampled * self._units(hr_shape, op, self.refine_planes)
             ),
             0,
@@ -494,6 +494,14 @@ class Upscaler:
         if samples > 1:
             unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
         return UpscaleResult(sr, unc, residual, task, a, kept, plan)
+
+    def _estimate_units(self, hr_shape, op) -> int:
+        """Progress units of the estimate: slice batches (2D estimators) or chunks (3D)."""
+        net = cast(Estimator, self.model.estimator)
+        if net.spatial_dims == 2:
+            return self._units(hr_shape, op, self.planes)
+        axis, depth = self._chunks_3d(hr_shape, op)
+        return -(-hr_shape[axis] // depth)
 
     def _units(self, hr_shape, op, planes: str) -> int:
         """Progress units per pass: slice batches (2D) or patches (3D, estimated)."""
@@ -587,6 +595,8 @@ class Upscaler:
         averaged over the stacks of planes like the samples. Each batch interpolates just its block of LR planes
         (plus the slab's neighbours) onto the HR grid, so the HR-grid input volume is never held whole."""
         net = cast(Estimator, self.model.estimator)  # called for models with an estimator only
+        if net.spatial_dims == 3:
+            return self._estimate_volume_3d(lr, hr_shape, op, label, tick, geometry)
         r = net.slab // 2
         total = torch.zeros(hr_shape)
         axes = self._plane_axes(hr_shape, op, self.planes)
@@ -608,6 +618,42 @@ class Upscaler:
                 planes[start:stop] += out[:, 0, : planes.shape[1], : planes.shape[2]]
                 tick()
         return total.div_(len(axes)) if len(axes) > 1 else total
+
+    # a 3D estimator's chunks overlap by this many HR voxels on each side, so that a chunk's edges (replicate-padded)
+    # do not reach the planes it keeps
+    CHUNK_HALO = 16
+
+    def _chunks_3d(self, hr_shape, op) -> tuple[int, int]:
+        """The axis a 3D estimator's chunks are cut across (the longest axis that is not degraded, so each chunk
+        interpolates just its own LR planes) and the number of HR planes per chunk (about BATCH_PIXELS * 16
+        voxels with the halo)."""
+        free = [d for d in range(3) if d not in op.axes]
+        axis = max(free, key=lambda d: hr_shape[d])
+        cross = int(np.prod([n + (-n) % self.multiple for d, n in enumerate(hr_shape) if d != axis]))
+        cap = 16 * self.BATCH_PIXELS.get(self.device.type, self.BATCH_PIXELS["cuda"])
+        return axis, max(self.multiple, cap // cross - 2 * self.CHUNK_HALO)
+
+    def _estimate_volume_3d(self, lr: torch.Tensor, hr_shape, op, label: int, tick, geometry) -> torch.Tensor:
+        """A 3D estimator's estimate on the HR grid: the volume in chunks across a free axis, each with a halo of
+        CHUNK_HALO planes on both sides that is cut off again."""
+        net = cast(Estimator, self.model.estimator)
+        axis, depth = self._chunks_3d(hr_shape, op)
+        out = torch.zeros(hr_shape)
+        n, halo = hr_shape[axis], self.CHUNK_HALO
+        labels = torch.full((1,), label, dtype=torch.long, device=self.device)
+        for start in range(0, n, depth):
+            stop = min(start + depth, n)
+            lo, hi = max(start - halo, 0), min(stop + halo, n)
+            size = [*hr_shape]
+            size[axis] = hi - lo
+            cond = upsample(lr.narrow(axis, lo, hi - lo)[None, None], size)
+            x = _pad_to_multiple(cond, net.multiple)
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                y = net(x.to(self.device), labels, geometry.to(self.device)).float().cpu()[0, 0]
+            y = y[tuple(slice(0, m) for m in size)].narrow(axis, start - lo, stop - start)
+            out.narrow(axis, start, stop - start).copy_(y)
+            tick()
+        return out
 
     def _sample_volume(
         self, lr: torch.Tensor, hr_shape, op, label: int, seed: int, tick, encoded, estimate: torch.Tensor | None = None

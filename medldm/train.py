@@ -34,6 +34,7 @@ from medldm.checkpoint import (
     save_checkpoint,
     write_model_folder,
 )
+from medldm.choices import TrainingStage
 from medldm.config import Config, Stage, parse_config
 from medldm.config import Estimator as EstimatorSection
 from medldm.data import PairSampler, TrainingVolume, load_volumes
@@ -52,7 +53,7 @@ from medldm.scope import measured_scope
 
 __all__ = ["Trainer", "STAGES", "latent_scale", "resolve_precision"]
 
-STAGES = ("autoencoder", "estimator", "diffusion")
+STAGES = tuple(s.value for s in TrainingStage if s is not TrainingStage.all)  # in training order
 SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
 _noted_no_tensorboard = False  # say once per process that tensorboard is missing
 
@@ -141,29 +142,29 @@ class Trainer:
         self.trained: dict[str, torch.nn.Module] = {}  # each stage's live (non-EMA) model on this rank
 
     # ------------------------------------------------------------------------------------------ shared
-    def _training_forward(self, model):
+    def _training_forward(self, model, spatial_dims: int | None = None):
         """The callable a training step runs: the model in channels-last layout and/or compiled, by config
         (benchmarks/training.py measures both; the weights, EMA and checkpoints stay those of ``model``)."""
         cfg = self.config.training
         if cfg.channels_last:
-            model.to(memory_format=channels_last_format(self.config.data.spatial_dims))
+            model.to(memory_format=channels_last_format(spatial_dims or self.config.data.spatial_dims))
         return torch.compile(model) if cfg.compile else model
 
     def _in_model_layout(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in the memory layout the training forward expects (channels-last when the config asks)."""
         if not self.config.training.channels_last:
             return x
-        return x.contiguous(memory_format=channels_last_format(self.config.data.spatial_dims))
+        return x.contiguous(memory_format=channels_last_format(x.dim() - 2))
 
     @property
     def rank(self) -> int:
         return self.acc.process_index
 
-    def pair_sampler(self, *, slab: int | None = None) -> PairSampler:
+    def pair_sampler(self, *, slab: int | None = None, spatial_dims: int | None = None) -> PairSampler:
         if self._volumes is None:
             cache = self.config.data.cache
             self._volumes = load_volumes(self.config, self.data_root, cache=self.run_dir / cache if cache else None)
-        return PairSampler(self._volumes, self.config, rank=self.rank, slab=slab)
+        return PairSampler(self._volumes, self.config, rank=self.rank, slab=slab, spatial_dims=spatial_dims)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
@@ -440,16 +441,17 @@ class Trainer:
         stop = min(st.steps, max_steps or st.steps)
         if start >= stop:
             return self.stage_dir(stage)
-        pairs = self.pair_sampler(slab=cast(EstimatorSection, cfg.estimator).slab)  # build_estimator checked it
+        section = cast(EstimatorSection, cfg.estimator)  # build_estimator checked it
+        pairs = self.pair_sampler(slab=section.slab, spatial_dims=section.spatial_dims)
         model, opt = self.acc.prepare(model, opt)
-        forward = self._training_forward(model)
+        forward = self._training_forward(model, section.spatial_dims)
         codec = ConditionCodec(cfg)
         # cosine decay to 10 % over the whole stage: a function of the step, so resumed runs match (a Python float:
         # the optimizer state is saved with it and read back with weights_only=True)
         lr_at = lambda step: st.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / st.steps)))  # noqa: E731
 
         def step_fn(step: int) -> dict:
-            size = pairs.patch_size(step, st.progressive)
+            size = section.patch_size or pairs.patch_size(step, st.progressive)
             batch = pairs.batch(step, st.batch_size, size, stream=3)
             lr_in = self._in_model_layout(batch["lr"].to(self.acc.device))
             hr = batch["hr"].to(self.acc.device)
@@ -598,7 +600,7 @@ class Trainer:
         """Train ``stage`` or all stages in order; with ``all``, a stage stopped early by ``max_steps`` makes the
         later ones wait for a resumed run."""
         staged = self.config.estimator is not None or stage == "estimator"  # without a section it says so
-        for name in ("autoencoder", *(("estimator",) if staged else ()), "diffusion"):
+        for name in (s for s in STAGES if staged or s != "estimator"):
             if stage not in ("all", name):
                 continue
             getattr(self, f"train_{name}")(max_steps)

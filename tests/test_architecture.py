@@ -14,7 +14,7 @@ LAYERS = {  # docs/architecture.md, lowest first
     1: ("volume", "dicom", "intensity", "bids", "provenance"),
     2: ("degrade", "resample"),
     3: ("config", "diffusion", "nets", "checkpoint", "perceptual"),
-    4: ("data", "train", "pipeline", "adapt", "scope", "fusion", "registration", "figures", "cohort"),
+    4: ("data", "train", "pipeline", "adapt", "scope", "fusion", "registration", "figures", "cohort", "batch"),
     5: ("api", "demo", "cli", "evaluation"),
 }
 LAYER = {module: level for level, modules in LAYERS.items() for module in modules}

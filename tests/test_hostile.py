@@ -360,18 +360,18 @@ def test_invented_geometry_is_said_or_refused(tmp_path, case):
 
 # ---------------------------------------------------------------------------- 7. one folder, one meaning
 def test_a_folder_means_the_same_to_every_command(tmp_path):
-    from cli import _batch_inputs
+    from medldm.batch import batch_inputs
 
     series, _ = _series(tmp_path)  # DICOM slices, plus a NIfTI and a sub-folder beside them
     _small_scan(series, "extra.nii.gz")
     (series / "notes").mkdir()
-    assert _batch_inputs(series, None) is None  # upscale: the DICOM series, as for info and convert
+    assert batch_inputs(series, None) is None  # upscale: the DICOM series, as for info and convert
     shown = medldm("info", series)
     assert shown.returncode == 0 and "dicom" in shown.stdout, shown.stderr
     scans = tmp_path / "scans"  # NIfTI files and no DICOM files: a batch for upscale, refused by info by name
     scans.mkdir()
     _small_scan(scans, "a.nii.gz")
-    assert _batch_inputs(scans, None) == [scans / "a.nii.gz"]
+    assert batch_inputs(scans, None) == [scans / "a.nii.gz"]
     assert_refused(medldm("info", scans), scans, "a folder of scans is a batch for 'medldm upscale'")
 
 

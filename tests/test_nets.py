@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from medldm.checkpoint import load_partial_weights
-from medldm.nets import Estimator, geometry_features
+from medldm.errors import MedldmError
+from medldm.nets import Estimator, _shuffle, _unshuffle, geometry_features
 
 
 def _estimator(geometry: bool) -> Estimator:
@@ -51,3 +52,28 @@ def test_an_untrained_estimator_is_the_identity_on_the_centre_plane(geometry):
         out = net(x, torch.tensor([0, 1, 3]), geometry_features([2.0, 4.0, 5.5], 1.0) if geometry else None)
     assert out.shape == (3, 1, 32, 48)
     torch.testing.assert_close(out, x[:, 2:3], rtol=0, atol=0)
+
+
+def test_the_3d_estimator_is_the_identity_untrained_and_sees_whole_patches():
+    net = Estimator(slab=1, channels=[8, 16], num_res_blocks=1, num_labels=4, spatial_dims=3)
+    x = torch.rand(2, 1, 16, 24, 8)
+    with torch.no_grad():
+        out = net(x, torch.tensor([0, 3]))
+        assert out.shape == x.shape
+        torch.testing.assert_close(out, x, rtol=0, atol=0)
+        net.out.weight.add_(0.01)  # trained: a correction that depends on the neighbourhood
+        assert not torch.equal(net(x, torch.tensor([0, 3])), x)
+    with pytest.raises(MedldmError, match="slab must be 1"):
+        Estimator(slab=3, channels=[8, 16], num_res_blocks=1, num_labels=4, spatial_dims=3)
+
+
+def test_the_3d_pixel_unshuffle_is_lossless_and_orders_channels_like_the_2d_one():
+    x = torch.randn(2, 3, 4, 6, 8)
+    cells = _unshuffle(x)
+    assert cells.shape == (2, 24, 2, 3, 4)
+    torch.testing.assert_close(_shuffle(cells), x, rtol=0, atol=0)
+    # channel c * 8 + 4 i + 2 j + k holds voxel (2 d + i, 2 h + j, 2 w + k) of channel c, as 2D's c * 4 + 2 i + j
+    c, i, j, k, d, h, w = 2, 1, 0, 1, 1, 2, 3
+    assert cells[1, c * 8 + 4 * i + 2 * j + k, d, h, w] == x[1, c, 2 * d + i, 2 * h + j, 2 * w + k]
+    planes = torch.randn(1, 3, 4, 6)
+    torch.testing.assert_close(_unshuffle(planes), torch.nn.functional.pixel_unshuffle(planes, 2))
