@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m medldm.demo
+	$(BIN)/python -m medldm.evaluation.demo
 
 # The report test opens report.html in headless Chromium (Debian package `chromium`): installed once, as root
 # with apt-get; where that cannot be done, a note says so and the test reports the missing browser itself.

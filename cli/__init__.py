@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
-from medldm.choices import Format, Kind, Planes, Prior, Profile, Sampler, TrainingStage
+from medldm.choices import Format, Kind, Planes, Prior, Profile, Sampler, StageName
 from medldm.errors import MedldmError
 from medldm.intensity import CT_WINDOWS
 
@@ -374,7 +374,7 @@ def fuse(
 @app.command()
 def train(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config, e.g. configs/brain_mri.yaml")],
-    stage: Annotated[TrainingStage, typer.Option(help="which stage to train")] = TrainingStage.all,
+    stage: Annotated[StageName, typer.Option(help="which stage to train")] = StageName.all,
     run_dir: Annotated[Path | None, typer.Option(help="output folder (default: runs/<config name>)")] = None,
     resume: Annotated[
         Path | None, typer.Option(help="continue the run in this folder from its last checkpoint")
@@ -561,29 +561,18 @@ def upscale(
     """Upscale a scan (or every scan in a folder) with the latent diffusion model. Beside every output goes its
     provenance sidecar (<name>.json: command, input SHA-256, model digest, every setting, residual, time)."""
     from medldm import batch as runs
-    from medldm.provenance import sidecar_path
 
     _check_upscale_options(scan, spacing, scale, adapt, adapt_steps, adapt_minutes, save_adapted, overwrite, bids)
     batch, jobs, summary_dir = _upscale_jobs(scan, out, fmt, bids)
     if preview is not None and batch is not None:
         raise MedldmError("--preview takes one scan, not a batch folder", preview)
-    from medldm import cohort as cohorts
-
-    cohort = cohorts.current(device)  # under torchrun / accelerate launch: this process takes every n-th scan
-    if cohort is not None:
-        if batch is None and not cohort.is_main_process:
-            return  # one scan: the first process does it
-        jobs = cohorts.share(jobs, cohort) if batch is not None else jobs
-        device = str(cohort.device) if device == "auto" else device
+    shared = _share_jobs(jobs, batch is not None, device)
+    if shared is None:
+        return  # one scan: another process of the cohort does it
+    jobs, cohort, device = shared
     # every output of the run is checked before any work (a batch skips finished scans, so it checks the others)
     todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
-    _check_outputs(
-        [*todo, *([runs.uncertainty_path(t) for t in todo] if samples > 1 else [])],
-        overwrite,
-        previews=[preview] if preview is not None else [],
-        sidecars=[sidecar_path(t) for t in todo],
-        fmt=fmt,
-    )
+    _check_upscale_outputs(todo, overwrite, samples > 1, preview, fmt)
     from medldm.pipeline import Upscaler
 
     upscaler = Upscaler(
@@ -599,14 +588,8 @@ def upscale(
         refine=refine,
         refine_planes=refine_planes.value if refine_planes else None,
     )
-    near_mean = upscaler.steps < 8 or upscaler.model.estimator is not None and upscaler.refine == 0
-    if samples > 1 and not quiet and near_mean:
-        print(
-            f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
-            "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
-            "uncertainty map",
-            file=sys.stderr,
-        )
+    if samples > 1 and not quiet:
+        _note_spread(upscaler)
     request = runs.Request(
         axis=axis,
         scale=scale,
@@ -634,6 +617,44 @@ def upscale(
         )
     if batch is not None:
         _finish_batch(rows, cohort, summary_dir, scan if bids else None, quiet=quiet, json_lines=json_lines)
+
+
+def _check_upscale_outputs(todo: list[Path], overwrite: bool, uncertainty: bool, preview, fmt: Format) -> None:
+    from medldm.batch import uncertainty_path
+    from medldm.provenance import sidecar_path
+
+    _check_outputs(
+        [*todo, *([uncertainty_path(t) for t in todo] if uncertainty else [])],
+        overwrite,
+        previews=[preview] if preview is not None else [],
+        sidecars=[sidecar_path(t) for t in todo],
+        fmt=fmt,
+    )
+
+
+def _note_spread(upscaler) -> None:
+    """Several samples drawn close to the posterior mean: say that their spread is no uncertainty map."""
+    if upscaler.steps < 8 or upscaler.model.estimator is not None and upscaler.refine == 0:
+        print(
+            f"note: with {upscaler.steps} step(s) (refine {upscaler.refine}) the samples stay close to the "
+            "posterior mean, so their spread understates the uncertainty; use --steps 8 or more for an "
+            "uncertainty map",
+            file=sys.stderr,
+        )
+
+
+def _share_jobs(jobs: list, batch: bool, device: str):
+    """Under torchrun / accelerate launch, this process's share of the jobs (every n-th scan of a batch; one scan
+    goes to the first process, and the others get None), the cohort and the process's device."""
+    from medldm import cohort as cohorts
+
+    cohort = cohorts.current(device)
+    if cohort is None:
+        return jobs, None, device
+    if not batch and not cohort.is_main_process:
+        return None
+    jobs = cohorts.share(jobs, cohort) if batch else jobs
+    return jobs, cohort, str(cohort.device) if device == "auto" else device
 
 
 def _check_upscale_options(scan, spacing, scale, adapt, adapt_steps, adapt_minutes, save_adapted, overwrite, bids):
@@ -834,24 +855,10 @@ def evaluate(
 
     console = Console(stderr=True)
     if stacks:
-        from medldm.evaluation.fusion import evaluate_fusion
-
         if model is None:
             raise MedldmError("--stacks scores the model's fusion: pass --model")
-        with console.status("evaluating fusion") as status:
-            report = evaluate_fusion(
-                data,
-                out,
-                model=model,
-                scale=scale,
-                seed=seed,
-                device=device,
-                use_mask=not no_mask,
-                limit=limit,
-                lpips_weights=str(lpips_weights) if lpips_weights else None,
-                command=["medldm", *sys.argv[1:]],
-                progress=lambda name, i, n: status.update(f"fusing {escape(name)} ({i + 1}/{n})"),
-            )
+        fusion = {"scale": scale, "seed": seed, "device": device, "use_mask": not no_mask, "limit": limit}
+        report = _evaluate_fusion(data, out, model, fusion, lpips_weights, console)
     else:
         with console.status("evaluating") as status:
             report = run_evaluation(
@@ -888,6 +895,23 @@ def evaluate(
     elif not quiet:
         _print_summary(summary)
         print(f"report: {report}")
+
+
+def _evaluate_fusion(data: Path, out: Path, model: str, options: dict, lpips_weights: Path | None, console):
+    """medldm evaluate --stacks: the fusion report, with a status line per scan."""
+    from medldm.evaluation.fusion import evaluate_fusion
+    from rich.markup import escape
+
+    with console.status("evaluating fusion") as status:
+        return evaluate_fusion(
+            data,
+            out,
+            model=model,
+            **options,
+            lpips_weights=str(lpips_weights) if lpips_weights else None,
+            command=["medldm", *sys.argv[1:]],
+            progress=lambda name, i, n: status.update(f"fusing {escape(name)} ({i + 1}/{n})"),
+        )
 
 
 def _print_summary(summary: dict) -> None:

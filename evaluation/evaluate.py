@@ -9,6 +9,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from medldm.errors import MedldmError
 from medldm.resample import interpolate
 from medldm.volume import SCAN_SUFFIXES, Volume, load
 
-__all__ = ["evaluate", "score", "scan_list"]
+__all__ = ["Case", "Scores", "evaluate", "score", "scan_list"]
 
 UNADAPTED = "unadapted"  # with adapt: the same model before adapting to the scan
 
@@ -149,132 +150,39 @@ def evaluate(
     state = cohort.current(device)
     if state is not None and device == "auto":
         device = str(state.device)
+    sampling: dict[str, Any] = {"steps": steps, "sampler": sampler, "planes": planes, "refine": refine}
+    sampling["refine_planes"] = refine_planes
     upscaler = None
     if model is not None:
         from medldm.pipeline import Upscaler
 
-        upscaler = Upscaler(
-            model,
-            device=device,
-            steps=steps,
-            sampler=sampler,
-            planes=planes,
-            refine=refine,
-            refine_planes=refine_planes,
+        upscaler = Upscaler(model, device=device, **sampling)
+        sampling.update(  # the model's defaults where none was given
+            steps=upscaler.steps, refine=upscaler.refine, planes=upscaler.planes, refine_planes=upscaler.refine_planes
         )
-        steps, refine, planes = upscaler.steps, upscaler.refine, upscaler.planes
-        refine_planes = upscaler.refine_planes
-    offered = baselines_for(kind, regression=upscaler is not None and upscaler.model.estimator is not None)
-    methods = offered if baselines is None else tuple(baselines)
-    unknown = [m for m in methods if m not in offered]
-    if unknown:
-        raise MedldmError(
-            f"unknown or unavailable baseline {unknown[0]!r} for {kind}; choose from {', '.join(offered)}"
-        )
-    rows, examples, calibration = [], [], []
-    timings: dict[str, list[float]] = {}
-    if adapt is not None:
-        if upscaler is None:
-            raise MedldmError("--adapt adapts a model: pass --model")
-        from medldm.adapt import adapt as run_adaptation
-
-        methods = (*methods, UNADAPTED)
+    methods = _methods(kind, baselines, upscaler, adapt)
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
+    acquisition = {"kind": kind, "axis": axis, "scale": scale, "profile": profile, "thickness": thickness}
+    results = Scores()
+    run: dict[str, Any] = {"seed": seed, "samples": samples, "adapt": adapt}
     for n, path in cohort.share(list(enumerate([] if rd_only else files)), state):
         if progress:
             progress(path.name, n, len(files))
-        hr_full = load(path)
-        lr, truth = degrade_volume(hr_full, kind=kind, axis=axis, scale=scale, profile=profile, thickness=thickness)
-        op_axis, exact = lr.meta["degrade"]["axis"], lr.meta["degrade"]["scale"]  # non-integer: the grid's factor
-        op = make_operator(kind, axis=op_axis, scale=exact, profile=profile, thickness=thickness)
-        factors = op.factors(3)
-        options = {
-            "axis": op_axis,
-            "scale": exact,
-            "kind": kind,
-            "thickness": thickness * lr.spacing[op_axis] if kind == "slice-profile" else None,
-        }
-        mask = foreground_mask(truth.data) if use_mask else None
-        outputs, uncertainty = {}, None
-        for method in (m for m in methods if m not in (REGRESSION, UNADAPTED)):  # the model makes these two
-            tic = time.perf_counter()
-            outputs[method] = baseline(method, lr, op)
-            timings.setdefault(method, []).append(time.perf_counter() - tic)
-        residual = None
-        if upscaler is not None:
-            tic = time.perf_counter()
-            runner = upscaler
-            if adapt is not None:  # fine-tuned on this scan first (the time counts as the model's); also unadapted
-                plan = upscaler.plan(lr, **options)
-                outputs[UNADAPTED] = upscaler.upscale(lr, plan=plan, seed=seed).sr
-                timings.setdefault(UNADAPTED, []).append(time.perf_counter() - tic)
-                tic = time.perf_counter()
-                adapted = run_adaptation(upscaler.model, lr, plan, seed=seed, **adapt)
-                runner = upscaler.with_model(adapted.model)
-                timings.setdefault("adaptation", []).append(adapted.seconds)
-            # the regression baseline is the strongest regression the model gives: its estimate over both stacks of
-            # planes, made consistent; the model's own upscale provides it when it also uses both stacks
-            shared = REGRESSION in methods and runner.planes == "both"
-            result = runner.upscale(lr, **options, samples=samples, seed=seed, keep_estimate=shared)
-            timings.setdefault("model", []).append(time.perf_counter() - tic)
-            if shared:
-                outputs[REGRESSION] = result.estimate
-            elif REGRESSION in methods:
-                tic = time.perf_counter()
-                regression = Upscaler(runner.model, device=device, planes="both", refine=0.0)
-                outputs[REGRESSION] = regression.upscale(lr, **options).sr
-                timings.setdefault(REGRESSION, []).append(time.perf_counter() - tic)
-            outputs["model"], uncertainty, residual = result.sr, result.uncertainty, result.residual
-        # op_axis is the thick axis, or for in-plane kinds the slice axis: 2D SSIM over the HR slices across it
-        # (for in-plane kinds, the acquired slices)
-        tissues = TissueClasses(truth.data, mask)  # fitted to the truth, applied unchanged to every output
-        for method, pred in outputs.items():
-            row = {
-                "volume": path.name,
-                "method": method,
-                **score(pred, truth, mask=mask, axis=op_axis, lpips_weights=lpips_folder),
-                **tissues.compare(pred.data),
-            }
-            if method == "model":
-                row["consistency_residual"] = residual
-                if uncertainty is not None and np.ptp(uncertainty.data) > 0:
-                    cal = uncertainty_calibration(uncertainty.data, pred.data, truth.data, mask=mask)
-                    row["uncertainty_spearman"] = cal["spearman"]
-                    calibration.append({"volume": path.name, **cal})
-            rows.append(row)
+        case, lr, factors = _run_case(path, acquisition, methods, upscaler, results.timings, **run)
+        results.add(case, path.name, use_mask=use_mask, lpips_weights=lpips_folder)
         if n == 0:
-            examples.append(_example(truth, lr, outputs, uncertainty, op_axis, factors))
-    if state is not None:  # everyone's results, in the order of the scan list, for the first process to report
-        order = {p.name: i for i, p in enumerate(files)}
-        rows = sorted(cohort.gather(rows, state), key=lambda r: order[r["volume"]])  # stable: methods keep order
-        examples = cohort.gather(examples, state)
-        calibration = sorted(cohort.gather(calibration, state), key=lambda c: order[c["volume"]])
-        merged: dict[str, list] = {}
-        for part in cohort.gather([timings], state):
-            for method, values in part.items():
-                merged.setdefault(method, []).extend(values)
-        timings = merged
-        if not state.is_main_process:
-            return None
+            results.examples.append(_example(case.truth, lr, case.outputs, case.uncertainty, case.axis, factors))
+    if state is not None and not results.gather(state, files):
+        return None  # the first process reports everyone's results
     rd_data, rd_sample = None, None
     if (rd or rd_only) and upscaler is not None:
         rd_data, rd_sample = _rate_distortion(upscaler, files[0], kind=kind, axis=axis, scale=scale, profile=profile)
     protocol = _protocol(
         files,
-        model=upscaler.model if upscaler else None,
-        kind=kind,
-        axis=axis,
-        scale=scale,
-        profile=profile,
-        steps=steps,
-        sampler=sampler,
-        samples=samples,
-        seed=seed,
-        planes=planes,
-        refine=refine,
-        refine_planes=refine_planes,
-        thickness=thickness,
+        upscaler.model if upscaler else None,
+        acquisition,
+        {**sampling, "samples": samples, "seed": seed},
         adapt=adapt,
         use_mask=use_mask,
         lpips_sums=verify_checksums(lpips_folder),
@@ -282,16 +190,149 @@ def evaluate(
     )
     return write_report(
         out,
-        rows=rows,
+        rows=results.rows,
         protocol=protocol,
-        examples=examples,
+        examples=results.examples,
         rd=rd_data,
-        timings={k: float(np.mean(v)) for k, v in timings.items()},
+        timings={k: float(np.mean(v)) for k, v in results.timings.items()},
         metrics=SUMMARY_METRICS,
         baselines=methods,
-        calibration=calibration,
+        calibration=results.calibration,
         rd_sample=rd_sample,
     )
+
+
+def _methods(kind: str, baselines, upscaler, adapt: dict | None) -> tuple[str, ...]:
+    """The methods scored besides the model: the chosen (or every applicable) baseline, and with ``adapt`` the
+    model before adaptation."""
+    offered = baselines_for(kind, regression=upscaler is not None and upscaler.model.estimator is not None)
+    methods = offered if baselines is None else tuple(baselines)
+    unknown = [m for m in methods if m not in offered]
+    if unknown:
+        raise MedldmError(
+            f"unknown or unavailable baseline {unknown[0]!r} for {kind}; choose from {', '.join(offered)}"
+        )
+    if adapt is not None:
+        if upscaler is None:
+            raise MedldmError("--adapt adapts a model: pass --model")
+        methods = (*methods, UNADAPTED)
+    return methods
+
+
+@dataclass
+class Case:
+    """One scan's truth and every method's output on it."""
+
+    truth: Volume
+    axis: int  # the operator's axis (thick slices, or for in-plane kinds the slice axis): 2D SSIM across it
+    outputs: dict[str, Volume] = field(default_factory=dict)
+    uncertainty: Volume | None = None
+    residual: float | None = None  # the model's consistency residual
+
+
+def _timed(timings: dict[str, list[float]], method: str, tic: float) -> float:
+    """Record the seconds since ``tic`` for ``method``; returns now."""
+    now = time.perf_counter()
+    timings.setdefault(method, []).append(now - tic)
+    return now
+
+
+def _run_case(path: Path, acquisition: dict, methods, upscaler, timings, *, seed: int, samples: int, adapt):
+    """Degrade the scan at ``path`` as ``acquisition`` says, and run the baselines and the model on it; returns
+    the Case, the LR scan and the operator's factors."""
+    lr, truth = degrade_volume(load(path), **acquisition)
+    kind, thickness = acquisition["kind"], acquisition["thickness"]
+    op_axis, exact = lr.meta["degrade"]["axis"], lr.meta["degrade"]["scale"]  # non-integer: the grid's factor
+    op = make_operator(kind, axis=op_axis, scale=exact, profile=acquisition["profile"], thickness=thickness)
+    case = Case(truth, op_axis)
+    for method in (m for m in methods if m not in (REGRESSION, UNADAPTED)):  # the model makes these two
+        tic = time.perf_counter()
+        case.outputs[method] = baseline(method, lr, op)
+        _timed(timings, method, tic)
+    if upscaler is not None:
+        options = {
+            "axis": op_axis,
+            "scale": exact,
+            "kind": kind,
+            "thickness": thickness * lr.spacing[op_axis] if kind == "slice-profile" else None,
+        }
+        _run_model(case, lr, upscaler, options, methods, timings, seed=seed, samples=samples, adapt=adapt)
+    return case, lr, op.factors(3)
+
+
+def _run_model(case: Case, lr: Volume, upscaler, options, methods, timings, *, seed: int, samples: int, adapt) -> None:
+    """The model's output on the case (and with ``adapt`` first its output unadapted, then the adaptation, whose
+    time counts as the model's), and the regression baseline."""
+    from medldm.pipeline import Upscaler
+
+    runner = upscaler
+    tic = time.perf_counter()
+    if adapt is not None:
+        from medldm.adapt import adapt as run_adaptation
+
+        plan = upscaler.plan(lr, **options)
+        case.outputs[UNADAPTED] = upscaler.upscale(lr, plan=plan, seed=seed).sr
+        tic = _timed(timings, UNADAPTED, tic)
+        adapted = run_adaptation(upscaler.model, lr, plan, seed=seed, **adapt)
+        runner = upscaler.with_model(adapted.model)
+        timings.setdefault("adaptation", []).append(adapted.seconds)
+    # the regression baseline is the strongest regression the model gives: its estimate over both stacks of
+    # planes, made consistent; the model's own upscale provides it when it also uses both stacks
+    shared = REGRESSION in methods and runner.planes == "both"
+    result = runner.upscale(lr, **options, samples=samples, seed=seed, keep_estimate=shared)
+    tic = _timed(timings, "model", tic)
+    if shared:
+        case.outputs[REGRESSION] = result.estimate
+    elif REGRESSION in methods:
+        regression = Upscaler(runner.model, device=str(runner.device), planes="both", refine=0.0)
+        case.outputs[REGRESSION] = regression.upscale(lr, **options).sr
+        _timed(timings, REGRESSION, tic)
+    case.outputs["model"], case.uncertainty, case.residual = result.sr, result.uncertainty, result.residual
+
+
+@dataclass
+class Scores:
+    """The rows of the metrics table, the example figures, the uncertainty calibration and the timings."""
+
+    rows: list[dict] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
+    calibration: list[dict] = field(default_factory=list)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, case: Case, name: str, *, use_mask: bool, lpips_weights) -> None:
+        """Score every output of ``case`` against its truth."""
+        truth = case.truth
+        mask = foreground_mask(truth.data) if use_mask else None
+        tissues = TissueClasses(truth.data, mask)  # fitted to the truth, applied unchanged to every output
+        for method, pred in case.outputs.items():
+            # 2D SSIM over the HR slices across the operator's axis (for in-plane kinds, the acquired slices)
+            row = {
+                "volume": name,
+                "method": method,
+                **score(pred, truth, mask=mask, axis=case.axis, lpips_weights=lpips_weights),
+                **tissues.compare(pred.data),
+            }
+            if method == "model":
+                row["consistency_residual"] = case.residual
+                unc = case.uncertainty
+                if unc is not None and np.ptp(unc.data) > 0:
+                    cal = uncertainty_calibration(unc.data, pred.data, truth.data, mask=mask)
+                    row["uncertainty_spearman"] = cal["spearman"]
+                    self.calibration.append({"volume": name, **cal})
+            self.rows.append(row)
+
+    def gather(self, state, files: list[Path]) -> bool:
+        """Merge every process's results, in the order of the scan list; True in the process that reports."""
+        order = {p.name: i for i, p in enumerate(files)}
+        self.rows = sorted(cohort.gather(self.rows, state), key=lambda r: order[r["volume"]])  # methods keep order
+        self.examples = cohort.gather(self.examples, state)
+        self.calibration = sorted(cohort.gather(self.calibration, state), key=lambda c: order[c["volume"]])
+        merged: dict[str, list] = {}
+        for part in cohort.gather([self.timings], state):
+            for method, values in part.items():
+                merged.setdefault(method, []).extend(values)
+        self.timings = merged
+        return bool(state.is_main_process)
 
 
 def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tuple[dict, str | None]:
@@ -343,56 +384,58 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
     return rd, sample
 
 
-def _protocol(
-    files,
-    *,
-    model,
-    kind,
-    axis,
-    scale,
-    profile,
-    steps,
-    sampler,
-    samples,
-    seed,
-    planes,
-    refine,
-    use_mask,
-    lpips_sums,
-    refine_planes=None,
-    thickness=1.0,
-    adapt=None,
-    command=None,
-) -> dict:
+def _protocol(files, model, acquisition: dict, sampling: dict, *, adapt, use_mask, lpips_sums, command) -> dict:
+    """The report's protocol section: what was degraded how, each method and metric, the software, the command
+    and the model with its sampling."""
+    from medldm.provenance import git_commit, model_digest
+
+    protocol: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "scans": f"{len(files)}: " + ", ".join(p.name for p in files),
+        **_methods_protocol(acquisition, regression=model is not None and model.estimator is not None),
+        **_metrics_protocol(use_mask, lpips_sums),
+    }
+    protocol["provenance"] = {
+        "command line": shlex.join(command or sys.argv),
+        "cwd": os.getcwd(),
+        "medldm": __version__ + (f" (git {git_commit()})" if git_commit() else ""),
+    }
+    if model is not None:
+        protocol["provenance"]["model sha256"] = model_digest(model.path)
+        protocol.update(_model_protocol(model, sampling, adapt))
+    return protocol
+
+
+def _methods_protocol(acquisition: dict, *, regression: bool) -> dict[str, Any]:
+    kind, scale, thickness = acquisition["kind"], acquisition["scale"], acquisition["thickness"]
+    degradation = (
+        f"{kind} x{scale:g} along {acquisition['axis']} (profile {acquisition['profile']}"
+        + (f", slice thickness {thickness:g} x the spacing" if thickness != 1 else "")
+        + "), medldm.degrade; the truth is the input cropped to hold whole LR samples"
+    )
+    if not float(scale).is_integer():
+        degradation += " (docs/grids.md: the exact factor may differ from the one asked by up to 0.5 / LR slices)"
+    baselines = (
+        "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid; "
+        "bspline-dc: cubic B-spline with the model's data-consistency projection x + A^+(y - Ax)"
+    )
+    if kind == "kspace":
+        baselines += "; zero-fill: zero filling (pseudo-inverse of the k-space truncation, sinc interpolation)"
+    if regression:
+        baselines += (
+            "; regression: the model's own regression (estimator) stage over both stacks of planes with "
+            "the same projection, without the diffusion model's detail"
+        )
+    return {"degradation": degradation, "baselines": baselines}
+
+
+def _metrics_protocol(use_mask: bool, lpips_sums: dict) -> dict[str, Any]:
     import monai
     import skimage
     import torch
 
     skimage_version = skimage.__version__  # type: ignore[attr-defined]  # left out of skimage's __init__.pyi
-    protocol: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "scans": f"{len(files)}: " + ", ".join(p.name for p in files),
-        "degradation": f"{kind} x{scale:g} along {axis} (profile {profile}"
-        + (f", slice thickness {thickness:g} x the spacing" if thickness != 1 else "")
-        + "), medldm.degrade; the truth is the input cropped to hold whole LR samples"
-        + (
-            ""
-            if float(scale).is_integer()
-            else " (docs/grids.md: the exact factor may differ from the one asked by up to 0.5 / LR slices)"
-        ),
-        "baselines": "nearest, trilinear, cubic B-spline (scipy map_coordinates with prefilter) on the exact HR grid; "
-        "bspline-dc: cubic B-spline with the model's data-consistency projection x + A^+(y - Ax)"
-        + (
-            "; zero-fill: zero filling (pseudo-inverse of the k-space truncation, sinc interpolation)"
-            if kind == "kspace"
-            else ""
-        )
-        + (
-            "; regression: the model's own regression (estimator) stage over both stacks of planes with "
-            "the same projection, without the diffusion model's detail"
-            if model is not None and model.estimator is not None
-            else ""
-        ),
+    return {
         "data range": "per-volume maximum of the truth (fastMRI convention), original intensity units",
         "mask": "Otsu foreground of the truth, holes filled, largest component" if use_mask else "whole volume",
         "SSIM": "scikit-image, 7-voxel uniform window, K1=0.01, K2=0.03; 'ssim' = mean of 2D slices across the "
@@ -413,38 +456,31 @@ def _protocol(
         f"scikit-image {skimage_version}, numpy {np.__version__}, Python {platform.python_version()}",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
     }
-    from medldm.provenance import git_commit, model_digest
 
-    protocol["provenance"] = {
-        "command line": shlex.join(command or sys.argv),
-        "cwd": os.getcwd(),
-        "medldm": __version__ + (f" (git {git_commit()})" if git_commit() else ""),
-    }
-    if model is not None:
-        staged = model.estimator is not None
-        protocol["provenance"]["model sha256"] = model_digest(model.path)
-        protocol["model"] = (
-            f"{model.path} (config {model.info.get('config_digest')}, "
-            f"autoencoder {model.info.get('autoencoder_steps')} steps, "
-            f"diffusion {model.info.get('diffusion_steps')} steps"
-            + (f", estimator {model.info.get('estimator_steps')} steps" if staged else "")
-            + ")"
+
+def _model_protocol(model, sampling: dict, adapt: dict | None) -> dict[str, str]:
+    staged = model.estimator is not None
+    info = model.info
+    described = (
+        f"{model.path} (config {info.get('config_digest')}, autoencoder {info.get('autoencoder_steps')} steps, "
+        f"diffusion {info.get('diffusion_steps')} steps"
+        + (f", estimator {info.get('estimator_steps')} steps" if staged else "")
+        + ")"
+    )
+    how = (
+        f"{sampling['sampler']}, {sampling['steps']} steps, {sampling['samples']} sample(s), seed {sampling['seed']}, "
+        f"planes {sampling['planes']}, "
+    )
+    if staged:
+        how += (
+            f"refine {sampling['refine']} (diffusion from the regression estimate; detail from planes "
+            f"{sampling['refine_planes']}), "
         )
-        protocol["sampling"] = (
-            f"{sampler}, {steps} steps, {samples} sample(s), seed {seed}, planes {planes}, "
-            + (
-                f"refine {refine} (diffusion from the regression estimate; detail from planes {refine_planes}), "
-                if staged
-                else ""
-            )
-            + "data consistency on"
-            + (
-                "; adapted to each degraded scan first (medldm.adapt: the estimator fine-tuned "
-                f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps and "
-                f"{adapt['minutes'] or 'no limit in'} minutes; 'unadapted' is the same model "
-                "without it)"
-                if adapt
-                else ""
-            )
+    how += "data consistency on"
+    if adapt:
+        how += (
+            "; adapted to each degraded scan first (medldm.adapt: the estimator fine-tuned "
+            f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps and "
+            f"{adapt['minutes'] or 'no limit in'} minutes; 'unadapted' is the same model without it)"
         )
-    return protocol
+    return {"model": described, "sampling": how}

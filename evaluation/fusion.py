@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from medldm.evaluation.evaluate import _protocol, scan_list, score
-from medldm.evaluation.metrics import SUMMARY_METRICS, TissueClasses, foreground_mask
+from medldm.evaluation.evaluate import Case, Scores, _protocol, scan_list
+from medldm.evaluation.metrics import SUMMARY_METRICS
 
 from medldm.degrade import degrade_volume
 from medldm.errors import MedldmError
@@ -58,7 +58,6 @@ def evaluate_fusion(
     """Write the fusion report (``report.html``, ``metrics.csv``, ``summary.json``) for the HR scans in ``data``."""
     from medldm.evaluation.report import write_report
 
-    from medldm.fusion import fuse
     from medldm.perceptual import find_lpips_weights, verify_checksums
     from medldm.pipeline import Upscaler
 
@@ -68,8 +67,7 @@ def evaluate_fusion(
     files = scan_list(data)[:limit]
     lpips_folder = find_lpips_weights(lpips_weights)
     upscaler = Upscaler(model, device=device)
-    rows, examples = [], []
-    timings: dict[str, list[float]] = {}
+    results = Scores()
     for n, path in enumerate(files):
         if progress:
             progress(path.name, n, len(files))
@@ -81,47 +79,19 @@ def evaluate_fusion(
             lr = degrade_volume(truth, kind="slice-profile", axis=a, scale=scale).lr
             lr.meta["path"] = f"{path.name} thick along {AXES[a]}"
             stacks.append(lr)
-        cached = _Cached(upscaler)
-        outputs = {}
-        tic = time.perf_counter()
-        fused = fuse(stacks, like=truth, prior="model", upscaler=cached, consistent=False)
-        outputs["model-average"] = fused.volume
-        fused = fuse(stacks, like=truth, prior="model", upscaler=cached)
-        timings.setdefault("model", []).append(time.perf_counter() - tic)
-        outputs["model"] = fused.volume
-        tic = time.perf_counter()
-        outputs["bspline-dc"] = fuse(stacks, like=truth, prior="bspline").volume
-        timings.setdefault("bspline-dc", []).append(time.perf_counter() - tic)
-        for a, lr in enumerate(stacks):
-            outputs[f"upscale-{AXES[a]}"] = cached.results[lr.meta["path"]].sr
-        mask = foreground_mask(truth.data) if use_mask else None
-        tissues = TissueClasses(truth.data, mask)
-        for method, pred in outputs.items():
-            row = {
-                "volume": path.name,
-                "method": method,
-                **score(pred, truth, mask=mask, axis=2, lpips_weights=lpips_folder),
-                **tissues.compare(pred.data),
-            }
-            if method == "model":
-                row["consistency_residual"] = max(fused.residuals.values())
-            rows.append(row)
+        case = _fuse_case(truth, stacks, upscaler, results.timings)
+        results.add(case, path.name, use_mask=use_mask, lpips_weights=lpips_folder)
         if n == 0:
-            examples.append(_example(truth, stacks, outputs))
+            results.examples.append(_example(truth, stacks, case.outputs))
+    acquisition = {"kind": "slice-profile", "axis": "each voxel axis in turn", "scale": scale, "profile": "gaussian"}
+    sampling = {"sampler": upscaler.sampler, "steps": upscaler.steps, "samples": 1, "seed": seed}
+    sampling.update(planes=upscaler.planes, refine=upscaler.refine, refine_planes=upscaler.refine_planes)
     protocol = _protocol(
         files,
-        model=upscaler.model,
-        kind="slice-profile",
-        axis="each voxel axis in turn",
-        scale=scale,
-        profile="gaussian",
-        steps=upscaler.steps,
-        sampler=upscaler.sampler,
-        samples=1,
-        seed=seed,
-        planes=upscaler.planes,
-        refine=upscaler.refine,
-        refine_planes=upscaler.refine_planes,
+        upscaler.model,
+        {**acquisition, "thickness": 1.0},
+        sampling,
+        adapt=None,
         use_mask=use_mask,
         lpips_sums=verify_checksums(lpips_folder),
         command=command,
@@ -138,14 +108,34 @@ def evaluate_fusion(
     )
     return write_report(
         out,
-        rows=rows,
+        rows=results.rows,
         protocol=protocol,
-        examples=examples,
-        timings={k: float(np.mean(v)) for k, v in timings.items()},
+        examples=results.examples,
+        timings={k: float(np.mean(v)) for k, v in results.timings.items()},
         metrics=SUMMARY_METRICS,
         baselines=FUSION_BASELINES,
         title="Fusion of orthogonal thick-slice stacks",
     )
+
+
+def _fuse_case(truth, stacks, upscaler, timings: dict[str, list[float]]) -> Case:
+    """The fusions of ``stacks`` on the truth's grid (the model's, with and without the joint consistency step,
+    and B-spline's), and the model's upscale of each stack alone."""
+    from medldm.fusion import fuse
+
+    cached = _Cached(upscaler)
+    case = Case(truth, axis=2)
+    tic = time.perf_counter()
+    case.outputs["model-average"] = fuse(stacks, like=truth, prior="model", upscaler=cached, consistent=False).volume
+    fused = fuse(stacks, like=truth, prior="model", upscaler=cached)
+    timings.setdefault("model", []).append(time.perf_counter() - tic)
+    case.outputs["model"], case.residual = fused.volume, max(fused.residuals.values())
+    tic = time.perf_counter()
+    case.outputs["bspline-dc"] = fuse(stacks, like=truth, prior="bspline").volume
+    timings.setdefault("bspline-dc", []).append(time.perf_counter() - tic)
+    for a, lr in enumerate(stacks):
+        case.outputs[f"upscale-{AXES[a]}"] = cached.results[lr.meta["path"]].sr
+    return case
 
 
 def _example(truth, stacks, outputs) -> dict:

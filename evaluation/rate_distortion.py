@@ -113,6 +113,18 @@ class _EvalMode:
 
 # ------------------------------------------------------------------------------------------ autoencoder
 @torch.no_grad()
+def _check_autoencoder_arguments(autoencoder, latent_scale: float, data_range: float, batch_size: int) -> str:
+    """The autoencoder's kind, once the arguments are known to make sense."""
+    kind = getattr(autoencoder, "kind", None)
+    if kind not in ("kl", "vq"):
+        raise MedldmError(f"autoencoder kind must be 'kl' or 'vq', got {kind!r}")
+    if not latent_scale > 0 or not data_range > 0:
+        raise MedldmError(f"latent_scale and data_range must be positive, got {latent_scale} and {data_range}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise MedldmError(f"batch_size must be a positive integer, got {batch_size}")
+    return kind
+
+
 def autoencoder_rd(
     autoencoder: Autoencoder,
     images: Tensor,
@@ -149,13 +161,7 @@ def autoencoder_rd(
         ``log2_codebook_bits_per_voxel``.
     """
     images = _check_images(images)
-    kind = getattr(autoencoder, "kind", None)
-    if kind not in ("kl", "vq"):
-        raise MedldmError(f"autoencoder kind must be 'kl' or 'vq', got {kind!r}")
-    if not latent_scale > 0 or not data_range > 0:
-        raise MedldmError(f"latent_scale and data_range must be positive, got {latent_scale} and {data_range}")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise MedldmError(f"batch_size must be a positive integer, got {batch_size}")
+    kind = _check_autoencoder_arguments(autoencoder, latent_scale, data_range, batch_size)
     device = _module_device(autoencoder)
     batches = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
     voxels = images.numel()

@@ -98,29 +98,16 @@ def write_report(
         raise MedldmError("no metrics rows to report")
     direction = {**HIGHER_IS_BETTER, **(higher_is_better or {})}
     present = [m for m in metrics if any(r.get(m) is not None for r in rows)]
-    table = summarise(
-        rows,
-        metrics=present,
-        higher_is_better=direction,
-        baselines=list(baselines),
-        confidence=confidence,
-        n_boot=n_boot,
-        seed=seed,
-    )
     per_class = [m for m in PER_CLASS_METRICS if any(r.get(m) is not None for r in rows)]
-    volumetry = (
-        summarise(
-            rows,
-            metrics=per_class,
-            higher_is_better=direction,
-            baselines=list(baselines),
-            confidence=confidence,
-            n_boot=n_boot,
-            seed=seed,
-        )
-        if per_class
-        else []
-    )
+    options = {
+        "higher_is_better": direction,
+        "baselines": list(baselines),
+        "confidence": confidence,
+        "n_boot": n_boot,
+        "seed": seed,
+    }
+    table = summarise(rows, metrics=present, **options)
+    volumetry = summarise(rows, metrics=per_class, **options) if per_class else []
     statistics = _statistics(confidence=confidence, n_boot=n_boot, seed=seed)
     created = datetime.now(timezone.utc).replace(microsecond=0)
     summary = {
@@ -159,13 +146,18 @@ def write_report(
         "summary.json": json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n",
         "report.html": html_text,
     }
+    _write_files(out, texts, figures.files)
+    return out / "report.html"
+
+
+def _write_files(out: Path, texts: dict[str, str], figures: dict[str, bytes]) -> None:
+    """The figures, then the report's files, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     (out / FIGURES_DIR).mkdir(exist_ok=True)
-    for name, data in figures.files.items():
+    for name, data in figures.items():
         write_bytes(out / FIGURES_DIR / name, data)
     for name, text in texts.items():
         write_text(out / name, text)
-    return out / "report.html"
 
 
 def _csv_text(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:

@@ -194,35 +194,7 @@ def _results_section(summary: dict, table: list[dict], table_id: str = "results-
         f"p vs {_e(best_base[m]) if best_base[m] else 'baseline'}</span></th>"
         for m in metrics
     )
-    body = []
-    for method in methods:
-        is_base = method in baselines
-        n_vol = max(cells[(method, m)]["n"] + cells[(method, m)]["n_missing"] for m in metrics)
-        tag = '<span class="tag">baseline</span>' if is_base else ""
-        tds = [f"<td>{_e(method)}{tag}</td>", f'<td class="num">{n_vol}</td>']
-        for m in metrics:
-            r, d = cells[(method, m)], decimals[m]
-            if r["mean"] is None:
-                tds.append('<td class="num">-</td>')
-                continue
-            mean = f"{r['mean']:.{d}f}"
-            if r["mean"] == best_mean[m]:
-                mean = f"<strong>{mean}</strong>"
-            text = f'{mean} <span class="ci">[{r["ci_low"]:.{d}f}, {r["ci_high"]:.{d}f}]</span>'
-            if r["n"] != n_vol:
-                text += f' <span class="sub">(n={r["n"]})</span>'
-            if is_base:
-                text += '<br><span class="sub">-</span>'
-            else:
-                p = r["p_value"]
-                tip = (
-                    "test undefined (fewer than 2 pairs or no differences)"
-                    if p is None
-                    else (f"p = {p:.6g}, {r['n_pairs']} pairs")
-                )
-                text += f'<br><span class="p" title="{_e(tip)}">{_format_p(p)}</span>'
-            tds.append(f'<td class="num">{text}</td>')
-        body.append(f'<tr class="{"baseline" if is_base else "method"}">{"".join(tds)}</tr>')
+    body = [_result_row(method, method in baselines, metrics, cells, best_mean, decimals) for method in methods]
 
     up = [metric_label(m) for m in metrics if summary["higher_is_better"][m]]
     down = [metric_label(m) for m in metrics if not summary["higher_is_better"][m]]
@@ -250,6 +222,34 @@ def _results_section(summary: dict, table: list[dict], table_id: str = "results-
         + "\n</tbody></table></div>\n"
         + "\n".join(notes)
     )
+
+
+def _result_row(method: str, is_base: bool, metrics, cells: dict, best_mean: dict, decimals: dict) -> str:
+    """One method's row of the results table: each metric's mean [CI] and its p-value against the best
+    baseline."""
+    n_vol = max(cells[(method, m)]["n"] + cells[(method, m)]["n_missing"] for m in metrics)
+    tag = '<span class="tag">baseline</span>' if is_base else ""
+    tds = [f"<td>{_e(method)}{tag}</td>", f'<td class="num">{n_vol}</td>']
+    for m in metrics:
+        r, d = cells[(method, m)], decimals[m]
+        if r["mean"] is None:
+            tds.append('<td class="num">-</td>')
+            continue
+        mean = f"{r['mean']:.{d}f}"
+        if r["mean"] == best_mean[m]:
+            mean = f"<strong>{mean}</strong>"
+        text = f'{mean} <span class="ci">[{r["ci_low"]:.{d}f}, {r["ci_high"]:.{d}f}]</span>'
+        if r["n"] != n_vol:
+            text += f' <span class="sub">(n={r["n"]})</span>'
+        if is_base:
+            text += '<br><span class="sub">-</span>'
+        else:
+            p = r["p_value"]
+            tip = f"p = {p:.6g}, {r['n_pairs']} pairs" if p is not None else ""
+            tip = tip or "test undefined (fewer than 2 pairs or no differences)"
+            text += f'<br><span class="p" title="{_e(tip)}">{_format_p(p)}</span>'
+        tds.append(f'<td class="num">{text}</td>')
+    return f'<tr class="{"baseline" if is_base else "method"}">{"".join(tds)}</tr>'
 
 
 def _img(uri: str, alt: str) -> str:

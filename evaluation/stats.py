@@ -120,6 +120,26 @@ def _method_order(rows: Sequence[Mapping], baselines: Sequence[str]) -> list[str
     return [m for m in baselines if m in seen] + [m for m in seen if m not in baselines]
 
 
+def _values_by_method(rows: Sequence[Mapping], metrics: Sequence[str]):
+    """{(method, metric): {volume: value}} over the rows, and the (volume, method) pairs seen; refuses rows
+    without a volume or method, repeated pairs and values that are not finite numbers."""
+    per: dict[tuple[str, str], dict[str, float]] = {}
+    seen: set[tuple[str, str]] = set()
+    for i, row in enumerate(rows):
+        for key in ("volume", "method"):
+            if row.get(key) is None:
+                raise MedldmError(f"metrics row {i} has no {key!r}")
+        volume, method = str(row["volume"]), str(row["method"])
+        if (volume, method) in seen:
+            raise MedldmError(f"metrics row {i}: volume {volume!r} appears twice for method {method!r}")
+        seen.add((volume, method))
+        for metric in metrics:
+            v = _value(row, metric, f"metrics row {i} ({volume}, {method})")
+            if v is not None:
+                per.setdefault((method, metric), {})[volume] = v
+    return per, seen
+
+
 def summarise(
     rows: Sequence[Mapping],
     *,
@@ -157,20 +177,7 @@ def summarise(
     for metric in metrics:
         if metric not in higher_is_better:
             raise MedldmError(f"no direction (higher or lower is better) given for metric {metric!r}")
-    per: dict[tuple[str, str], dict[str, float]] = {}  # (method, metric) -> {volume: value}
-    seen: set[tuple[str, str]] = set()
-    for i, row in enumerate(rows):
-        for key in ("volume", "method"):
-            if row.get(key) is None:
-                raise MedldmError(f"metrics row {i} has no {key!r}")
-        volume, method = str(row["volume"]), str(row["method"])
-        if (volume, method) in seen:
-            raise MedldmError(f"metrics row {i}: volume {volume!r} appears twice for method {method!r}")
-        seen.add((volume, method))
-        for metric in metrics:
-            v = _value(row, metric, f"metrics row {i} ({volume}, {method})")
-            if v is not None:
-                per.setdefault((method, metric), {})[volume] = v
+    per, seen = _values_by_method(rows, metrics)
 
     methods = _method_order(rows, baselines)
     n_rows = {m: sum(1 for _, meth in seen if meth == m) for m in methods}

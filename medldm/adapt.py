@@ -63,8 +63,28 @@ def adapt(
     """Fine-tune ``model``'s estimator on pairs made from ``volume``'s own slices (see the module docstring) and
     return the adapted model. Stops after ``steps`` steps or ``minutes`` minutes, whichever comes first (at least
     one of them must be set). ``plan`` is the medldm.pipeline.Plan of the upscale to come (thick slices)."""
+    factor, thick_axes = _geometry(model, volume, plan, steps, minutes)
+    pairs, label, size = _own_pairs(model, volume, plan, factor, thick_axes, seed)
+    net = copy.deepcopy(model.estimator).train().requires_grad_(True)
+    if PARAMETERS == "bias":
+        for name, p in net.named_parameters():
+            p.requires_grad_(name.endswith("bias") or ".norm" in name or p.ndim == 1)
+    started = time.perf_counter()
+    losses = _fine_tune(net, pairs, label, size, steps=steps, minutes=minutes, seed=seed, progress=progress)
+    if not losses or not all(math.isfinite(v) for v in losses):
+        raise MedldmError("adaptation diverged (a non-finite loss); upscale without --adapt", volume.path)
+    step = len(losses)
+    adapted = replace(model, estimator=net.eval().requires_grad_(False))
+    return Adaptation(adapted, step, time.perf_counter() - started, losses, factor, plan.thickness)
+
+
+def _geometry(model, volume, plan, steps, minutes) -> tuple[float, tuple[int, ...]]:
+    """The factor from the finest in-plane spacing to it, and the in-plane axes the pairs thicken;
+    refuses what cannot be adapted."""
     if model.estimator is None:
         raise MedldmError("--adapt fine-tunes the model's estimator stage, and this model has none", model.path)
+    if model.estimator.spatial_dims != 2:
+        raise MedldmError("--adapt fine-tunes 2D (slab) estimators; this model's estimator is 3D", model.path)
     if plan.task.kind != "slice-profile":
         raise MedldmError(
             "--adapt learns from the scan's own slices, so it needs thick slices (not in-plane kinds)", volume.path
@@ -86,7 +106,13 @@ def adapt(
     smallest = PATCH // 2 + 2 * math.ceil(factor)
     if min(volume.shape[d] for d in range(3) if d != a) < smallest:
         raise MedldmError(f"--adapt needs slices of at least {smallest} x {smallest} voxels", volume.path)
-    config = model.config
+    return factor, thick_axes
+
+
+def _own_pairs(model, volume, plan, factor: float, thick_axes, seed: int):
+    """A PairSampler of the scan's own planes across its thick axis, degraded along an in-plane axis by
+    ``factor``; the networks' label; the patch size."""
+    a, config = plan.axis, model.config
     data = normaliser(config.data.intensity, volume.data).forward(volume.data.astype(np.float32))
     modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
     fg = np.argwhere(data > FOREGROUND)
@@ -105,13 +131,14 @@ def adapt(
     size -= size % model.estimator.multiple
     pairs = PairSampler([scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,), thick_axes=thick_axes)
     label = model.codec.task_label(torch.tensor(config.data.tasks.index(plan.task)), torch.tensor(modality))
-    net = copy.deepcopy(model.estimator).train().requires_grad_(True)
-    if PARAMETERS == "bias":
-        for name, p in net.named_parameters():
-            p.requires_grad_(name.endswith("bias") or ".norm" in name or p.ndim == 1)
+    return pairs, label, size
+
+
+def _fine_tune(net, pairs, label, size: int, *, steps, minutes, seed: int, progress) -> list[float]:
+    """L1 steps on the pairs until ``steps`` steps or ``minutes`` minutes; the losses, one per step."""
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LR)
-    losses, started = [], time.perf_counter()
-    total = steps if steps is not None else 0
+    losses: list[float] = []
+    started = time.perf_counter()
     step = 0
     while (steps is None or step < steps) and (minutes is None or time.perf_counter() - started < 60 * minutes):
         batch = pairs.batch(step, BATCH, (size, size), stream=seed)
@@ -128,14 +155,10 @@ def adapt(
         losses.append(loss.item())
         step += 1
         if progress is not None:
-            elapsed = time.perf_counter() - started
             # the time bound: progress in seconds; the step bound: in steps
             if steps is None:
-                limit = int(60 * cast(float, minutes))  # no step bound: the time bound is set (checked above)
-                progress(min(int(elapsed), limit), limit)
+                limit = int(60 * cast(float, minutes))  # no step bound: the time bound is set (checked before)
+                progress(min(int(time.perf_counter() - started), limit), limit)
             else:
-                progress(step, total)
-    if not losses or not all(math.isfinite(v) for v in losses):
-        raise MedldmError("adaptation diverged (a non-finite loss); upscale without --adapt", volume.path)
-    adapted = replace(model, estimator=net.eval().requires_grad_(False))
-    return Adaptation(adapted, step, time.perf_counter() - started, losses, factor, plan.thickness)
+                progress(step, steps)
+    return losses

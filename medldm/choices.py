@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["Choice", "Format", "Kind", "Planes", "Prior", "Profile", "Sampler", "TrainingStage"]
+__all__ = ["Choice", "Format", "Kind", "Planes", "Prior", "Profile", "Sampler", "StageName"]
 
 
 class Choice(str, Enum):
@@ -73,7 +73,7 @@ class Format(Choice):
     dicom = "dicom"
 
 
-class TrainingStage(Choice):
+class StageName(Choice):
     """What ``medldm train`` trains: every stage of the config in order, or one (medldm.train.STAGES)."""
 
     all = "all"

@@ -78,10 +78,6 @@ def _geometry(affine: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, l
 def save_dicom(volume, folder: str | os.PathLike, *, description: str = "medldm", overwrite: bool = False) -> Path:
     """Write ``volume`` as a new DICOM series in ``folder`` (created; built aside and renamed into place, so a
     failure leaves nothing). Returns the folder."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-
     folder = check_output_folder(folder, overwrite=overwrite)
     data = volume.data
     if not np.all(np.isfinite(data)):
@@ -90,47 +86,23 @@ def save_dicom(volume, folder: str | os.PathLike, *, description: str = "medldm"
     modality = guess_modality(data, volume.meta.get("modality"))
     slope, intercept = quantisation(data, modality)
     stored = np.clip(np.rint((data - intercept) / slope), INT16.min, INT16.max).astype(np.int16)
-    source = volume.meta.get("dicom") or {}
-    now = datetime.now()
-    series_uid = generate_uid()
-    study_uid = source.get("StudyInstanceUID") or generate_uid()
-    frame_uid = source.get("FrameOfReferenceUID") or generate_uid()
-    p1, p99 = np.percentile(data, [1, 99])
-    centre, width = (40.0, 400.0) if modality == "CT" else ((p1 + p99) / 2, max(p99 - p1, 1e-6))
-
+    series = _series_attributes(volume, modality, description, slope, intercept)
+    series.update(
+        ImageOrientationPatient=[f"{v:.8g}" for v in (*row_cos, *col_cos)],
+        PixelSpacing=[f"{v:.8g}" for v in pixel_spacing],
+        SliceThickness=f"{thickness:.8g}",
+        SpacingBetweenSlices=f"{thickness:.8g}",
+        Rows=data.shape[1],
+        Columns=data.shape[0],
+    )
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}{TEMPORARY_MARK}")
     tmp.mkdir(parents=True)
     try:
         for k in range(data.shape[2]):
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = UID(SOP_CLASS[modality])
-            meta.MediaStorageSOPInstanceUID = generate_uid()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = pydicom.Dataset()
-            ds.file_meta = meta
-            for key in CARRIED_OVER:
-                setattr(ds, key, source.get(key, ""))
-            ds.StudyInstanceUID, ds.FrameOfReferenceUID = study_uid, frame_uid
-            ds.SOPClassUID, ds.SOPInstanceUID = SOP_CLASS[modality], meta.MediaStorageSOPInstanceUID
-            ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, 9900, k + 1
-            ds.Modality, ds.ImageType = modality, ["DERIVED", "SECONDARY"]
-            ds.SeriesDescription = description[:64]
-            ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-            ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-            ds.Manufacturer, ds.SoftwareVersions = "medldm", __version__
-            ds.DerivationDescription = description[:1024]
-            ds.ImageOrientationPatient = [f"{v:.8g}" for v in (*row_cos, *col_cos)]
-            ds.ImagePositionPatient = [f"{v:.8g}" for v in (lps @ [0.0, 0.0, k, 1.0])[:3]]
-            ds.PixelSpacing = [f"{v:.8g}" for v in pixel_spacing]
-            ds.SliceThickness = ds.SpacingBetweenSlices = f"{thickness:.8g}"
-            ds.Rows, ds.Columns = data.shape[1], data.shape[0]
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-            ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
-            ds.RescaleType = "HU" if modality == "CT" else "US"
-            ds.WindowCenter, ds.WindowWidth = f"{centre:.6g}", f"{width:.6g}"
+            position = [f"{v:.8g}" for v in (lps @ [0.0, 0.0, k, 1.0])[:3]]
             # rows run along voxel axis j, columns along i (the loader's convention, read back exactly)
-            ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+            pixels = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+            ds = _slice_dataset(series, modality, k, position, pixels)
             ds.save_as(tmp / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
         if folder.exists():
             shutil.rmtree(folder)
@@ -140,3 +112,63 @@ def save_dicom(volume, folder: str | os.PathLike, *, description: str = "medldm"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _series_attributes(volume, modality: str, description: str, slope: float, intercept: float) -> dict:
+    """The attributes every slice of the new series shares: the study and frame of reference carried over from
+    the source series (new ones without it), a new series, the rescale and a display window."""
+    from pydicom.uid import generate_uid
+
+    source = volume.meta.get("dicom") or {}
+    now = datetime.now()
+    p1, p99 = np.percentile(volume.data, [1, 99])
+    centre, width = (40.0, 400.0) if modality == "CT" else ((p1 + p99) / 2, max(p99 - p1, 1e-6))
+    return {
+        **{key: source.get(key, "") for key in CARRIED_OVER},
+        "StudyInstanceUID": source.get("StudyInstanceUID") or generate_uid(),
+        "FrameOfReferenceUID": source.get("FrameOfReferenceUID") or generate_uid(),
+        "SOPClassUID": SOP_CLASS[modality],
+        "SeriesInstanceUID": generate_uid(),
+        "SeriesNumber": 9900,
+        "Modality": modality,
+        "ImageType": ["DERIVED", "SECONDARY"],
+        "SeriesDescription": description[:64],
+        "SeriesDate": now.strftime("%Y%m%d"),
+        "ContentDate": now.strftime("%Y%m%d"),
+        "SeriesTime": now.strftime("%H%M%S"),
+        "ContentTime": now.strftime("%H%M%S"),
+        "Manufacturer": "medldm",
+        "SoftwareVersions": __version__,
+        "DerivationDescription": description[:1024],
+        "SamplesPerPixel": 1,
+        "PhotometricInterpretation": "MONOCHROME2",
+        "BitsAllocated": 16,
+        "BitsStored": 16,
+        "HighBit": 15,
+        "PixelRepresentation": 1,
+        "RescaleSlope": f"{slope:.10g}",
+        "RescaleIntercept": f"{intercept:.10g}",
+        "RescaleType": "HU" if modality == "CT" else "US",
+        "WindowCenter": f"{centre:.6g}",
+        "WindowWidth": f"{width:.6g}",
+    }
+
+
+def _slice_dataset(series: dict, modality: str, k: int, position: list[str], pixels: bytes):
+    """Slice ``k`` of the series: its own SOP instance, number, position and pixels."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(SOP_CLASS[modality])
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    for key, value in series.items():
+        setattr(ds, key, value)
+    ds.SOPInstanceUID, ds.InstanceNumber = meta.MediaStorageSOPInstanceUID, k + 1
+    ds.ImagePositionPatient = position
+    ds.PixelData = pixels
+    return ds

@@ -336,39 +336,8 @@ class Upscaler:
         if not trained:
             offered = ", ".join(f"{t.kind} x{t.scale}" for t in tasks)
             raise MedldmError(f"the model was not trained for {kind}; it offers {offered}", volume.path)
-        along = voxel_spacing[a]
-        if spacing is not None:
-            in_plane = voxel_spacing if kind != "slice-profile" else [along]
-            factor = float(np.mean(in_plane)) / spacing if kind != "slice-profile" else along / spacing
-        elif scale is not None:
-            factor = float(scale)
-        elif kind == "slice-profile" and anisotropic:
-            factor = along / float(np.delete(voxel_spacing, a).min())  # to the finest in-plane spacing
-        else:
-            factor = float(max(t.scale for t in trained))
-        if kind == "slice-profile":
-            n = volume.shape[a]
-            exact = round(n * factor) / n  # the output grid's factor: a whole number of voxels, same field of view
-        else:
-            exact = factor
-            if abs(factor - round(factor)) > 1e-6:
-                raise MedldmError(f"{kind} takes integer factors, not x{factor:.4g}", volume.path)
-        if exact < 1.05:
-            raise MedldmError(
-                f"nothing to upscale: factor x{exact:.3g} along voxel axis {a} ({along:.3g} mm spacing)", volume.path
-            )
-        ratio = 1.0
-        if kind == "slice-profile":
-            recorded = volume.meta.get("slice_thickness") if volume.meta.get("slice_axis") == a else None
-            mm = thickness if thickness is not None else recorded
-            ratio = float(mm) / along if mm else 1.0
-            if mm and not 0.05 <= ratio <= 8:  # without mm, ratio is 1.0
-                raise MedldmError(
-                    f"slice thickness {float(mm):.3g} mm against a spacing of {along:.3g} mm is not plausible",
-                    volume.path,
-                )
-        elif thickness is not None:
-            raise MedldmError(f"a slice thickness applies to thick slices, not to {kind}", volume.path)
+        exact = _exact_factor(volume, a, kind, spacing=spacing, scale=scale, trained=trained, anisotropic=anisotropic)
+        ratio = _thickness_ratio(volume, a, kind, thickness)
         task = min(trained, key=lambda t: abs(math.log(t.scale / exact)))
         plan = Plan(task, a, round(exact) if abs(exact - round(exact)) < 1e-9 else exact, ratio)
         warnings = self.model.scope.warnings(volume, plan, statistics=scan_statistics(normalised))
@@ -411,34 +380,12 @@ class Upscaler:
         # (and its kept copy), the output in the scan's units; refused now rather than after minutes of work
         copies = 3 + (self.model.estimator is not None) + keep_estimate + 2 * (samples > 1)
         check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
-        try:
-            norm = normaliser(self.model.config.data.intensity, volume.data)
-        except MedldmError as err:  # e.g. a constant image: name the scan
-            raise MedldmError(err.reason, err.path or volume.path) from None
-        lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))
-        modality_name = guess_modality(volume.data, volume.meta.get("modality"))
-        modality = MODALITIES.index(modality_name)
-        # CT stays within physical Hounsfield units: nothing below air, nothing above the scan's own maximum
-        limits = (HU_MIN, float(volume.data.max())) if modality_name == "CT" else None
+        norm, lr, modality, limits = self._normalised(volume)
         task_index = self.model.config.data.tasks.index(task)
         label = self.model.codec.label(
             torch.tensor(task_index), torch.tensor(modality), torch.tensor(self.condition_level)
         )
-        sampled = samples if self.model.estimator is None or self.refine > 0 else 0
-        total, done = (
-            (
-                (self._estimate_units(hr_shape, op) if self.model.estimator is not None else 0)
-                + sampled * self._units(hr_shape, op, self.refine_planes)
-            ),
-            0,
-        )
-
-        def tick():
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
+        tick = _counter(self._total_units(hr_shape, op, samples), progress)
         stats = RunningStats()
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
         estimate = None
@@ -462,25 +409,7 @@ class Upscaler:
         mean = stats.mean
         residual = consistency_residual(mean, lr, op)  # normalised LR: a fraction of the intensity range
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
-        meta: dict[str, Any] = {
-            "slice_thickness": None,  # the input's no longer describes the output's slices
-            "upscale": {
-                "kind": task.kind,
-                "scale": plan.scale,
-                "thickness": plan.thickness,
-                "axis": a,
-                "model_task": f"{task.kind} x{task.scale}",
-                "steps": self.steps,
-                "refine": self.refine,
-                "sampler": self.sampler,
-                "samples": samples,
-                "planes": self.planes,
-                "refine_planes": self.refine_planes,
-                "seed": seed,
-                "consistency": self.consistency,
-                "model": str(self.model.path),
-            },
-        }
+        meta = self._output_meta(plan, samples, seed)
         kept = None  # before the in-place de-normalisation below: with refine 0 the mean is the estimate
         if keep_estimate and estimate is not None:
             kept = volume.with_data(
@@ -494,6 +423,48 @@ class Upscaler:
         if samples > 1:
             unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
         return UpscaleResult(sr, unc, residual, task, a, kept, plan)
+
+    def _normalised(self, volume: Volume):
+        """The model's intensity normaliser fitted to ``volume``, the normalised scan, its modality's index and
+        the output's intensity limits (CT stays within physical Hounsfield units: nothing below air, nothing above
+        the scan's own maximum)."""
+        try:
+            norm = normaliser(self.model.config.data.intensity, volume.data)
+        except MedldmError as err:  # e.g. a constant image: name the scan
+            raise MedldmError(err.reason, err.path or volume.path) from None
+        lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))
+        modality_name = guess_modality(volume.data, volume.meta.get("modality"))
+        limits = (HU_MIN, float(volume.data.max())) if modality_name == "CT" else None
+        return norm, lr, MODALITIES.index(modality_name), limits
+
+    def _total_units(self, hr_shape, op, samples: int) -> int:
+        """Progress units of one upscale: the estimate's, and each sample's that needs the diffusion model."""
+        sampled = samples if self.model.estimator is None or self.refine > 0 else 0
+        estimated = self._estimate_units(hr_shape, op) if self.model.estimator is not None else 0
+        return estimated + sampled * self._units(hr_shape, op, self.refine_planes)
+
+    def _output_meta(self, plan: Plan, samples: int, seed: int) -> dict[str, Any]:
+        """What the output volume's metadata records of how it was made."""
+        task = plan.task
+        return {
+            "slice_thickness": None,  # the input's no longer describes the output's slices
+            "upscale": {
+                "kind": task.kind,
+                "scale": plan.scale,
+                "thickness": plan.thickness,
+                "axis": plan.axis,
+                "model_task": f"{task.kind} x{task.scale}",
+                "steps": self.steps,
+                "refine": self.refine,
+                "sampler": self.sampler,
+                "samples": samples,
+                "planes": self.planes,
+                "refine_planes": self.refine_planes,
+                "seed": seed,
+                "consistency": self.consistency,
+                "model": str(self.model.path),
+            },
+        }
 
     def _estimate_units(self, hr_shape, op) -> int:
         """Progress units of the estimate: slice batches (2D estimators) or chunks (3D)."""
@@ -725,6 +696,66 @@ def _mix_seed(seed: int, index: int) -> int:
 
 def _clip(values: np.ndarray, limits: tuple[float, float] | None) -> np.ndarray:
     return values if limits is None else np.clip(values, *limits, out=values)
+
+
+def _exact_factor(volume: Volume, a: int, kind: str, *, spacing, scale, trained, anisotropic: bool) -> float:
+    """The factor along voxel axis ``a`` (Upscaler.plan): from the output ``spacing``, the ``scale``, the spacing
+    ratio of an anisotropic scan, or the model's largest; for thick slices rounded to a whole number of output
+    voxels over the same field of view."""
+    voxel_spacing = np.asarray(volume.spacing, dtype=np.float64)
+    along = voxel_spacing[a]
+    if spacing is not None:
+        in_plane = voxel_spacing if kind != "slice-profile" else [along]
+        factor = float(np.mean(in_plane)) / spacing if kind != "slice-profile" else along / spacing
+    elif scale is not None:
+        factor = float(scale)
+    elif kind == "slice-profile" and anisotropic:
+        factor = along / float(np.delete(voxel_spacing, a).min())  # to the finest in-plane spacing
+    else:
+        factor = float(max(t.scale for t in trained))
+    if kind == "slice-profile":
+        n = volume.shape[a]
+        exact = round(n * factor) / n  # the output grid's factor: a whole number of voxels, same field of view
+    else:
+        exact = factor
+        if abs(factor - round(factor)) > 1e-6:
+            raise MedldmError(f"{kind} takes integer factors, not x{factor:.4g}", volume.path)
+    if exact < 1.05:
+        raise MedldmError(
+            f"nothing to upscale: factor x{exact:.3g} along voxel axis {a} ({along:.3g} mm spacing)", volume.path
+        )
+    return exact
+
+
+def _thickness_ratio(volume: Volume, a: int, kind: str, thickness: float | None) -> float:
+    """Thick slices: the slice thickness (given, else the DICOM SliceThickness, else the spacing) over the
+    spacing along voxel axis ``a``; 1 for other kinds, which take no thickness."""
+    if kind != "slice-profile":
+        if thickness is not None:
+            raise MedldmError(f"a slice thickness applies to thick slices, not to {kind}", volume.path)
+        return 1.0
+    along = float(volume.spacing[a])
+    recorded = volume.meta.get("slice_thickness") if volume.meta.get("slice_axis") == a else None
+    mm = thickness if thickness is not None else recorded
+    ratio = float(mm) / along if mm else 1.0
+    if mm and not 0.05 <= ratio <= 8:  # without mm, ratio is 1.0
+        raise MedldmError(
+            f"slice thickness {float(mm):.3g} mm against a spacing of {along:.3g} mm is not plausible", volume.path
+        )
+    return ratio
+
+
+def _counter(total: int, progress: Progress | None) -> Callable[[], None]:
+    """A tick() that counts units of work done and reports (done, total) to ``progress``."""
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    return tick
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -14,8 +15,11 @@ LAYERS = {  # docs/architecture.md, lowest first
     1: ("volume", "dicom", "intensity", "bids", "provenance"),
     2: ("degrade", "resample"),
     3: ("config", "diffusion", "nets", "checkpoint", "perceptual"),
-    4: ("data", "train", "pipeline", "adapt", "scope", "fusion", "registration", "figures", "cohort", "batch"),
-    5: ("api", "demo", "cli", "evaluation"),
+    4: (
+        *("data", "stages", "train", "pipeline", "adapt", "scope"),
+        *("fusion", "registration", "figures", "cohort", "batch"),
+    ),
+    5: ("api", "cli", "evaluation"),
 }
 LAYER = {module: level for level, modules in LAYERS.items() for module in modules}
 MODULES = sorted(p for p in (ROOT / "medldm").glob("*.py") if p.stem != "__init__")
@@ -47,3 +51,25 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from medldm.evaluation.baselines import baseline\n    import medldm.train\n")
     assert medldm_imports(source) == {"evaluation", "train"}
+
+
+MAX_FUNCTION_LINES = 60  # CONTRIBUTING.md: a longer function does several jobs; split it
+
+
+def _code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function's code: from the first statement after its docstring to its end (a signature of many
+    options, or a long docstring, is not several jobs)."""
+    body = node.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return cast(int, node.end_lineno) - body[0].lineno + 1
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = []
+    for folder in ("medldm", "cli", "evaluation"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _code_lines(node) > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({_code_lines(node)} lines)")
+    assert long == []

@@ -1,0 +1,313 @@
+"""The training stages as small objects: each builds its networks and optimisers, names what its checkpoints hold,
+and runs one step. medldm.train.Trainer restores, loops, logs, shows progress and saves, the same for every stage.
+
+Every batch and every noise draw is a function of (seed, step, rank) (medldm.train), so a stage's ``step`` must
+draw its randomness from its batch, from ``step_generator(seed, step, rank, ...)`` or from the global RNG that the
+loop reseeds before each step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from medldm.checkpoint import load_partial_weights, load_weights
+from medldm.config import Estimator as EstimatorSection
+from medldm.config import Stage as Schedule
+from medldm.nets import (
+    ConditionCodec,
+    build_autoencoder,
+    build_denoiser,
+    build_discriminator,
+    build_estimator,
+    build_schedule,
+)
+
+__all__ = [
+    "AutoencoderStage",
+    "DiffusionStage",
+    "EstimatorStage",
+    "TrainingStage",
+    "encode_planes",
+    "latent_scale",
+    "step_generator",
+]
+
+
+SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
+
+
+def step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, step, rank, stream): independent of every other draw."""
+    value = int(np.random.default_rng([seed, step, rank, stream]).integers(2**62))
+    return torch.Generator().manual_seed(value)
+
+
+def encode_planes(autoencoder, x: torch.Tensor) -> torch.Tensor:
+    """Encode each channel of (B, C, *spatial) as its own one-channel image: (B, C * latent, *latent_spatial),
+    channel c's latent at channels [c * latent, (c + 1) * latent). The LR condition of a 2D slab has one channel
+    per plane; the autoencoder only knows single images."""
+    b, c = x.shape[:2]
+    z = autoencoder.encode(x.reshape(b * c, 1, *x.shape[2:]))
+    return z.reshape(b, c * z.shape[1], *z.shape[2:])
+
+
+@torch.no_grad()
+def latent_scale(autoencoder, pairs, batch_size: int, device) -> float:
+    """1 / std of the latents of a few fixed training batches (Rombach et al. 2022, Sec. G)."""
+    z = [autoencoder.encode(pairs.batch(i, batch_size, stream=1)["hr"].to(device)) for i in range(SCALE_BATCHES)]
+    return float(1.0 / torch.cat([v.flatten() for v in z]).float().std())
+
+
+class TrainingStage:
+    """One stage: ``build`` (networks, EMA, optimisers: the same initial weights on every rank and run), then
+    ``resumed`` with the restored checkpoint's state, ``prepare`` (data, accelerate) when steps remain, and
+    ``step`` per batch. ``modules``/``optimizers`` are what a checkpoint holds; ``state`` adds to its state.json."""
+
+    name: str
+    model: torch.nn.Module  # set by build (after prepare, as accelerate wraps it)
+    ema: AveragedModel
+    opt: Any
+
+    def __init__(self, trainer):
+        self.trainer, self.config, self.acc = trainer, trainer.config, trainer.acc
+        self.schedule = cast(Schedule, getattr(self.config.training, self.name))
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def resumed(self, state: dict) -> None:
+        """After the checkpoint (if any) was restored; ``state`` is its state.json."""
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def step(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.acc.unwrap_model(self.model), "ema": self.ema}
+
+    def optimizers(self) -> dict[str, Any]:
+        return {"model": self.opt}
+
+    def state(self) -> dict:
+        return {}
+
+    def _ema_and_optimiser(self, **adam) -> None:
+        st = self.schedule
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=st.lr, weight_decay=st.weight_decay, **adam)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, clip, optimiser step and EMA update."""
+        self.opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        if self.schedule.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.schedule.grad_clip)
+        self.opt.step()
+        self.ema.update_parameters(self.acc.unwrap_model(self.model))
+
+
+class AutoencoderStage(TrainingStage):
+    """The perceptual autoencoder: L1 + regulariser (KL or VQ) + LPIPS, and a patch adversarial loss when on."""
+
+    name = "autoencoder"
+
+    def build(self) -> None:
+        torch.manual_seed(self.config.training.seed)  # same initial weights on every rank and every run
+        self.model, self.disc = build_autoencoder(self.config), build_discriminator(self.config)
+        self._ema_and_optimiser()
+        st = self.schedule
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=st.lr, weight_decay=st.weight_decay, betas=(0.5, 0.9))
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {**super().modules(), "discriminator": self.acc.unwrap_model(self.disc)}
+
+    def optimizers(self) -> dict[str, Any]:
+        return {"model": self.opt, "discriminator": self.opt_d}
+
+    def prepare(self) -> None:
+        from monai.losses import PatchAdversarialLoss
+
+        ae_cfg, t = self.config.autoencoder, self.trainer
+        self.perceptual = None
+        if ae_cfg.perceptual_weight > 0:
+            from medldm.perceptual import PerceptualLoss
+
+            self.perceptual = PerceptualLoss(weights=t.lpips_weights).to(self.acc.device)
+        self.pairs = t.pair_sampler()
+        self.model, self.disc, self.opt, self.opt_d = self.acc.prepare(self.model, self.disc, self.opt, self.opt_d)
+        self.forward = t._training_forward(self.model)
+        self.adversarial = PatchAdversarialLoss(criterion="least_squares")
+        self.reg_weight = ae_cfg.kl_weight if ae_cfg.kind == "kl" else 1.0
+
+    def step(self, step: int) -> dict:
+        ae_cfg, st = self.config.autoencoder, self.schedule
+        size = self.pairs.patch_size(step, st.progressive)
+        x = self.trainer._in_model_layout(self.pairs.batch(step, st.batch_size, size)["hr"].to(self.acc.device))
+        use_adv = ae_cfg.adversarial_weight > 0 and step >= ae_cfg.adversarial_start
+        with self.acc.autocast():
+            recon, reg = self.forward(x)
+            recon = recon.float()
+            l1 = (recon - x).abs().mean()
+            loss = l1 + self.reg_weight * reg
+            logs = {"l1": l1.item(), "reg": reg.item()}
+            if self.perceptual is not None:
+                p = self.perceptual(recon.clamp(0, 1), x.clamp(0, 1))
+                loss = loss + ae_cfg.perceptual_weight * p
+                logs["lpips"] = p.item()
+            if use_adv:
+                g_adv = self.adversarial(self.disc(recon)[-1], target_is_real=True, for_discriminator=False)
+                loss = loss + ae_cfg.adversarial_weight * g_adv
+                logs["g_adv"] = g_adv.item()
+        self.opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        if st.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), st.grad_clip)
+        self.opt.step()
+        if use_adv:
+            logs["d_adv"] = self._discriminator_step(recon, x)
+        self.ema.update_parameters(self.acc.unwrap_model(self.model))
+        return {"loss": loss.item(), **logs}
+
+    def _discriminator_step(self, recon: torch.Tensor, x: torch.Tensor) -> float:
+        with self.acc.autocast():
+            d_loss = 0.5 * (
+                self.adversarial(self.disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
+                + self.adversarial(self.disc(x)[-1], target_is_real=True, for_discriminator=True)
+            )
+        self.opt_d.zero_grad(set_to_none=True)
+        self.acc.backward(d_loss)
+        self.opt_d.step()
+        return d_loss.item()
+
+
+class EstimatorStage(TrainingStage):
+    """The pixel-space regression network (posterior mean, L1), independent of the autoencoder."""
+
+    name = "estimator"
+
+    def build(self) -> None:
+        torch.manual_seed(self.config.training.seed + 2)
+        self.model = build_estimator(self.config)  # refuses configs without an estimator section
+        init = self.trainer.stage_dir(self.name) / "init.safetensors"  # init_from: fine-tune a folder's estimator
+        if init.is_file():
+            load_partial_weights(self.model, init, new="geometry.")
+        self._ema_and_optimiser()
+
+    def prepare(self) -> None:
+        self.section = cast(EstimatorSection, self.config.estimator)  # build_estimator checked it
+        self.pairs = self.trainer.pair_sampler(slab=self.section.slab, spatial_dims=self.section.spatial_dims)
+        self.model, self.opt = self.acc.prepare(self.model, self.opt)
+        self.forward = self.trainer._training_forward(self.model, self.section.spatial_dims)
+        self.codec = ConditionCodec(self.config)
+
+    def learning_rate(self, step: int) -> float:
+        """Cosine decay to 10 % over the whole stage: a function of the step, so resumed runs match (a Python
+        float: the optimizer state is saved with it and read back with weights_only=True)."""
+        st = self.schedule
+        return st.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / st.steps)))
+
+    def step(self, step: int) -> dict:
+        st, device = self.schedule, self.acc.device
+        size = self.section.patch_size or self.pairs.patch_size(step, st.progressive)
+        batch = self.pairs.batch(step, st.batch_size, size, stream=3)
+        lr_in = self.trainer._in_model_layout(batch["lr"].to(device))
+        hr = batch["hr"].to(device)
+        label = self.codec.task_label(batch["task"], batch["modality"]).to(device)
+        rate = self.learning_rate(step)
+        for group in self.opt.param_groups:
+            group["lr"] = rate
+        with self.acc.autocast():
+            out = self.forward(lr_in, label, batch["geometry"].to(device))
+        loss = (out.float() - hr).abs().mean()
+        self._update(loss)
+        return {"loss": loss.item(), "lr": rate}
+
+
+class DiffusionStage(TrainingStage):
+    """The conditional latent denoiser, on the finished autoencoder's latents (conditioned on the interpolated
+    input, or for refinement models on the finished estimator's estimate)."""
+
+    name = "diffusion"
+
+    def build(self) -> None:
+        t, cfg = self.trainer, self.config
+        self.ae = t.trained_autoencoder().to(self.acc.device)
+        torch.manual_seed(cfg.training.seed + 1)
+        self.model = build_denoiser(cfg)
+        init = t.stage_dir(self.name) / "init.json"  # written by init_from: fine-tune a model folder's denoiser
+        self.init = json.loads(init.read_text()) if init.is_file() else {}
+        if self.init:
+            load_weights(self.model, t.stage_dir(self.name) / "init.safetensors")
+        self._ema_and_optimiser()
+
+    def resumed(self, state: dict) -> None:
+        t, cfg = self.trainer, self.config
+        refining = cfg.diffusion.condition == "estimate"
+        # refining needs an estimator section (the Config checks it)
+        self.pairs = t.pair_sampler(slab=cast(EstimatorSection, cfg.estimator).slab if refining else None)
+        self.estimator = t.trained_estimator().to(self.acc.device) if refining else None
+        scale = state.get("latent_scale", self.init.get("latent_scale"))
+        if scale is None:
+            with self.acc.autocast():
+                scale = latent_scale(self.ae, self.pairs, self.schedule.batch_size, self.acc.device)
+        self.scale = float(scale)
+
+    def state(self) -> dict:
+        return {"latent_scale": self.scale}
+
+    def prepare(self) -> None:
+        d_cfg = self.config.diffusion
+        # the timesteps trained: all, or those a refinement from ``refine`` of the schedule meets
+        # (medldm.diffusion.timesteps_for starts it at round(refine * (T - 1)))
+        refine = d_cfg.refine
+        self.t_stop = d_cfg.timesteps if refine is None else math.floor(refine * (d_cfg.timesteps - 1) + 0.5) + 1
+        self.model, self.opt = self.acc.prepare(self.model, self.opt)
+        self.forward = self.trainer._training_forward(self.model)
+        self.noise_schedule = build_schedule(self.config)
+        self.codec = ConditionCodec(self.config)
+
+    def step(self, step: int) -> dict:
+        st, device, codec, t_layout = self.schedule, self.acc.device, self.codec, self.trainer._in_model_layout
+        batch = self.pairs.batch(step, st.batch_size, self.pairs.patch_size(step, st.progressive))
+        g = step_generator(self.config.training.seed, step, self.trainer.rank, 1)
+        n = st.batch_size
+        t = torch.randint(0, self.t_stop, (n,), generator=g)
+        level = torch.randint(0, codec.levels, (n,), generator=g)
+        z0, cond = self._latents(batch)
+        noise = torch.randn(z0.shape, generator=g).to(device)
+        cond_noise = torch.randn(cond.shape, generator=g).to(device)
+        t, level = t.to(device), level.to(device)
+        t_cond = codec.timestep(level)
+        noisy_cond = self.noise_schedule.add_noise(cond, cond_noise, t_cond)
+        cond = torch.where((t_cond > 0).view(-1, *[1] * (cond.dim() - 1)), noisy_cond, cond)
+        x_t = self.noise_schedule.add_noise(z0, noise, t)
+        label = codec.label(batch["task"].to(device), batch["modality"].to(device), level)
+        target = self.noise_schedule.training_target(z0, noise, t, self.config.diffusion.prediction)
+        with self.acc.autocast():
+            out = self.forward(t_layout(x_t), t, t_layout(cond), label)
+        loss = F.mse_loss(out.float(), target.float())
+        self._update(loss)
+        return {"loss": loss.item()}
+
+    def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaled latents of the HR patches, and of their conditions (the interpolated LR planes, or for
+        refinement models the estimator's estimate, as upscale does)."""
+        device = self.acc.device
+        with torch.no_grad(), self.acc.autocast():
+            z0 = self.ae.encode(batch["hr"].to(device)).float() * self.scale
+            lr = batch["lr"].to(device)
+            if self.estimator is not None:
+                task = self.codec.task_label(batch["task"], batch["modality"]).to(device)
+                geometry = batch["geometry"].to(device)
+                lr = self.estimator(self.trainer._in_model_layout(lr), task, geometry).float()
+            cond = encode_planes(self.ae, lr).float() * self.scale
+        return z0, cond
