@@ -10,9 +10,11 @@ import gzip
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import nibabel as nib
@@ -50,9 +52,24 @@ TINY_CONFIG = REPO / "configs" / "tiny_2d.yaml"
 
 
 def medldm(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "medldm.cli", *map(str, args)], capture_output=True, text=True, timeout=600
-    )
+    """``medldm ARGS`` run in this process, as a user's shell would see it: the exit code, stdout and stderr apart,
+    and an exception other than the command line's own exits shown as a traceback on stderr. In-process because a
+    new interpreter spends about 5 s importing torch and MONAI again. Tests of process behaviour (signals, several
+    processes, an installed copy) start real processes themselves."""
+    from medldm.cli import app
+    from typer.testing import CliRunner
+
+    argv, on_sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["medldm", *map(str, args)]  # what provenance records as the command
+    try:
+        result = CliRunner().invoke(app, sys.argv[1:])
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, on_sigterm)  # the CLI installs its own
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["medldm", *map(str, args)], result.exit_code, result.stdout, stderr)
 
 
 def assert_refused(result: subprocess.CompletedProcess, *phrases: str | Path, out_dir: Path | None = None) -> str:
