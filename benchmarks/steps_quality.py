@@ -39,7 +39,8 @@ def main(quick: bool, out: Path) -> dict:
     from medldm.evaluation.metrics import foreground_mask
 
     from medldm.degrade import degrade_volume, make_operator
-    from medldm.pipeline import Upscaler, load_model
+    from medldm.model import load_model
+    from medldm.pipeline import Upscaler
     from medldm.volume import crop, load
 
     grid = QUICK if quick else FULL

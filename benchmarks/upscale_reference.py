@@ -97,7 +97,8 @@ def worker(pipeline: str, planes: int, device: str, bf16: bool) -> None:
     import torch
     from medldm.evaluation.metrics import lpips, psnr, ssim
 
-    from medldm.pipeline import Upscaler, load_model
+    from medldm.model import load_model
+    from medldm.pipeline import Upscaler
 
     lr, truth, mask, a, cut = _case(planes)
     model = load_model("default", device=device)

@@ -411,7 +411,7 @@ def train(
 
     trainer = Trainer(cfg, root, folder, lpips_weights=str(lpips_weights) if lpips_weights else None)
     if init is not None and trainer.acc.is_main_process:
-        from medldm.pipeline import DEFAULT_MODEL
+        from medldm.model import DEFAULT_MODEL
 
         model = DEFAULT_MODEL if str(init) == "default" else init
         for name, what in trainer.init_from(model).items():

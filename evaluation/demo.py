@@ -36,7 +36,7 @@ def main() -> None:
 
     from medldm.degrade import degrade_volume, make_operator
     from medldm.figures import before_after
-    from medldm.pipeline import DEFAULT_MODEL
+    from medldm.model import DEFAULT_MODEL
     from medldm.volume import load, save_nifti
 
     console = Console()

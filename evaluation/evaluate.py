@@ -358,14 +358,11 @@ def _rate_distortion(upscaler, path: Path, *, kind, axis, scale, profile) -> tup
     idx = slice(mid - 2, mid + 2)
     hr_slices = hr.movedim(cut, 0)[idx][:, None]
     cond_slices = cond.movedim(cut, 0)[idx][:, None]
-    pad = [p for n in reversed(hr_slices.shape[2:]) for p in (0, (-n) % upscaler.multiple)]
-    hr_slices = torch.nn.functional.pad(hr_slices, pad, mode="replicate")
-    cond_slices = torch.nn.functional.pad(cond_slices, pad, mode="replicate")
+    hr_slices, cond_slices = m.pad(hr_slices), m.pad(cond_slices)
     task = next((t for t in m.config.data.tasks if t.kind == kind and t.scale == scale), None)
     if task is None:  # a factor the model was not trained for: no label to measure its denoiser with
         return {}, None
-    modality = MODALITIES.index(guess_modality(lr.data, lr.meta.get("modality")))
-    label = int(m.codec.label(torch.tensor(m.config.data.tasks.index(task)), torch.tensor(modality), torch.tensor(0)))
+    label = m.label(task, MODALITIES.index(guess_modality(lr.data, lr.meta.get("modality"))))
     rd = model_rd(
         m,
         hr_slices,

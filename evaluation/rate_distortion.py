@@ -368,7 +368,7 @@ def model_rd(
     decoded ``x0_hat`` against ``hr_images``.
 
     Args:
-        model: a :class:`medldm.pipeline.LoadedModel`.
+        model: a :class:`medldm.model.LoadedModel`.
         hr_images: ``(N, 1, *spatial)`` HR images in the model's normalised intensity, sizes divisible by the
             autoencoder's and the denoiser's downsampling.
         cond_images: the interpolated LR images on the HR grid, same shape.

@@ -26,7 +26,7 @@ from medldm.intensity import guess_modality, normaliser
 from medldm.nets import MODALITIES
 
 if TYPE_CHECKING:
-    from medldm.pipeline import LoadedModel
+    from medldm.model import LoadedModel
 
 __all__ = ["Adaptation", "adapt", "DEFAULT_STEPS", "DEFAULT_MINUTES"]
 

@@ -62,7 +62,8 @@ def as_volume(scan: ScanLike, affine: np.ndarray | None = None) -> Volume:
 
 @lru_cache(maxsize=2)
 def _model(model: str, device: str):
-    from medldm.pipeline import _device, load_model
+    from medldm.model import load_model
+    from medldm.pipeline import _device
 
     return load_model(model, device=_device(device))
 

@@ -20,104 +20,29 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from medldm.checkpoint import build_with_weights, read_model_folder, write_model_folder
 from medldm.choices import Planes
-from medldm.config import Config, Task, parse_config
+from medldm.config import Task
 from medldm.degrade import consistency_residual, enforce_consistency, make_operator
-from medldm.diffusion import NoiseSchedule, make_denoiser, randn, sample
+from medldm.diffusion import make_denoiser, randn, sample
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality, normaliser
+from medldm.model import LoadedModel, load_model, pad_to_multiple
 from medldm.nets import (
     MODALITIES,
-    Autoencoder,
-    ConditionCodec,
-    Denoiser,
     Estimator,
-    build_autoencoder,
-    build_denoiser,
-    build_estimator,
-    build_schedule,
     channels_last_format,
     geometry_features,
 )
 from medldm.resample import upsample
-from medldm.scope import TrainingScope, scan_statistics
+from medldm.scope import scan_statistics
 from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, resolve_axis
 
-__all__ = [
-    "PLANES",
-    "LoadedModel",
-    "load_model",
-    "Upscaler",
-    "UpscaleResult",
-    "RunningStats",
-    "DEFAULT_MODEL",
-]
+__all__ = ["PLANES", "Upscaler", "UpscaleResult", "RunningStats"]
 
-DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
 PLANES = Planes.values()
 HU_MIN = -1024.0  # air: CT outputs are clipped here (and at the scan's maximum)
 Progress = Callable[[int, int], None]
-
-
-@dataclass
-class LoadedModel:
-    config: Config
-    info: dict
-    autoencoder: Autoencoder
-    denoiser: Denoiser
-    schedule: NoiseSchedule
-    codec: ConditionCodec
-    path: Path
-    estimator: Estimator | None = None  # the fidelity stage, in models that have one
-
-    def save(self, out: str | Path, **info) -> Path:
-        """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""
-        modules = {"autoencoder": self.autoencoder, "denoiser": self.denoiser}
-        if self.estimator is not None:
-            modules["estimator"] = self.estimator
-        return write_model_folder(
-            Path(out), config=self.config.model_dump(), info={**self.info, **info}, modules=modules
-        )
-
-    @property
-    def scope(self) -> TrainingScope:
-        """What the model was trained on (model.json "trained_on", completed from the config)."""
-        return TrainingScope.of(self.config, self.info)
-
-    def defaults(self) -> dict:
-        """Sampling defaults the model was validated with (model.json "sampling"; older models: 1 step)."""
-        sampling = {"steps": 1, "refine": 0.0, "planes": "both", **self.info.get("sampling", {})}
-        sampling.setdefault("refine_planes", sampling["planes"])  # models that do not say refine like they estimate
-        return sampling
-
-
-def load_model(path: str | Path = "default", *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Read a model folder (checksums verified, safetensors only) and build its networks in eval mode."""
-    folder = DEFAULT_MODEL if str(path) == "default" else Path(path)
-    if str(path) == "default" and not folder.is_dir():
-        raise MedldmError("no default model is installed with this copy of medldm; pass --model PATH", folder)
-    raw, info = read_model_folder(folder)
-    config, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
-    autoencoder = build_with_weights(lambda: build_autoencoder(config), folder / "autoencoder.safetensors")
-    denoiser = build_with_weights(lambda: build_denoiser(config), folder / "denoiser.safetensors")
-    estimator = None
-    if config.estimator is not None:
-        estimator = build_with_weights(lambda: build_estimator(config), folder / "estimator.safetensors")
-        estimator = estimator.to(device).eval().requires_grad_(False)
-    schedule = build_schedule(config)
-    return LoadedModel(
-        config,
-        info,
-        autoencoder.to(device).eval().requires_grad_(False),
-        denoiser.to(device).eval().requires_grad_(False),
-        schedule,
-        ConditionCodec(config),
-        folder,
-        estimator,
-    )
 
 
 @dataclass(frozen=True)
@@ -282,10 +207,7 @@ class Upscaler:
         self.consistency, self.condition_level, self.bf16 = consistency, condition_level, bf16
         cfg = self.model.config
         self.dims = cfg.data.spatial_dims
-        # latent sizes must halve cleanly through every denoiser level and the autoencoder
-        levels = len(cfg.diffusion.channels) - 1 if cfg.diffusion.denoiser == "unet" else 0
-        patch = cfg.diffusion.patch if cfg.diffusion.denoiser == "dit" else 1
-        self.multiple = cfg.autoencoder.factor * (2**levels) * patch
+        self.multiple = self.model.multiple
 
     def with_model(self, model: LoadedModel) -> Upscaler:
         """The same settings with another model of the same kind (e.g. one adapted to a scan)."""
@@ -382,9 +304,7 @@ class Upscaler:
         check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
         norm, lr, modality, limits = self._normalised(volume)
         task_index = self.model.config.data.tasks.index(task)
-        label = self.model.codec.label(
-            torch.tensor(task_index), torch.tensor(modality), torch.tensor(self.condition_level)
-        )
+        label = self.model.label(task, modality, self.condition_level)
         tick = _counter(self._total_units(hr_shape, op, samples), progress)
         stats = RunningStats()
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
@@ -403,7 +323,7 @@ class Upscaler:
             if estimate is not None and self.refine == 0:
                 stats.add(estimate)  # already consistent; every sample is the same
                 continue
-            x = self._sample_volume(lr, hr_shape, op, int(label), _mix_seed(seed, k), tick, encoded, estimate)
+            x = self._sample_volume(lr, hr_shape, op, label, _mix_seed(seed, k), tick, encoded, estimate)
             stats.add(enforce_consistency(x, lr, op, strength=self.consistency))  # in place, slab by slab
         del encoded
         mean = stats.mean
@@ -502,7 +422,7 @@ class Upscaler:
         """Scaled latents (on the device) of HR-grid conditions (B, 1, *spatial), padded to the network's multiple."""
         m = self.model
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            cond = _pad_to_multiple(cond, self.multiple).to(self.device)
+            cond = pad_to_multiple(cond, self.multiple).to(self.device)
             if self.channels_last:
                 cond = cond.contiguous(memory_format=self._memory_format())
             return m.autoencoder.encode(cond).float().contiguous() * float(m.info["latent_scale"])
@@ -582,7 +502,7 @@ class Upscaler:
                 cond = upsample(lr.narrow(axis, lo, hi - lo)[None, None], size)[0, 0].movedim(axis, 0)
                 # each target plane with its slab of neighbours, clamped at the ends as in training
                 near = (torch.arange(start, stop)[:, None] + torch.arange(-r, r + 1)).clamp(0, n - 1) - lo
-                x = _pad_to_multiple(cond[near], net.multiple)  # (B, slab, H, W)
+                x = pad_to_multiple(cond[near], net.multiple)  # (B, slab, H, W)
                 labels = torch.full((x.shape[0],), label, dtype=torch.long, device=self.device)
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     out = net(x.to(self.device), labels, geometry.expand(len(x), 2).to(self.device)).float().cpu()
@@ -618,7 +538,7 @@ class Upscaler:
             size = [*hr_shape]
             size[axis] = hi - lo
             cond = upsample(lr.narrow(axis, lo, hi - lo)[None, None], size)
-            x = _pad_to_multiple(cond, net.multiple)
+            x = pad_to_multiple(cond, net.multiple)
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 y = net(x.to(self.device), labels, geometry.to(self.device)).float().cpu()[0, 0]
             y = y[tuple(slice(0, m) for m in size)].narrow(axis, start - lo, stop - start)
@@ -756,9 +676,3 @@ def _counter(total: int, progress: Progress | None) -> Callable[[], None]:
             progress(done, total)
 
     return tick
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad the spatial axes of (B, C, *spatial) at their ends to multiples of ``multiple``."""
-    pad = [p for n in reversed(x.shape[2:]) for p in (0, (-n) % multiple)]
-    return F.pad(x, pad, mode="replicate") if any(pad) else x

@@ -281,7 +281,7 @@ def test_cli_adapt_saves_a_checksummed_model_that_loads(tmp_path, head_ct):
     )
     assert run.returncode == 0, run.stderr
     assert "adapted to ct.nii.gz: 3 steps" in run.stderr
-    from medldm.pipeline import load_model
+    from medldm.model import load_model
 
     model = load_model(tmp_path / "adapted")  # checksums verified
     assert model.info["adapted_to"]["steps"] == 3

@@ -16,7 +16,7 @@ LAYERS = {  # docs/architecture.md, lowest first
     2: ("degrade", "resample"),
     3: ("config", "diffusion", "nets", "checkpoint", "perceptual"),
     4: (
-        *("data", "stages", "train", "pipeline", "adapt", "scope"),
+        *("data", "stages", "train", "model", "pipeline", "adapt", "scope"),
         *("fusion", "registration", "figures", "cohort", "batch"),
     ),
     5: ("api", "cli", "evaluation"),

@@ -16,8 +16,9 @@ from medldm import MedldmError
 from medldm.checkpoint import latest_checkpoint, read_model_folder, write_model_folder
 from medldm.config import parse_config
 from medldm.degrade import degrade_volume, enforce_consistency, make_operator
+from medldm.model import load_model
 from medldm.nets import build_autoencoder, build_denoiser, build_estimator, build_schedule
-from medldm.pipeline import Upscaler, load_model
+from medldm.pipeline import Upscaler
 from medldm.resample import interpolate
 from medldm.volume import crop, load, save_nifti
 from tests.helpers import _one_batch, rows, tiny, trainer

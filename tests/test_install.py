@@ -43,7 +43,7 @@ def test_an_installed_copy_has_its_model_and_configs(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
     code = (
-        "import medldm, medldm.pipeline as p, medldm.config as c; print(medldm.__file__); "
+        "import medldm, medldm.model as p, medldm.config as c; print(medldm.__file__); "
         "m = p.load_model('default'); print(m.config.name); print(' '.join(c.shipped_configs())); "
         "print(c.load_config('brain_mri', check_files=False)[0].name)"
     )

@@ -11,7 +11,8 @@ import torch
 
 from medldm import MedldmError
 from medldm.degrade import degrade_volume, make_operator
-from medldm.pipeline import RunningStats, Upscaler, load_model
+from medldm.model import load_model
+from medldm.pipeline import RunningStats, Upscaler
 from medldm.volume import crop, face_corners, load, rescaled_affine, save_nifti
 from tests.helpers import medldm, tiny, trainer
 
