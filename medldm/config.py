@@ -251,7 +251,7 @@ class Stage(_Strict):
 
 class Training(_Strict):
     seed: int = 0
-    # auto: bf16 on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX); emulated bf16 is far slower than fp32
+    # auto: bf16 on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX), where it is fast (docs/performance.md)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     channels_last: bool = False  # channels-last memory layout for the networks (see benchmarks/training.py)
     compile: bool = False  # torch.compile the trained network (see benchmarks/training.py)

@@ -135,8 +135,8 @@ class Upscaler:
             averages the two (twice the time; their errors are less correlated than two samples of one stack).
             None: the model's default (model.json; "both" for models that do not say). With an estimator stage it
             sets the stacks the estimate averages; ``refine_planes`` those the refinement's detail comes from.
-        channels_last: channels-last memory format for the autoencoder (with the 2D default model on the CPUs
-            measured, 1.35x faster with the same output up to float rounding: docs/performance.md).
+        channels_last: channels-last memory format for the autoencoder (the same output up to float rounding;
+            its speed on the CPUs measured: docs/performance.md).
         refine: models with an estimator (fidelity) stage: the fraction of the noise schedule from which the
             diffusion model refines the estimate (its latent is noised to that level, then ``steps`` sampler steps
             run back to 0, and only the detail the diffusion adds, ``decode(z_0) - decode(z_estimate)``, is added
@@ -510,8 +510,9 @@ class Upscaler:
                 tick()
         return total.div_(len(axes)) if len(axes) > 1 else total
 
-    # a 3D estimator's chunks overlap by this many HR voxels on each side, so that a chunk's edges (replicate-padded)
-    # do not reach the planes it keeps
+    # a 3D estimator's chunks overlap by this many HR planes on each side: every kept plane sees at least this much
+    # of the scan around it (the network's reach is longer; beyond the halo, padding stands in, as at the border
+    # of a training patch)
     CHUNK_HALO = 16
 
     def _chunks_3d(self, hr_shape, op) -> tuple[int, int]:
