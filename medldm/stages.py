@@ -20,6 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from medldm.checkpoint import load_partial_weights, load_weights
 from medldm.config import Estimator as EstimatorSection
 from medldm.config import Stage as Schedule
+from medldm.errors import MedldmError
 from medldm.nets import (
     ConditionCodec,
     build_autoencoder,
@@ -252,6 +253,11 @@ class DiffusionStage(TrainingStage):
     def resumed(self, state: dict) -> None:
         t, cfg = self.trainer, self.config
         refining = cfg.diffusion.condition == "estimate"
+        if refining and cast(EstimatorSection, cfg.estimator).spatial_dims != 2:
+            raise MedldmError(
+                "training a refinement denoiser runs the estimator on 2D patches; this config's estimator is 3D "
+                "(train the estimator stage alone, or condition the denoiser on the interpolated input)"
+            )
         # refining needs an estimator section (the Config checks it)
         self.pairs = t.pair_sampler(slab=cast(EstimatorSection, cfg.estimator).slab if refining else None)
         self.estimator = t.trained_estimator().to(self.acc.device) if refining else None

@@ -256,3 +256,11 @@ def test_3d_estimator_settings_are_checked():
     ]:
         with pytest.raises(MedldmError, match=phrase):
             tiny(estimator=wrong, training={"estimator": STAGE})
+
+
+def test_a_refinement_denoiser_is_not_trained_on_a_3d_estimator(tmp_path):
+    """Refinement training runs the estimator on 2D patches; a 3D estimator is refused with one line (a model
+    folder may still pair a 3D estimator with a refinement denoiser trained on another)."""
+    config, root = tiny(estimator=ESTIMATOR_3D, training={"estimator": STAGE}, diffusion={"condition": "estimate"})
+    with pytest.raises(MedldmError, match="estimator is 3D"):
+        trainer(config, root, tmp_path / "run").run("all")  # the autoencoder and estimator, then the refusal
