@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
-from medldm.config import Task
 from medldm.data import PairSampler, TrainingVolume
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality, normaliser
 from medldm.nets import MODALITIES
+from medldm.spec import Task
 
 if TYPE_CHECKING:
     from medldm.model import LoadedModel

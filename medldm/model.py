@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from medldm.checkpoint import build_with_weights, read_model_folder, write_model_folder
-from medldm.config import Config, Task, parse_config
+from medldm.config import Config, parse_config
 from medldm.diffusion import NoiseSchedule
 from medldm.errors import MedldmError
 from medldm.nets import (
@@ -25,6 +25,7 @@ from medldm.nets import (
     build_schedule,
 )
 from medldm.scope import TrainingScope
+from medldm.spec import ModelSpec, Task
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "load_model", "pad_to_multiple"]
 
@@ -52,6 +53,12 @@ class LoadedModel:
         )
 
     @property
+    def spec(self) -> ModelSpec:
+        """What the model is (medldm.spec): all that inference reads. ``config`` is the training config the folder
+        was written with (a ModelSpec with data sources and a schedule), which adaptation and ``save`` need."""
+        return self.config
+
+    @property
     def scope(self) -> TrainingScope:
         """What the model was trained on (model.json "trained_on", completed from the config)."""
         return TrainingScope.of(self.config, self.info)
@@ -66,7 +73,7 @@ class LoadedModel:
     def multiple(self) -> int:
         """What the spatial sizes of the autoencoder's (and so the denoiser's) inputs must be multiples of: latent
         sizes halve cleanly through every denoiser level (and a DiT's patches tile them)."""
-        cfg = self.config
+        cfg = self.spec
         levels = len(cfg.diffusion.channels) - 1 if cfg.diffusion.denoiser == "unet" else 0
         patch = cfg.diffusion.patch if cfg.diffusion.denoiser == "dit" else 1
         return cfg.autoencoder.factor * (2**levels) * patch
@@ -78,7 +85,7 @@ class LoadedModel:
     def label(self, task: Task, modality: int, level: int = 0) -> int:
         """The denoiser's class label for a trained ``task``, a modality index (medldm.nets.MODALITIES) and a
         condition-noise level."""
-        index = self.config.data.tasks.index(task)
+        index = self.spec.data.tasks.index(task)
         return int(self.codec.label(torch.tensor(index), torch.tensor(modality), torch.tensor(level)))
 
 

@@ -18,9 +18,9 @@ from monai.networks.nets import VQVAE, AutoencoderKL, DiffusionModelUNet, PatchD
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from medldm.config import Config
 from medldm.diffusion import NoiseSchedule
 from medldm.errors import MedldmError
+from medldm.spec import ModelSpec
 
 __all__ = [
     "Autoencoder",
@@ -100,7 +100,7 @@ class Autoencoder(nn.Module):
 class ConditionCodec:
     """One integer class label for (task, modality, condition noise level), and the level -> timestep map."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: ModelSpec):
         self.tasks = len(config.data.tasks)
         self.levels = config.diffusion.condition_levels
         self.max_t = config.diffusion.condition_max_t
@@ -336,18 +336,18 @@ def channels_last_format(spatial_dims: int) -> torch.memory_format:
     return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
-def build_autoencoder(config: Config) -> Autoencoder:
+def build_autoencoder(config: ModelSpec) -> Autoencoder:
     return Autoencoder(config.autoencoder, config.data.spatial_dims)
 
 
-def build_discriminator(config: Config) -> PatchDiscriminator:
+def build_discriminator(config: ModelSpec) -> PatchDiscriminator:
     # each layer halves the patch; keep the last feature map at least 4 voxels wide (3 layers from 64 voxels)
     smallest = min(config.data.patch_size)
     layers = max(1, min(3, int(math.log2(smallest)) - 3))
     return PatchDiscriminator(spatial_dims=config.data.spatial_dims, channels=32, in_channels=1, num_layers_d=layers)
 
 
-def build_denoiser(config: Config) -> Denoiser:
+def build_denoiser(config: ModelSpec) -> Denoiser:
     cfg, dims, latent = config.diffusion, config.data.spatial_dims, config.autoencoder.latent_channels
     labels = ConditionCodec(config).num_labels
     in_channels = latent * (1 + config.data.slab)  # the noisy latent, then one condition latent per plane
@@ -378,7 +378,7 @@ def build_denoiser(config: Config) -> Denoiser:
     return Denoiser(backbone)
 
 
-def build_estimator(config: Config) -> Estimator:
+def build_estimator(config: ModelSpec) -> Estimator:
     cfg = config.estimator
     if cfg is None:
         raise MedldmError("the config has no estimator section, so there is no estimator stage")
@@ -400,7 +400,7 @@ def geometry_features(scale, thickness) -> torch.Tensor:
     return torch.stack(torch.broadcast_tensors(torch.log2(scale), thickness - 1), dim=-1).reshape(-1, 2)
 
 
-def build_schedule(config: Config) -> NoiseSchedule:
+def build_schedule(config: ModelSpec) -> NoiseSchedule:
     """The noise schedule the denoiser is trained and sampled with."""
     d = config.diffusion
     return NoiseSchedule.from_monai(

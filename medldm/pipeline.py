@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from medldm.choices import Planes
-from medldm.config import Task
 from medldm.degrade import consistency_residual, enforce_consistency, make_operator
 from medldm.diffusion import make_denoiser, randn, sample
 from medldm.errors import MedldmError
@@ -36,6 +35,7 @@ from medldm.nets import (
 )
 from medldm.resample import upsample
 from medldm.scope import scan_statistics
+from medldm.spec import Task
 from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, resolve_axis
 
 __all__ = ["PLANES", "Upscaler", "UpscaleResult", "RunningStats"]
@@ -186,7 +186,7 @@ class Upscaler:
             )
         if not 0.0 <= refine < 1.0:
             raise MedldmError(f"refine must lie in [0, 1), got {refine}")
-        trained = self.model.config.diffusion.refine
+        trained = self.model.spec.diffusion.refine
         if trained is not None and refine > trained + 1e-9:
             raise MedldmError(
                 f"this model's denoiser was trained to refine from at most {trained}, not {refine}", self.model.path
@@ -200,12 +200,12 @@ class Upscaler:
             if value not in PLANES:
                 raise MedldmError(f"planes must be one of {', '.join(PLANES)}, got {value!r}")
         if channels_last:
-            self.model.autoencoder.to(memory_format=channels_last_format(self.model.config.data.spatial_dims))
+            self.model.autoencoder.to(memory_format=channels_last_format(self.model.spec.data.spatial_dims))
         self.steps, self.sampler, self.batch_size, self.planes = steps, sampler, batch_size, planes
         self.refine_planes = refine_planes if self.model.estimator is not None else planes
         self.channels_last = channels_last
         self.consistency, self.condition_level, self.bf16 = consistency, condition_level, bf16
-        cfg = self.model.config
+        cfg = self.model.spec
         self.dims = cfg.data.spatial_dims
         self.multiple = self.model.multiple
 
@@ -237,9 +237,9 @@ class Upscaler:
         Args:
             thickness: the slice thickness in mm (default: the DICOM SliceThickness, else the slice spacing).
         """
-        tasks = self.model.config.data.tasks
+        tasks = self.model.spec.data.tasks
         try:  # first, so that an unusable scan (e.g. a constant image) is named for what it is
-            intensity = self.model.config.data.intensity
+            intensity = self.model.spec.data.intensity
             normalised = normaliser(intensity, volume.data).forward(volume.data.astype(np.float32))
         except MedldmError as err:
             raise MedldmError(err.reason, err.path or volume.path) from None
@@ -303,7 +303,7 @@ class Upscaler:
         copies = 3 + (self.model.estimator is not None) + keep_estimate + 2 * (samples > 1)
         check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
         norm, lr, modality, limits = self._normalised(volume)
-        task_index = self.model.config.data.tasks.index(task)
+        task_index = self.model.spec.data.tasks.index(task)
         label = self.model.label(task, modality, self.condition_level)
         tick = _counter(self._total_units(hr_shape, op, samples), progress)
         stats = RunningStats()
@@ -349,7 +349,7 @@ class Upscaler:
         the output's intensity limits (CT stays within physical Hounsfield units: nothing below air, nothing above
         the scan's own maximum)."""
         try:
-            norm = normaliser(self.model.config.data.intensity, volume.data)
+            norm = normaliser(self.model.spec.data.intensity, volume.data)
         except MedldmError as err:  # e.g. a constant image: name the scan
             raise MedldmError(err.reason, err.path or volume.path) from None
         lr = torch.from_numpy(norm.forward(volume.data.astype(np.float32)))
@@ -443,11 +443,11 @@ class Upscaler:
             def model_fn(x_t, t):
                 return m.denoiser(x_t, t.to(self.device), c, labels).float()
 
-            denoise = make_denoiser(model_fn, m.schedule, m.config.diffusion.prediction)
+            denoise = make_denoiser(model_fn, m.schedule, m.spec.diffusion.prediction)
             # seeds are taken modulo 2^64 (what torch does with negative ones), so large user seeds cannot overflow
             gens = [torch.Generator().manual_seed(s % 2**64) for s in seeds]
             if init is None:
-                latent = m.config.autoencoder.latent_channels  # one plane's channels, not the slab's
+                latent = m.spec.autoencoder.latent_channels  # one plane's channels, not the slab's
                 x, kw = randn((c.shape[0], latent, *c.shape[2:]), gens, device=self.device), {"steps": self.steps}
             else:  # SDEdit from the estimate: ``steps`` network calls over the last ``refine`` of the schedule
                 x, kw = init, {"steps": math.ceil(self.steps / self.refine - 1e-9), "start": self.refine}
@@ -554,10 +554,10 @@ class Upscaler:
         the estimate plus the detail the diffusion model adds to it."""
         if self.dims == 3:
             return self._sample_patches(upsample(lr[None, None], hr_shape)[0, 0], label, seed, tick, encoded)
-        r = self.model.config.data.slab // 2
+        r = self.model.spec.data.slab // 2
         axes = self._plane_axes(hr_shape, op, self.planes if estimate is None else self.refine_planes)
         total = torch.zeros(hr_shape)  # the passes over each stack of planes are summed in place, then averaged
-        on_estimate = self.model.config.diffusion.condition == "estimate"  # refinement models see the estimate
+        on_estimate = self.model.spec.diffusion.condition == "estimate"  # refinement models see the estimate
         for n, axis in enumerate(axes):
             latents = None if on_estimate else self._plane_latents(lr, hr_shape, encoded, axis)
             offsets = torch.arange(-r, r + 1)
@@ -583,7 +583,7 @@ class Upscaler:
     def _sample_patches(self, cond: torch.Tensor, label: int, seed: int, tick, encoded) -> torch.Tensor:
         from monai.inferers import sliding_window_inference
 
-        roi = tuple(max(self.multiple, n) for n in self.model.config.data.patch_size)
+        roi = tuple(max(self.multiple, n) for n in self.model.spec.data.patch_size)
         seen = 0  # windows come in the same order in every sample: the first window's index keys the batch
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:

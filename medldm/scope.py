@@ -71,7 +71,8 @@ class TrainingScope:
         for task in config.data.tasks:
             factors.setdefault(task.kind, []).append(task.scale)
         derived: dict[str, Any] = {
-            "modalities": tuple(sorted({s.modality for s in config.data.sources})) or ("MR",),
+            # a training config's sources say it; a bare model spec has none
+            "modalities": tuple(sorted({s.modality for s in getattr(config.data, "sources", ())})) or ("MR",),
             "factors": {k: tuple(sorted(v)) for k, v in factors.items()},
         }
         derived["contrasts"] = tuple(config.data.contrasts) if config.data.contrasts else None

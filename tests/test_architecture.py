@@ -14,7 +14,7 @@ LAYERS = {  # docs/architecture.md, lowest first
     0: ("errors", "outputs", "choices"),
     1: ("volume", "dicom", "intensity", "bids", "provenance"),
     2: ("degrade", "resample"),
-    3: ("config", "diffusion", "nets", "checkpoint", "perceptual"),
+    3: ("spec", "config", "diffusion", "nets", "checkpoint", "perceptual"),
     4: (
         *("data", "stages", "train", "model", "pipeline", "adapt", "scope"),
         *("fusion", "registration", "figures", "cohort", "batch"),
@@ -73,3 +73,10 @@ def test_no_function_is_longer_than_60_lines():
                 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _code_lines(node) > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({_code_lines(node)} lines)")
     assert long == []
+
+
+@pytest.mark.parametrize("module", ["nets", "pipeline"])
+def test_inference_reads_the_model_spec_not_the_training_config(module):
+    """A model is its spec (medldm.spec); the training config (config), training data (data) and trainer (train,
+    stages) stay out of the networks and the upscaler."""
+    assert medldm_imports(ROOT / "medldm" / f"{module}.py") & {"config", "data", "train", "stages"} == set()
