@@ -37,7 +37,7 @@ SLOW_MODULES = {
     "test_install",
     "test_api",
 }
-MODEL_FIXTURES = {"tiny_model", "models", "model"}
+MODEL_FIXTURES = {"tiny_model", "trained_models", "estimator_run"}
 
 
 def pytest_collection_modifyitems(items):
@@ -79,3 +79,30 @@ def tiny_model(tmp_path_factory) -> Path:
     foreign = build_denoiser(Config.model_validate(other))
     save_file({k: v.contiguous() for k, v in foreign.state_dict().items()}, str(root / "foreign.safetensors"))
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory) -> dict[str, Path]:
+    """Model folders of the tiny 2D and 3D configs, trained once for the whole run for a few steps (weights are
+    real, if untaught). Read only: tests that change a model copy it first."""
+    from tests.helpers import tiny, trainer
+
+    out = {}
+    for name in ("tiny_2d", "tiny_3d"):
+        config, root = tiny(name)
+        run = tmp_path_factory.mktemp(name)
+        trainer(config, root, run).run("all")
+        out[name] = run / "model"
+    return out
+
+
+@pytest.fixture(scope="session")
+def estimator_run(tmp_path_factory) -> Path:
+    """A run folder of the tiny config with an estimator stage, all stages trained once for the whole run (its
+    model in ``model/``). Read only."""
+    from tests.helpers import tiny_with_estimator, trainer
+
+    config, root = tiny_with_estimator()
+    run = tmp_path_factory.mktemp("estimator")
+    trainer(config, root, run).run("all")
+    return run

@@ -198,6 +198,15 @@ def tiny(name: str = "tiny_2d", **changes):
     return config, root
 
 
+TINY_ESTIMATOR = {"channels": [8, 16], "num_res_blocks": 1, "slab": 3}
+TINY_STAGE = {"steps": 4, "batch_size": 2, "lr": 1e-3}
+
+
+def tiny_with_estimator(**training):
+    """The tiny config with a tiny estimator stage (``training`` overrides its schedule)."""
+    return tiny(estimator=TINY_ESTIMATOR, training={"estimator": {**TINY_STAGE, **training}})
+
+
 def trainer(config, root, run_dir, **kw) -> Trainer:
     return Trainer(config, root, run_dir, lpips_weights=str(LPIPS), progress=False, **kw)
 

@@ -21,41 +21,28 @@ from medldm.nets import build_autoencoder, build_denoiser, build_estimator, buil
 from medldm.pipeline import Upscaler
 from medldm.resample import interpolate
 from medldm.volume import crop, load, save_nifti
-from tests.helpers import _one_batch, rows, tiny, trainer
-
-ESTIMATOR = {"channels": [8, 16], "num_res_blocks": 1, "slab": 3}
-STAGE = {"steps": 4, "batch_size": 2, "lr": 1e-3}
-
-
-def tiny_with_estimator(**training):
-    return tiny(estimator=ESTIMATOR, training={"estimator": {**STAGE, **training}})
+from tests.helpers import TINY_ESTIMATOR as ESTIMATOR
+from tests.helpers import TINY_STAGE as STAGE
+from tests.helpers import _one_batch, rows, tiny, tiny_with_estimator, trainer
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    config, root = tiny_with_estimator()
-    run = tmp_path_factory.mktemp("estimator")
-    trainer(config, root, run).run("all")
-    return run
-
-
-def test_all_stages_train_and_the_model_folder_holds_the_estimators_ema(model):
+def test_all_stages_train_and_the_model_folder_holds_the_estimators_ema(estimator_run):
     for stage in ("autoencoder", "estimator", "diffusion"):
-        assert latest_checkpoint(model / stage).name == "step_0000004"
-    log = rows(model / "estimator" / "metrics.csv")
+        assert latest_checkpoint(estimator_run / stage).name == "step_0000004"
+    log = rows(estimator_run / "estimator" / "metrics.csv")
     assert [int(r["step"]) for r in log] == [1, 2, 3, 4] and all(np.isfinite(float(r["loss"])) for r in log)
-    _, info = read_model_folder(model / "model")
+    _, info = read_model_folder(estimator_run / "model")
     assert info["estimator_steps"] == 4
-    exported = load_file(model / "model" / "estimator.safetensors")
-    ema = load_file(latest_checkpoint(model / "estimator") / "ema.safetensors")
+    exported = load_file(estimator_run / "model" / "estimator.safetensors")
+    ema = load_file(latest_checkpoint(estimator_run / "estimator") / "ema.safetensors")
     for key, value in exported.items():
         torch.testing.assert_close(value, ema[f"module.{key}"], rtol=0, atol=0)
 
 
-def test_refine_zero_gives_the_consistent_estimate_and_refining_adds_detail(model, ixi_path):
+def test_refine_zero_gives_the_consistent_estimate_and_refining_adds_detail(estimator_run, ixi_path):
     block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))  # all of z: a short run
     lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
-    loaded = load_model(model / "model")
+    loaded = load_model(estimator_run / "model")
     estimate = Upscaler(loaded, device="cpu", steps=2, refine=0.0).upscale(lr, axis="z", keep_estimate=True)
     refined = Upscaler(loaded, device="cpu", steps=2, refine=0.3).upscale(lr, axis="z", seed=1, keep_estimate=True)
     assert estimate.sr.shape == hr.shape
@@ -109,24 +96,32 @@ def test_estimator_resume_gives_the_same_weights_as_one_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
 
 
-def test_config_errors_and_old_digests(model):
-    raw, _ = read_model_folder(model / "model")
+def test_config_errors_and_old_digests(estimator_run):
+    raw, _ = read_model_folder(estimator_run / "model")
     del raw["training"]["estimator"]
     with pytest.raises(MedldmError, match="training.estimator"):
         parse_config(raw, check_files=False)
     config, _ = tiny()  # no estimator: the digest it had before estimators existed
     assert config.digest() == "636a82b06053"
-    without = dataclasses.replace(load_model(model / "model"), estimator=None)
+    without = dataclasses.replace(load_model(estimator_run / "model"), estimator=None)
     with pytest.raises(MedldmError, match="refine needs a model with an estimator"):
         Upscaler(without, device="cpu", refine=0.3)
 
 
-def test_evaluate_reports_the_regression_baseline_and_the_uncertainty_calibration(model, ixi_files, tmp_path):
+def test_evaluate_reports_the_regression_baseline_and_the_uncertainty_calibration(estimator_run, ixi_files, tmp_path):
     block = save_nifti(
         crop(load(ixi_files[-20]), (slice(30, 78), slice(20, 68), slice(25, 57))), tmp_path / "block.nii.gz"
     )
     out = tmp_path / "report"
-    evaluate(block, out, model=model / "model", steps=2, refine=0.3, samples=2, baselines=["bspline-dc", "regression"])
+    evaluate(
+        block,
+        out,
+        model=estimator_run / "model",
+        steps=2,
+        refine=0.3,
+        samples=2,
+        baselines=["bspline-dc", "regression"],
+    )
     with open(out / "metrics.csv") as fh:
         methods = {row["method"]: row for row in csv.DictReader(fh)}
     assert set(methods) == {"bspline-dc", "regression", "model"}
@@ -140,7 +135,7 @@ def test_evaluate_reports_the_regression_baseline_and_the_uncertainty_calibratio
         evaluate(block, tmp_path / "r2", model=None, baselines=["regression"])
 
 
-def test_a_refinement_model_fine_tuned_from_a_model_folder(model, tmp_path, ixi_path):
+def test_a_refinement_model_fine_tuned_from_a_model_folder(estimator_run, tmp_path, ixi_path):
     """--init takes the folder's finished stages as they are and fine-tunes its denoiser to refine the estimate:
     conditioned on the estimate's latent, on the timesteps a refinement from ``diffusion.refine`` meets."""
     config, root = tiny_with_estimator()
@@ -149,7 +144,7 @@ def test_a_refinement_model_fine_tuned_from_a_model_folder(model, tmp_path, ixi_
     )
     run = tmp_path / "run"
     tuner = trainer(config, root, run)
-    taken = tuner.init_from(model / "model")
+    taken = tuner.init_from(estimator_run / "model")
     assert taken["autoencoder"].startswith("taken as finished") and taken["estimator"].startswith("taken as finished")
     assert taken["diffusion"].startswith("fine-tuned")
     seen = []
@@ -163,7 +158,7 @@ def test_a_refinement_model_fine_tuned_from_a_model_folder(model, tmp_path, ixi_
         mp.setattr(type(build_schedule(config)), "add_noise", spy)
         tuner.run("diffusion")
     assert max(seen) <= 300  # round(0.3 * 999): never the noise levels a refinement from 0.3 does not meet
-    source, tuned = load_model(model / "model"), load_model(run / "model")
+    source, tuned = load_model(estimator_run / "model"), load_model(run / "model")
     for name in ("autoencoder", "estimator"):  # taken as they were
         torch.testing.assert_close(
             getattr(tuned, name).state_dict(), getattr(source, name).state_dict(), rtol=0, atol=0
@@ -176,8 +171,8 @@ def test_a_refinement_model_fine_tuned_from_a_model_folder(model, tmp_path, ixi_
         Upscaler(tuned, device="cpu", refine=0.5)
 
 
-def test_refinement_settings_need_an_estimator(model):
-    raw, _ = read_model_folder(model / "model")
+def test_refinement_settings_need_an_estimator(estimator_run):
+    raw, _ = read_model_folder(estimator_run / "model")
     for key, value in (("condition", "estimate"), ("refine", 0.3)):
         bad = {
             **raw,
@@ -189,8 +184,10 @@ def test_refinement_settings_need_an_estimator(model):
             parse_config(bad, check_files=False)
 
 
-def test_the_model_chooses_its_planes_and_the_regression_baseline_always_averages_both(model, ixi_files, tmp_path):
-    loaded = load_model(model / "model")
+def test_the_model_chooses_its_planes_and_the_regression_baseline_always_averages_both(
+    estimator_run, ixi_files, tmp_path
+):
+    loaded = load_model(estimator_run / "model")
     info = {**loaded.info, "sampling": {"steps": 2, "refine": 0.3, "planes": "one"}}
     folder = write_model_folder(
         tmp_path / "model",

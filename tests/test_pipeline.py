@@ -1,9 +1,8 @@
-"""medldm upscale end to end with tiny 2D and 3D models trained here by the project's own code."""
+"""medldm upscale end to end with tiny 2D and 3D trained_models trained here by the project's own code."""
 
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,18 +17,6 @@ from tests.helpers import medldm, tiny, trainer
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    """Model folders of the tiny 2D and 3D configs, trained for a few steps (weights are real, if untaught)."""
-    out = {}
-    for name in ("tiny_2d", "tiny_3d"):
-        config, root = tiny(name)
-        run = tmp_path_factory.mktemp(name)
-        trainer(config, root, run).run("all")
-        out[name] = run / "model"
-    return out
-
-
-@pytest.fixture(scope="module")
 def degraded(ixi_path):
     """A real IXI block (48 x 120 x 40 of 120 x 120 x 90: the whole extent along z) with thick slices: x4 along z
     (voxel axis 1), plus its ground truth. A block, not the whole head, keeps the many upscales below short."""
@@ -38,12 +25,12 @@ def degraded(ixi_path):
 
 
 @pytest.mark.parametrize("name", ["tiny_2d", "tiny_3d"])
-def test_upscale_restores_the_grid_and_is_consistent(models, ixi_path, name):
+def test_upscale_restores_the_grid_and_is_consistent(trained_models, ixi_path, name):
     vol = load(ixi_path)
     if name == "tiny_3d":  # a real sub-volume keeps the 3D sliding-window run short
         vol = crop(vol, (slice(30, 78), slice(None), slice(20, 60)))
     lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=4)
-    upscaler = Upscaler(models[name], device="cpu", steps=2, batch_size=32)
+    upscaler = Upscaler(trained_models[name], device="cpu", steps=2, batch_size=32)
     result = upscaler.upscale(lr, axis="z")
     assert result.task.kind == "slice-profile" and result.task.scale == 4 and result.axis == 1
     assert result.sr.shape == hr.shape == (vol.shape[0], 120, vol.shape[2])
@@ -62,15 +49,17 @@ def test_upscale_restores_the_grid_and_is_consistent(models, ixi_path, name):
     assert result.uncertainty is None
 
 
-def test_consistency_can_be_switched_off(models, degraded):
+def test_consistency_can_be_switched_off(trained_models, degraded):
     lr, _ = degraded
-    loose = Upscaler(models["tiny_2d"], device="cpu", steps=2, batch_size=64, consistency=0.0).upscale(lr, axis="z")
+    loose = Upscaler(trained_models["tiny_2d"], device="cpu", steps=2, batch_size=64, consistency=0.0).upscale(
+        lr, axis="z"
+    )
     assert loose.residual > 1e-3  # an untaught model is far from the data; consistency is what fixed it above
 
 
-def test_same_seed_same_output_other_seed_other_sample(models, degraded):
+def test_same_seed_same_output_other_seed_other_sample(trained_models, degraded):
     lr, _ = degraded
-    upscaler = Upscaler(models["tiny_2d"], device="cpu", steps=2, batch_size=64, sampler="ddim")
+    upscaler = Upscaler(trained_models["tiny_2d"], device="cpu", steps=2, batch_size=64, sampler="ddim")
     a = upscaler.upscale(lr, axis="z", seed=1)
     b = upscaler.upscale(lr, axis="z", seed=1)
     c = upscaler.upscale(lr, axis="z", seed=2)
@@ -84,26 +73,26 @@ def test_same_seed_same_output_other_seed_other_sample(models, degraded):
     np.testing.assert_array_equal(many.uncertainty.affine, many.sr.affine)
 
 
-def test_output_does_not_depend_on_how_planes_are_batched(models, degraded, monkeypatch):
+def test_output_does_not_depend_on_how_planes_are_batched(trained_models, degraded, monkeypatch):
     """Each plane draws its own noise, so batch size and the per-call pixel cap (which differ between CPU and
     GPU) change only float rounding, not the sample a user gets for a seed."""
     lr, _ = degraded
     kw = dict(device="cpu", steps=2, sampler="ddpm")  # stochastic at every step
-    big = Upscaler(models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=3)
+    big = Upscaler(trained_models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=3)
     monkeypatch.setitem(Upscaler.BATCH_PIXELS, "cpu", 1)  # one plane per call
-    small = Upscaler(models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=3)
-    odd = Upscaler(models["tiny_2d"], batch_size=5, **kw).upscale(lr, axis="z", seed=3)
+    small = Upscaler(trained_models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=3)
+    odd = Upscaler(trained_models["tiny_2d"], batch_size=5, **kw).upscale(lr, axis="z", seed=3)
     other_seed = np.abs(
-        Upscaler(models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=4).sr.data - big.sr.data
+        Upscaler(trained_models["tiny_2d"], batch_size=64, **kw).upscale(lr, axis="z", seed=4).sr.data - big.sr.data
     )
     for other in (small, odd):  # float rounding only: thousands of times below another sample's difference
         d = np.abs(other.sr.data - big.sr.data)
         assert d.mean() < 1e-3 * other_seed.mean() and d.max() < 0.05 * other_seed.max()
 
 
-def test_condition_is_encoded_once_for_all_samples(models, degraded):
+def test_condition_is_encoded_once_for_all_samples(trained_models, degraded):
     lr, _ = degraded
-    upscaler = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64)
+    upscaler = Upscaler(trained_models["tiny_2d"], device="cpu", steps=1, batch_size=64)
     calls = []
     encode = upscaler.model.autoencoder.encode
     upscaler.model.autoencoder.encode = lambda x: calls.append(x.shape[0]) or encode(x)
@@ -116,12 +105,14 @@ def test_condition_is_encoded_once_for_all_samples(models, degraded):
 
 
 @pytest.mark.parametrize("name", ["tiny_2d", "tiny_3d"])
-def test_channels_last_is_the_same_autoencoder(models, degraded, name):
+def test_channels_last_is_the_same_autoencoder(trained_models, degraded, name):
     lr, hr = degraded
     if name == "tiny_3d":
         lr = crop(lr, (slice(30, 62), slice(None), slice(20, 52)))
-    plain = Upscaler(models[name], device="cpu", steps=1, batch_size=64, channels_last=False)
-    fast = Upscaler(load_model(models[name]), device="cpu", steps=1, batch_size=64)  # channels_last: the default
+    plain = Upscaler(trained_models[name], device="cpu", steps=1, batch_size=64, channels_last=False)
+    fast = Upscaler(
+        load_model(trained_models[name]), device="cpu", steps=1, batch_size=64
+    )  # channels_last: the default
     x = torch.from_numpy(hr.data[None, None, 44:76, 44:76, 29:61] / hr.data.max()).float()  # inside the head
     if name == "tiny_2d":
         x = x[..., 0]
@@ -138,16 +129,18 @@ def test_channels_last_is_the_same_autoencoder(models, degraded, name):
     assert result.residual < 1e-6 and result.sr.data.flags.c_contiguous
 
 
-def test_both_plane_stacks_average_two_consistent_passes(models, degraded):
+def test_both_plane_stacks_average_two_consistent_passes(trained_models, degraded):
     lr, _ = degraded
-    one = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64, planes="one").upscale(lr, axis="z")
-    both = Upscaler(models["tiny_2d"], device="cpu", steps=1, batch_size=64, planes="both").upscale(lr, axis="z")
+    one = Upscaler(trained_models["tiny_2d"], device="cpu", steps=1, batch_size=64, planes="one").upscale(lr, axis="z")
+    both = Upscaler(trained_models["tiny_2d"], device="cpu", steps=1, batch_size=64, planes="both").upscale(
+        lr, axis="z"
+    )
     assert both.sr.shape == one.sr.shape and both.residual < 1e-6
     np.testing.assert_array_equal(both.sr.affine, one.sr.affine)
     assert np.abs(both.sr.data - one.sr.data).max() > 1e-3  # the second stack of planes changed the result
     assert both.sr.meta["upscale"]["planes"] == "both"
     with pytest.raises(MedldmError, match="planes must be one of"):
-        Upscaler(models["tiny_2d"], device="cpu", planes="three")
+        Upscaler(trained_models["tiny_2d"], device="cpu", planes="three")
 
 
 @pytest.mark.parametrize("denoiser", ["unet", "dit"])
@@ -206,23 +199,25 @@ def test_running_stats_are_exact_and_zero_where_samples_agree():
     assert torch.equal(single.std, torch.zeros_like(single.mean))
 
 
-def test_in_plane_kspace_upscale(models, ixi_path):
+def test_in_plane_kspace_upscale(trained_models, ixi_path):
     lr, hr = degrade_volume(load(ixi_path), kind="kspace", axis="z", scale=2)
-    result = Upscaler(models["tiny_2d"], device="cpu", steps=2, batch_size=64).upscale(lr, axis="z", kind="kspace")
+    result = Upscaler(trained_models["tiny_2d"], device="cpu", steps=2, batch_size=64).upscale(
+        lr, axis="z", kind="kspace"
+    )
     assert result.sr.shape == hr.shape
     np.testing.assert_allclose(result.sr.affine, hr.affine, atol=1e-9)
     assert result.residual < 1e-6
 
 
-def test_model_folder_checksums_and_task_choice(models, degraded, tmp_path):
+def test_model_folder_checksums_and_task_choice(trained_models, degraded, tmp_path):
     lr, _ = degraded
     with pytest.raises(MedldmError, match="not trained for blur"):
-        Upscaler(models["tiny_2d"], device="cpu").upscale(lr, axis="z", kind="blur")
-    model = load_model(models["tiny_2d"])
+        Upscaler(trained_models["tiny_2d"], device="cpu").upscale(lr, axis="z", kind="blur")
+    model = load_model(trained_models["tiny_2d"])
     assert model.info["spatial_dims"] == 2
     tampered = tmp_path / "model"
     tampered.mkdir()
-    for f in models["tiny_2d"].iterdir():
+    for f in trained_models["tiny_2d"].iterdir():
         tampered.joinpath(f.name).write_bytes(f.read_bytes())
     weights = tampered / "denoiser.safetensors"
     data = bytearray(weights.read_bytes())
@@ -232,7 +227,7 @@ def test_model_folder_checksums_and_task_choice(models, degraded, tmp_path):
         load_model(tampered)
 
 
-def test_cli_upscale_leaves_the_input_untouched(models, degraded, tmp_path):
+def test_cli_upscale_leaves_the_input_untouched(trained_models, degraded, tmp_path):
     lr, hr = degraded
     scan = tmp_path / "thick.nii.gz"
     save_nifti(lr, scan)
@@ -241,7 +236,7 @@ def test_cli_upscale_leaves_the_input_untouched(models, degraded, tmp_path):
         "upscale",
         scan,
         "--model",
-        models["tiny_2d"],
+        trained_models["tiny_2d"],
         "--steps",
         "2",
         "--axis",
@@ -260,11 +255,11 @@ def test_cli_upscale_leaves_the_input_untouched(models, degraded, tmp_path):
     np.testing.assert_allclose(sr.affine, hr.affine, atol=1e-4)
     assert load(tmp_path / "thick_sr_uncertainty.nii.gz").shape == hr.shape
     assert (tmp_path / "preview.png").stat().st_size > 10_000
-    again = medldm("upscale", scan, "--model", models["tiny_2d"], "--steps", "2")
+    again = medldm("upscale", scan, "--model", trained_models["tiny_2d"], "--steps", "2")
     assert again.returncode == 1 and "--overwrite" in again.stderr
 
 
-def test_batch_mode_survives_a_corrupt_file_and_resumes(models, degraded, tmp_path):
+def test_batch_mode_survives_a_corrupt_file_and_resumes(trained_models, degraded, tmp_path):
     lr, _ = degraded
     folder = tmp_path / "scans"
     save_nifti(lr, folder / "a.nii.gz")
@@ -273,7 +268,18 @@ def test_batch_mode_survives_a_corrupt_file_and_resumes(models, degraded, tmp_pa
     (folder / "b.nii.gz").write_bytes(good[: len(good) // 3])
     out = tmp_path / "out"
     result = medldm(
-        "upscale", folder, "-o", out, "--model", models["tiny_2d"], "--steps", "1", "--axis", "z", "--device", "cpu"
+        "upscale",
+        folder,
+        "-o",
+        out,
+        "--model",
+        trained_models["tiny_2d"],
+        "--steps",
+        "1",
+        "--axis",
+        "z",
+        "--device",
+        "cpu",
     )
     assert result.returncode == 1
     assert sorted(p.name for p in out.iterdir()) == [
@@ -289,14 +295,14 @@ def test_batch_mode_survives_a_corrupt_file_and_resumes(models, degraded, tmp_pa
     assert "b.nii.gz" in result.stderr and "Traceback" not in result.stderr
     stamp = (out / "a_sr.nii.gz").stat().st_mtime_ns
     (folder / "b.nii.gz").unlink()
-    resumed = medldm("upscale", folder, "-o", out, "--model", models["tiny_2d"], "--steps", "1", "--axis", "z")
+    resumed = medldm("upscale", folder, "-o", out, "--model", trained_models["tiny_2d"], "--steps", "1", "--axis", "z")
     assert resumed.returncode == 0, resumed.stderr
     assert "0 written, 2 skipped" in resumed.stdout
     assert (out / "a_sr.nii.gz").stat().st_mtime_ns == stamp
 
 
-def test_cuda_request_without_a_gpu_is_a_clear_error(models):
+def test_cuda_request_without_a_gpu_is_a_clear_error(trained_models):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(MedldmError, match="no CUDA GPU"):
-        Upscaler(models["tiny_2d"], device="cuda")
+        Upscaler(trained_models["tiny_2d"], device="cuda")
