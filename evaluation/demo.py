@@ -97,9 +97,11 @@ def _upscale_with_uncertainty(lr, paths: dict, console):
         spread = sampler.upscale(
             lr, axis="z", scale=4, samples=2, seed=0, progress=lambda d, t: bar.update(task, completed=d, total=t)
         )
+    estimate_alone = upscaler.model.estimator is not None and upscaler.refine == 0
+    how = "the regression estimate" if estimate_alone else f"{upscaler.steps} {upscaler.sampler} step(s)"
     console.print(
-        f"upscaled in {took:.0f} s ({upscaler.steps} {upscaler.sampler} step(s), planes "
-        f"{upscaler.planes}); consistency residual {100 * result.residual:.4f}% of the intensity range; "
+        f"upscaled in {took:.0f} s ({how}, planes {upscaler.planes}); consistency residual "
+        f"{100 * result.residual:.4f}% of the intensity range; "
         f"uncertainty from 2 posterior samples at 8 steps in {time.perf_counter() - tic - took:.0f} s"
     )
     paths.update(sr=OUT / "mni152_sr.nii.gz", uncertainty=OUT / "mni152_sr_uncertainty.nii.gz")
