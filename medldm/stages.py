@@ -101,10 +101,10 @@ class TrainingStage:
     def state(self) -> dict:
         return {}
 
-    def _ema_and_optimiser(self, **adam) -> None:
+    def _ema_and_optimiser(self) -> None:
         st = self.schedule
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=st.lr, weight_decay=st.weight_decay, **adam)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
 
     def _update(self, loss: torch.Tensor) -> None:
         """Backward, clip, optimiser step and EMA update."""

@@ -1,4 +1,5 @@
-"""The two training stages over accelerate: the perceptual autoencoder, then the conditional latent diffusion model.
+"""The Trainer: runs the training stages of a config (medldm.stages: the perceptual autoencoder, the estimator when
+the config has one, then the conditional latent diffusion model) over accelerate, and exports the model folder.
 
 Every batch and every noise draw is a function of (seed, step, rank), so resuming from a checkpoint gives the
 same weights as an uninterrupted run, and ranks of a data-parallel run see different data while DDP keeps their
