@@ -701,7 +701,7 @@ class _UpscaleListener:
         self.bar = Progress(*columns, console=console, disable=not console.is_terminal)
         self.quiet, self.json_lines = quiet, json_lines
         self.overall = self.bar.add_task("all scans", total=scans) if scans > 1 else None
-        self.adapting: TaskID | None = None
+        self.latest: TaskID | None = None  # the bar of the work under way
 
     def __enter__(self):
         self.bar.__enter__()
@@ -719,14 +719,12 @@ class _UpscaleListener:
     def progress(self, label: str):
         from rich.markup import escape
 
-        task = self.bar.add_task(escape(label), total=None)
-        if label.startswith("adapting to "):
-            self.adapting = task
+        task = self.latest = self.bar.add_task(escape(label), total=None)
         return lambda done, total: self.bar.update(task, completed=done, total=total)
 
     def adapted(self, source: Path, adaptation) -> None:
-        if self.adapting is not None:
-            self.bar.update(self.adapting, visible=False)
+        if self.latest is not None:  # the adaptation's bar: done
+            self.bar.update(self.latest, visible=False)
         if not (self.quiet or self.json_lines):
             last = adaptation.losses[-20:]
             self._line(

@@ -157,9 +157,7 @@ def evaluate(
         from medldm.pipeline import Upscaler
 
         upscaler = Upscaler(model, device=device, **sampling)
-        sampling.update(  # the model's defaults where none was given
-            steps=upscaler.steps, refine=upscaler.refine, planes=upscaler.planes, refine_planes=upscaler.refine_planes
-        )
+        sampling = sampling_of(upscaler)  # the model's defaults where none was given
     methods = _methods(kind, baselines, upscaler, adapt)
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
@@ -200,6 +198,12 @@ def evaluate(
         calibration=results.calibration,
         rd_sample=rd_sample,
     )
+
+
+def sampling_of(upscaler) -> dict[str, Any]:
+    """The sampling settings an Upscaler runs with (the model's defaults where none was given), for the protocol."""
+    names = ("sampler", "steps", "planes", "refine", "refine_planes")
+    return {name: getattr(upscaler, name) for name in names}
 
 
 def _methods(kind: str, baselines, upscaler, adapt: dict | None) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from medldm.evaluation.evaluate import Case, Scores, _protocol, scan_list
+from medldm.evaluation.evaluate import Case, Scores, _protocol, sampling_of, scan_list
 from medldm.evaluation.metrics import SUMMARY_METRICS
 
 from medldm.degrade import degrade_volume
@@ -84,8 +84,7 @@ def evaluate_fusion(
         if n == 0:
             results.examples.append(_example(truth, stacks, case.outputs))
     acquisition = {"kind": "slice-profile", "axis": "each voxel axis in turn", "scale": scale, "profile": "gaussian"}
-    sampling = {"sampler": upscaler.sampler, "steps": upscaler.steps, "samples": 1, "seed": seed}
-    sampling.update(planes=upscaler.planes, refine=upscaler.refine, refine_planes=upscaler.refine_planes)
+    sampling = {**sampling_of(upscaler), "samples": 1, "seed": seed}
     protocol = _protocol(
         files,
         upscaler.model,

@@ -238,11 +238,7 @@ class Upscaler:
             thickness: the slice thickness in mm (default: the DICOM SliceThickness, else the slice spacing).
         """
         tasks = self.model.spec.data.tasks
-        try:  # first, so that an unusable scan (e.g. a constant image) is named for what it is
-            intensity = self.model.spec.data.intensity
-            normalised = normaliser(intensity, volume.data).forward(volume.data.astype(np.float32))
-        except MedldmError as err:
-            raise MedldmError(err.reason, err.path or volume.path) from None
+        normalised = self._normalised(volume)[1].numpy()  # first: an unusable scan (a constant image) is named
         voxel_spacing = np.asarray(volume.spacing, dtype=np.float64)
         anisotropic = voxel_spacing.max() / voxel_spacing.min() > ANISOTROPY
         if kind is None:
@@ -422,7 +418,7 @@ class Upscaler:
         """Scaled latents (on the device) of HR-grid conditions (B, 1, *spatial), padded to the network's multiple."""
         m = self.model
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            cond = pad_to_multiple(cond, self.multiple).to(self.device)
+            cond = m.pad(cond).to(self.device)
             if self.channels_last:
                 cond = cond.contiguous(memory_format=self._memory_format())
             return m.autoencoder.encode(cond).float().contiguous() * float(m.info["latent_scale"])

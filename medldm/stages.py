@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from typing import Any, cast
 
 import numpy as np
@@ -66,7 +67,7 @@ def latent_scale(autoencoder, pairs, batch_size: int, device) -> float:
     return float(1.0 / torch.cat([v.flatten() for v in z]).float().std())
 
 
-class TrainingStage:
+class TrainingStage(ABC):
     """One stage: ``build`` (networks, EMA, optimisers: the same initial weights on every rank and run), then
     ``resumed`` with the restored checkpoint's state, ``prepare`` (data, accelerate) when steps remain, and
     ``step`` per batch. ``modules``/``optimizers`` are what a checkpoint holds; ``state`` adds to its state.json."""
@@ -80,17 +81,20 @@ class TrainingStage:
         self.trainer, self.config, self.acc = trainer, trainer.config, trainer.acc
         self.schedule = cast(Schedule, getattr(self.config.training, self.name))
 
+    @abstractmethod
     def build(self) -> None:
-        raise NotImplementedError
+        """Build the networks, their EMA and optimisers (before any checkpoint is restored into them)."""
 
-    def resumed(self, state: dict) -> None:
+    def resumed(self, state: dict) -> None:  # noqa: B027 - a hook: only the diffusion stage reads the state
         """After the checkpoint (if any) was restored; ``state`` is its state.json."""
 
+    @abstractmethod
     def prepare(self) -> None:
-        raise NotImplementedError
+        """Ready the data and hand the networks to accelerate, when steps remain."""
 
+    @abstractmethod
     def step(self, step: int) -> dict:
-        raise NotImplementedError
+        """Train on batch ``step``; returns the values to log (``loss`` among them)."""
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.acc.unwrap_model(self.model), "ema": self.ema}
@@ -106,13 +110,17 @@ class TrainingStage:
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(st.ema_decay or 0.0), use_buffers=True)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=st.lr, weight_decay=st.weight_decay)
 
-    def _update(self, loss: torch.Tensor) -> None:
-        """Backward, clip, optimiser step and EMA update."""
+    def _optimise(self, loss: torch.Tensor) -> None:
+        """Backward, clip and the optimiser's step."""
         self.opt.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         if self.schedule.grad_clip:
             self.acc.clip_grad_norm_(self.model.parameters(), self.schedule.grad_clip)
         self.opt.step()
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """:meth:`_optimise`, then the EMA update."""
+        self._optimise(loss)
         self.ema.update_parameters(self.acc.unwrap_model(self.model))
 
 
@@ -168,12 +176,8 @@ class AutoencoderStage(TrainingStage):
                 g_adv = self.adversarial(self.disc(recon)[-1], target_is_real=True, for_discriminator=False)
                 loss = loss + ae_cfg.adversarial_weight * g_adv
                 logs["g_adv"] = g_adv.item()
-        self.opt.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
-        if st.grad_clip:
-            self.acc.clip_grad_norm_(self.model.parameters(), st.grad_clip)
-        self.opt.step()
-        if use_adv:
+        self._optimise(loss)
+        if use_adv:  # the discriminator's step before the EMA update, as the autoencoder's order has always been
             logs["d_adv"] = self._discriminator_step(recon, x)
         self.ema.update_parameters(self.acc.unwrap_model(self.model))
         return {"loss": loss.item(), **logs}
