@@ -261,3 +261,20 @@ def test_a_refinement_denoiser_is_not_trained_on_a_3d_estimator(tmp_path):
     config, root = tiny(estimator=ESTIMATOR_3D, training={"estimator": STAGE}, diffusion={"condition": "estimate"})
     with pytest.raises(MedldmError, match="estimator is 3D"):
         trainer(config, root, tmp_path / "run").run("all")  # the autoencoder and estimator, then the refusal
+
+
+def test_adapt_refuses_a_3d_estimator_with_one_line(tmp_path, ixi_path):
+    from medldm.adapt import adapt
+
+    config, _ = tiny(estimator=ESTIMATOR_3D, training={"estimator": STAGE})
+    modules = {
+        "autoencoder": build_autoencoder(config),
+        "denoiser": build_denoiser(config),
+        "estimator": build_estimator(config),
+    }  # untrained: the refusal comes before any work
+    write_model_folder(tmp_path / "model", config=config.model_dump(), info={"latent_scale": 1.0}, modules=modules)
+    loaded = load_model(tmp_path / "model")
+    lr, _ = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=4)
+    plan = Upscaler(loaded, device="cpu").plan(lr, axis="z")
+    with pytest.raises(MedldmError, match="estimator is 3D"):
+        adapt(loaded, lr, plan, steps=1)
