@@ -113,12 +113,22 @@ class Autoencoder(_Strict):
     perceptual_weight: float = Field(0.3, ge=0)
     kl_weight: float = Field(1e-6, ge=0)
     adversarial_weight: float = Field(0.01, ge=0)
-    adversarial_start: int = Field(2000, ge=0)  # step at which the discriminator joins
+    # step at which the discriminator joins; None when adversarial_weight is 0 (no discriminator)
+    adversarial_start: int | None = Field(2000, ge=0)
     lpips_weights: str | None = None  # folder with the real LPIPS weights; default: see medldm.perceptual
 
     @property
     def factor(self) -> int:
         return 2 ** (len(self.channels) - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_start_without_adversary(cls, data):
+        """A start step means nothing without the adversarial loss: it is dropped, so that it neither changes the
+        digest nor makes two otherwise equal autoencoders differ (older folders wrote one)."""
+        if isinstance(data, dict) and data.get("adversarial_weight") == 0:
+            data = {**data, "adversarial_start": None}
+        return data
 
     @model_validator(mode="after")
     def _groups_divide(self):

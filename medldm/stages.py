@@ -161,7 +161,7 @@ class AutoencoderStage(TrainingStage):
         ae_cfg, st = self.config.autoencoder, self.schedule
         size = self.pairs.patch_size(step, st.progressive)
         x = self.trainer._in_model_layout(self.pairs.batch(step, st.batch_size, size)["hr"].to(self.acc.device))
-        use_adv = ae_cfg.adversarial_weight > 0 and step >= ae_cfg.adversarial_start
+        use_adv = ae_cfg.adversarial_start is not None and step >= ae_cfg.adversarial_start
         with self.acc.autocast():
             recon, reg = self.forward(x)
             recon = recon.float()

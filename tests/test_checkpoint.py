@@ -14,8 +14,10 @@ from medldm.checkpoint import (
     load_partial_weights,
     load_state,
     load_weights,
+    read_model_folder,
     save_checkpoint,
 )
+from medldm.config import parse_config
 
 
 def _net(extra: bool = False) -> nn.Module:
@@ -75,3 +77,17 @@ def test_weights_that_do_not_fit_are_refused_before_anything_is_allocated(tmp_pa
     with pytest.raises(MedldmError, match="cannot be read") as err:
         build_with_weights(_net, tmp_path / "bad.safetensors")
     assert "bad.safetensors" in str(err.value)
+
+
+def test_the_shipped_config_is_the_shipped_models_and_its_checksums_hold():
+    """configs/brain_mri.yaml retrains the shipped model: its settings equal the folder's config (an unused
+    adversarial_start in the folder's config.json does not count) and give the digest model.json records."""
+    from medldm.config import load_config
+    from medldm.model import DEFAULT_MODEL
+
+    raw, info = read_model_folder(DEFAULT_MODEL)  # verifies every file against SHA256SUMS
+    shipped, _ = parse_config(raw, check_files=False)
+    config, _ = load_config("configs/brain_mri.yaml", check_files=False)
+    assert raw["autoencoder"]["adversarial_start"] == 1500 and shipped.autoencoder.adversarial_start is None
+    assert config.model_dump() == shipped.model_dump()
+    assert config.digest() == shipped.digest() == info["config_digest"]
