@@ -832,6 +832,15 @@ def evaluate(
             "(x --scale), fused (medldm fuse) and upscaled alone",
         ),
     ] = False,
+    motion: Annotated[
+        tuple[float, float] | None,
+        typer.Option(
+            "--motion",
+            metavar="DEG MM",
+            help="with --stacks: the patient moved before the second stack (DEG degrees about world z, MM mm along "
+            "world x); the fusions register the stacks first and the report says how well the motion was recovered",
+        ),
+    ] = None,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="score whole volumes, not the foreground")] = False,
     rd: Annotated[bool, typer.Option("--rd", help="the model's rate-distortion curves alone")] = False,
     with_rd: Annotated[bool, typer.Option("--with-rd", help="metrics and rate-distortion curves")] = False,
@@ -852,10 +861,13 @@ def evaluate(
     from medldm.batch import AdaptSettings
 
     console = Console(stderr=True)
+    if motion is not None and not stacks:
+        raise MedldmError("--motion moves one of the --stacks: pass --stacks")
     if stacks:
         if model is None:
             raise MedldmError("--stacks scores the model's fusion: pass --model")
         fusion = {"scale": scale, "seed": seed, "device": device, "use_mask": not no_mask, "limit": limit}
+        fusion["motion"] = motion
         report = _evaluate_fusion(data, out, model, fusion, lpips_weights, console)
     else:
         with console.status("evaluating") as status:

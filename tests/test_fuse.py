@@ -3,6 +3,10 @@ through its affine (oblique stacks included), the joint data-consistency step, r
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +258,33 @@ def test_a_stack_that_cannot_be_registered_is_refused():
     blank = stacks[1].with_data(np.zeros(stacks[1].shape, np.float32))  # nothing to align
     with pytest.raises(MedldmError, match="could not be registered"):
         register_stacks([as_stack(stacks[0]), as_stack(blank)])
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def _brain_list(tmp_path) -> Path:
+    brain = load(shared_path("data/mri/colin27-mricron/ch2.nii.gz"))
+    brain = crop(brain, (slice(58, 122), slice(76, 140), slice(56, 104)))  # 64 x 64 x 48 mm of the centre
+    scans = tmp_path / "scans.txt"
+    scans.write_text(f"{save_nifti(brain, tmp_path / 'brain.nii.gz')}\n")
+    return scans
+
+
+def test_evaluate_scores_the_fusion_and_a_moved_stack_after_registration(tmp_path, trained_models):
+    pytest.importorskip("SimpleITK")
+    scans, model = _brain_list(tmp_path), trained_models["tiny_2d"]
+    plain = medldm("evaluate", "--stacks", "--data", scans, "--model", model, "--out", tmp_path / "plain", "--quiet")
+    assert plain.returncode == 0, plain.stderr
+    summary = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert set(summary["baselines"]) == {"bspline-dc", "model-average", "upscale-i", "upscale-j", "upscale-k"}
+    moved = medldm(
+        "evaluate", "--stacks", "--motion", "3", "2", "--data", scans, "--model", model, "--out", tmp_path / "moved"
+    )
+    assert moved.returncode == 0, moved.stderr
+    summary = json.loads((tmp_path / "moved" / "summary.json").read_text())
+    assert "upscale-j" not in summary["baselines"]  # the moved stack's own upscale lies in the moved anatomy
+    (line,) = summary["protocol"]["registration"]
+    degrees, mm = (float(v) for v in re.findall(r"([\d.]+) (?:degrees|mm)", line))
+    assert degrees < 1.0 and mm < 1.0, line  # 3 degrees and 2 mm were applied
+    assert "registers the stacks" in (tmp_path / "moved" / "report.html").read_text()
+    refused = medldm("evaluate", "--motion", "3", "2", "--data", scans, "--model", model, "--out", tmp_path / "x")
+    assert refused.returncode == 1 and "pass --stacks" in refused.stderr
