@@ -105,6 +105,10 @@ class Training(_Strict):
     autoencoder: Stage
     diffusion: Stage
     estimator: Stage | None = None  # needed when the config has an estimator section
+    # the estimator's loss: "l1" on its output, or "consistent": L1 on the error the data-consistency projection
+    # leaves (the part of the error the acquisition cannot see, medldm.degrade.LinearOperator.unseen), which is
+    # what inference returns
+    estimator_loss: Literal["l1", "consistent"] = "l1"
 
 
 # options added after models were shipped: left out of the digest at their defaults, so older digests still hold
@@ -117,6 +121,7 @@ _LATER_OPTIONS: tuple[tuple[str, str, object], ...] = (
     ("estimator", "geometry", False),
     ("estimator", "spatial_dims", 2),
     ("estimator", "patch_size", None),
+    ("training", "estimator_loss", "l1"),
 )
 
 

@@ -145,15 +145,16 @@ class PairSampler:
         # the contrast augmentation draws from its own stream, so the patches are the same with it and without
         looks = np.random.default_rng([self.config.training.seed, step, self.rank, stream, 1])
         size = tuple(patch_size or self.config.data.patch_size)
-        hr, lr, task, modality, scales, thicknesses = [], [], [], [], [], []
+        hr, lr, task, modality, axes, scales, thicknesses = [], [], [], [], [], [], []
         for _ in range(batch_size):
             vol = self.volumes[rng.integers(len(self.volumes))]
             t = int(rng.integers(len(self.tasks)))
-            h, low, scale, thickness = self._pair(vol, self.tasks[t], size, rng, looks)
+            h, low, axis, scale, thickness = self._pair(vol, self.tasks[t], size, rng, looks)
             hr.append(h)
             lr.append(low)
             task.append(t)
             modality.append(vol.modality)
+            axes.append(-1 if axis is None else axis)
             scales.append(scale)
             thicknesses.append(thickness)
         return {
@@ -162,6 +163,11 @@ class PairSampler:
             "task": torch.tensor(task),
             "modality": torch.tensor(modality),
             "geometry": geometry_features(scales, thicknesses),
+            # each sample's forward model (with its task): the slice axis of the patch (-1: the in-plane kinds),
+            # the exact factor and the slice thickness / spacing
+            "axis": torch.tensor(axes),
+            "scale": torch.tensor(scales, dtype=torch.float64),
+            "thickness": torch.tensor(thicknesses, dtype=torch.float64),
         }
 
     @staticmethod
@@ -177,10 +183,11 @@ class PairSampler:
 
     def _pair(
         self, vol: TrainingVolume, task, size, rng: np.random.Generator, looks: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """One HR patch (*size), its interpolated LR channels (C, *size), and the exact factor and slice thickness
-        / spacing used. The RNG draws do not depend on the slab, so a slab's centre channel is exactly the slab-1
-        LR patch of the same draw; ``looks`` draws the contrast augmentation."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int | None, float, float]:
+        """One HR patch (*size), its interpolated LR channels (C, *size), and the slice axis (None for the in-plane
+        kinds in 2D), exact factor and slice thickness / spacing used. The RNG draws do not depend on the slab, so a
+        slab's centre channel is exactly the slab-1 LR patch of the same draw; ``looks`` draws the contrast
+        augmentation."""
         data = vol.data
         if self.dims == 2:
             axes = self.plane_axes or (0, 1, 2)
@@ -237,7 +244,7 @@ class PairSampler:
         up = torch.stack(cast(list[torch.Tensor], up_planes))  # the loop set every plane
         margin = [(m - s) // 2 for m, s in zip(hr.shape[1:], size, strict=True)]
         crop = tuple(slice(m, m + s) for m, s in zip(margin, size, strict=True))
-        return hr[r][crop].contiguous(), up[(slice(None), *crop)].contiguous(), scale, thickness
+        return hr[r][crop].contiguous(), up[(slice(None), *crop)].contiguous(), axis, scale, thickness
 
     @staticmethod
     def _region(data, centre, size, degraded, scale, rng) -> np.ndarray:

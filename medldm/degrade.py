@@ -150,6 +150,11 @@ class LinearOperator(ABC):
             y = _matmul_along(y, torch.linalg.inv(gram).to(y.dtype), dim)
         return self.adjoint(y)
 
+    def unseen(self, x: Tensor) -> Tensor:
+        """``x - A^+ A x``: the part of ``x`` that the acquisition cannot see (its null-space component), which is
+        all that the data-consistency projection keeps of an estimate's error. Differentiable in ``x``."""
+        return x - self.back_project(self.forward(x))
+
     def matrix(self, n: int, *, device=None) -> Tensor:
         """The 1D operator along one axis of ``n`` samples, as an ``(n / scale, n)`` float64 matrix."""
         eye = torch.eye(n, dtype=torch.float64, device=device)

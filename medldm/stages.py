@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from medldm.checkpoint import load_partial_weights, load_weights
 from medldm.config import Estimator as EstimatorSection
 from medldm.config import Stage as Schedule
+from medldm.degrade import make_operator
 from medldm.errors import MedldmError
 from medldm.nets import (
     ConditionCodec,
@@ -39,6 +40,7 @@ __all__ = [
     "encode_planes",
     "latent_scale",
     "step_generator",
+    "unseen_error",
 ]
 
 
@@ -49,6 +51,31 @@ def step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Genera
     """A CPU generator seeded from (seed, step, rank, stream): independent of every other draw."""
     value = int(np.random.default_rng([seed, step, rank, stream]).integers(2**62))
     return torch.Generator().manual_seed(value)
+
+
+def unseen_error(error: torch.Tensor, batch: dict, tasks) -> torch.Tensor:
+    """Each sample's error (B, 1, *spatial) without what the data-consistency projection removes (its forward
+    model's row space), i.e. the error that inference returns. The forward model acts on the patch alone, so
+    a degraded axis needs a whole number of LR samples; where it does not, the error is kept as it is."""
+    dims = error.dim() - 2
+    parts = []
+    for i, err in enumerate(error):
+        task, axis = tasks[int(batch["task"][i])], int(batch["axis"][i])
+        op = make_operator(
+            task.kind,
+            axis=None if axis < 0 else axis,
+            scale=float(batch["scale"][i]),
+            spatial_dims=dims,
+            profile=task.profile,
+            thickness=float(batch["thickness"][i]),
+        )
+        try:
+            op.output_shape(err.shape)
+        except MedldmError:  # a non-integer factor that does not divide the patch
+            parts.append(err)
+            continue
+        parts.append(op.unseen(err))
+    return torch.stack(parts)
 
 
 def encode_planes(autoencoder, x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +259,10 @@ class EstimatorStage(TrainingStage):
             group["lr"] = rate
         with self.acc.autocast():
             out = self.forward(lr_in, label, batch["geometry"].to(device))
-        loss = (out.float() - hr).abs().mean()
+        error = out.float() - hr
+        if self.config.training.estimator_loss == "consistent":
+            error = unseen_error(error, batch, self.pairs.tasks)
+        loss = error.abs().mean()
         self._update(loss)
         return {"loss": loss.item(), "lr": rate}
 

@@ -20,6 +20,7 @@ from medldm.model import load_model
 from medldm.nets import build_autoencoder, build_denoiser, build_estimator, build_schedule
 from medldm.pipeline import Upscaler
 from medldm.resample import interpolate
+from medldm.stages import unseen_error
 from medldm.volume import crop, load, save_nifti
 from tests.helpers import TINY_ESTIMATOR as ESTIMATOR
 from tests.helpers import TINY_STAGE as STAGE
@@ -83,6 +84,37 @@ def test_the_estimator_learns_one_batch(tmp_path, monkeypatch):
     losses = [float(r["loss"]) for r in rows(tmp_path / "run" / "estimator" / "metrics.csv")]
     # it starts as the identity (linear interpolation), so any fall in the loss is learnt
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
+
+
+def test_the_consistent_loss_scores_the_output_after_the_projection(tmp_path):
+    """estimator_loss: consistent takes L1 on what inference returns: the output made consistent with the patch's
+    own acquisition, minus the truth (thick slices along either axis, and k-space)."""
+    config, root = tiny_with_estimator(steps=1)
+    pairs = trainer(config, root, tmp_path / "run").pair_sampler(slab=3)
+    batch = pairs.batch(0, 12)
+    assert {int(a) for a in batch["axis"]} == {-1, 0, 1}  # both thick-slice orientations and the in-plane kinds
+    hr = batch["hr"]
+    out = batch["lr"][:, 1:2] + 0.05 * torch.randn(hr.shape, generator=torch.Generator().manual_seed(0))
+    unseen = unseen_error(out - hr, batch, pairs.tasks)
+    for i in range(len(hr)):
+        task = pairs.tasks[int(batch["task"][i])]
+        axis = int(batch["axis"][i])
+        # inference's projection on a one-plane volume: the slice axis shifts by one, k-space degrades axes 1 and 2
+        op = make_operator(task.kind, axis=axis + 1 if axis >= 0 else 0, scale=float(batch["scale"][i]))
+        volume, truth = out[i], hr[i]  # (1, H, W)
+        projected = enforce_consistency(volume.clone(), op.forward(truth), op)
+        torch.testing.assert_close(unseen[i], projected - truth, atol=1e-5, rtol=0)
+    assert unseen.abs().mean() < (out - hr).abs().mean()  # the projection removed part of the error
+
+
+def test_an_estimator_trains_with_the_consistent_loss_and_old_digests_hold(tmp_path):
+    config, root = tiny_with_estimator(steps=2)
+    digest = config.digest()
+    config = config.model_copy(update={"training": config.training.model_copy(update={"estimator_loss": "consistent"})})
+    assert config.digest() != digest  # the plain L1 default is left out of the digest, so older configs keep theirs
+    trainer(config, root, tmp_path / "run").run("estimator")
+    losses = [float(r["loss"]) for r in rows(tmp_path / "run" / "estimator" / "metrics.csv")]
+    assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 def test_estimator_resume_gives_the_same_weights_as_one_run(tmp_path):
