@@ -486,6 +486,14 @@ Steps = Annotated[
 Refine = Annotated[float | None, typer.Option(min=0.0, max=0.999, help=REFINE_HELP)]
 SamplerName = Annotated[Sampler, typer.Option(help="diffusion sampler")]
 Samples = Annotated[int, typer.Option(min=1, help="posterior samples: mean written, std as *_uncertainty")]
+UncertaintyMap = Annotated[
+    bool,
+    typer.Option(
+        "--uncertainty",
+        help="also write the uncertainty map (*_uncertainty) for one sample: the error model's predicted standard "
+        "deviation (models with an error model; with --samples N it is always written)",
+    ),
+]
 Seed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="random seed; the same seed gives the same output")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 Consistency = Annotated[float, typer.Option(min=0.0, max=1.0, help="data-consistency strength")]
@@ -541,6 +549,7 @@ def upscale(
     refine: Refine = None,
     sampler: SamplerName = Sampler.dpmpp_2m,
     samples: Samples = 1,
+    uncertainty: UncertaintyMap = False,
     seed: Seed = 0,
     device: Device = "auto",
     consistency: Consistency = 1.0,
@@ -572,7 +581,7 @@ def upscale(
     jobs, cohort, device = shared
     # every output of the run is checked before any work (a batch skips finished scans, so it checks the others)
     todo = [t for _, t in jobs] if batch is None or overwrite else [t for _, t in jobs if not t.exists()]
-    _check_upscale_outputs(todo, overwrite, samples > 1, preview, fmt)
+    _check_upscale_outputs(todo, overwrite, samples > 1 or uncertainty, preview, fmt)
     from medldm.pipeline import Upscaler
 
     upscaler = Upscaler(
@@ -588,6 +597,8 @@ def upscale(
         refine=refine,
         refine_planes=refine_planes.value if refine_planes else None,
     )
+    if uncertainty and samples == 1 and upscaler.model.error_model is None:
+        raise MedldmError("this model has no error model: draw several samples (--samples 4 --steps 8) instead")
     if samples > 1 and not quiet:
         _note_spread(upscaler)
     request = runs.Request(
@@ -598,6 +609,7 @@ def upscale(
         thickness=thickness,
         strict=strict,
         samples=samples,
+        uncertainty=uncertainty or samples > 1,
         seed=seed,
         fmt=fmt,
         overwrite=overwrite,

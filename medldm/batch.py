@@ -66,6 +66,7 @@ class Request:
     thickness: float | None = None
     strict: bool = False  # refuse scans outside what the model was trained on, instead of warning
     samples: int = 1
+    uncertainty: bool = False  # write the uncertainty map (when the result has one: samples > 1 or an error model)
     seed: int = 0
     fmt: Format = Format.nifti
     overwrite: bool = False
@@ -115,8 +116,9 @@ class Listener:
 
 def upscale_to_files(upscaler, volume: Volume, source: Path, target: Path, request: Request, listener: Listener):
     """Upscale ``volume`` (read from ``source``) and write ``target`` (NIfTI, or a DICOM series folder), its
-    uncertainty map (with samples > 1), its provenance sidecar and the preview; returns (provenance record,
-    UpscaleResult). Outputs were checked before (medldm.outputs), so a refusal here writes nothing."""
+    uncertainty map (when asked and the result has one), its provenance sidecar and the preview; returns
+    (provenance record, UpscaleResult). Outputs were checked before (medldm.outputs), so a refusal here writes
+    nothing."""
     from medldm.provenance import short_description, upscale_record, write_sidecar
 
     plan = upscaler.plan(
@@ -153,9 +155,9 @@ def upscale_to_files(upscaler, volume: Volume, source: Path, target: Path, reque
         }
     overwrite = request.overwrite
     save_volume(result.sr, target, request.fmt, overwrite=overwrite, description=short_description(record))
-    if result.uncertainty is not None:
+    if result.uncertainty is not None and request.uncertainty:
         unc = uncertainty_path(target)
-        description = "medldm uncertainty (std over samples)"
+        description = "medldm uncertainty (std)"
         save_volume(result.uncertainty, unc, request.fmt, overwrite=overwrite, description=description)
         record["medldm"]["uncertainty"] = str(unc.resolve())
     write_sidecar(target, record)

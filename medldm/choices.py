@@ -79,4 +79,5 @@ class StageName(Choice):
     all = "all"
     autoencoder = "autoencoder"
     estimator = "estimator"
+    uncertainty = "uncertainty"
     diffusion = "diffusion"

@@ -28,6 +28,7 @@ from medldm.spec import (
     Intensity,
     ModelSpec,
     Task,
+    Uncertainty,
     _Strict,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "Estimator",
     "Intensity",
     "Task",
+    "Uncertainty",
     "load_config",
     "resolve_sources",
 ]
@@ -105,6 +107,7 @@ class Training(_Strict):
     autoencoder: Stage
     diffusion: Stage
     estimator: Stage | None = None  # needed when the config has an estimator section
+    uncertainty: Stage | None = None  # needed when the config has an uncertainty (error model) section
     # the estimator's loss: "l1" on its output, or "consistent": L1 on the error the data-consistency projection
     # leaves (the part of the error the acquisition cannot see, medldm.degrade.LinearOperator.unseen), which is
     # what inference returns
@@ -135,6 +138,8 @@ class Config(ModelSpec):
     def _estimator_has_a_stage(self):
         if self.estimator is not None and self.training.estimator is None:
             raise ValueError("an estimator section needs training.estimator (its steps, batch size, lr)")
+        if self.uncertainty is not None and self.training.uncertainty is None:
+            raise ValueError("an uncertainty section needs training.uncertainty (its steps, batch size, lr)")
         return self
 
     def digest(self) -> str:
@@ -142,8 +147,9 @@ class Config(ModelSpec):
         written before they existed keep their digest; so are later options at their defaults."""
         settings = self.model_dump()
         for section in (settings, settings["training"]):
-            if section.get("estimator") is None:
-                section.pop("estimator", None)
+            for stage in ("estimator", "uncertainty"):
+                if section.get(stage) is None:
+                    section.pop(stage, None)
         for section, key, default in _LATER_OPTIONS:
             values = settings.get(section)
             if values is not None and values[key] == default:

@@ -18,9 +18,11 @@ from medldm.nets import (
     Autoencoder,
     ConditionCodec,
     Denoiser,
+    ErrorModel,
     Estimator,
     build_autoencoder,
     build_denoiser,
+    build_error_model,
     build_estimator,
     build_schedule,
 )
@@ -42,12 +44,15 @@ class LoadedModel:
     codec: ConditionCodec
     path: Path
     estimator: Estimator | None = None  # the fidelity stage, in models that have one
+    error_model: ErrorModel | None = None  # the estimate's error scale (the uncertainty section), if any
 
     def save(self, out: str | Path, **info) -> Path:
         """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""
         modules = {"autoencoder": self.autoencoder, "denoiser": self.denoiser}
         if self.estimator is not None:
             modules["estimator"] = self.estimator
+        if self.error_model is not None:
+            modules["uncertainty"] = self.error_model
         return write_model_folder(
             Path(out), config=self.config.model_dump(), info={**self.info, **info}, modules=modules
         )
@@ -102,6 +107,10 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
     if config.estimator is not None:
         estimator = build_with_weights(lambda: build_estimator(config), folder / "estimator.safetensors")
         estimator = estimator.to(device).eval().requires_grad_(False)
+    error_model = None
+    if config.uncertainty is not None:
+        error_model = build_with_weights(lambda: build_error_model(config), folder / "uncertainty.safetensors")
+        error_model = error_model.to(device).eval().requires_grad_(False)
     schedule = build_schedule(config)
     return LoadedModel(
         config,
@@ -112,6 +121,7 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
         ConditionCodec(config),
         folder,
         estimator,
+        error_model,
     )
 
 

@@ -27,11 +27,13 @@ __all__ = [
     "Denoiser",
     "DiT",
     "Estimator",
+    "ErrorModel",
     "ConditionCodec",
     "build_autoencoder",
     "build_denoiser",
     "build_estimator",
     "build_discriminator",
+    "build_error_model",
     "build_schedule",
     "channels_last_format",
     "geometry_features",
@@ -314,6 +316,11 @@ class Estimator(nn.Module):
         nn.init.zeros_(cast(torch.Tensor, self.out.bias))  # built with a bias (Conv2d's default)
 
     def forward(self, lr: torch.Tensor, label: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
+        centre = lr[:, self.slab // 2 : self.slab // 2 + 1]
+        return centre + _shuffle(self.out(self._features(lr, label, geometry)))
+
+    def _features(self, lr: torch.Tensor, label: torch.Tensor, geometry: torch.Tensor | None) -> torch.Tensor:
+        """The U-Net's last feature map, at half resolution."""
         spatial = (1,) * self.spatial_dims  # a bias per channel, broadcast over space
         h = self.inp(lr) + self.labels(label).view(*label.shape, -1, *spatial)
         if self.geometry is not None and geometry is not None:
@@ -327,8 +334,21 @@ class Estimator(nn.Module):
         for block, up in zip(reversed(self.up_blocks), reversed(self.ups), strict=True):
             h = up(F.interpolate(h, scale_factor=2.0, mode="nearest")) + skips.pop()
             h = block(h)
-        centre = lr[:, self.slab // 2 : self.slab // 2 + 1]
-        return centre + _shuffle(self.out(h))
+        return h
+
+
+class ErrorModel(Estimator):
+    """The error model (spec ``uncertainty``): the estimator's design on the same input, predicting per voxel the
+    log of the Laplace scale b of the consistent estimate's error; it starts at a constant ``log(INITIAL_SCALE)``."""
+
+    INITIAL_SCALE = 0.02  # about the estimator's mean absolute error, in normalised intensities
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        nn.init.constant_(cast(torch.Tensor, self.out.bias), math.log(self.INITIAL_SCALE))
+
+    def forward(self, lr: torch.Tensor, label: torch.Tensor, geometry: torch.Tensor | None = None) -> torch.Tensor:
+        return _shuffle(self.out(self._features(lr, label, geometry)))
 
 
 def channels_last_format(spatial_dims: int) -> torch.memory_format:
@@ -389,6 +409,20 @@ def build_estimator(config: ModelSpec) -> Estimator:
         num_labels=ConditionCodec(config).num_task_labels,
         geometry=cfg.geometry,
         spatial_dims=cfg.spatial_dims,
+    )
+
+
+def build_error_model(config: ModelSpec) -> ErrorModel:
+    """The uncertainty section's error model, on the estimator's input (its slab, labels and geometry)."""
+    est, cfg = config.estimator, config.uncertainty
+    if est is None or cfg is None:
+        raise MedldmError("the config has no uncertainty section (or no estimator), so there is no error model")
+    return ErrorModel(
+        slab=est.slab,
+        channels=list(cfg.channels),
+        num_res_blocks=cfg.num_res_blocks,
+        num_labels=ConditionCodec(config).num_task_labels,
+        geometry=est.geometry,
     )
 
 

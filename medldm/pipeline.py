@@ -296,7 +296,8 @@ class Upscaler:
         hr_shape = op.input_shape(volume.shape)
         # HR-grid float32 volumes alive at once: the sum over stacks, the running mean (and spread), the estimate
         # (and its kept copy), the output in the scan's units; refused now rather than after minutes of work
-        copies = 3 + (self.model.estimator is not None) + keep_estimate + 2 * (samples > 1)
+        copies = 3 + (self.model.estimator is not None) + (self.model.error_model is not None) + keep_estimate
+        copies += 2 * (samples > 1)
         check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
         norm, lr, modality, limits = self._normalised(volume)
         task_index = self.model.spec.data.tasks.index(task)
@@ -304,9 +305,9 @@ class Upscaler:
         tick = _counter(self._total_units(hr_shape, op, samples), progress)
         stats = RunningStats()
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
-        estimate = None
+        estimate = error_scale = None
         if self.model.estimator is not None:  # fidelity first: the regression estimate, made consistent
-            estimate = self._estimate_volume(
+            estimate, error_scale = self._estimate_volume(
                 lr,
                 hr_shape,
                 op,
@@ -336,8 +337,9 @@ class Upscaler:
         voxels = mean.float().numpy()
         sr = volume.with_data(_clip(norm.inverse(voxels, out=voxels), limits), affine, **meta)  # in place
         unc = None
-        if samples > 1:
-            unc = volume.with_data(stats.std.float().numpy() * (norm.high - norm.low), affine, **meta)
+        if samples > 1 or error_scale is not None:
+            std = _uncertainty(stats if samples > 1 else None, error_scale)
+            unc = volume.with_data(std.numpy() * (norm.high - norm.low), affine, **meta)
         return UpscaleResult(sr, unc, residual, task, a, kept, plan)
 
     def _normalised(self, volume: Volume):
@@ -477,15 +479,21 @@ class Upscaler:
             encoded[key] = torch.cat(latents)
         return encoded[key]
 
-    def _estimate_volume(self, lr: torch.Tensor, hr_shape, op, label: int, tick, geometry) -> torch.Tensor:
+    def _estimate_volume(
+        self, lr: torch.Tensor, hr_shape, op, label: int, tick, geometry
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The estimator's regression estimate on the HR grid (normalised intensities, before data consistency),
-        averaged over the stacks of planes like the samples. Each batch interpolates just its block of LR planes
-        (plus the slab's neighbours) onto the HR grid, so the HR-grid input volume is never held whole."""
+        averaged over the stacks of planes like the samples, and for models with an error model the predicted
+        Laplace scale of the consistent estimate's error, averaged the same way (else None). Each batch
+        interpolates just its block of LR planes (plus the slab's neighbours) onto the HR grid, so the HR-grid
+        input volume is never held whole."""
         net = cast(Estimator, self.model.estimator)  # called for models with an estimator only
         if net.spatial_dims == 3:
-            return self._estimate_volume_3d(lr, hr_shape, op, label, tick, geometry)
+            return self._estimate_volume_3d(lr, hr_shape, op, label, tick, geometry), None
         r = net.slab // 2
         total = torch.zeros(hr_shape)
+        errors = self.model.error_model
+        scale_total = torch.zeros(hr_shape) if errors is not None else None
         axes = self._plane_axes(hr_shape, op, self.planes)
         for axis in axes:
             planes = total.movedim(axis, 0)  # (n, H, W) view
@@ -500,11 +508,20 @@ class Upscaler:
                 near = (torch.arange(start, stop)[:, None] + torch.arange(-r, r + 1)).clamp(0, n - 1) - lo
                 x = pad_to_multiple(cond[near], net.multiple)  # (B, slab, H, W)
                 labels = torch.full((x.shape[0],), label, dtype=torch.long, device=self.device)
+                inputs = (x.to(self.device), labels, geometry.expand(len(x), 2).to(self.device))
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    out = net(x.to(self.device), labels, geometry.expand(len(x), 2).to(self.device)).float().cpu()
-                planes[start:stop] += out[:, 0, : planes.shape[1], : planes.shape[2]]
+                    out = net(*inputs).float().cpu()
+                    scale = errors(*inputs).float().exp().cpu() if errors is not None else None
+                crop = (slice(None), 0, slice(planes.shape[1]), slice(planes.shape[2]))
+                planes[start:stop] += out[crop]
+                if scale_total is not None and scale is not None:
+                    scale_total.movedim(axis, 0)[start:stop] += scale[crop]
                 tick()
-        return total.div_(len(axes)) if len(axes) > 1 else total
+        if len(axes) > 1:
+            total.div_(len(axes))
+            if scale_total is not None:
+                scale_total.div_(len(axes))
+        return total, scale_total
 
     # a 3D estimator's chunks overlap by this many HR planes on each side: every kept plane sees at least this much
     # of the scan around it (the network's reach is longer; beyond the halo, padding stands in, as at the border
@@ -603,6 +620,16 @@ class Upscaler:
         )
         tick()
         return cast(torch.Tensor, out)[0, 0]  # a Tensor predictor gives a Tensor (monai types a union)
+
+
+def _uncertainty(stats: RunningStats | None, error_scale: torch.Tensor | None) -> torch.Tensor:
+    """The per-voxel standard deviation of the output (normalised units, float32): the spread of the samples, and
+    with an error model the predicted error of the estimate (a Laplace scale b has variance 2 b^2), the two
+    variances added (the law of total variance: the estimate's error and the samples' spread about it)."""
+    variance = torch.zeros(()) if stats is None else stats.std.float() ** 2
+    if error_scale is not None:
+        variance = variance + 2 * error_scale.float() ** 2
+    return variance.sqrt()
 
 
 def _mix_seed(seed: int, index: int) -> int:

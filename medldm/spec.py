@@ -211,6 +211,16 @@ class Estimator(_Strict):
         return self
 
 
+class Uncertainty(_Strict):
+    """The error model: a small network of the estimator's design, on the same interpolated LR slab, that predicts
+    per voxel the scale of the error the consistent estimate makes (a Laplace scale b; standard deviation
+    sqrt(2) b), trained with the Laplace negative log-likelihood of the estimator's error, the estimator frozen.
+    ``upscale`` returns it as the uncertainty map, also for one sample."""
+
+    channels: list[Channels] = Field([16, 32, 64], min_length=1, max_length=4)
+    num_res_blocks: int = Field(1, ge=1, le=4)
+
+
 class ModelSpec(_Strict):
     """A model: its name, what it takes (``data``) and its networks."""
 
@@ -219,9 +229,12 @@ class ModelSpec(_Strict):
     autoencoder: Autoencoder = Autoencoder()
     diffusion: Diffusion = Diffusion()
     estimator: Estimator | None = None  # None: the diffusion model alone, sampling from noise
+    uncertainty: Uncertainty | None = None  # the error model, for 2D estimators
 
     @model_validator(mode="after")
     def _stages_fit(self):
+        if self.uncertainty is not None and (self.estimator is None or self.estimator.spatial_dims != 2):
+            raise ValueError("the uncertainty (error model) section needs a 2D estimator section: it models its error")
         if self.estimator is not None and self.data.spatial_dims != 2:
             raise ValueError("the estimator is a 2D (2.5D slab) network: it needs data.spatial_dims 2")
         if self.diffusion.condition == "estimate" and (self.estimator is None or self.data.slab != 1):

@@ -28,6 +28,7 @@ from medldm.nets import (
     build_autoencoder,
     build_denoiser,
     build_discriminator,
+    build_error_model,
     build_estimator,
     build_schedule,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "DiffusionStage",
     "EstimatorStage",
     "TrainingStage",
+    "UncertaintyStage",
     "encode_planes",
     "latent_scale",
     "step_generator",
@@ -265,6 +267,38 @@ class EstimatorStage(TrainingStage):
         loss = error.abs().mean()
         self._update(loss)
         return {"loss": loss.item(), "lr": rate}
+
+
+class UncertaintyStage(EstimatorStage):
+    """The error model: on the estimator's training pairs, the finished estimator (frozen) makes its estimate, and
+    the error model learns the scale b of the error that remains after the data-consistency projection, by the
+    Laplace negative log-likelihood |e| / b + log b (minimised where b is the expected absolute error)."""
+
+    name = "uncertainty"
+
+    def build(self) -> None:
+        torch.manual_seed(self.config.training.seed + 3)
+        self.model = build_error_model(self.config)  # refuses configs without an uncertainty section
+        self.estimator = self.trainer.trained_estimator().to(self.acc.device)
+        self._ema_and_optimiser()
+
+    def step(self, step: int) -> dict:
+        st, device = self.schedule, self.acc.device
+        batch = self.pairs.batch(step, st.batch_size, self.pairs.patch_size(step, st.progressive), stream=4)
+        lr_in = self.trainer._in_model_layout(batch["lr"].to(device))
+        label = self.codec.task_label(batch["task"], batch["modality"]).to(device)
+        geometry = batch["geometry"].to(device)
+        rate = self.learning_rate(step)
+        for group in self.opt.param_groups:
+            group["lr"] = rate
+        with torch.no_grad(), self.acc.autocast():
+            estimate = self.estimator(lr_in, label, geometry).float()
+        error = unseen_error(estimate - batch["hr"].to(device), batch, self.pairs.tasks).abs()
+        with self.acc.autocast():
+            log_scale = self.forward(lr_in, label, geometry).float()
+        loss = (error * torch.exp(-log_scale) + log_scale).mean()
+        self._update(loss)
+        return {"loss": loss.item(), "lr": rate, "error": error.mean().item()}
 
 
 class DiffusionStage(TrainingStage):

@@ -39,12 +39,20 @@ from medldm.errors import MedldmError
 from medldm.nets import (
     build_autoencoder,
     build_denoiser,
+    build_error_model,
     build_estimator,
     channels_last_format,
 )
 from medldm.outputs import write_text
 from medldm.scope import measured_scope
-from medldm.stages import AutoencoderStage, DiffusionStage, EstimatorStage, TrainingStage, step_generator
+from medldm.stages import (
+    AutoencoderStage,
+    DiffusionStage,
+    EstimatorStage,
+    TrainingStage,
+    UncertaintyStage,
+    step_generator,
+)
 
 __all__ = ["Trainer", "STAGES", "resolve_precision"]
 
@@ -186,12 +194,15 @@ class Trainer:
         """Start this (new) run from a trained model folder, to fine-tune it. A stage whose network and training
         settings equal the folder's, and that the folder trained for the configured steps, is taken as finished
         (the folder's weights become its last checkpoint); a denoiser of the same shape starts the diffusion stage
-        from the folder's weights and latent scale. Returns what happened to each stage, for the log."""
+        from the folder's weights and latent scale, or is taken as finished too when its data, settings and steps
+        are the folder's and it sits on the folder's own autoencoder and estimator (so a config that only adds a
+        stage trains just that one). Returns what happened to each stage, for the log."""
         folder = Path(folder)
         raw, info = read_model_folder(folder)
         old, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
         cfg, taken = self.config, {}
-        for stage, build in (("autoencoder", build_autoencoder), ("estimator", build_estimator)):
+        networks = {"autoencoder": build_autoencoder, "estimator": build_estimator, "uncertainty": build_error_model}
+        for stage, build in networks.items():
             if getattr(cfg, stage) is None:
                 continue
             same = (
@@ -213,15 +224,7 @@ class Trainer:
             if not same:
                 taken[stage] = "trained from scratch (its settings differ from the folder's)"
                 continue
-            module = build(cfg)
-            load_weights(module, folder / f"{stage}.safetensors")
-            save_checkpoint(
-                self.stage_dir(stage),
-                getattr(cfg.training, stage).steps,
-                modules={"ema": AveragedModel(module, use_buffers=True)},
-                optimizers={},
-                state={"stage": stage, "taken_from": str(folder), "version": __version__},
-            )
+            self._take_as_finished(stage, build(cfg), folder)
             taken[stage] = f"taken as finished from {folder}"
         denoiser = build_denoiser(cfg)
         try:
@@ -229,6 +232,10 @@ class Trainer:
         except MedldmError:
             taken["diffusion"] = "trained from scratch (the folder's denoiser has another shape)"
         else:
+            if self._same_denoiser(old, info, taken):
+                self._take_as_finished("diffusion", denoiser, folder, latent_scale=info["latent_scale"])
+                taken["diffusion"] = f"taken as finished from {folder}"
+                return taken
             self.stage_dir("diffusion").mkdir(parents=True, exist_ok=True)
             (self.stage_dir("diffusion") / "init.json").write_text(
                 json.dumps({"from": str(folder), "latent_scale": info["latent_scale"]})
@@ -240,12 +247,42 @@ class Trainer:
             taken["diffusion"] = f"fine-tuned from {folder}'s denoiser"
         return taken
 
+    def _take_as_finished(self, stage: str, module: torch.nn.Module, folder: Path, **state) -> None:
+        """Make ``module`` (with a model folder's weights) the last checkpoint of a finished ``stage``."""
+        if stage != "diffusion":
+            load_weights(module, folder / f"{stage}.safetensors")
+        save_checkpoint(
+            self.stage_dir(stage),
+            getattr(self.config.training, stage).steps,
+            modules={"ema": AveragedModel(module, use_buffers=True)},
+            optimizers={},
+            state={"stage": stage, "taken_from": str(folder), "version": __version__, **state},
+        )
+
+    def _same_denoiser(self, old: Config, info: dict, taken: dict[str, str]) -> bool:
+        """Whether the folder's denoiser is what this config would train: the same data, diffusion settings and
+        steps, on the folder's own autoencoder and estimator (both taken as finished)."""
+        cfg = self.config
+        inputs_taken = all(
+            taken.get(stage, "").startswith("taken") for stage in ("autoencoder", "estimator") if getattr(cfg, stage)
+        )
+        return (
+            inputs_taken
+            and cfg.data == old.data
+            and cfg.diffusion == old.diffusion
+            and cfg.training.diffusion == old.training.diffusion
+            and info.get("diffusion_steps") == cfg.training.diffusion.steps
+        )
+
     # ------------------------------------------------------------------------------------------ stages
     def train_autoencoder(self, max_steps: int | None = None) -> Path:
         return self._run_stage(AutoencoderStage(self), max_steps)
 
     def train_estimator(self, max_steps: int | None = None) -> Path:
         return self._run_stage(EstimatorStage(self), max_steps)
+
+    def train_uncertainty(self, max_steps: int | None = None) -> Path:
+        return self._run_stage(UncertaintyStage(self), max_steps)
 
     def train_diffusion(self, max_steps: int | None = None) -> Path:
         stage = DiffusionStage(self)
@@ -300,6 +337,10 @@ class Trainer:
         """The estimator stage's EMA weights; the stage must have finished."""
         return self._trained("estimator", build_estimator(self.config))
 
+    def trained_error_model(self):
+        """The uncertainty stage's EMA weights; the stage must have finished."""
+        return self._trained("uncertainty", build_error_model(self.config))
+
     def export(self, scale: float) -> Path:
         """Write ``run_dir/model``: the EMA autoencoder and denoiser with everything upscale needs."""
         ckpt = cast(Path, latest_checkpoint(self.stage_dir("diffusion")))  # called once the stage has run
@@ -318,6 +359,9 @@ class Trainer:
         if self.config.estimator is not None:
             info["estimator_steps"] = self.finished_step("estimator")
             modules["estimator"] = self.trained_estimator()
+        if self.config.uncertainty is not None:
+            info["uncertainty_steps"] = self.finished_step("uncertainty")
+            modules["uncertainty"] = self.trained_error_model()
         self.pair_sampler()  # loads the training volumes, if no stage did
         info["trained_on"] = measured_scope(self.config, self.data_root, self._volumes)
         if self.config.diffusion.refine is not None:  # refinement models: refine from where they were trained
@@ -327,8 +371,9 @@ class Trainer:
     def run(self, stage: str = "all", max_steps: int | None = None) -> None:
         """Train ``stage`` or all stages in order; with ``all``, a stage stopped early by ``max_steps`` makes the
         later ones wait for a resumed run."""
-        staged = self.config.estimator is not None or stage == "estimator"  # without a section it says so
-        for name in (s for s in STAGES if staged or s != "estimator"):
+        # stages with a section of their own run when the config has it, or when asked for (then saying it has not)
+        skip = {name for name in ("estimator", "uncertainty") if getattr(self.config, name) is None and stage != name}
+        for name in (s for s in STAGES if s not in skip):
             if stage not in ("all", name):
                 continue
             getattr(self, f"train_{name}")(max_steps)

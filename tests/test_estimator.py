@@ -24,7 +24,7 @@ from medldm.stages import unseen_error
 from medldm.volume import crop, load, save_nifti
 from tests.helpers import TINY_ESTIMATOR as ESTIMATOR
 from tests.helpers import TINY_STAGE as STAGE
-from tests.helpers import _one_batch, rows, tiny, tiny_with_estimator, trainer
+from tests.helpers import _one_batch, medldm, rows, tiny, tiny_with_estimator, trainer
 
 
 def test_all_stages_train_and_the_model_folder_holds_the_estimators_ema(estimator_run):
@@ -310,3 +310,65 @@ def test_adapt_refuses_a_3d_estimator_with_one_line(tmp_path, ixi_path):
     plan = Upscaler(loaded, device="cpu").plan(lr, axis="z")
     with pytest.raises(MedldmError, match="estimator is 3D"):
         adapt(loaded, lr, plan, steps=1)
+
+
+# ------------------------------------------------------------------------------------------- the error model
+TINY_UNCERTAINTY = {"channels": [8, 16], "num_res_blocks": 1}
+
+
+def test_the_error_model_learns_the_scale_of_the_estimates_error(tmp_path, monkeypatch):
+    _one_batch(monkeypatch)
+    config, root = tiny(
+        estimator=ESTIMATOR,
+        uncertainty=TINY_UNCERTAINTY,
+        training={
+            "log_every": 1,
+            "estimator": {**STAGE, "steps": 2},
+            "uncertainty": {**STAGE, "steps": 60, "lr": 3e-3},
+        },
+    )
+    run = trainer(config, root, tmp_path / "run")
+    run.run("estimator")
+    run.run("uncertainty")
+    log = rows(tmp_path / "run" / "uncertainty" / "metrics.csv")
+    losses = [float(r["loss"]) for r in log]
+    # the Laplace likelihood is best where the scale is the mean absolute error: it falls towards log(error) + 1
+    error = float(log[-1]["error"])
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+    assert abs(np.mean(losses[-3:]) - (np.log(error) + 1)) < 0.3, (losses[-3:], error)
+
+
+def test_a_config_that_adds_an_error_model_trains_only_that_and_upscale_returns_its_map(
+    estimator_run, tmp_path, ixi_path
+):
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["uncertainty"] = TINY_UNCERTAINTY
+    raw["training"]["uncertainty"] = {**STAGE, "steps": 3}
+    config, root = parse_config(raw, check_files=False)
+    t = trainer(config, tiny()[1], tmp_path / "run")
+    taken = t.init_from(estimator_run / "model")
+    assert taken == {
+        "autoencoder": f"taken as finished from {estimator_run / 'model'}",
+        "estimator": f"taken as finished from {estimator_run / 'model'}",
+        "uncertainty": "trained from scratch (its settings differ from the folder's)",
+        "diffusion": f"taken as finished from {estimator_run / 'model'}",
+    }
+    t.run("all")
+    assert not (tmp_path / "run" / "diffusion" / "metrics.csv").exists()  # nothing but the error model trained
+    folder = tmp_path / "run" / "model"
+    assert (folder / "uncertainty.safetensors").is_file()
+    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
+    with_map = Upscaler(folder, device="cpu").upscale(lr, axis="z")
+    without = Upscaler(estimator_run / "model", device="cpu").upscale(lr, axis="z")
+    np.testing.assert_array_equal(with_map.sr.data, without.sr.data)  # the error model does not touch the output
+    assert without.uncertainty is None and with_map.uncertainty.shape == hr.shape
+    assert with_map.uncertainty.data.min() > 0  # a standard deviation in the scan's units, everywhere
+    scan = save_nifti(lr, tmp_path / "lr.nii.gz")
+    done = medldm("upscale", scan, "--model", folder, "--uncertainty", "-o", tmp_path / "sr.nii.gz", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "sr_uncertainty.nii.gz").is_file()
+    plain = medldm("upscale", scan, "--model", folder, "-o", tmp_path / "plain.nii.gz", "--quiet")
+    assert plain.returncode == 0 and not (tmp_path / "plain_uncertainty.nii.gz").exists()
+    refused = medldm("upscale", scan, "--model", estimator_run / "model", "--uncertainty", "-o", tmp_path / "x.nii.gz")
+    assert refused.returncode == 1 and "no error model" in refused.stderr and len(refused.stderr.splitlines()) == 1
