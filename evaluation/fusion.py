@@ -158,7 +158,7 @@ def _fuse_case(
     once first (the moved second stack's own upscale is left out), and the transforms found come back."""
     from medldm.fusion import as_stack, fuse
 
-    cached = _Cached(upscaler)
+    cached, names = _Cached(upscaler), [s.meta["path"] for s in stacks]  # the names the cached upscales go by
     case = Case(truth, axis=2)
     transforms: dict[str, dict] = {}
     tic = time.perf_counter()
@@ -173,15 +173,10 @@ def _fuse_case(
     tic = time.perf_counter()
     case.outputs["bspline-dc"] = fuse(stacks, like=truth, prior="bspline").volume
     timings.setdefault("bspline-dc", []).append(time.perf_counter() - tic)
-    for a, lr in enumerate(stacks):
+    for a, name in enumerate(names):
         if not (register and a == 1):
-            case.outputs[f"upscale-{AXES[a]}"] = cached.results[_name(lr)].sr
+            case.outputs[f"upscale-{AXES[a]}"] = cached.results[name].sr
     return case, transforms
-
-
-def _name(stack) -> str:
-    """The name the cached upscales go by, of a Volume or of a registered Stack holding one."""
-    return getattr(stack, "volume", stack).meta["path"]
 
 
 class Motion(NamedTuple):

@@ -491,12 +491,11 @@ class Upscaler:
         if net.spatial_dims == 3:
             return self._estimate_volume_3d(lr, hr_shape, op, label, tick, geometry), None
         r = net.slab // 2
-        total = torch.zeros(hr_shape)
         errors = self.model.error_model
-        scale_total = torch.zeros(hr_shape) if errors is not None else None
+        sums = [torch.zeros(hr_shape) for _ in range(1 + (errors is not None))]  # the estimate (and error scale)
         axes = self._plane_axes(hr_shape, op, self.planes)
         for axis in axes:
-            planes = total.movedim(axis, 0)  # (n, H, W) view
+            planes = sums[0].movedim(axis, 0)  # (n, H, W) view
             n, per_call = planes.shape[0], self._planes_per_call(planes.shape[1:])
             for start in range(0, n, per_call):
                 stop = min(start + per_call, n)
@@ -510,18 +509,14 @@ class Upscaler:
                 labels = torch.full((x.shape[0],), label, dtype=torch.long, device=self.device)
                 inputs = (x.to(self.device), labels, geometry.expand(len(x), 2).to(self.device))
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    out = net(*inputs).float().cpu()
-                    scale = errors(*inputs).float().exp().cpu() if errors is not None else None
+                    outs = [net(*inputs)] + ([errors(*inputs).float().exp()] if errors is not None else [])
                 crop = (slice(None), 0, slice(planes.shape[1]), slice(planes.shape[2]))
-                planes[start:stop] += out[crop]
-                if scale_total is not None and scale is not None:
-                    scale_total.movedim(axis, 0)[start:stop] += scale[crop]
+                for volume, out in zip(sums, outs, strict=True):
+                    volume.movedim(axis, 0)[start:stop] += out.float().cpu()[crop]
                 tick()
-        if len(axes) > 1:
-            total.div_(len(axes))
-            if scale_total is not None:
-                scale_total.div_(len(axes))
-        return total, scale_total
+        for volume in sums:
+            volume.div_(len(axes))
+        return sums[0], (sums[1] if errors is not None else None)
 
     # a 3D estimator's chunks overlap by this many HR planes on each side: every kept plane sees at least this much
     # of the scan around it (the network's reach is longer; beyond the halo, padding stands in, as at the border

@@ -227,6 +227,7 @@ class EstimatorStage(TrainingStage):
     """The pixel-space regression network (posterior mean, L1), independent of the autoencoder."""
 
     name = "estimator"
+    stream = 3  # the training batches' random stream
 
     def build(self) -> None:
         torch.manual_seed(self.config.training.seed + 2)
@@ -249,19 +250,27 @@ class EstimatorStage(TrainingStage):
         st = self.schedule
         return st.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / st.steps)))
 
-    def step(self, step: int) -> dict:
+    def _inputs(self, step: int) -> tuple[dict, tuple[torch.Tensor, ...], float]:
+        """Batch ``step`` (from this stage's random stream), the networks' inputs on the device (LR, label,
+        geometry), and the step's learning rate, set in the optimiser."""
         st, device = self.schedule, self.acc.device
         size = self.section.patch_size or self.pairs.patch_size(step, st.progressive)
-        batch = self.pairs.batch(step, st.batch_size, size, stream=3)
-        lr_in = self.trainer._in_model_layout(batch["lr"].to(device))
-        hr = batch["hr"].to(device)
-        label = self.codec.task_label(batch["task"], batch["modality"]).to(device)
+        batch = self.pairs.batch(step, st.batch_size, size, stream=self.stream)
+        inputs = (
+            self.trainer._in_model_layout(batch["lr"].to(device)),
+            self.codec.task_label(batch["task"], batch["modality"]).to(device),
+            batch["geometry"].to(device),
+        )
         rate = self.learning_rate(step)
         for group in self.opt.param_groups:
             group["lr"] = rate
+        return batch, inputs, rate
+
+    def step(self, step: int) -> dict:
+        batch, inputs, rate = self._inputs(step)
         with self.acc.autocast():
-            out = self.forward(lr_in, label, batch["geometry"].to(device))
-        error = out.float() - hr
+            out = self.forward(*inputs)
+        error = out.float() - batch["hr"].to(self.acc.device)
         if self.config.training.estimator_loss == "consistent":
             error = unseen_error(error, batch, self.pairs.tasks)
         loss = error.abs().mean()
@@ -275,6 +284,7 @@ class UncertaintyStage(EstimatorStage):
     Laplace negative log-likelihood |e| / b + log b (minimised where b is the expected absolute error)."""
 
     name = "uncertainty"
+    stream = 4  # its own batches, not the estimator's
 
     def build(self) -> None:
         torch.manual_seed(self.config.training.seed + 3)
@@ -283,19 +293,12 @@ class UncertaintyStage(EstimatorStage):
         self._ema_and_optimiser()
 
     def step(self, step: int) -> dict:
-        st, device = self.schedule, self.acc.device
-        batch = self.pairs.batch(step, st.batch_size, self.pairs.patch_size(step, st.progressive), stream=4)
-        lr_in = self.trainer._in_model_layout(batch["lr"].to(device))
-        label = self.codec.task_label(batch["task"], batch["modality"]).to(device)
-        geometry = batch["geometry"].to(device)
-        rate = self.learning_rate(step)
-        for group in self.opt.param_groups:
-            group["lr"] = rate
+        batch, inputs, rate = self._inputs(step)
         with torch.no_grad(), self.acc.autocast():
-            estimate = self.estimator(lr_in, label, geometry).float()
-        error = unseen_error(estimate - batch["hr"].to(device), batch, self.pairs.tasks).abs()
+            estimate = self.estimator(*inputs).float()
+        error = unseen_error(estimate - batch["hr"].to(self.acc.device), batch, self.pairs.tasks).abs()
         with self.acc.autocast():
-            log_scale = self.forward(lr_in, label, geometry).float()
+            log_scale = self.forward(*inputs).float()
         loss = (error * torch.exp(-log_scale) + log_scale).mean()
         self._update(loss)
         return {"loss": loss.item(), "lr": rate, "error": error.mean().item()}

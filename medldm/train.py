@@ -201,6 +201,7 @@ class Trainer:
         raw, info = read_model_folder(folder)
         old, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
         cfg, taken = self.config, {}
+        finished: set[str] = set()  # the stages taken as finished
         networks = {"autoencoder": build_autoencoder, "estimator": build_estimator, "uncertainty": build_error_model}
         for stage, build in networks.items():
             if getattr(cfg, stage) is None:
@@ -224,15 +225,18 @@ class Trainer:
             if not same:
                 taken[stage] = "trained from scratch (its settings differ from the folder's)"
                 continue
-            self._take_as_finished(stage, build(cfg), folder)
+            module = build(cfg)
+            load_weights(module, folder / f"{stage}.safetensors")
+            self._take_as_finished(stage, module, folder)
             taken[stage] = f"taken as finished from {folder}"
+            finished.add(stage)
         denoiser = build_denoiser(cfg)
         try:
             load_weights(denoiser, folder / "denoiser.safetensors")
         except MedldmError:
             taken["diffusion"] = "trained from scratch (the folder's denoiser has another shape)"
         else:
-            if self._same_denoiser(old, info, taken):
+            if self._same_denoiser(old, info, finished):
                 self._take_as_finished("diffusion", denoiser, folder, latent_scale=info["latent_scale"])
                 taken["diffusion"] = f"taken as finished from {folder}"
                 return taken
@@ -248,9 +252,7 @@ class Trainer:
         return taken
 
     def _take_as_finished(self, stage: str, module: torch.nn.Module, folder: Path, **state) -> None:
-        """Make ``module`` (with a model folder's weights) the last checkpoint of a finished ``stage``."""
-        if stage != "diffusion":
-            load_weights(module, folder / f"{stage}.safetensors")
+        """Make ``module`` (holding the model folder's weights) the last checkpoint of a finished ``stage``."""
         save_checkpoint(
             self.stage_dir(stage),
             getattr(self.config.training, stage).steps,
@@ -259,15 +261,12 @@ class Trainer:
             state={"stage": stage, "taken_from": str(folder), "version": __version__, **state},
         )
 
-    def _same_denoiser(self, old: Config, info: dict, taken: dict[str, str]) -> bool:
+    def _same_denoiser(self, old: Config, info: dict, finished: set[str]) -> bool:
         """Whether the folder's denoiser is what this config would train: the same data, diffusion settings and
-        steps, on the folder's own autoencoder and estimator (both taken as finished)."""
+        steps, on the folder's own autoencoder and estimator (both among the stages taken as ``finished``)."""
         cfg = self.config
-        inputs_taken = all(
-            taken.get(stage, "").startswith("taken") for stage in ("autoencoder", "estimator") if getattr(cfg, stage)
-        )
         return (
-            inputs_taken
+            {stage for stage in ("autoencoder", "estimator") if getattr(cfg, stage) is not None} <= finished
             and cfg.data == old.data
             and cfg.diffusion == old.diffusion
             and cfg.training.diffusion == old.training.diffusion

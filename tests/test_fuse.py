@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from medldm.evaluation.baselines import baseline
+from medldm.evaluation.fusion import rigid_motion
 from scipy import ndimage
 
 from medldm import MedldmError
@@ -194,14 +195,12 @@ def test_register_recovers_a_known_rigid_motion():
 
     brain = load(shared_path("data/mri/colin27-mricron/ch2.nii.gz"))
     brain = crop(brain, (slice(12, 172), slice(20, 196), slice(8, 152)))  # 160 x 176 x 144 at 1 mm
-    centre = brain.affine @ np.array([*(np.array(brain.shape) - 1) / 2, 1.0])
-    motion = _rotation(3.0, 2)  # 3 degrees about z through the centre, then 2 mm along x
-    motion[:3, 3] = centre[:3] - motion[:3, :3] @ centre[:3] + np.array([2.0, 0.0, 0.0])
-    # the patient moved: the second acquisition sees the anatomy at motion(p) where it was at p
-    index = np.linalg.inv(brain.affine) @ np.linalg.inv(motion) @ brain.affine
-    moved = brain.with_data(ndimage.affine_transform(brain.data, index[:3, :3], index[:3, 3], order=1))
+    # the patient moved (3 degrees about z through the centre, then 2 mm along x): the second acquisition sees the
+    # anatomy at motion(p) where it was at p
+    moved = rigid_motion(brain, 3.0, 2.0)
+    motion, centre = moved.matrix, np.array([*moved.centre, 1.0])
     axial = degrade_volume(brain, kind="slice-profile", axis=2, scale=4).lr
-    coronal = degrade_volume(moved, kind="slice-profile", axis=1, scale=4).lr
+    coronal = degrade_volume(moved.volume, kind="slice-profile", axis=1, scale=4).lr
     axial.meta["path"], coronal.meta["path"] = "axial", "coronal"
     from medldm.registration import register_stacks, rigid_parameters
 
