@@ -79,5 +79,6 @@ class StageName(Choice):
     all = "all"
     autoencoder = "autoencoder"
     estimator = "estimator"
+    second_pass = "second_pass"
     uncertainty = "uncertainty"
     diffusion = "diffusion"

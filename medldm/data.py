@@ -25,7 +25,15 @@ from medldm.nets import MODALITIES, geometry_features
 from medldm.resample import upsample
 from medldm.volume import load
 
-__all__ = ["TrainingVolume", "load_volumes", "PairSampler", "random_contrast"]
+__all__ = [
+    "TrainingVolume",
+    "load_volumes",
+    "PairSampler",
+    "random_contrast",
+    "FirstPass",
+    "first_pass_estimates",
+    "SecondPassSampler",
+]
 
 FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as foreground
 FOREGROUND_SAMPLES = 20000  # foreground coordinates kept per volume for biased sampling
@@ -267,3 +275,139 @@ class PairSampler:
             pads.append((lo - start, start + length - hi))
         region = data[(slice(None), *(slice(a, b) for a, b in zip(starts, stops, strict=True)))]
         return np.pad(region, [(0, 0), *pads])
+
+
+@dataclass
+class FirstPass:
+    """One training volume thickened along ``axis`` (a thick-slice task of the config) and the trained estimator's
+    consistent estimate of it: the input a second pass learns from, and its truth (both normalised, float16)."""
+
+    estimate: np.ndarray
+    truth: np.ndarray
+    task: int  # index into the config's tasks
+    axis: int
+    volume: TrainingVolume
+
+
+def first_pass_estimates(
+    volumes: list[TrainingVolume], config: Config, estimator, cache: Path, *, progress=None
+) -> list[FirstPass]:
+    """The estimator's consistent estimate (both stacks of planes, then the projection: what inference returns) of
+    every training volume thickened along each axis by each thick-slice task, through an HDF5 ``cache`` kept for
+    resumed runs; a cache made with other estimator weights is rebuilt.
+
+    Args:
+        progress: optional callable(done, total) for a progress bar.
+    """
+    import hashlib
+
+    import h5py
+
+    from medldm.degrade import enforce_consistency
+    from medldm.nets import ConditionCodec
+    from medldm.pipeline import estimate_planes, interpolated
+
+    weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in estimator.state_dict().values()))
+    codec, device = ConditionCodec(config), next(estimator.parameters()).device
+    tasks = [(i, t) for i, t in enumerate(config.data.tasks) if t.kind == "slice-profile"]
+    if not tasks:
+        raise MedldmError("the second pass learns thick slices, but the config has no slice-profile task")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    items: list[FirstPass] = []
+    with h5py.File(cache, "a") as h5:
+        if h5.attrs.get("estimator") != weights.hexdigest():
+            for key in list(h5):
+                del h5[key]
+            h5.attrs["estimator"] = weights.hexdigest()
+        todo = [(v, i, t, a) for v in volumes for i, t in tasks for a in range(3)]
+        for done, (vol, index, task, axis) in enumerate(todo, 1):
+            key = f"{vol.name}/{index}/{axis}"
+            if key not in h5:
+                hr = torch.from_numpy(vol.data.astype(np.float32))
+                hr = hr.narrow(axis, 0, hr.shape[axis] - hr.shape[axis] % task.scale).contiguous()
+                op = make_operator("slice-profile", axis=axis, scale=task.scale, profile=task.profile)
+                lr = op.forward(hr)
+                label = int(codec.task_label(index, vol.modality))
+                estimate, _ = estimate_planes(
+                    (estimator, None), interpolated(lr, hr.shape), hr.shape, [d for d in range(3) if d != axis],
+                    label, geometry_features(task.scale, 1.0), per_call=lambda shape: max(1, 2**18 // math.prod(shape)),
+                    device=device,
+                )  # fmt: skip
+                h5.create_dataset(key, data=enforce_consistency(estimate, lr, op).numpy().astype(np.float16))
+                h5.flush()
+            estimate = h5[key][()]
+            truth = vol.data[tuple(slice(0, n) for n in estimate.shape)]  # a view: the estimate's whole LR slices
+            items.append(FirstPass(estimate, truth, index, axis, vol))
+            if progress is not None:
+                progress(done, len(todo))
+    return items
+
+
+class SecondPassSampler:
+    """Batches for the second pass: a slab of planes of a first pass's estimate, across one of the two axes that
+    are not thick, and the truth's centre plane, cut to the patch size (zero beyond the volume, as the first
+    pass's patches are), mirrored at random; biased towards the foreground like :class:`PairSampler`. A batch is
+    a pure function of (seed, step, rank, stream)."""
+
+    def __init__(self, items: list[FirstPass], config: Config, *, slab: int, rank: int = 0):
+        if not items:
+            raise MedldmError("no first-pass estimates to train a second pass on")
+        self.items, self.config, self.slab, self.rank = items, config, slab, rank
+        self.tasks = config.data.tasks
+
+    def patch_size(self, step: int, progressive=None) -> tuple[int, ...]:
+        """The configured patch size (the first pass's estimates do not grow)."""
+        return tuple(self.config.data.patch_size)
+
+    def batch(self, step: int, batch_size: int, patch_size=None, *, stream: int = 0) -> dict[str, torch.Tensor]:
+        """Batch number ``step`` of this rank, with the keys of :meth:`PairSampler.batch`."""
+        rng = np.random.default_rng([self.config.training.seed, step, self.rank, stream])
+        size, r = tuple(patch_size or self.config.data.patch_size), self.slab // 2
+        lr, hr, task, modality, scale, axes = [], [], [], [], [], []
+        for _ in range(batch_size):
+            item = self.items[rng.integers(len(self.items))]
+            shape = item.estimate.shape
+            across = [d for d in range(3) if d != item.axis][rng.integers(2)]
+            fg = item.volume.foreground
+            centre = (
+                fg[rng.integers(len(fg))]
+                if len(fg) and rng.random() < self.config.data.foreground_fraction
+                else np.array([rng.integers(n) for n in shape])
+            )
+            centre = np.minimum(centre, np.array(shape) - 1)  # the estimate may have lost a few end planes
+            index = np.clip(np.arange(-r, r + 1) + centre[across], 0, shape[across] - 1)
+            corner = np.delete(centre, across) - np.array(size) // 2 + rng.integers(-size[0] // 4, size[0] // 4 + 1, 2)
+            thick = [d for d in range(3) if d != across].index(item.axis)  # the thick axis in the plane
+            factor = self.tasks[item.task].scale
+            corner[thick] -= corner[thick] % factor  # the patch starts at an LR slice's edge, as training pairs do
+            x = self._cut(np.take(item.estimate, index, axis=across), across, corner, size)
+            y = self._cut(np.take(item.truth, index[r : r + 1], axis=across), across, corner, size)
+            if rng.random() < 0.5:
+                flip = 1 + int(rng.integers(2))
+                x, y = np.flip(x, flip), np.flip(y, flip)
+            lr.append(torch.from_numpy(np.ascontiguousarray(x)))
+            hr.append(torch.from_numpy(np.ascontiguousarray(y)))
+            task.append(item.task)
+            modality.append(item.volume.modality)
+            scale.append(float(factor))
+            axes.append(thick)
+        return {
+            "hr": torch.stack(hr),
+            "lr": torch.stack(lr),
+            "task": torch.tensor(task),
+            "modality": torch.tensor(modality),
+            "geometry": geometry_features(scale, [1.0] * len(scale)),
+            "axis": torch.tensor(axes),
+            "scale": torch.tensor(scale, dtype=torch.float64),
+            "thickness": torch.ones(len(scale), dtype=torch.float64),
+        }
+
+    @staticmethod
+    def _cut(block: np.ndarray, across: int, corner, size) -> np.ndarray:
+        """(C, *size) float32 from ``block`` (planes across ``across``) at ``corner`` of the plane, zero outside."""
+        planes = np.moveaxis(block, across, 0).astype(np.float32)
+        out = np.zeros((len(planes), *size), np.float32)
+        src = [slice(max(c, 0), min(c + s, n)) for c, s, n in zip(corner, size, planes.shape[1:], strict=True)]
+        dst = [slice(a.start - c, a.stop - c) for a, c in zip(src, corner, strict=True)]
+        out[(slice(None), *dst)] = planes[(slice(None), *src)]
+        return out

@@ -5,7 +5,9 @@ rate-distortion and adaptation all use this one object."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,7 @@ class LoadedModel:
     path: Path
     estimator: Estimator | None = None  # the fidelity stage, in models that have one
     error_model: ErrorModel | None = None  # the estimate's error scale (the uncertainty section), if any
+    second_pass: Estimator | None = None  # the estimator's second pass (the second_pass section), if any
 
     def save(self, out: str | Path, **info) -> Path:
         """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""
@@ -53,6 +56,8 @@ class LoadedModel:
             modules["estimator"] = self.estimator
         if self.error_model is not None:
             modules["uncertainty"] = self.error_model
+        if self.second_pass is not None:
+            modules["second_pass"] = self.second_pass
         return write_model_folder(
             Path(out), config=self.config.model_dump(), info={**self.info, **info}, modules=modules
         )
@@ -103,14 +108,15 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
     config, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
     autoencoder = build_with_weights(lambda: build_autoencoder(config), folder / "autoencoder.safetensors")
     denoiser = build_with_weights(lambda: build_denoiser(config), folder / "denoiser.safetensors")
-    estimator = None
-    if config.estimator is not None:
-        estimator = build_with_weights(lambda: build_estimator(config), folder / "estimator.safetensors")
-        estimator = estimator.to(device).eval().requires_grad_(False)
-    error_model = None
-    if config.uncertainty is not None:
-        error_model = build_with_weights(lambda: build_error_model(config), folder / "uncertainty.safetensors")
-        error_model = error_model.to(device).eval().requires_grad_(False)
+    optional: dict[str, Any] = {}  # the networks of the optional sections the config has, in eval mode on the device
+    for name, builder, section in (
+        ("estimator", build_estimator, config.estimator),
+        ("uncertainty", build_error_model, config.uncertainty),
+        ("second_pass", build_estimator, config.second_pass),
+    ):
+        if section is not None:
+            net = build_with_weights(partial(builder, config), folder / f"{name}.safetensors")
+            optional[name] = net.to(device).eval().requires_grad_(False)
     schedule = build_schedule(config)
     return LoadedModel(
         config,
@@ -120,8 +126,9 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
         schedule,
         ConditionCodec(config),
         folder,
-        estimator,
-        error_model,
+        optional.get("estimator"),
+        optional.get("uncertainty"),
+        optional.get("second_pass"),
     )
 
 

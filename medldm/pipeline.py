@@ -38,7 +38,7 @@ from medldm.scope import scan_statistics
 from medldm.spec import Task
 from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, resolve_axis
 
-__all__ = ["PLANES", "Upscaler", "UpscaleResult", "RunningStats"]
+__all__ = ["PLANES", "Upscaler", "UpscaleResult", "RunningStats", "estimate_planes", "interpolated"]
 
 PLANES = Planes.values()
 HU_MIN = -1024.0  # air: CT outputs are clipped here (and at the scan's maximum)
@@ -297,6 +297,7 @@ class Upscaler:
         # HR-grid float32 volumes alive at once: the sum over stacks, the running mean (and spread), the estimate
         # (and its kept copy), the output in the scan's units; refused now rather than after minutes of work
         copies = 3 + (self.model.estimator is not None) + (self.model.error_model is not None) + keep_estimate
+        copies += self._second_pass(op)
         copies += 2 * (samples > 1)
         check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
         norm, lr, modality, limits = self._normalised(volume)
@@ -307,7 +308,7 @@ class Upscaler:
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
         estimate = error_scale = None
         if self.model.estimator is not None:  # fidelity first: the regression estimate, made consistent
-            estimate, error_scale = self._estimate_volume(
+            estimate, error_scale = self._estimate(
                 lr,
                 hr_shape,
                 op,
@@ -315,7 +316,6 @@ class Upscaler:
                 tick,
                 geometry_features(plan.scale, plan.thickness),
             )
-            estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
         for k in range(samples):
             if estimate is not None and self.refine == 0:
                 stats.add(estimate)  # already consistent; every sample is the same
@@ -388,7 +388,7 @@ class Upscaler:
         """Progress units of the estimate: slice batches (2D estimators) or chunks (3D)."""
         net = cast(Estimator, self.model.estimator)
         if net.spatial_dims == 2:
-            return self._units(hr_shape, op, self.planes)
+            return self._units(hr_shape, op, self.planes) * (1 + self._second_pass(op))
         axis, depth = self._chunks_3d(hr_shape, op)
         return -(-hr_shape[axis] // depth)
 
@@ -479,44 +479,45 @@ class Upscaler:
             encoded[key] = torch.cat(latents)
         return encoded[key]
 
-    def _estimate_volume(
+    def _second_pass(self, op) -> bool:
+        """Whether the model's second pass runs: models with one, on thick slices (the task it was trained on; the
+        one kind whose operator degrades a single axis of the volume)."""
+        return self.model.second_pass is not None and len(op.axes) == 1
+
+    def _estimate(
         self, lr: torch.Tensor, hr_shape, op, label: int, tick, geometry
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The estimator's regression estimate on the HR grid (normalised intensities, before data consistency),
-        averaged over the stacks of planes like the samples, and for models with an error model the predicted
-        Laplace scale of the consistent estimate's error, averaged the same way (else None). Each batch
-        interpolates just its block of LR planes (plus the slab's neighbours) onto the HR grid, so the HR-grid
-        input volume is never held whole."""
+        """The estimator's regression estimate on the HR grid, made consistent with ``lr`` (normalised units), and
+        for models with an error model its predicted Laplace scale (else None). With a second pass (thick slices),
+        the second network refines the first pass's consistent estimate, which is projected again."""
         net = cast(Estimator, self.model.estimator)  # called for models with an estimator only
         if net.spatial_dims == 3:
-            return self._estimate_volume_3d(lr, hr_shape, op, label, tick, geometry), None
-        r = net.slab // 2
-        errors = self.model.error_model
-        sums = [torch.zeros(hr_shape) for _ in range(1 + (errors is not None))]  # the estimate (and error scale)
+            estimate, error_scale = self._estimate_volume_3d(lr, hr_shape, op, label, tick, geometry), None
+        else:
+            nets = (net, self.model.error_model)
+            estimate, error_scale = self._estimate_volume(
+                nets, interpolated(lr, hr_shape), hr_shape, op, label, tick, geometry
+            )
+        estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
+        if self._second_pass(op):
+            first = estimate
+            second = (cast(Estimator, self.model.second_pass), None)
+            estimate, _ = self._estimate_volume(
+                second, lambda axis, lo, hi: first.narrow(axis, lo, hi - lo), hr_shape, op, label, tick, geometry
+            )
+            del first
+            estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
+        return estimate, error_scale
+
+    def _estimate_volume(
+        self, nets, source, hr_shape, op, label: int, tick, geometry
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:func:`estimate_planes` over this upscaler's stacks of planes, batches and device."""
         axes = self._plane_axes(hr_shape, op, self.planes)
-        for axis in axes:
-            planes = sums[0].movedim(axis, 0)  # (n, H, W) view
-            n, per_call = planes.shape[0], self._planes_per_call(planes.shape[1:])
-            for start in range(0, n, per_call):
-                stop = min(start + per_call, n)
-                lo, hi = max(start - r, 0), min(stop + r, n)
-                size = [*hr_shape]
-                size[axis] = hi - lo
-                cond = upsample(lr.narrow(axis, lo, hi - lo)[None, None], size)[0, 0].movedim(axis, 0)
-                # each target plane with its slab of neighbours, clamped at the ends as in training
-                near = (torch.arange(start, stop)[:, None] + torch.arange(-r, r + 1)).clamp(0, n - 1) - lo
-                x = pad_to_multiple(cond[near], net.multiple)  # (B, slab, H, W)
-                labels = torch.full((x.shape[0],), label, dtype=torch.long, device=self.device)
-                inputs = (x.to(self.device), labels, geometry.expand(len(x), 2).to(self.device))
-                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    outs = [net(*inputs)] + ([errors(*inputs).float().exp()] if errors is not None else [])
-                crop = (slice(None), 0, slice(planes.shape[1]), slice(planes.shape[2]))
-                for volume, out in zip(sums, outs, strict=True):
-                    volume.movedim(axis, 0)[start:stop] += out.float().cpu()[crop]
-                tick()
-        for volume in sums:
-            volume.div_(len(axes))
-        return sums[0], (sums[1] if errors is not None else None)
+        return estimate_planes(
+            nets, source, hr_shape, axes, label, geometry, per_call=self._planes_per_call, device=self.device,
+            bf16=self.bf16, tick=tick,
+        )  # fmt: skip
 
     # a 3D estimator's chunks overlap by this many HR planes on each side: every kept plane sees at least this much
     # of the scan around it (the network's reach is longer; beyond the halo, padding stands in, as at the border
@@ -615,6 +616,52 @@ class Upscaler:
         )
         tick()
         return cast(torch.Tensor, out)[0, 0]  # a Tensor predictor gives a Tensor (monai types a union)
+
+
+def interpolated(lr: torch.Tensor, hr_shape) -> Callable[[int, int, int], torch.Tensor]:
+    """The source of a first pass (:func:`estimate_planes`): the LR planes ``lo:hi`` across ``axis`` interpolated
+    onto the HR grid, one block at a time (the HR-grid input volume is never held whole)."""
+
+    def block(axis: int, lo: int, hi: int) -> torch.Tensor:
+        size = [*hr_shape]
+        size[axis] = hi - lo
+        return upsample(lr.narrow(axis, lo, hi - lo)[None, None], size)[0, 0]
+
+    return block
+
+
+def estimate_planes(
+    nets, source, hr_shape, axes, label: int, geometry, *, per_call, device, bf16: bool = False, tick=lambda: None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A 2D estimator's estimate on the HR grid (normalised intensities, before data consistency), averaged over
+    the stacks of planes across ``axes``, and with an error model (``nets``: the estimator and the error model or
+    None) its predicted Laplace scale, averaged the same way (else None). ``source(axis, lo, hi)`` gives the input
+    on the HR grid for planes ``lo:hi`` across ``axis`` (:func:`interpolated`, or a first pass's estimate);
+    ``per_call(plane_shape)`` the planes per network call."""
+    net, errors = nets
+    r = net.slab // 2
+    sums = [torch.zeros(hr_shape) for _ in range(1 + (errors is not None))]  # the estimate (and error scale)
+    for axis in axes:
+        planes = sums[0].movedim(axis, 0)  # (n, H, W) view
+        n, step = planes.shape[0], per_call(planes.shape[1:])
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            lo, hi = max(start - r, 0), min(stop + r, n)
+            cond = source(axis, lo, hi).movedim(axis, 0)
+            # each target plane with its slab of neighbours, clamped at the ends as in training
+            near = (torch.arange(start, stop)[:, None] + torch.arange(-r, r + 1)).clamp(0, n - 1) - lo
+            x = pad_to_multiple(cond[near], net.multiple)  # (B, slab, H, W)
+            labels = torch.full((x.shape[0],), label, dtype=torch.long, device=device)
+            inputs = (x.to(device), labels, geometry.expand(len(x), 2).to(device))
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                outs = [net(*inputs)] + ([errors(*inputs).float().exp()] if errors is not None else [])
+            crop = (slice(None), 0, slice(planes.shape[1]), slice(planes.shape[2]))
+            for volume, out in zip(sums, outs, strict=True):
+                volume.movedim(axis, 0)[start:stop] += out.float().cpu()[crop]
+            tick()
+    for volume in sums:
+        volume.div_(len(axes))
+    return sums[0], (sums[1] if errors is not None else None)
 
 
 def _uncertainty(stats: RunningStats | None, error_scale: torch.Tensor | None) -> torch.Tensor:

@@ -221,6 +221,13 @@ class Uncertainty(_Strict):
     num_res_blocks: int = Field(1, ge=1, le=4)
 
 
+class SecondPass(_Strict):
+    """A second pass of the estimator (thick slices): a network of the estimator's design, initialised from its
+    trained weights, that maps the slab of the first pass's consistent estimate (both stacks of planes averaged and
+    projected) to the HR plane; inference runs it on both stacks of that estimate and projects again. The first
+    pass's output carries what the other stack of planes saw, so the second pass sees beyond one plane's stack."""
+
+
 class ModelSpec(_Strict):
     """A model: its name, what it takes (``data``) and its networks."""
 
@@ -230,11 +237,14 @@ class ModelSpec(_Strict):
     diffusion: Diffusion = Diffusion()
     estimator: Estimator | None = None  # None: the diffusion model alone, sampling from noise
     uncertainty: Uncertainty | None = None  # the error model, for 2D estimators
+    second_pass: SecondPass | None = None  # a second estimator on the first one's estimate, for thick slices
 
     @model_validator(mode="after")
     def _stages_fit(self):
         if self.uncertainty is not None and (self.estimator is None or self.estimator.spatial_dims != 2):
             raise ValueError("the uncertainty (error model) section needs a 2D estimator section: it models its error")
+        if self.second_pass is not None and (self.estimator is None or self.estimator.spatial_dims != 2):
+            raise ValueError("the second_pass section needs a 2D estimator section: it is a second pass of it")
         if self.estimator is not None and self.data.spatial_dims != 2:
             raise ValueError("the estimator is a 2D (2.5D slab) network: it needs data.spatial_dims 2")
         if self.diffusion.condition == "estimate" and (self.estimator is None or self.data.slab != 1):

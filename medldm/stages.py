@@ -239,10 +239,14 @@ class EstimatorStage(TrainingStage):
 
     def prepare(self) -> None:
         self.section = cast(EstimatorSection, self.config.estimator)  # build_estimator checked it
-        self.pairs = self.trainer.pair_sampler(slab=self.section.slab, spatial_dims=self.section.spatial_dims)
+        self.pairs = self._sampler()
         self.model, self.opt = self.acc.prepare(self.model, self.opt)
         self.forward = self.trainer._training_forward(self.model, self.section.spatial_dims)
         self.codec = ConditionCodec(self.config)
+
+    def _sampler(self):
+        """Where the training pairs come from: the degraded training volumes."""
+        return self.trainer.pair_sampler(slab=self.section.slab, spatial_dims=self.section.spatial_dims)
 
     def learning_rate(self, step: int) -> float:
         """Cosine decay to 10 % over the whole stage: a function of the step, so resumed runs match (a Python
@@ -302,6 +306,26 @@ class UncertaintyStage(EstimatorStage):
         loss = (error * torch.exp(-log_scale) + log_scale).mean()
         self._update(loss)
         return {"loss": loss.item(), "lr": rate, "error": error.mean().item()}
+
+
+class SecondPassStage(EstimatorStage):
+    """The estimator's second pass (thick slices): a network of the estimator's design, starting from its trained
+    weights, learns to map the slab of the first pass's consistent estimate to the truth, with the estimator's loss.
+    The first pass runs once per training volume, thick-slice task and axis before the first step
+    (medldm.data.first_pass_estimates, cached in the stage's folder)."""
+
+    name = "second_pass"
+    stream = 5
+
+    def build(self) -> None:
+        torch.manual_seed(self.config.training.seed + 4)
+        self.model = build_estimator(self.config)
+        self.model.load_state_dict(self.trainer.trained_estimator().state_dict())
+        self._ema_and_optimiser()
+
+    def _sampler(self):
+        """The first pass's estimates of the training volumes (thick slices)."""
+        return self.trainer.second_pass_sampler()
 
 
 class DiffusionStage(TrainingStage):

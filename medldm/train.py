@@ -34,7 +34,8 @@ from medldm.checkpoint import (
 )
 from medldm.choices import StageName
 from medldm.config import Config, parse_config
-from medldm.data import PairSampler, TrainingVolume, load_volumes
+from medldm.config import Estimator as EstimatorSection
+from medldm.data import PairSampler, SecondPassSampler, TrainingVolume, first_pass_estimates, load_volumes
 from medldm.errors import MedldmError
 from medldm.nets import (
     build_autoencoder,
@@ -49,6 +50,7 @@ from medldm.stages import (
     AutoencoderStage,
     DiffusionStage,
     EstimatorStage,
+    SecondPassStage,
     TrainingStage,
     UncertaintyStage,
     step_generator,
@@ -147,6 +149,23 @@ class Trainer:
             self._volumes = load_volumes(self.config, self.data_root, cache=self.run_dir / cache if cache else None)
         return PairSampler(self._volumes, self.config, rank=self.rank, slab=slab, spatial_dims=spatial_dims)
 
+    def second_pass_sampler(self) -> SecondPassSampler:
+        """The second pass's training batches, from the finished estimator's consistent estimates of the training
+        volumes (computed once, cached in the stage's folder, with a progress bar)."""
+        self.pair_sampler()  # loads the training volumes
+        estimator = self.trained_estimator().to(self.acc.device)
+        with _Counting(self, "second_pass: first-pass estimates") as counting:
+            items = first_pass_estimates(
+                cast(list, self._volumes),
+                self.config,
+                estimator,
+                self.stage_dir("second_pass") / "first_pass.h5",
+                progress=counting.update,
+            )
+        return SecondPassSampler(
+            items, self.config, slab=cast(EstimatorSection, self.config.estimator).slab, rank=self.rank
+        )
+
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
 
@@ -202,7 +221,12 @@ class Trainer:
         old, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
         cfg, taken = self.config, {}
         finished: set[str] = set()  # the stages taken as finished
-        networks = {"autoencoder": build_autoencoder, "estimator": build_estimator, "uncertainty": build_error_model}
+        networks = {
+            "autoencoder": build_autoencoder,
+            "estimator": build_estimator,
+            "second_pass": build_estimator,
+            "uncertainty": build_error_model,
+        }
         for stage, build in networks.items():
             if getattr(cfg, stage) is None:
                 continue
@@ -223,7 +247,8 @@ class Trainer:
                     taken[stage] = f"fine-tuned from {folder}'s estimator"
                     continue
             if not same:
-                taken[stage] = "trained from scratch (its settings differ from the folder's)"
+                start = "from the estimator's weights" if stage == "second_pass" else "from scratch"
+                taken[stage] = f"trained {start} (its settings differ from the folder's)"
                 continue
             module = build(cfg)
             load_weights(module, folder / f"{stage}.safetensors")
@@ -279,6 +304,9 @@ class Trainer:
 
     def train_estimator(self, max_steps: int | None = None) -> Path:
         return self._run_stage(EstimatorStage(self), max_steps)
+
+    def train_second_pass(self, max_steps: int | None = None) -> Path:
+        return self._run_stage(SecondPassStage(self), max_steps)
 
     def train_uncertainty(self, max_steps: int | None = None) -> Path:
         return self._run_stage(UncertaintyStage(self), max_steps)
@@ -336,6 +364,10 @@ class Trainer:
         """The estimator stage's EMA weights; the stage must have finished."""
         return self._trained("estimator", build_estimator(self.config))
 
+    def trained_second_pass(self):
+        """The second pass stage's EMA weights; the stage must have finished."""
+        return self._trained("second_pass", build_estimator(self.config))
+
     def trained_error_model(self):
         """The uncertainty stage's EMA weights; the stage must have finished."""
         return self._trained("uncertainty", build_error_model(self.config))
@@ -361,6 +393,9 @@ class Trainer:
         if self.config.uncertainty is not None:
             info["uncertainty_steps"] = self.finished_step("uncertainty")
             modules["uncertainty"] = self.trained_error_model()
+        if self.config.second_pass is not None:
+            info["second_pass_steps"] = self.finished_step("second_pass")
+            modules["second_pass"] = self.trained_second_pass()
         self.pair_sampler()  # loads the training volumes, if no stage did
         info["trained_on"] = measured_scope(self.config, self.data_root, self._volumes)
         if self.config.diffusion.refine is not None:  # refinement models: refine from where they were trained
@@ -371,13 +406,46 @@ class Trainer:
         """Train ``stage`` or all stages in order; with ``all``, a stage stopped early by ``max_steps`` makes the
         later ones wait for a resumed run."""
         # stages with a section of their own run when the config has it, or when asked for (then saying it has not)
-        skip = {name for name in ("estimator", "uncertainty") if getattr(self.config, name) is None and stage != name}
+        optional = ("estimator", "second_pass", "uncertainty")
+        skip = {name for name in optional if getattr(self.config, name) is None and stage != name}
         for name in (s for s in STAGES if s not in skip):
             if stage not in ("all", name):
                 continue
             getattr(self, f"train_{name}")(max_steps)
             if stage == "all" and self.finished_step(name) < getattr(self.config.training, name).steps:
                 return
+
+
+class _Counting:
+    """A progress bar for work before a stage's steps (a rich bar in a terminal; outside one, a plain line at
+    every tenth)."""
+
+    def __init__(self, trainer: Trainer, label: str):
+        self.label, self.show, self.shown = label, trainer.progress, -1
+        self.bar: Any = None  # a rich Progress while a bar is shown
+
+    def __enter__(self) -> _Counting:
+        if self.show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+            )
+            self.task = self.bar.add_task(self.label, total=None)
+            self.bar.start()
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(self.task, completed=done, total=total)
+        if not self.bar.console.is_terminal and done * 10 // total > self.shown:
+            self.shown = done * 10 // total
+            print(f"{self.label} {done}/{total}", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 class _StageLog:

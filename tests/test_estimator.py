@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from medldm import MedldmError
 from medldm.checkpoint import latest_checkpoint, read_model_folder, write_model_folder
 from medldm.config import parse_config
+from medldm.data import FirstPass, SecondPassSampler, TrainingVolume, first_pass_estimates
 from medldm.degrade import degrade_volume, enforce_consistency, make_operator
 from medldm.model import load_model
 from medldm.nets import build_autoencoder, build_denoiser, build_estimator, build_schedule
@@ -372,3 +373,72 @@ def test_a_config_that_adds_an_error_model_trains_only_that_and_upscale_returns_
     assert plain.returncode == 0 and not (tmp_path / "plain_uncertainty.nii.gz").exists()
     refused = medldm("upscale", scan, "--model", estimator_run / "model", "--uncertainty", "-o", tmp_path / "x.nii.gz")
     assert refused.returncode == 1 and "no error model" in refused.stderr and len(refused.stderr.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------- the second pass
+def _first_pass(volume: np.ndarray, estimate: np.ndarray, axis: int) -> FirstPass:
+    fg = np.argwhere(volume > 0.05).astype(np.int32)
+    return FirstPass(estimate, volume, 0, axis, TrainingVolume("v", volume, 0, fg))
+
+
+def test_second_pass_batches_pair_each_estimate_slab_with_the_truth_at_the_same_place(ixi_path):
+    config, _ = tiny_with_estimator()
+    truth = np.asarray(load(ixi_path).data[:64, :72, :40], np.float32) / 1000
+    items = [_first_pass(truth, truth.copy(), axis) for axis in range(3)]  # an estimate equal to its truth
+    sampler = SecondPassSampler(items, config, slab=3)
+    batch = sampler.batch(0, 24)
+    assert batch["lr"].shape == (24, 3, 32, 32) and batch["hr"].shape == (24, 1, 32, 32)
+    np.testing.assert_array_equal(batch["lr"][:, 1], batch["hr"][:, 0])  # the centre plane is the target's
+    assert (batch["hr"].flatten(1).abs().amax(1) > 0).all()  # drawn from the head, not from the air around it
+    assert set(batch["axis"].tolist()) == {0, 1} and (batch["scale"] == 4).all()
+    np.testing.assert_array_equal(sampler.batch(0, 24)["lr"], batch["lr"])  # a pure function of the step
+    assert not torch.equal(sampler.batch(1, 24)["lr"], batch["lr"])
+
+
+def test_a_config_that_adds_a_second_pass_trains_it_from_the_estimator_and_upscale_runs_it_on_thick_slices(
+    estimator_run, tmp_path, ixi_path
+):
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["second_pass"] = {}
+    raw["training"]["second_pass"] = {**STAGE, "steps": 3}
+    config, _ = parse_config(raw, check_files=False)
+    t = trainer(config, tiny()[1], tmp_path / "run")
+    taken = t.init_from(estimator_run / "model")
+    assert taken["second_pass"] == "trained from the estimator's weights (its settings differ from the folder's)"
+    assert taken["diffusion"] == f"taken as finished from {estimator_run / 'model'}"
+    t.run("all")
+    assert not (tmp_path / "run" / "diffusion" / "metrics.csv").exists()  # only the second pass trained
+    assert len(rows(tmp_path / "run" / "second_pass" / "metrics.csv")) == 3
+    folder = tmp_path / "run" / "model"
+    assert load_model(folder).second_pass is not None and load_model(estimator_run / "model").second_pass is None
+    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
+    two = Upscaler(folder, device="cpu").upscale(lr, axis="z")
+    one = Upscaler(estimator_run / "model", device="cpu").upscale(lr, axis="z")
+    assert np.abs(two.sr.data - one.sr.data).max() > 1  # the second pass changed the estimate
+    assert two.residual < 1e-6  # and the result is projected onto the input again
+    kspace, _ = degrade_volume(block, kind="kspace", axis="z", scale=2)
+    np.testing.assert_array_equal(  # trained on thick slices, it leaves the other kinds alone
+        Upscaler(folder, device="cpu").upscale(kspace, axis="z", kind="kspace").sr.data,
+        Upscaler(estimator_run / "model", device="cpu").upscale(kspace, axis="z", kind="kspace").sr.data,
+    )
+
+
+def test_first_pass_estimates_are_cached_and_redone_for_other_estimator_weights(estimator_run, tmp_path, ixi_path):
+    model = load_model(estimator_run / "model")
+    real = load(ixi_path).to_canonical()
+    data = (np.asarray(real.data[:40, :48, :32], np.float32) / np.percentile(real.data, 99.5)).astype(np.float16)
+    volume = TrainingVolume("v", data, 0, np.argwhere(data > 0.05).astype(np.int32))
+    cache = tmp_path / "first_pass.h5"
+    items = first_pass_estimates([volume], model.config, model.estimator, cache)
+    assert [(i.task, i.axis) for i in items] == [(0, 0), (0, 1), (0, 2)]  # the thick-slice task along each axis
+    op = make_operator("slice-profile", axis=2, scale=4)
+    lr = op.forward(torch.from_numpy(data.astype(np.float32)))
+    np.testing.assert_allclose(  # what inference returns: consistent with the thick slices
+        op.forward(torch.from_numpy(items[2].estimate.astype(np.float32))), lr, atol=2e-3
+    )
+    again = first_pass_estimates([volume], model.config, model.estimator, cache)
+    np.testing.assert_array_equal(again[1].estimate, items[1].estimate)
+    other = build_estimator(model.config)  # other weights: the cached estimates no longer hold
+    redone = first_pass_estimates([volume], model.config, other, cache)
+    assert not np.array_equal(redone[1].estimate, items[1].estimate)
