@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -305,7 +306,7 @@ def first_pass_estimates(
 
     from medldm.degrade import enforce_consistency
     from medldm.nets import ConditionCodec
-    from medldm.pipeline import estimate_planes, interpolated
+    from medldm.pipeline import estimate_planes, interpolated, planes_per_call
 
     weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in estimator.state_dict().values()))
     codec, device = ConditionCodec(config), next(estimator.parameters()).device
@@ -330,8 +331,8 @@ def first_pass_estimates(
                 label = int(codec.task_label(index, vol.modality))
                 estimate, _ = estimate_planes(
                     (estimator, None), interpolated(lr, hr.shape), hr.shape, [d for d in range(3) if d != axis],
-                    label, geometry_features(task.scale, 1.0), per_call=lambda shape: max(1, 2**18 // math.prod(shape)),
-                    device=device,
+                    label, geometry_features(task.scale, 1.0), device=device,
+                    per_call=partial(planes_per_call, device=device, multiple=estimator.multiple),
                 )  # fmt: skip
                 h5.create_dataset(key, data=enforce_consistency(estimate, lr, op).numpy().astype(np.float16))
                 h5.flush()

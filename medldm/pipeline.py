@@ -38,7 +38,7 @@ from medldm.scope import scan_statistics
 from medldm.spec import Task
 from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, resolve_axis
 
-__all__ = ["PLANES", "Upscaler", "UpscaleResult", "RunningStats", "estimate_planes", "interpolated"]
+__all__ = ["PLANES", "Upscaler", "UpscaleResult", "RunningStats", "estimate_planes", "interpolated", "planes_per_call"]
 
 PLANES = Planes.values()
 HU_MIN = -1024.0  # air: CT outputs are clipped here (and at the scan's maximum)
@@ -402,9 +402,7 @@ class Upscaler:
         return 1
 
     def _planes_per_call(self, plane_shape) -> int:
-        pixels = int(np.prod([n + (-n) % self.multiple for n in plane_shape]))
-        cap = self.BATCH_PIXELS.get(self.device.type, self.BATCH_PIXELS["cuda"])
-        return max(1, min(self.batch_size, cap // pixels))
+        return planes_per_call(plane_shape, self.device, multiple=self.multiple, batch_size=self.batch_size)
 
     def _plane_axes(self, hr_shape, op, planes: str) -> list[int]:
         """2D models see planes containing every degraded axis, so they slice across an axis that is not degraded:
@@ -616,6 +614,14 @@ class Upscaler:
         )
         tick()
         return cast(torch.Tensor, out)[0, 0]  # a Tensor predictor gives a Tensor (monai types a union)
+
+
+def planes_per_call(plane_shape, device: torch.device, *, multiple: int = 1, batch_size: int | None = None) -> int:
+    """Planes per network call: as many as the device's pixel budget holds (``Upscaler.BATCH_PIXELS``, sizes padded
+    to ``multiple``), at most ``batch_size``."""
+    pixels = int(np.prod([n + (-n) % multiple for n in plane_shape]))
+    cap = Upscaler.BATCH_PIXELS.get(device.type, Upscaler.BATCH_PIXELS["cuda"])
+    return max(1, min(batch_size or cap, cap // pixels))
 
 
 def interpolated(lr: torch.Tensor, hr_shape) -> Callable[[int, int, int], torch.Tensor]:

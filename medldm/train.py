@@ -416,6 +416,15 @@ class Trainer:
                 return
 
 
+def _bar(label: str, *, info: bool = False):
+    """A rich progress bar labelled ``label``; with ``info``, a column for the task's ``info`` field (a stage's loss
+    and speed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    extra = [TextColumn("{task.fields[info]}")] if info else []
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), *extra, TimeRemainingColumn())
+
+
 class _Counting:
     """A progress bar for work before a stage's steps (a rich bar in a terminal; outside one, a plain line at
     every tenth)."""
@@ -426,11 +435,7 @@ class _Counting:
 
     def __enter__(self) -> _Counting:
         if self.show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-            )
+            self.bar = _bar(self.label)
             self.task = self.bar.add_task(self.label, total=None)
             self.bar.start()
         return self
@@ -468,10 +473,7 @@ class _StageLog:
 
     def __enter__(self) -> _StageLog:
         if self.show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            columns = (BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.progress = Progress(TextColumn(f"[bold]{self.stage}"), *columns)
+            self.progress = _bar(self.stage, info=True)
             self.task = self.progress.add_task(self.stage, total=self.stop, completed=self.start, info="")
             self.progress.start()
         if self.tensorboard:
