@@ -80,5 +80,6 @@ class StageName(Choice):
     autoencoder = "autoencoder"
     estimator = "estimator"
     second_pass = "second_pass"
+    third_pass = "third_pass"
     uncertainty = "uncertainty"
     diffusion = "diffusion"

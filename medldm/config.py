@@ -109,6 +109,7 @@ class Training(_Strict):
     estimator: Stage | None = None  # needed when the config has an estimator section
     uncertainty: Stage | None = None  # needed when the config has an uncertainty (error model) section
     second_pass: Stage | None = None  # needed when the config has a second_pass section
+    third_pass: Stage | None = None  # needed when the config has a third_pass section
     # the estimator's loss: "l1" on its output, or "consistent": L1 on the error the data-consistency projection
     # leaves (the part of the error the acquisition cannot see, medldm.degrade.LinearOperator.unseen), which is
     # what inference returns
@@ -143,6 +144,8 @@ class Config(ModelSpec):
             raise ValueError("an uncertainty section needs training.uncertainty (its steps, batch size, lr)")
         if self.second_pass is not None and self.training.second_pass is None:
             raise ValueError("a second_pass section needs training.second_pass (its steps, batch size, lr)")
+        if self.third_pass is not None and self.training.third_pass is None:
+            raise ValueError("a third_pass section needs training.third_pass (its steps, batch size, lr)")
         return self
 
     def digest(self) -> str:
@@ -150,7 +153,7 @@ class Config(ModelSpec):
         written before they existed keep their digest; so are later options at their defaults."""
         settings = self.model_dump()
         for section in (settings, settings["training"]):
-            for stage in ("estimator", "uncertainty", "second_pass"):
+            for stage in ("estimator", "uncertainty", "second_pass", "third_pass"):
                 if section.get(stage) is None:
                     section.pop(stage, None)
         for section, key, default in _LATER_OPTIONS:

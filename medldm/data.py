@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,8 +32,8 @@ __all__ = [
     "load_volumes",
     "PairSampler",
     "random_contrast",
-    "FirstPass",
-    "first_pass_estimates",
+    "PassEstimate",
+    "pass_estimates",
     "SecondPassSampler",
 ]
 
@@ -279,9 +280,9 @@ class PairSampler:
 
 
 @dataclass
-class FirstPass:
-    """One training volume thickened along ``axis`` (a thick-slice task of the config) and the trained estimator's
-    consistent estimate of it: the input a second pass learns from, and its truth (both normalised, float16)."""
+class PassEstimate:
+    """One training volume thickened along ``axis`` (a thick-slice task of the config) and the trained passes'
+    consistent estimate of it: the input the next pass learns from, and its truth (both normalised, float16)."""
 
     estimate: np.ndarray
     truth: np.ndarray
@@ -290,14 +291,23 @@ class FirstPass:
     volume: TrainingVolume
 
 
-def first_pass_estimates(
-    volumes: list[TrainingVolume], config: Config, estimator, cache: Path, *, progress=None
-) -> list[FirstPass]:
-    """The estimator's consistent estimate (both stacks of planes, then the projection: what inference returns) of
-    every training volume thickened along each axis by each thick-slice task, through an HDF5 ``cache`` kept for
-    resumed runs; a cache made with other estimator weights is rebuilt.
+def pass_estimates(
+    volumes: list[TrainingVolume],
+    config: Config,
+    passes: Sequence,
+    cache: Path,
+    *,
+    earlier: list[PassEstimate] | None = None,
+    progress=None,
+) -> list[PassEstimate]:
+    """The consistent estimate after ``passes`` (the estimator, then its later passes in order, each on both stacks
+    of planes and then projected: what inference returns) of every training volume thickened along each axis by
+    each thick-slice task, through an HDF5 ``cache`` kept for resumed runs; a cache made with other weights is
+    rebuilt.
 
     Args:
+        earlier: this function's result for ``passes[:-1]`` (same volumes), whose estimates the last pass then
+            refines instead of running every pass again; None: run them all.
         progress: optional callable(done, total) for a progress bar.
     """
     import hashlib
@@ -306,21 +316,23 @@ def first_pass_estimates(
 
     from medldm.degrade import enforce_consistency
     from medldm.nets import ConditionCodec
-    from medldm.pipeline import estimate_planes, interpolated, planes_per_call
+    from medldm.pipeline import estimate_planes, interpolated, planes_of, planes_per_call
 
-    weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in estimator.state_dict().values()))
-    codec, device = ConditionCodec(config), next(estimator.parameters()).device
+    weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for net in passes for t in net.state_dict().values()))
+    codec, device = ConditionCodec(config), next(passes[0].parameters()).device
     tasks = [(i, t) for i, t in enumerate(config.data.tasks) if t.kind == "slice-profile"]
     if not tasks:
         raise MedldmError("the second pass learns thick slices, but the config has no slice-profile task")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    items: list[FirstPass] = []
+    items: list[PassEstimate] = []
     with h5py.File(cache, "a") as h5:
         if h5.attrs.get("estimator") != weights.hexdigest():
             for key in list(h5):
                 del h5[key]
             h5.attrs["estimator"] = weights.hexdigest()
         todo = [(v, i, t, a) for v in volumes for i, t in tasks for a in range(3)]
+        if earlier is not None and len(earlier) != len(todo):
+            raise MedldmError(f"{len(earlier)} earlier estimates for {len(todo)} volume-task-axis items")
         for done, (vol, index, task, axis) in enumerate(todo, 1):
             key = f"{vol.name}/{index}/{axis}"
             if key not in h5:
@@ -329,28 +341,35 @@ def first_pass_estimates(
                 op = make_operator("slice-profile", axis=axis, scale=task.scale, profile=task.profile)
                 lr = op.forward(hr)
                 label = int(codec.task_label(index, vol.modality))
-                estimate, _ = estimate_planes(
-                    (estimator, None), interpolated(lr, hr.shape), hr.shape, [d for d in range(3) if d != axis],
-                    label, geometry_features(task.scale, 1.0), device=device,
-                    per_call=partial(planes_per_call, device=device, multiple=estimator.multiple),
-                )  # fmt: skip
-                h5.create_dataset(key, data=enforce_consistency(estimate, lr, op).numpy().astype(np.float16))
+                source, run = interpolated(lr, hr.shape), passes
+                if earlier is not None:  # refine the earlier passes' estimate (as float32, as inference would)
+                    previous = torch.from_numpy(earlier[done - 1].estimate.astype(np.float32))
+                    source, run = planes_of(previous), passes[-1:]
+                for net in run:
+                    estimate, _ = estimate_planes(
+                        (net, None), source, hr.shape, [d for d in range(3) if d != axis], label,
+                        geometry_features(task.scale, 1.0), device=device,
+                        per_call=partial(planes_per_call, device=device, multiple=net.multiple),
+                    )  # fmt: skip
+                    estimate = enforce_consistency(estimate, lr, op)
+                    source = planes_of(estimate)
+                h5.create_dataset(key, data=estimate.numpy().astype(np.float16))
                 h5.flush()
             estimate = h5[key][()]
             truth = vol.data[tuple(slice(0, n) for n in estimate.shape)]  # a view: the estimate's whole LR slices
-            items.append(FirstPass(estimate, truth, index, axis, vol))
+            items.append(PassEstimate(estimate, truth, index, axis, vol))
             if progress is not None:
                 progress(done, len(todo))
     return items
 
 
 class SecondPassSampler:
-    """Batches for the second pass: a slab of planes of a first pass's estimate, across one of the two axes that
+    """Batches for a later pass: a slab of planes of the earlier passes' estimate, across one of the two axes that
     are not thick, and the truth's centre plane, cut to the patch size (zero beyond the volume, as the first
     pass's patches are), mirrored at random; biased towards the foreground like :class:`PairSampler`. A batch is
     a pure function of (seed, step, rank, stream)."""
 
-    def __init__(self, items: list[FirstPass], config: Config, *, slab: int, rank: int = 0):
+    def __init__(self, items: list[PassEstimate], config: Config, *, slab: int, rank: int = 0):
         if not items:
             raise MedldmError("no first-pass estimates to train a second pass on")
         self.items, self.config, self.slab, self.rank = items, config, slab, rank

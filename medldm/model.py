@@ -48,6 +48,12 @@ class LoadedModel:
     estimator: Estimator | None = None  # the fidelity stage, in models that have one
     error_model: ErrorModel | None = None  # the estimate's error scale (the uncertainty section), if any
     second_pass: Estimator | None = None  # the estimator's second pass (the second_pass section), if any
+    third_pass: Estimator | None = None  # and its third (the third_pass section), if any
+
+    @property
+    def later_passes(self) -> list[Estimator]:
+        """The estimator's later passes, in the order they run (each on the previous pass's consistent estimate)."""
+        return [net for net in (self.second_pass, self.third_pass) if net is not None]
 
     def save(self, out: str | Path, **info) -> Path:
         """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""
@@ -58,6 +64,8 @@ class LoadedModel:
             modules["uncertainty"] = self.error_model
         if self.second_pass is not None:
             modules["second_pass"] = self.second_pass
+        if self.third_pass is not None:
+            modules["third_pass"] = self.third_pass
         return write_model_folder(
             Path(out), config=self.config.model_dump(), info={**self.info, **info}, modules=modules
         )
@@ -113,6 +121,7 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
         ("estimator", build_estimator, config.estimator),
         ("uncertainty", build_error_model, config.uncertainty),
         ("second_pass", build_estimator, config.second_pass),
+        ("third_pass", build_estimator, config.third_pass),
     ):
         if section is not None:
             net = build_with_weights(partial(builder, config), folder / f"{name}.safetensors")
@@ -129,6 +138,7 @@ def load_model(path: str | Path = "default", *, device: str | torch.device = "cp
         optional.get("estimator"),
         optional.get("uncertainty"),
         optional.get("second_pass"),
+        optional.get("third_pass"),
     )
 
 

@@ -297,7 +297,7 @@ class Upscaler:
         # HR-grid float32 volumes alive at once: the sum over stacks, the running mean (and spread), the estimate
         # (and its kept copy), the output in the scan's units; refused now rather than after minutes of work
         copies = 3 + (self.model.estimator is not None) + (self.model.error_model is not None) + keep_estimate
-        copies += self._second_pass(op)
+        copies += bool(self._later_passes(op))
         copies += 2 * (samples > 1)
         check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
         norm, lr, modality, limits = self._normalised(volume)
@@ -388,7 +388,7 @@ class Upscaler:
         """Progress units of the estimate: slice batches (2D estimators) or chunks (3D)."""
         net = cast(Estimator, self.model.estimator)
         if net.spatial_dims == 2:
-            return self._units(hr_shape, op, self.planes) * (1 + self._second_pass(op))
+            return self._units(hr_shape, op, self.planes) * (1 + len(self._later_passes(op)))
         axis, depth = self._chunks_3d(hr_shape, op)
         return -(-hr_shape[axis] // depth)
 
@@ -477,17 +477,17 @@ class Upscaler:
             encoded[key] = torch.cat(latents)
         return encoded[key]
 
-    def _second_pass(self, op) -> bool:
-        """Whether the model's second pass runs: models with one, on thick slices (the task it was trained on; the
-        one kind whose operator degrades a single axis of the volume)."""
-        return self.model.second_pass is not None and len(op.axes) == 1
+    def _later_passes(self, op) -> list[Estimator]:
+        """The model's later passes that run on ``op``: on thick slices (the task they were trained on; the one kind
+        whose operator degrades a single axis of the volume), none on other kinds."""
+        return self.model.later_passes if len(op.axes) == 1 else []
 
     def _estimate(
         self, lr: torch.Tensor, hr_shape, op, label: int, tick, geometry
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The estimator's regression estimate on the HR grid, made consistent with ``lr`` (normalised units), and
-        for models with an error model its predicted Laplace scale (else None). With a second pass (thick slices),
-        the second network refines the first pass's consistent estimate, which is projected again."""
+        for models with an error model its predicted Laplace scale (else None). With later passes (thick slices),
+        each later network refines the previous pass's consistent estimate, which is projected again."""
         net = cast(Estimator, self.model.estimator)  # called for models with an estimator only
         if net.spatial_dims == 3:
             estimate, error_scale = self._estimate_volume_3d(lr, hr_shape, op, label, tick, geometry), None
@@ -497,13 +497,8 @@ class Upscaler:
                 nets, interpolated(lr, hr_shape), hr_shape, op, label, tick, geometry
             )
         estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
-        if self._second_pass(op):
-            first = estimate
-            second = (cast(Estimator, self.model.second_pass), None)
-            estimate, _ = self._estimate_volume(
-                second, lambda axis, lo, hi: first.narrow(axis, lo, hi - lo), hr_shape, op, label, tick, geometry
-            )
-            del first
+        for later in self._later_passes(op):
+            estimate, _ = self._estimate_volume((later, None), planes_of(estimate), hr_shape, op, label, tick, geometry)
             estimate = enforce_consistency(estimate, lr, op, strength=self.consistency)
         return estimate, error_scale
 
@@ -634,6 +629,12 @@ def interpolated(lr: torch.Tensor, hr_shape) -> Callable[[int, int, int], torch.
         return upsample(lr.narrow(axis, lo, hi - lo)[None, None], size)[0, 0]
 
     return block
+
+
+def planes_of(volume: torch.Tensor) -> Callable[[int, int, int], torch.Tensor]:
+    """The source of a later pass (:func:`estimate_planes`): planes ``lo:hi`` across ``axis`` of an earlier pass's
+    estimate on the HR grid."""
+    return lambda axis, lo, hi: volume.narrow(axis, lo, hi - lo)
 
 
 def estimate_planes(

@@ -228,6 +228,13 @@ class SecondPass(_Strict):
     pass's output carries what the other stack of planes saw, so the second pass sees beyond one plane's stack."""
 
 
+class ThirdPass(_Strict):
+    """A third pass (thick slices): a network of the estimator's design, initialised from the trained second pass,
+    that maps the slab of the *two-pass* consistent estimate to the HR plane; inference runs it on both stacks of
+    planes of that estimate and projects again. The second pass is not a fixed point of itself (run twice, it
+    barely helps), so the third pass learns the second pass's own remaining error."""
+
+
 class ModelSpec(_Strict):
     """A model: its name, what it takes (``data``) and its networks."""
 
@@ -238,6 +245,7 @@ class ModelSpec(_Strict):
     estimator: Estimator | None = None  # None: the diffusion model alone, sampling from noise
     uncertainty: Uncertainty | None = None  # the error model, for 2D estimators
     second_pass: SecondPass | None = None  # a second estimator on the first one's estimate, for thick slices
+    third_pass: ThirdPass | None = None  # a third on the second pass's estimate
 
     @model_validator(mode="after")
     def _stages_fit(self):
@@ -245,6 +253,8 @@ class ModelSpec(_Strict):
             raise ValueError("the uncertainty (error model) section needs a 2D estimator section: it models its error")
         if self.second_pass is not None and (self.estimator is None or self.estimator.spatial_dims != 2):
             raise ValueError("the second_pass section needs a 2D estimator section: it is a second pass of it")
+        if self.third_pass is not None and self.second_pass is None:
+            raise ValueError("the third_pass section needs a second_pass section: it starts from its weights")
         if self.estimator is not None and self.data.spatial_dims != 2:
             raise ValueError("the estimator is a 2D (2.5D slab) network: it needs data.spatial_dims 2")
         if self.diffusion.condition == "estimate" and (self.estimator is None or self.data.slab != 1):

@@ -37,6 +37,9 @@ __all__ = [
     "AutoencoderStage",
     "DiffusionStage",
     "EstimatorStage",
+    "PASSES",
+    "SecondPassStage",
+    "ThirdPassStage",
     "TrainingStage",
     "UncertaintyStage",
     "encode_planes",
@@ -46,6 +49,7 @@ __all__ = [
 ]
 
 
+PASSES = ("estimator", "second_pass", "third_pass")  # the estimator's passes, in the order they run
 SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
 
 
@@ -311,21 +315,29 @@ class UncertaintyStage(EstimatorStage):
 class SecondPassStage(EstimatorStage):
     """The estimator's second pass (thick slices): a network of the estimator's design, starting from its trained
     weights, learns to map the slab of the first pass's consistent estimate to the truth, with the estimator's loss.
-    The first pass runs once per training volume, thick-slice task and axis before the first step
-    (medldm.data.first_pass_estimates, cached in the stage's folder)."""
+    The earlier passes run once per training volume, thick-slice task and axis before the first step
+    (medldm.data.pass_estimates, cached in the stage's folder)."""
 
     name = "second_pass"
     stream = 5
 
     def build(self) -> None:
-        torch.manual_seed(self.config.training.seed + 4)
+        torch.manual_seed(self.config.training.seed + self.stream - 1)
         self.model = build_estimator(self.config)
-        self.model.load_state_dict(self.trainer.trained_estimator().state_dict())
+        previous = PASSES[PASSES.index(self.name) - 1]
+        self.model.load_state_dict(self.trainer.trained_pass(previous).state_dict())
         self._ema_and_optimiser()
 
     def _sampler(self):
-        """The first pass's estimates of the training volumes (thick slices)."""
-        return self.trainer.second_pass_sampler()
+        """The earlier passes' estimates of the training volumes (thick slices)."""
+        return self.trainer.later_pass_sampler(self.name)
+
+
+class ThirdPassStage(SecondPassStage):
+    """The third pass: the same, starting from the second pass's weights, on the two-pass consistent estimate."""
+
+    name = "third_pass"
+    stream = 6
 
 
 class DiffusionStage(TrainingStage):

@@ -35,7 +35,7 @@ from medldm.checkpoint import (
 from medldm.choices import StageName
 from medldm.config import Config, parse_config
 from medldm.config import Estimator as EstimatorSection
-from medldm.data import PairSampler, SecondPassSampler, TrainingVolume, first_pass_estimates, load_volumes
+from medldm.data import PairSampler, SecondPassSampler, TrainingVolume, load_volumes, pass_estimates
 from medldm.errors import MedldmError
 from medldm.nets import (
     build_autoencoder,
@@ -47,10 +47,12 @@ from medldm.nets import (
 from medldm.outputs import write_text
 from medldm.scope import measured_scope
 from medldm.stages import (
+    PASSES,
     AutoencoderStage,
     DiffusionStage,
     EstimatorStage,
     SecondPassStage,
+    ThirdPassStage,
     TrainingStage,
     UncertaintyStage,
     step_generator,
@@ -59,6 +61,7 @@ from medldm.stages import (
 __all__ = ["Trainer", "STAGES", "resolve_precision"]
 
 STAGES = tuple(s.value for s in StageName if s is not StageName.all)  # in training order
+ORDINALS = ("first", "second")  # names the cache of the estimate after that many passes
 _noted_no_tensorboard = False  # say once per process that tensorboard is missing
 
 
@@ -149,21 +152,23 @@ class Trainer:
             self._volumes = load_volumes(self.config, self.data_root, cache=self.run_dir / cache if cache else None)
         return PairSampler(self._volumes, self.config, rank=self.rank, slab=slab, spatial_dims=spatial_dims)
 
-    def second_pass_sampler(self) -> SecondPassSampler:
-        """The second pass's training batches, from the finished estimator's consistent estimates of the training
-        volumes (computed once, cached in the stage's folder, with a progress bar)."""
+    def later_pass_sampler(self, stage: str) -> SecondPassSampler:
+        """A later pass's training batches, from the consistent estimates of the training volumes after the
+        finished passes before it. The estimate after the first k passes is computed once (with a progress bar) and
+        cached in the folder of the stage that learns from it, as ORDINALS[k]_pass.h5 (second_pass/first_pass.h5,
+        third_pass/second_pass.h5), so a third pass reuses the second pass's cache."""
         self.pair_sampler()  # loads the training volumes
-        estimator = self.trained_estimator().to(self.acc.device)
-        with _Counting(self, "second_pass: first-pass estimates") as counting:
-            items = first_pass_estimates(
-                cast(list, self._volumes),
-                self.config,
-                estimator,
-                self.stage_dir("second_pass") / "first_pass.h5",
-                progress=counting.update,
-            )
+        nets: list[torch.nn.Module] = []
+        items = None
+        for k, name in enumerate(PASSES[: PASSES.index(stage)]):
+            nets.append(self.trained_pass(name).to(self.acc.device))
+            cache = self.stage_dir(PASSES[k + 1]) / f"{ORDINALS[k]}_pass.h5"
+            with _Counting(self, f"{stage}: {ORDINALS[k]}-pass estimates") as counting:
+                items = pass_estimates(
+                    cast(list, self._volumes), self.config, nets, cache, earlier=items, progress=counting.update
+                )
         return SecondPassSampler(
-            items, self.config, slab=cast(EstimatorSection, self.config.estimator).slab, rank=self.rank
+            cast(list, items), self.config, slab=cast(EstimatorSection, self.config.estimator).slab, rank=self.rank
         )
 
     def stage_dir(self, stage: str) -> Path:
@@ -225,6 +230,7 @@ class Trainer:
             "autoencoder": build_autoencoder,
             "estimator": build_estimator,
             "second_pass": build_estimator,
+            "third_pass": build_estimator,
             "uncertainty": build_error_model,
         }
         for stage, build in networks.items():
@@ -247,8 +253,7 @@ class Trainer:
                     taken[stage] = f"fine-tuned from {folder}'s estimator"
                     continue
             if not same:
-                start = "from the estimator's weights" if stage == "second_pass" else "from scratch"
-                taken[stage] = f"trained {start} (its settings differ from the folder's)"
+                taken[stage] = f"trained {_starting_point(stage)} (its settings differ from the folder's)"
                 continue
             module = build(cfg)
             load_weights(module, folder / f"{stage}.safetensors")
@@ -308,6 +313,9 @@ class Trainer:
     def train_second_pass(self, max_steps: int | None = None) -> Path:
         return self._run_stage(SecondPassStage(self), max_steps)
 
+    def train_third_pass(self, max_steps: int | None = None) -> Path:
+        return self._run_stage(ThirdPassStage(self), max_steps)
+
     def train_uncertainty(self, max_steps: int | None = None) -> Path:
         return self._run_stage(UncertaintyStage(self), max_steps)
 
@@ -362,11 +370,11 @@ class Trainer:
 
     def trained_estimator(self):
         """The estimator stage's EMA weights; the stage must have finished."""
-        return self._trained("estimator", build_estimator(self.config))
+        return self.trained_pass("estimator")
 
-    def trained_second_pass(self):
-        """The second pass stage's EMA weights; the stage must have finished."""
-        return self._trained("second_pass", build_estimator(self.config))
+    def trained_pass(self, stage: str):
+        """The EMA weights of one of the estimator's passes (PASSES); the stage must have finished."""
+        return self._trained(stage, build_estimator(self.config))
 
     def trained_error_model(self):
         """The uncertainty stage's EMA weights; the stage must have finished."""
@@ -393,9 +401,10 @@ class Trainer:
         if self.config.uncertainty is not None:
             info["uncertainty_steps"] = self.finished_step("uncertainty")
             modules["uncertainty"] = self.trained_error_model()
-        if self.config.second_pass is not None:
-            info["second_pass_steps"] = self.finished_step("second_pass")
-            modules["second_pass"] = self.trained_second_pass()
+        for stage in PASSES[1:]:
+            if getattr(self.config, stage) is not None:
+                info[f"{stage}_steps"] = self.finished_step(stage)
+                modules[stage] = self.trained_pass(stage)
         self.pair_sampler()  # loads the training volumes, if no stage did
         info["trained_on"] = measured_scope(self.config, self.data_root, self._volumes)
         if self.config.diffusion.refine is not None:  # refinement models: refine from where they were trained
@@ -406,7 +415,7 @@ class Trainer:
         """Train ``stage`` or all stages in order; with ``all``, a stage stopped early by ``max_steps`` makes the
         later ones wait for a resumed run."""
         # stages with a section of their own run when the config has it, or when asked for (then saying it has not)
-        optional = ("estimator", "second_pass", "uncertainty")
+        optional = (*PASSES, "uncertainty")
         skip = {name for name in optional if getattr(self.config, name) is None and stage != name}
         for name in (s for s in STAGES if s not in skip):
             if stage not in ("all", name):
@@ -414,6 +423,11 @@ class Trainer:
             getattr(self, f"train_{name}")(max_steps)
             if stage == "all" and self.finished_step(name) < getattr(self.config.training, name).steps:
                 return
+
+
+def _starting_point(stage: str) -> str:
+    """Where a stage's training starts: a later pass from the previous pass's weights, the others from scratch."""
+    return f"from the {PASSES[PASSES.index(stage) - 1]}'s weights" if stage in PASSES[1:] else "from scratch"
 
 
 def _bar(label: str, *, info: bool = False):

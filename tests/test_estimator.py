@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from medldm import MedldmError
 from medldm.checkpoint import latest_checkpoint, read_model_folder, write_model_folder
 from medldm.config import parse_config
-from medldm.data import FirstPass, SecondPassSampler, TrainingVolume, first_pass_estimates
+from medldm.data import PassEstimate, SecondPassSampler, TrainingVolume, pass_estimates
 from medldm.degrade import degrade_volume, enforce_consistency, make_operator
 from medldm.model import load_model
 from medldm.nets import build_autoencoder, build_denoiser, build_estimator, build_schedule
@@ -376,9 +376,9 @@ def test_a_config_that_adds_an_error_model_trains_only_that_and_upscale_returns_
 
 
 # ------------------------------------------------------------------------------------------- the second pass
-def _first_pass(volume: np.ndarray, estimate: np.ndarray, axis: int) -> FirstPass:
+def _first_pass(volume: np.ndarray, estimate: np.ndarray, axis: int) -> PassEstimate:
     fg = np.argwhere(volume > 0.05).astype(np.int32)
-    return FirstPass(estimate, volume, 0, axis, TrainingVolume("v", volume, 0, fg))
+    return PassEstimate(estimate, volume, 0, axis, TrainingVolume("v", volume, 0, fg))
 
 
 def test_second_pass_batches_pair_each_estimate_slab_with_the_truth_at_the_same_place(ixi_path):
@@ -424,21 +424,46 @@ def test_a_config_that_adds_a_second_pass_trains_it_from_the_estimator_and_upsca
     )
 
 
-def test_first_pass_estimates_are_cached_and_redone_for_other_estimator_weights(estimator_run, tmp_path, ixi_path):
+def test_a_third_pass_trains_from_the_second_on_its_estimates_and_upscale_runs_both(estimator_run, tmp_path, ixi_path):
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["second_pass"], raw["third_pass"] = {}, {}
+    raw["training"]["second_pass"] = raw["training"]["third_pass"] = {**STAGE, "steps": 2}
+    config, _ = parse_config(raw, check_files=False)
+    t = trainer(config, tiny()[1], tmp_path / "run")
+    taken = t.init_from(estimator_run / "model")
+    assert taken["third_pass"] == "trained from the second_pass's weights (its settings differ from the folder's)"
+    t.run("all")
+    assert (tmp_path / "run" / "third_pass" / "second_pass.h5").is_file()  # the two-pass estimates, cached
+    model = load_model(tmp_path / "run" / "model")
+    assert [net is not None for net in (model.second_pass, model.third_pass)] == [True, True]
+    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    lr, _ = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
+    three = Upscaler(model, device="cpu").upscale(lr, axis="z")
+    two = Upscaler(dataclasses.replace(model, third_pass=None), device="cpu").upscale(lr, axis="z")
+    assert np.abs(three.sr.data - two.sr.data).max() > 0.1 and three.residual < 1e-6
+
+
+def test_pass_estimates_are_cached_and_redone_for_other_estimator_weights(estimator_run, tmp_path, ixi_path):
     model = load_model(estimator_run / "model")
     real = load(ixi_path).to_canonical()
     data = (np.asarray(real.data[:40, :48, :32], np.float32) / np.percentile(real.data, 99.5)).astype(np.float16)
     volume = TrainingVolume("v", data, 0, np.argwhere(data > 0.05).astype(np.int32))
     cache = tmp_path / "first_pass.h5"
-    items = first_pass_estimates([volume], model.config, model.estimator, cache)
+    items = pass_estimates([volume], model.config, [model.estimator], cache)
     assert [(i.task, i.axis) for i in items] == [(0, 0), (0, 1), (0, 2)]  # the thick-slice task along each axis
     op = make_operator("slice-profile", axis=2, scale=4)
     lr = op.forward(torch.from_numpy(data.astype(np.float32)))
     np.testing.assert_allclose(  # what inference returns: consistent with the thick slices
         op.forward(torch.from_numpy(items[2].estimate.astype(np.float32))), lr, atol=2e-3
     )
-    again = first_pass_estimates([volume], model.config, model.estimator, cache)
+    again = pass_estimates([volume], model.config, [model.estimator], cache)
     np.testing.assert_array_equal(again[1].estimate, items[1].estimate)
     other = build_estimator(model.config)  # other weights: the cached estimates no longer hold
-    redone = first_pass_estimates([volume], model.config, other, cache)
+    redone = pass_estimates([volume], model.config, [other], cache)
     assert not np.array_equal(redone[1].estimate, items[1].estimate)
+    # a later pass on the cached estimates gives what running both passes from the interpolation gives
+    chained = pass_estimates([volume], model.config, [model.estimator, other], tmp_path / "two.h5", earlier=items)
+    both = pass_estimates([volume], model.config, [model.estimator, other], tmp_path / "both.h5")
+    for a, b in zip(chained, both, strict=True):
+        np.testing.assert_allclose(a.estimate.astype(np.float32), b.estimate.astype(np.float32), atol=2e-2)
+    assert not np.array_equal(both[1].estimate, redone[1].estimate)  # the first pass's output, not the input
