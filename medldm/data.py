@@ -322,7 +322,7 @@ def pass_estimates(
     codec, device = ConditionCodec(config), next(passes[0].parameters()).device
     tasks = [(i, t) for i, t in enumerate(config.data.tasks) if t.kind == "slice-profile"]
     if not tasks:
-        raise MedldmError("the second pass learns thick slices, but the config has no slice-profile task")
+        raise MedldmError("later passes learn thick slices, but the config has no slice-profile task")
     cache.parent.mkdir(parents=True, exist_ok=True)
     items: list[PassEstimate] = []
     with h5py.File(cache, "a") as h5:
@@ -371,7 +371,7 @@ class SecondPassSampler:
 
     def __init__(self, items: list[PassEstimate], config: Config, *, slab: int, rank: int = 0):
         if not items:
-            raise MedldmError("no first-pass estimates to train a second pass on")
+            raise MedldmError("no earlier estimates to train a later pass on")
         self.items, self.config, self.slab, self.rank = items, config, slab, rank
         self.tasks = config.data.tasks
 
