@@ -34,7 +34,7 @@ __all__ = [
     "random_contrast",
     "PassEstimate",
     "pass_estimates",
-    "SecondPassSampler",
+    "LaterPassSampler",
 ]
 
 FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as foreground
@@ -303,11 +303,10 @@ def pass_estimates(
     """The consistent estimate after ``passes`` (the estimator, then its later passes in order, each on both stacks
     of planes and then projected: what inference returns) of every training volume thickened along each axis by
     each thick-slice task, through an HDF5 ``cache`` kept for resumed runs; a cache made with other weights is
-    rebuilt.
+    rebuilt. Only the last pass runs: on the interpolated input (the estimator alone) or on ``earlier``.
 
     Args:
-        earlier: this function's result for ``passes[:-1]`` (same volumes), whose estimates the last pass then
-            refines instead of running every pass again; None: run them all.
+        earlier: this function's result for ``passes[:-1]`` (same volumes); needed when there are later passes.
         progress: optional callable(done, total) for a progress bar.
     """
     import hashlib
@@ -331,8 +330,8 @@ def pass_estimates(
                 del h5[key]
             h5.attrs["estimator"] = weights.hexdigest()
         todo = [(v, i, t, a) for v in volumes for i, t in tasks for a in range(3)]
-        if earlier is not None and len(earlier) != len(todo):
-            raise MedldmError(f"{len(earlier)} earlier estimates for {len(todo)} volume-task-axis items")
+        if len(passes) > 1 and (earlier is None or len(earlier) != len(todo)):
+            raise MedldmError(f"a later pass needs the earlier passes' estimates of all {len(todo)} items")
         for done, (vol, index, task, axis) in enumerate(todo, 1):
             key = f"{vol.name}/{index}/{axis}"
             if key not in h5:
@@ -341,19 +340,16 @@ def pass_estimates(
                 op = make_operator("slice-profile", axis=axis, scale=task.scale, profile=task.profile)
                 lr = op.forward(hr)
                 label = int(codec.task_label(index, vol.modality))
-                source, run = interpolated(lr, hr.shape), passes
-                if earlier is not None:  # refine the earlier passes' estimate (as float32, as inference would)
-                    previous = torch.from_numpy(earlier[done - 1].estimate.astype(np.float32))
-                    source, run = planes_of(previous), passes[-1:]
-                for net in run:
-                    estimate, _ = estimate_planes(
-                        (net, None), source, hr.shape, [d for d in range(3) if d != axis], label,
-                        geometry_features(task.scale, 1.0), device=device,
-                        per_call=partial(planes_per_call, device=device, multiple=net.multiple),
-                    )  # fmt: skip
-                    estimate = enforce_consistency(estimate, lr, op)
-                    source = planes_of(estimate)
-                h5.create_dataset(key, data=estimate.numpy().astype(np.float16))
+                source = interpolated(lr, hr.shape)
+                if len(passes) > 1:  # refine the earlier passes' estimate (as float32, as inference would)
+                    source = planes_of(torch.from_numpy(cast(list, earlier)[done - 1].estimate.astype(np.float32)))
+                net = passes[-1]
+                estimate, _ = estimate_planes(
+                    (net, None), source, hr.shape, [d for d in range(3) if d != axis], label,
+                    geometry_features(task.scale, 1.0), device=device,
+                    per_call=partial(planes_per_call, device=device, multiple=net.multiple),
+                )  # fmt: skip
+                h5.create_dataset(key, data=enforce_consistency(estimate, lr, op).numpy().astype(np.float16))
                 h5.flush()
             estimate = h5[key][()]
             truth = vol.data[tuple(slice(0, n) for n in estimate.shape)]  # a view: the estimate's whole LR slices
@@ -363,7 +359,7 @@ def pass_estimates(
     return items
 
 
-class SecondPassSampler:
+class LaterPassSampler:
     """Batches for a later pass: a slab of planes of the earlier passes' estimate, across one of the two axes that
     are not thick, and the truth's centre plane, cut to the patch size (zero beyond the volume, as the first
     pass's patches are), mirrored at random; biased towards the foreground like :class:`PairSampler`. A batch is

@@ -35,7 +35,7 @@ from medldm.checkpoint import (
 from medldm.choices import StageName
 from medldm.config import Config, parse_config
 from medldm.config import Estimator as EstimatorSection
-from medldm.data import PairSampler, SecondPassSampler, TrainingVolume, load_volumes, pass_estimates
+from medldm.data import LaterPassSampler, PairSampler, TrainingVolume, load_volumes, pass_estimates
 from medldm.errors import MedldmError
 from medldm.nets import (
     build_autoencoder,
@@ -152,7 +152,7 @@ class Trainer:
             self._volumes = load_volumes(self.config, self.data_root, cache=self.run_dir / cache if cache else None)
         return PairSampler(self._volumes, self.config, rank=self.rank, slab=slab, spatial_dims=spatial_dims)
 
-    def later_pass_sampler(self, stage: str) -> SecondPassSampler:
+    def later_pass_sampler(self, stage: str) -> LaterPassSampler:
         """A later pass's training batches, from the consistent estimates of the training volumes after the
         finished passes before it. The estimate after the first k passes is computed once (with a progress bar) and
         cached in the folder of the stage that learns from it, as ORDINALS[k]_pass.h5 (second_pass/first_pass.h5,
@@ -167,7 +167,7 @@ class Trainer:
                 items = pass_estimates(
                     cast(list, self._volumes), self.config, nets, cache, earlier=items, progress=counting.update
                 )
-        return SecondPassSampler(
+        return LaterPassSampler(
             cast(list, items), self.config, slab=cast(EstimatorSection, self.config.estimator).slab, rank=self.rank
         )
 
