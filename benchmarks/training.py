@@ -63,13 +63,15 @@ def worker(variant: str, warmup: int, steps: int) -> None:
 
 
 def main(quick: bool, out: Path) -> dict:
-    from medldm.train import cpu_has_native_bf16
+    import torch
+
+    from medldm.nets import native_bf16
 
     variants = ["fp32", "bf16"] if quick else list(VARIANTS)
     results = []
     for v in variants:
         # emulated bf16 is far slower on CPUs without native support: fewer steps keep the run short
-        slow = v == "bf16" and not cpu_has_native_bf16()
+        slow = v == "bf16" and not native_bf16(torch.device("cpu"))
         warmup, steps = (3, 4) if slow else (3, 10) if quick else (5, 30)
         results.append(run_worker("training", v, warmup, steps))
     base = results[0]

@@ -155,7 +155,7 @@ def worker(pipeline: str, planes: int, device: str, bf16: bool) -> None:
 def main(quick: bool, out: Path) -> dict:
     import torch
 
-    from medldm.train import cpu_has_native_bf16
+    from medldm.nets import native_bf16
 
     planes = 2 if quick else 6
     devices = [("cpu", False)] + ([("cuda", False), ("cuda", True)] if torch.cuda.is_available() else [])
@@ -187,7 +187,7 @@ def main(quick: bool, out: Path) -> dict:
             add(entry["medldm_ddpm"], device, False)
         add(ours, device, bf16)
         rows.append(["speed ratio", device, "reference / medldm", ratio, "", "", "", "", ""])
-        if device == "cpu" and cpu_has_native_bf16():  # bf16 autocast where the CPU has it natively
+        if device == "cpu" and native_bf16(torch.device("cpu")):  # bf16 autocast where the CPU has it natively
             entry["medldm_bf16"] = run_worker("upscale_reference", "medldm", planes, device, 1)
             add(entry["medldm_bf16"], device, True)
         results.append(entry)

@@ -506,7 +506,15 @@ PlaneStacks = Annotated[
 ]
 RefinePlanes = Annotated[Planes | None, typer.Option(help=REFINE_PLANES_HELP)]
 BatchSize = Annotated[int, typer.Option(min=1, help="slices or patches per network call")]
-Bf16 = Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")]
+Bf16 = Annotated[
+    bool | None,
+    typer.Option(
+        "--bf16/--float32",
+        help="bfloat16 autocast for every network, or none (default: the diffusion refinement only, where the "
+        "device runs bf16 natively; the estimate stays float32)",
+        show_default=False,
+    ),
+]
 ChannelsLast = Annotated[
     bool,
     typer.Option(
@@ -556,7 +564,7 @@ def upscale(
     planes: PlaneStacks = None,
     refine_planes: RefinePlanes = None,
     batch_size: BatchSize = 16,
-    bf16: Bf16 = False,
+    bf16: Bf16 = None,
     channels_last: ChannelsLast = True,
     preview: Preview = None,
     window: CtWindow = None,

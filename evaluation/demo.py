@@ -97,8 +97,11 @@ def _upscale_with_uncertainty(lr, paths: dict, console):
         spread = sampler.upscale(
             lr, axis="z", scale=4, samples=2, seed=0, progress=lambda d, t: bar.update(task, completed=d, total=t)
         )
-    estimate_alone = upscaler.model.estimator is not None and upscaler.refine == 0
-    how = "the regression estimate" if estimate_alone else f"{upscaler.steps} {upscaler.sampler} step(s)"
+    how = f"{upscaler.steps} {upscaler.sampler} step(s) from noise"
+    if upscaler.model.estimator is not None:
+        how = "the regression estimate" + (
+            f", refined by {upscaler.steps} diffusion step(s) from {upscaler.refine:g}" if upscaler.refine else ""
+        )
     console.print(
         f"upscaled in {took:.0f} s ({how}, planes {upscaler.planes}); consistency residual "
         f"{100 * result.residual:.4f}% of the intensity range; "

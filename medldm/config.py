@@ -120,6 +120,7 @@ class Training(_Strict):
 _LATER_OPTIONS: tuple[tuple[str, str, object], ...] = (
     ("diffusion", "condition", "lr"),
     ("diffusion", "refine", None),
+    ("diffusion", "final_estimate_share", 0.0),
     ("data", "contrasts", None),
     ("data", "region", None),
     ("data", "contrast_augmentation", 0),

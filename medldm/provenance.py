@@ -108,11 +108,13 @@ def upscale_record(
         "refine": upscaler.refine,
         "sampler": upscaler.sampler,
         "planes": upscaler.planes,
+        "refine_planes": upscaler.refine_planes,
         "samples": result.sr.meta["upscale"]["samples"],
         "seed": result.sr.meta["upscale"]["seed"],
         "consistency": upscaler.consistency,
         "condition_level": upscaler.condition_level,
         "bf16": upscaler.bf16,
+        "diffusion_bf16": upscaler.diffusion_bf16,
         "batch_size": upscaler.batch_size,
     }
     if model.estimator is not None and upscaler.refine == 0:

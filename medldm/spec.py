@@ -165,6 +165,10 @@ class Diffusion(_Strict):
     # None: trained on the whole schedule (sampling may start from pure noise). R: trained only on the timesteps up
     # to R of the schedule, the ones a refinement from the estimate at refine <= R meets (and R is its default)
     refine: float | None = Field(None, gt=0, lt=1)
+    # refinement models: the share of training steps whose condition is the consistent estimate after all of the
+    # estimator's passes (what upscale refines; thick slices, computed once and cached), instead of the first
+    # pass's raw estimate of the patch (every task)
+    final_estimate_share: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _levels_match(self):
@@ -264,4 +268,11 @@ class ModelSpec(_Strict):
             )
         if self.diffusion.refine is not None and self.estimator is None:
             raise ValueError("diffusion.refine needs an estimator section (it refines the estimate)")
+        if self.diffusion.final_estimate_share > 0 and (
+            self.diffusion.condition != "estimate" or all(t.kind != "slice-profile" for t in self.data.tasks)
+        ):
+            raise ValueError(
+                "diffusion.final_estimate_share needs diffusion.condition 'estimate' and a slice-profile task "
+                "(the final estimates are those of thick slices)"
+            )
         return self

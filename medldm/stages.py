@@ -368,6 +368,8 @@ class DiffusionStage(TrainingStage):
         # refining needs an estimator section (the Config checks it)
         self.pairs = t.pair_sampler(slab=cast(EstimatorSection, cfg.estimator).slab if refining else None)
         self.estimator = t.trained_estimator().to(self.acc.device) if refining else None
+        # refinement on what upscale refines: the final consistent estimates of thick slices, on a share of steps
+        self.finals: Any = t.later_pass_sampler(self.name, slab=1) if cfg.diffusion.final_estimate_share > 0 else None
         scale = state.get("latent_scale", self.init.get("latent_scale"))
         if scale is None:
             with self.acc.autocast():
@@ -390,12 +392,14 @@ class DiffusionStage(TrainingStage):
 
     def step(self, step: int) -> dict:
         st, device, codec, t_layout = self.schedule, self.acc.device, self.codec, self.trainer._in_model_layout
-        batch = self.pairs.batch(step, st.batch_size, self.pairs.patch_size(step, st.progressive))
+        final = self._on_final_estimate(step)
+        sampler = self.finals if final else self.pairs
+        batch = sampler.batch(step, st.batch_size, sampler.patch_size(step, st.progressive))
         g = step_generator(self.config.training.seed, step, self.trainer.rank, 1)
         n = st.batch_size
         t = torch.randint(0, self.t_stop, (n,), generator=g)
         level = torch.randint(0, codec.levels, (n,), generator=g)
-        z0, cond = self._latents(batch)
+        z0, cond = self._latents(batch, estimated=final)
         noise = torch.randn(z0.shape, generator=g).to(device)
         cond_noise = torch.randn(cond.shape, generator=g).to(device)
         t, level = t.to(device), level.to(device)
@@ -411,14 +415,20 @@ class DiffusionStage(TrainingStage):
         self._update(loss)
         return {"loss": loss.item()}
 
-    def _latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _on_final_estimate(self, step: int) -> bool:
+        """Whether step ``step`` draws from the final estimates: evenly spread, final_estimate_share of the steps."""
+        share = self.config.diffusion.final_estimate_share
+        return self.finals is not None and math.floor((step + 1) * share) > math.floor(step * share)
+
+    def _latents(self, batch: dict, *, estimated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The scaled latents of the HR patches, and of their conditions (the interpolated LR planes, or for
-        refinement models the estimator's estimate, as upscale does)."""
+        refinement models the estimator's estimate, as upscale does; ``estimated``: the batch's "lr" already is
+        the estimate)."""
         device = self.acc.device
         with torch.no_grad(), self.acc.autocast():
             z0 = self.ae.encode(batch["hr"].to(device)).float() * self.scale
             lr = batch["lr"].to(device)
-            if self.estimator is not None:
+            if self.estimator is not None and not estimated:
                 task = self.codec.task_label(batch["task"], batch["modality"]).to(device)
                 geometry = batch["geometry"].to(device)
                 lr = self.estimator(self.trainer._in_model_layout(lr), task, geometry).float()

@@ -43,6 +43,7 @@ from medldm.nets import (
     build_error_model,
     build_estimator,
     channels_last_format,
+    native_bf16,
 )
 from medldm.outputs import write_text
 from medldm.scope import measured_scope
@@ -61,23 +62,15 @@ from medldm.stages import (
 __all__ = ["Trainer", "STAGES", "resolve_precision"]
 
 STAGES = tuple(s.value for s in StageName if s is not StageName.all)  # in training order
-ORDINALS = ("first", "second")  # names the cache of the estimate after that many passes
+ORDINALS = ("first", "second", "third")  # names the cache of the estimate after that many passes
 _noted_no_tensorboard = False  # say once per process that tensorboard is missing
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(setting: str) -> str:
     """The accelerate mixed-precision mode for a config setting ("auto" picks bf16 only where it is fast)."""
     if setting != "auto":
         return setting
-    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
+    return "bf16" if torch.cuda.is_available() or native_bf16(torch.device("cpu")) else "no"
 
 
 def _tensorboard(folder: Path, *, purge_step: int | None):
@@ -152,24 +145,29 @@ class Trainer:
             self._volumes = load_volumes(self.config, self.data_root, cache=self.run_dir / cache if cache else None)
         return PairSampler(self._volumes, self.config, rank=self.rank, slab=slab, spatial_dims=spatial_dims)
 
-    def later_pass_sampler(self, stage: str) -> LaterPassSampler:
-        """A later pass's training batches, from the consistent estimates of the training volumes after the
-        finished passes before it. The estimate after the first k passes is computed once (with a progress bar) and
-        cached in the folder of the stage that learns from it, as ORDINALS[k]_pass.h5 (second_pass/first_pass.h5,
-        third_pass/second_pass.h5), so a third pass reuses the second pass's cache."""
+    def later_pass_sampler(self, stage: str, *, slab: int | None = None) -> LaterPassSampler:
+        """Training batches from the consistent estimates of the training volumes after the finished passes before
+        ``stage``: the earlier passes for a later pass; all the config's passes for the diffusion stage (a
+        refinement denoiser learning what upscale gives it). The estimate after the first k passes is computed once
+        (with a progress bar) and cached as ORDINALS[k]_pass.h5 in the folder of the first stage that learns from
+        it (second_pass/first_pass.h5, third_pass/second_pass.h5, or diffusion/...), so later stages reuse it.
+        ``slab``: planes per input (default: the estimator's slab)."""
         self.pair_sampler()  # loads the training volumes
+        before = [p for p in PASSES if getattr(self.config, p) is not None]
+        if stage in PASSES:
+            before = list(PASSES[: PASSES.index(stage)])
         nets: list[torch.nn.Module] = []
         items = None
-        for k, name in enumerate(PASSES[: PASSES.index(stage)]):
+        for k, name in enumerate(before):
             nets.append(self.trained_pass(name).to(self.acc.device))
-            cache = self.stage_dir(PASSES[k + 1]) / f"{ORDINALS[k]}_pass.h5"
+            learner = PASSES[k + 1] if k + 1 < len(before) else stage
+            cache = self.stage_dir(learner) / f"{ORDINALS[k]}_pass.h5"
             with _Counting(self, f"{stage}: {ORDINALS[k]}-pass estimates") as counting:
                 items = pass_estimates(
                     cast(list, self._volumes), self.config, nets, cache, earlier=items, progress=counting.update
                 )
-        return LaterPassSampler(
-            cast(list, items), self.config, slab=cast(EstimatorSection, self.config.estimator).slab, rank=self.rank
-        )
+        slab = cast(EstimatorSection, self.config.estimator).slab if slab is None else slab
+        return LaterPassSampler(cast(list, items), self.config, slab=slab, rank=self.rank)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage

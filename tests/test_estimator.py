@@ -59,6 +59,26 @@ def test_refine_zero_gives_the_consistent_estimate_and_refining_adds_detail(esti
     np.testing.assert_array_equal(again.sr.data, refined.sr.data)
 
 
+def test_by_default_only_the_refinement_runs_in_bf16_and_only_where_native(estimator_run, ixi_path, monkeypatch):
+    import medldm.pipeline
+
+    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    lr, _ = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
+    loaded = load_model(estimator_run / "model")
+    monkeypatch.setattr(medldm.pipeline, "native_bf16", lambda device: True)
+    default = Upscaler(loaded, device="cpu", steps=2, refine=0.3)
+    assert (default.bf16, default.diffusion_bf16) == (False, True)
+    mixed = default.upscale(lr, axis="z", seed=1, keep_estimate=True)
+    fp32 = Upscaler(loaded, device="cpu", steps=2, refine=0.3, bf16=False).upscale(
+        lr, axis="z", seed=1, keep_estimate=True
+    )
+    np.testing.assert_array_equal(mixed.estimate.data, fp32.estimate.data)  # the estimate stays float32
+    rounding = np.abs(mixed.sr.data - fp32.sr.data).mean()
+    assert 0 < rounding < 0.1 * np.abs(fp32.sr.data - fp32.estimate.data).mean()  # small beside the detail
+    monkeypatch.setattr(medldm.pipeline, "native_bf16", lambda device: False)  # emulated bf16 is slow: float32
+    assert not Upscaler(loaded, device="cpu", refine=0.3).diffusion_bf16
+
+
 def test_an_untrained_estimator_reproduces_linear_interpolation_made_consistent(tmp_path, ixi_path):
     config, _ = tiny_with_estimator()
     modules = {
@@ -470,3 +490,34 @@ def test_pass_estimates_are_cached_and_redone_for_other_estimator_weights(estima
     assert not np.array_equal(chained[2].estimate, redone[2].estimate)  # the first pass's output, not the input
     with pytest.raises(MedldmError, match="earlier passes' estimates"):
         pass_estimates([volume], model.config, [model.estimator, other], tmp_path / "three.h5")
+
+
+def test_a_refinement_denoiser_learns_on_the_final_estimates_on_its_share_of_steps(
+    estimator_run, tmp_path, monkeypatch
+):
+    from medldm.stages import DiffusionStage
+
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["second_pass"] = {}
+    raw["training"]["second_pass"] = {**STAGE, "steps": 2}
+    raw["diffusion"].update(condition="estimate", refine=0.3, final_estimate_share=0.5)
+    config, _ = parse_config(raw, check_files=False)
+    t = trainer(config, tiny()[1], tmp_path / "run")
+    assert t.init_from(estimator_run / "model")["diffusion"].startswith("fine-tuned from")
+    drawn: list[tuple[int, bool]] = []  # (planes per input, condition already the estimate) of each diffusion batch
+    original = DiffusionStage._latents
+
+    def latents(self, batch, *, estimated=False):
+        drawn.append((batch["lr"].shape[1], estimated))
+        return original(self, batch, estimated=estimated)
+
+    monkeypatch.setattr(DiffusionStage, "_latents", latents)
+    t.run("all")
+    # steps 0-3: every other one on the cached two-pass estimates (one plane: the condition itself), the others on
+    # the estimator's slab of LR planes, as before
+    assert drawn == [(3, False), (1, True), (3, False), (1, True)]
+    assert (tmp_path / "run" / "diffusion" / "second_pass.h5").is_file()  # the two passes' estimates, cached
+    assert (tmp_path / "run" / "second_pass" / "first_pass.h5").is_file()  # shared with the second pass's stage
+    with pytest.raises(MedldmError, match="final_estimate_share needs"):
+        raw["diffusion"]["condition"] = "lr"
+        parse_config(raw, check_files=False)
