@@ -133,8 +133,8 @@ class Upscaler:
         bf16: bfloat16 autocast: True for every network, False for none. None (the default): only the diffusion
             refinement's networks (the autoencoder and denoiser, when they refine an estimate), and only where the
             device runs bf16 natively; the estimate, which sets the fidelity, stays float32. The refinement
-            returns a detail added to the estimate, so its rounding is small beside the detail; in bf16 it runs
-            about 1.5x faster on the CPU measured (docs/model_card.md).
+            returns a detail added to the estimate, so its rounding is small beside the detail; in bf16 it ran
+            1.9x faster on the 2-core CPU measured (the whole default upscale 1.4x; docs/performance.md).
         planes: 2D models and thick slices: "one" samples the stack of planes across the shorter free axis;
             "both" also samples the other stack of planes containing the upscaled axis, with its own noise, and
             averages the two (twice the time; their errors are less correlated than two samples of one stack).
