@@ -78,6 +78,7 @@ def _upscale_with_uncertainty(lr, paths: dict, console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from medldm.pipeline import Upscaler
+    from medldm.provenance import sampling_summary
     from medldm.volume import Volume, save_nifti
 
     upscaler = Upscaler("default", device="auto")
@@ -97,13 +98,8 @@ def _upscale_with_uncertainty(lr, paths: dict, console):
         spread = sampler.upscale(
             lr, axis="z", scale=4, samples=2, seed=0, progress=lambda d, t: bar.update(task, completed=d, total=t)
         )
-    how = f"{upscaler.steps} {upscaler.sampler} step(s) from noise"
-    if upscaler.model.estimator is not None:
-        how = "the regression estimate" + (
-            f", refined by {upscaler.steps} diffusion step(s) from {upscaler.refine:g}" if upscaler.refine else ""
-        )
     console.print(
-        f"upscaled in {took:.0f} s ({how}, planes {upscaler.planes}); consistency residual "
+        f"upscaled in {took:.0f} s ({sampling_summary(upscaler)}, planes {upscaler.planes}); consistency residual "
         f"{100 * result.residual:.4f}% of the intensity range; "
         f"uncertainty from 2 posterior samples at 8 steps in {time.perf_counter() - tic - took:.0f} s"
     )

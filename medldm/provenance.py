@@ -20,6 +20,7 @@ from medldm import __version__
 from medldm.outputs import NIFTI_SUFFIXES, strip_suffix, write_text
 
 __all__ = [
+    "sampling_summary",
     "sidecar_path",
     "input_digest",
     "model_digest",
@@ -89,6 +90,15 @@ def _geometry(volume) -> dict:
     }
 
 
+def sampling_summary(upscaler) -> str:
+    """How an Upscaler makes its output, in words (provenance records, the demo)."""
+    if upscaler.model.estimator is not None and upscaler.refine == 0:
+        return "its regression estimate (no diffusion refinement)"
+    if upscaler.model.estimator is not None:
+        return f"its regression estimate refined by {upscaler.steps} diffusion step(s) from {upscaler.refine:g}"
+    return f"{upscaler.steps} diffusion sampler step(s) from noise"
+
+
 def upscale_record(
     *,
     source: str | os.PathLike,
@@ -117,12 +127,7 @@ def upscale_record(
         "diffusion_bf16": upscaler.diffusion_bf16,
         "batch_size": upscaler.batch_size,
     }
-    if model.estimator is not None and upscaler.refine == 0:
-        how = "its regression estimate (no diffusion refinement)"
-    elif model.estimator is not None:
-        how = f"its regression estimate refined by {upscaler.steps} diffusion step(s) from {upscaler.refine:g}"
-    else:
-        how = f"{upscaler.steps} diffusion sampler step(s) from noise"
+    how = sampling_summary(upscaler)
     description = (
         f"Super-resolved by medldm {__version__}: {task.kind} x{task.scale} along voxel axis {result.axis}, "
         f"model {model.config.name} ({model_digest(model.path)[:12]}), {how}, made consistent with the "

@@ -153,9 +153,10 @@ class Trainer:
         it (second_pass/first_pass.h5, third_pass/second_pass.h5, or diffusion/...), so later stages reuse it.
         ``slab``: planes per input (default: the estimator's slab)."""
         self.pair_sampler()  # loads the training volumes
-        before = [p for p in PASSES if getattr(self.config, p) is not None]
         if stage in PASSES:
             before = list(PASSES[: PASSES.index(stage)])
+        else:  # the diffusion stage: after every pass the config has
+            before = [p for p in PASSES if getattr(self.config, p) is not None]
         nets: list[torch.nn.Module] = []
         items = None
         for k, name in enumerate(before):
