@@ -60,6 +60,8 @@ class TrainingScope:
     contrasts: tuple[str, ...] | None = None  # None: not recorded
     region: str | None = None
     factors: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per degradation kind
+    # per kind, the factor ranges its tasks drew from (scale_range); a factor inside one counts as seen
+    factor_ranges: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
     thickness: tuple[float, float] = (1.0, 1.0)  # slice thickness / spacing, min and max
     spacing_mm: tuple[float, float] | None = None  # voxel spacings of the training volumes, min and max
     foreground_mean: tuple[float, float] | None = None  # scan_statistics over the training volumes, min and max
@@ -68,12 +70,20 @@ class TrainingScope:
     def of(cls, config, info: dict) -> TrainingScope:
         """The scope recorded in ``model.json`` (``info``), completed from the config for older models."""
         factors: dict[str, list[float]] = {}
+        ranges: dict[str, list[tuple[float, float]]] = {}
+        thickness = [1.0, 1.0]
         for task in config.data.tasks:
             factors.setdefault(task.kind, []).append(task.scale)
+            if task.scale_range is not None:
+                ranges.setdefault(task.kind, []).append(tuple(task.scale_range))
+            if task.thickness_range is not None:
+                thickness = [min(thickness[0], task.thickness_range[0]), max(thickness[1], task.thickness_range[1])]
         derived: dict[str, Any] = {
             # a training config's sources say it; a bare model spec has none
             "modalities": tuple(sorted({s.modality for s in getattr(config.data, "sources", ())})) or ("MR",),
             "factors": {k: tuple(sorted(v)) for k, v in factors.items()},
+            "factor_ranges": {k: tuple(sorted(v)) for k, v in ranges.items()},
+            "thickness": tuple(thickness),
         }
         derived["contrasts"] = tuple(config.data.contrasts) if config.data.contrasts else None
         derived["region"] = config.data.region
@@ -83,6 +93,7 @@ class TrainingScope:
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         values["factors"] = {k: tuple(v) for k, v in values["factors"].items()}
+        values["factor_ranges"] = {k: tuple(tuple(r) for r in v) for k, v in values["factor_ranges"].items()}
         return cls(**values)
 
     def to_json(self) -> dict:
@@ -100,9 +111,10 @@ class TrainingScope:
         )
         if modality == "MR" and self.contrasts and contrast and contrast not in self.contrasts:
             out.append(f"its name says {contrast}; the model was trained on {'/'.join(self.contrasts)}")
-        trained = self.factors.get(plan.task.kind, ())
-        if trained and not any(abs(plan.scale - f) < 1e-6 for f in trained):
-            listed = ", ".join(f"x{f:g}" for f in trained)
+        trained, ranges = self.factors.get(plan.task.kind, ()), self.factor_ranges.get(plan.task.kind, ())
+        known = any(abs(plan.scale - f) < 1e-6 for f in trained) or any(lo <= plan.scale <= hi for lo, hi in ranges)
+        if trained and not known:
+            listed = ", ".join([f"x{f:g}" for f in trained] + [f"x{lo:g}-{hi:g}" for lo, hi in ranges])
             where = "between" if min(trained) < plan.scale < max(trained) else "outside"
             out.append(
                 f"factor x{plan.scale:.3g} lies {where} the trained factors ({listed}); the networks are told "

@@ -255,7 +255,12 @@ class Trainer:
                 taken[stage] = f"trained {_starting_point(stage)} (its settings differ from the folder's)"
                 continue
             module = build(cfg)
-            load_weights(module, folder / f"{stage}.safetensors")
+            if stage in PASSES[1:] and _told_geometry(cfg) and not _told_geometry(old):
+                # a later pass shares the estimator's design, so it is told the geometry now too; that part starts
+                # at zero, so the taken pass still computes what the folder's did
+                load_partial_weights(module, folder / f"{stage}.safetensors", new="geometry.")
+            else:
+                load_weights(module, folder / f"{stage}.safetensors")
             self._take_as_finished(stage, module, folder)
             taken[stage] = f"taken as finished from {folder}"
             finished.add(stage)
@@ -422,6 +427,10 @@ class Trainer:
             getattr(self, f"train_{name}")(max_steps)
             if stage == "all" and self.finished_step(name) < getattr(self.config.training, name).steps:
                 return
+
+
+def _told_geometry(config: Config) -> bool:
+    return config.estimator is not None and config.estimator.geometry
 
 
 def _starting_point(stage: str) -> str:

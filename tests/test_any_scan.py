@@ -3,6 +3,8 @@ Hounsfield units, and warnings when a scan lies outside what the model was train
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -180,6 +182,23 @@ def test_scope_of_an_older_model_comes_from_its_config(default_upscaler):
     scope = TrainingScope.of(default_upscaler.model.config, {})
     assert scope.modalities == ("MR",) and scope.factors["slice-profile"] == (2, 4)
     assert scope.spacing_mm is None
+
+
+def test_a_model_trained_on_a_range_of_factors_and_thicknesses_does_not_warn_inside_it(default_upscaler, ixi_path):
+    """configs/brain_mri_any_factor_long.yaml's tasks draw factors from ranges: x5.5 with gaps lies inside them."""
+    from medldm.config import load_config
+
+    config, _ = load_config(Path(__file__).parents[1] / "configs" / "brain_mri_any_factor_long.yaml", check_files=False)
+    scope = TrainingScope.of(config, {})
+    assert scope.factor_ranges == {"slice-profile": ((1.5, 3.0), (3.0, 8.0))} and scope.thickness == (0.5, 1.5)
+    lr, _ = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=5.5, thickness=0.75)
+    axis = default_upscaler.plan(lr, axis="z", scale=5.5).axis
+    plan = default_upscaler.plan(lr, axis="z", scale=5.5, thickness=0.75 * lr.spacing[axis])
+    assert plan.thickness == pytest.approx(0.75)
+    assert scope.warnings(lr, plan) == []
+    lr, _ = degrade_volume(load(ixi_path), kind="slice-profile", axis="z", scale=8.5)
+    far = scope.warnings(lr, default_upscaler.plan(lr, axis="z", scale=8.5))
+    assert len(far) == 1 and "outside the trained factors (x2, x4, x1.5-3, x3-8)" in far[0]
 
 
 def test_contrast_hints_from_names():

@@ -444,6 +444,30 @@ def test_a_config_that_adds_a_second_pass_trains_it_from_the_estimator_and_upsca
     )
 
 
+def test_telling_a_two_pass_model_the_geometry_fine_tunes_its_estimator_and_keeps_its_second_pass(
+    estimator_run, tmp_path
+):
+    """An any-factor fine-tune (estimator.geometry) of a two-pass model: the second pass shares the estimator's
+    design, so it is told the geometry too, through a part that starts at zero: taken as it is, it must compute
+    what the folder's second pass did, whatever factor it is told."""
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["second_pass"] = {}
+    raw["training"]["second_pass"] = {**STAGE, "steps": 2}
+    two = trainer(parse_config(raw, check_files=False)[0], tiny()[1], tmp_path / "two")
+    two.init_from(estimator_run / "model")
+    two.run("all")
+    folder = tmp_path / "two" / "model"
+    raw["estimator"] = {**raw["estimator"], "geometry": True}
+    t = trainer(parse_config(raw, check_files=False)[0], tiny()[1], tmp_path / "run")
+    taken = t.init_from(folder)
+    assert taken["estimator"] == f"fine-tuned from {folder}'s estimator"
+    assert taken["second_pass"] == f"taken as finished from {folder}"
+    told, before = t.trained_pass("second_pass"), load_model(folder).second_pass
+    assert told.geometry is not None and before.geometry is None
+    x, label = torch.rand(2, told.slab, 32, 32), torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(told(x, label, geometry_features([5.5, 2.5], [1.0, 0.75])), before(x, label))
+
+
 def test_a_third_pass_trains_from_the_second_on_its_estimates_and_upscale_runs_both(estimator_run, tmp_path, ixi_path):
     raw, _ = read_model_folder(estimator_run / "model")
     raw["second_pass"], raw["third_pass"] = {}, {}
