@@ -255,12 +255,8 @@ class Trainer:
                 taken[stage] = f"trained {_starting_point(stage)} (its settings differ from the folder's)"
                 continue
             module = build(cfg)
-            if stage in PASSES[1:] and _told_geometry(cfg) and not _told_geometry(old):
-                # a later pass shares the estimator's design, so it is told the geometry now too; that part starts
-                # at zero, so the taken pass still computes what the folder's did
-                load_partial_weights(module, folder / f"{stage}.safetensors", new="geometry.")
-            else:
-                load_weights(module, folder / f"{stage}.safetensors")
+            told = _told_geometry(cfg) and not _told_geometry(old)
+            _load_taken(stage, module, folder / f"{stage}.safetensors", told=told)
             self._take_as_finished(stage, module, folder)
             taken[stage] = f"taken as finished from {folder}"
             finished.add(stage)
@@ -427,6 +423,16 @@ class Trainer:
             getattr(self, f"train_{name}")(max_steps)
             if stage == "all" and self.finished_step(name) < getattr(self.config.training, name).steps:
                 return
+
+
+def _load_taken(stage: str, module: torch.nn.Module, path: Path, *, told: bool) -> None:
+    """The folder's weights for a stage taken as finished. A later pass shares the estimator's design, so when only
+    this config's estimator is ``told`` the geometry, the pass is told it too; that part starts at zero, so the
+    taken pass still computes what the folder's did."""
+    if stage in PASSES[1:] and told:
+        load_partial_weights(module, path, new="geometry.")
+    else:
+        load_weights(module, path)
 
 
 def _told_geometry(config: Config) -> bool:
