@@ -219,7 +219,9 @@ class Trainer:
         (the folder's weights become its last checkpoint); a denoiser of the same shape starts the diffusion stage
         from the folder's weights and latent scale, or is taken as finished too when its data, settings and steps
         are the folder's and it sits on the folder's own autoencoder and estimator (so a config that only adds a
-        stage trains just that one). Returns what happened to each stage, for the log."""
+        stage trains just that one). A taken network of the estimator's design (a later pass, the error model) that
+        this config tells the geometry, and the folder's did not, gets that part at zero: it computes what the
+        folder's did. Returns what happened to each stage, for the log."""
         folder = Path(folder)
         raw, info = read_model_folder(folder)
         old, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
@@ -255,8 +257,8 @@ class Trainer:
                 taken[stage] = f"trained {_starting_point(stage)} (its settings differ from the folder's)"
                 continue
             module = build(cfg)
-            told = _told_geometry(cfg) and not _told_geometry(old)
-            _load_taken(stage, module, folder / f"{stage}.safetensors", told=told)
+            # told the geometry as this config's estimator is, it may have a part the folder lacks: zero at first
+            load_partial_weights(module, folder / f"{stage}.safetensors", new="geometry.")
             self._take_as_finished(stage, module, folder)
             taken[stage] = f"taken as finished from {folder}"
             finished.add(stage)
@@ -423,20 +425,6 @@ class Trainer:
             getattr(self, f"train_{name}")(max_steps)
             if stage == "all" and self.finished_step(name) < getattr(self.config.training, name).steps:
                 return
-
-
-def _load_taken(stage: str, module: torch.nn.Module, path: Path, *, told: bool) -> None:
-    """The folder's weights for a stage taken as finished. A later pass shares the estimator's design, so when only
-    this config's estimator is ``told`` the geometry, the pass is told it too; that part starts at zero, so the
-    taken pass still computes what the folder's did."""
-    if stage in PASSES[1:] and told:
-        load_partial_weights(module, path, new="geometry.")
-    else:
-        load_weights(module, path)
-
-
-def _told_geometry(config: Config) -> bool:
-    return config.estimator is not None and config.estimator.geometry
 
 
 def _starting_point(stage: str) -> str:
