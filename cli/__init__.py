@@ -464,9 +464,10 @@ Adapt = Annotated[
         "--adapt", help="first fine-tune the model's estimator on the scan's own slices (self-supervised; thick slices)"
     ),
 ]
-AdaptSteps = Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps")]
+AdaptSteps = Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps per estimator pass")]
 AdaptMinutes = Annotated[
-    float | None, typer.Option(min=0.05, help="--adapt: at most this many minutes (default: 200 steps within 4)")
+    float | None,
+    typer.Option(min=0.05, help="--adapt: at most this many minutes in all (default: 200 steps per pass within 4)"),
 ]
 SaveAdapted = Annotated[Path | None, typer.Option(help="--adapt: also write the adapted model folder here")]
 Axis = Annotated[str, typer.Option(help=AXIS_HELP)]

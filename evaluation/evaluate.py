@@ -480,8 +480,8 @@ def _model_protocol(model, sampling: dict, adapt: dict | None) -> dict[str, str]
     how += "data consistency on"
     if adapt:
         how += (
-            "; adapted to each degraded scan first (medldm.adapt: the estimator fine-tuned "
-            f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps and "
-            f"{adapt['minutes'] or 'no limit in'} minutes; 'unadapted' is the same model without it)"
+            "; adapted to each degraded scan first (medldm.adapt: the estimator, then each later pass, fine-tuned "
+            f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps each and "
+            f"{adapt['minutes'] or 'no limit in'} minutes in all; 'unadapted' is the same model without it)"
         )
     return {"model": described, "sampling": how}

@@ -40,8 +40,9 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class AdaptSettings:
-    """--adapt: fine-tune the estimator on each scan first (medldm.adapt), within these bounds (neither given: the
-    tuned step count, capped at the default minutes), and write the adapted model folder to ``save``."""
+    """--adapt: fine-tune the estimator passes on each scan first (medldm.adapt), within these bounds (neither
+    given: the tuned step count per pass, capped at the default minutes in all), and write the adapted model folder
+    to ``save``."""
 
     steps: int | None = None
     minutes: float | None = None
@@ -169,7 +170,7 @@ def upscale_to_files(upscaler, volume: Volume, source: Path, target: Path, reque
 
 
 def _adapted(upscaler, volume: Volume, plan, source: Path, request: Request, listener: Listener):
-    """An Upscaler with the same settings whose model's estimator was fine-tuned on ``volume``, and the
+    """An Upscaler with the same settings whose model's estimator passes were fine-tuned on ``volume``, and the
     Adaptation; the adapted model folder is written where the request says."""
     from medldm.adapt import adapt
 

@@ -289,6 +289,7 @@ class PassEstimate:
     task: int  # index into the config's tasks
     axis: int
     volume: TrainingVolume
+    scale: float | None = None  # the exact factor, where it is not the task's (a scan's own pairs, medldm.adapt)
 
 
 def pass_estimates(
@@ -365,11 +366,12 @@ class LaterPassSampler:
     pass's patches are), mirrored at random; biased towards the foreground like :class:`PairSampler`. A batch is
     a pure function of (seed, step, rank, stream)."""
 
-    def __init__(self, items: list[PassEstimate], config: Config, *, slab: int, rank: int = 0):
+    def __init__(self, items: list[PassEstimate], config: Config, *, slab: int, rank: int = 0, tasks=None, across=None):
         if not items:
             raise MedldmError("no earlier estimates to train a later pass on")
         self.items, self.config, self.slab, self.rank = items, config, slab, rank
-        self.tasks = config.data.tasks
+        self.tasks = tasks or config.data.tasks
+        self.across = across  # planes are cut across one of these axes (None: either axis that is not thick)
 
     def patch_size(self, step: int, progressive=None) -> tuple[int, ...]:
         """The configured patch size (the first pass's estimates do not grow)."""
@@ -383,7 +385,8 @@ class LaterPassSampler:
         for _ in range(batch_size):
             item = self.items[rng.integers(len(self.items))]
             shape = item.estimate.shape
-            across = [d for d in range(3) if d != item.axis][rng.integers(2)]
+            choices = self.across or [d for d in range(3) if d != item.axis]
+            across = choices[rng.integers(len(choices))]
             fg = item.volume.foreground
             centre = (
                 fg[rng.integers(len(fg))]
@@ -394,8 +397,9 @@ class LaterPassSampler:
             index = np.clip(np.arange(-r, r + 1) + centre[across], 0, shape[across] - 1)
             corner = np.delete(centre, across) - np.array(size) // 2 + rng.integers(-size[0] // 4, size[0] // 4 + 1, 2)
             thick = [d for d in range(3) if d != across].index(item.axis)  # the thick axis in the plane
-            factor = self.tasks[item.task].scale
-            corner[thick] -= corner[thick] % factor  # the patch starts at an LR slice's edge, as training pairs do
+            factor = item.scale or self.tasks[item.task].scale
+            if float(factor).is_integer():  # the patch starts at an LR slice's edge, as training pairs do
+                corner[thick] -= corner[thick] % int(factor)
             x = self._cut(np.take(item.estimate, index, axis=across), across, corner, size)
             y = self._cut(np.take(item.truth, index[r : r + 1], axis=across), across, corner, size)
             if rng.random() < 0.5:

@@ -233,8 +233,12 @@ def test_adaptation_lowers_its_own_loss_and_changes_the_output(default_upscaler,
     adapted = adapt(default_upscaler.model, lr, plan, steps=40, minutes=None, seed=0)
     assert adapted.steps == 40 and adapted.factor == pytest.approx(4.0)
     assert np.mean(adapted.losses[-10:]) < np.mean(adapted.losses[:10])
+    # the second pass is adapted after the first, on the scan's pairs run through the adapted first pass
+    assert [len(losses) for losses in adapted.later_losses] == [40]
+    assert np.mean(adapted.later_losses[0][-10:]) < np.mean(adapted.later_losses[0][:10])
     # the shipped model is untouched; the adapted one shares its autoencoder and denoiser
     assert adapted.model.estimator is not default_upscaler.model.estimator
+    assert adapted.model.second_pass is not default_upscaler.model.second_pass
     assert adapted.model.autoencoder is default_upscaler.model.autoencoder
     after = default_upscaler.with_model(adapted.model).upscale(lr, plan=plan)
     assert np.abs(after.sr.data - before).mean() > 1e-3 * np.ptp(before)

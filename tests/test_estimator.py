@@ -415,6 +415,19 @@ def test_second_pass_batches_pair_each_estimate_slab_with_the_truth_at_the_same_
     assert not torch.equal(sampler.batch(1, 24)["lr"], batch["lr"])
 
 
+def test_later_pass_batches_can_be_cut_across_one_axis_at_an_exact_factor():
+    """--adapt's own pairs: planes across the scan's thick axis only, thickened in-plane at a non-integer factor."""
+    config, _ = tiny_with_estimator()
+    truth = np.broadcast_to(np.arange(1, 41, dtype=np.float32)[None, None], (64, 72, 40)).copy()  # constant across z
+    item = PassEstimate(truth, truth, 0, 0, TrainingVolume("v", truth, 0, np.argwhere(truth > 0)[::97]), scale=5.5)
+    batch = LaterPassSampler([item], config, slab=3, across=(2,)).batch(0, 16)
+    for hr in batch["hr"]:  # a plane across z holds one value (zero beyond the volume)
+        assert len(set(hr[hr != 0].tolist())) == 1
+    assert (batch["scale"] == 5.5).all()
+    across_any = LaterPassSampler([item], config, slab=3).batch(0, 16)["hr"]
+    assert any(len(set(hr[hr != 0].tolist())) > 1 for hr in across_any)  # planes across x hold every z
+
+
 def test_a_config_that_adds_a_second_pass_trains_it_from_the_estimator_and_upscale_runs_it_on_thick_slices(
     estimator_run, tmp_path, ixi_path
 ):
