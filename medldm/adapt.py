@@ -135,9 +135,10 @@ def _later_pairs(adapted, scan: TrainingVolume, plan, factor: float, thick_axes,
         lr = op.forward(hr)
         source, geometry = interpolated(lr, hr.shape), geometry_features(scale, plan.thickness)
         for net in before:
-            per_call = partial(planes_per_call, device=torch.device("cpu"), multiple=net.multiple)
+            device = next(net.parameters()).device
+            per_call = partial(planes_per_call, device=device, multiple=net.multiple)
             estimate, _ = estimate_planes(
-                (net, None), source, hr.shape, [a], label, geometry, per_call=per_call, device=torch.device("cpu")
+                (net, None), source, hr.shape, [a], label, geometry, per_call=per_call, device=device
             )
             estimate = enforce_consistency(estimate, lr, op)
             source = planes_of(estimate)
