@@ -29,6 +29,7 @@ from medldm.errors import MedldmError
 from medldm.intensity import guess_modality, normaliser
 from medldm.nets import MODALITIES, geometry_features
 from medldm.spec import Task
+from medldm.stages import PASSES
 
 if TYPE_CHECKING:
     from medldm.model import LoadedModel
@@ -42,7 +43,6 @@ PATCH = 64
 LR = 1e-4
 FOREGROUND = 0.05
 NEIGHBOURS = "real"  # or "centre": the slab neighbours replaced by the centre plane (tuning: real was better)
-LATER_PASSES = ("second_pass", "third_pass")  # a model's later passes, in the order they run
 PARAMETERS = "all"  # or "bias": only biases and normalisation scales change (a low-capacity adaptation)
 # the later passes after an adapted first pass: "adapt" them too (each fine-tuned on the scan's own pairs after
 # the adapted passes before it), or "keep" them unadapted (tuning: adapt was better on every MR scan)
@@ -76,7 +76,7 @@ def adapt(
     medldm.pipeline.Plan of the upscale to come (thick slices)."""
     factor, thick_axes = _geometry(model, volume, plan, steps, minutes)
     pairs, label, size = _own_pairs(model, volume, plan, factor, thick_axes, seed)
-    later = [name for name in LATER_PASSES if getattr(model, name) is not None] if LATER == "adapt" else []
+    later = [name for name in PASSES[1:] if getattr(model, name) is not None] if LATER == "adapt" else []
     rounds = 1 + len(later)  # the time bound is shared by the passes that are fine-tuned
     share = None if minutes is None else minutes / rounds
     net = copy.deepcopy(model.estimator).train().requires_grad_(True)
@@ -119,16 +119,16 @@ def _later_pairs(adapted, scan: TrainingVolume, plan, factor: float, thick_axes,
     are the input, the scan's own planes the truth."""
     from medldm.pipeline import estimate_planes, interpolated, planes_of, planes_per_call
 
-    a = plan.axis
+    a, task = plan.axis, adapted.config.data.tasks.index(plan.task)
     in_plane = [d for d in range(3) if d != a]
-    before = [adapted.estimator, *(getattr(adapted, n) for n in LATER_PASSES[: LATER_PASSES.index(name)])]
+    before = [getattr(adapted, n) for n in PASSES[: PASSES.index(name)]]
     items = []
     for b in (in_plane[k] for k in thick_axes):
         hr = torch.from_numpy(scan.data)
         n = hr.shape[b]
         if abs(factor - round(factor)) < 1e-6:  # an integer factor: whole LR slices, as training pairs have
-            scale: float = int(round(factor))
-            hr = hr.narrow(b, 0, n - n % int(scale))
+            scale: float = round(factor)
+            hr = hr.narrow(b, 0, n - n % scale)
         else:
             scale = n / max(1, round(n / factor))
         op = make_operator("slice-profile", axis=b, scale=scale, profile=plan.task.profile, thickness=plan.thickness)
@@ -143,8 +143,8 @@ def _later_pairs(adapted, scan: TrainingVolume, plan, factor: float, thick_axes,
             estimate = enforce_consistency(estimate, lr, op)
             source = planes_of(estimate)
         truth = hr.numpy()
-        items.append(PassEstimate(estimate.numpy().astype(np.float16), truth, 0, b, scan, scale=scale))
-    return LaterPassSampler(items, adapted.config, slab=before[0].slab, tasks=[plan.task], across=(a,))
+        items.append(PassEstimate(estimate.numpy().astype(np.float16), truth, task, b, scan, scale=scale))
+    return LaterPassSampler(items, adapted.config, slab=before[0].slab, across=(a,))
 
 
 def _geometry(model, volume, plan, steps, minutes) -> tuple[float, tuple[int, ...]]:

@@ -137,7 +137,7 @@ class PairSampler:
             raise MedldmError("no training volumes")
         self.volumes, self.config, self.rank = volumes, config, rank
         self.dims = spatial_dims or config.data.spatial_dims  # a 3D estimator draws 3D patches beside 2D models
-        self.tasks = tasks or config.data.tasks
+        self.tasks = config.data.tasks
         self.slab = slab or config.data.slab  # the estimator sees its own slab
         self.plane_axes = plane_axes  # 2D: planes are cut across one of these axes (None: any of the three)
         self.thick_axes = thick_axes  # thick slices along one of these patch axes (None: any)
@@ -366,11 +366,11 @@ class LaterPassSampler:
     pass's patches are), mirrored at random; biased towards the foreground like :class:`PairSampler`. A batch is
     a pure function of (seed, step, rank, stream)."""
 
-    def __init__(self, items: list[PassEstimate], config: Config, *, slab: int, rank: int = 0, tasks=None, across=None):
+    def __init__(self, items: list[PassEstimate], config: Config, *, slab: int, rank: int = 0, across=None):
         if not items:
             raise MedldmError("no earlier estimates to train a later pass on")
         self.items, self.config, self.slab, self.rank = items, config, slab, rank
-        self.tasks = tasks or config.data.tasks
+        self.tasks = config.data.tasks
         self.across = across  # planes are cut across one of these axes (None: either axis that is not thick)
 
     def patch_size(self, step: int, progressive=None) -> tuple[int, ...]:
