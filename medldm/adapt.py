@@ -76,7 +76,7 @@ def adapt(
     medldm.pipeline.Plan of the upscale to come (thick slices)."""
     factor, thick_axes = _geometry(model, volume, plan, steps, minutes)
     pairs, label, size = _own_pairs(model, volume, plan, factor, thick_axes, seed)
-    later = [name for name in PASSES[1:] if getattr(model, name) is not None] if LATER == "adapt" else []
+    later = model.later_pass_names("slice-profile") if LATER == "adapt" else []
     rounds = 1 + len(later)  # the time bound is shared by the passes that are fine-tuned
     share = None if minutes is None else minutes / rounds
     net = copy.deepcopy(model.estimator).train().requires_grad_(True)

@@ -128,6 +128,8 @@ _LATER_OPTIONS: tuple[tuple[str, str, object], ...] = (
     ("estimator", "spatial_dims", 2),
     ("estimator", "patch_size", None),
     ("training", "estimator_loss", "l1"),
+    ("second_pass", "kinds", ("slice-profile",)),
+    ("third_pass", "kinds", ("slice-profile",)),
 )
 
 

@@ -299,15 +299,20 @@ def pass_estimates(
     cache: Path,
     *,
     earlier: list[PassEstimate] | None = None,
+    kinds: Sequence[str] = ("slice-profile",),
     progress=None,
 ) -> list[PassEstimate]:
-    """The consistent estimate after ``passes`` (the estimator, then its later passes in order, each on both stacks
-    of planes and then projected: what inference returns) of every training volume thickened along each axis by
-    each thick-slice task, through an HDF5 ``cache`` kept for resumed runs; a cache made with other weights is
+    """The consistent estimate after ``passes`` (the estimator, then its later passes in order, each run as
+    inference runs it and then projected) of every training volume degraded by each task of ``kinds``: thickened
+    along each axis (both stacks of planes across the other axes), or k-space truncated across each axis (the
+    planes across it), through an HDF5 ``cache`` kept for resumed runs; a cache made with other weights is
     rebuilt. Only the last pass runs: on the interpolated input (the estimator alone) or on ``earlier``.
+    ``PassEstimate.axis`` is the thick axis, or for k-space the axis the acquired planes are cut across.
 
     Args:
-        earlier: this function's result for ``passes[:-1]`` (same volumes); needed when there are later passes.
+        earlier: this function's result for ``passes[:-1]`` (same volumes and kinds); needed when there are later
+            passes.
+        kinds: the task kinds to degrade with (those of the pass that learns from the estimates).
         progress: optional callable(done, total) for a progress bar.
     """
     import hashlib
@@ -320,9 +325,9 @@ def pass_estimates(
 
     weights = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for net in passes for t in net.state_dict().values()))
     codec, device = ConditionCodec(config), next(passes[0].parameters()).device
-    tasks = [(i, t) for i, t in enumerate(config.data.tasks) if t.kind == "slice-profile"]
+    tasks = [(i, t) for i, t in enumerate(config.data.tasks) if t.kind in kinds]
     if not tasks:
-        raise MedldmError("later passes learn thick slices, but the config has no slice-profile task")
+        raise MedldmError(f"later passes learn {', '.join(kinds)}, but the config has no such task")
     cache.parent.mkdir(parents=True, exist_ok=True)
     items: list[PassEstimate] = []
     with h5py.File(cache, "a") as h5:
@@ -337,8 +342,11 @@ def pass_estimates(
             key = f"{vol.name}/{index}/{axis}"
             if key not in h5:
                 hr = torch.from_numpy(vol.data.astype(np.float32))
-                hr = hr.narrow(axis, 0, hr.shape[axis] - hr.shape[axis] % task.scale).contiguous()
-                op = make_operator("slice-profile", axis=axis, scale=task.scale, profile=task.profile)
+                thick = task.kind == "slice-profile"
+                for d in [axis] if thick else [d for d in range(3) if d != axis]:  # whole LR samples
+                    hr = hr.narrow(d, 0, hr.shape[d] - hr.shape[d] % task.scale)
+                hr = hr.contiguous()
+                op = make_operator(task.kind, axis=axis, scale=task.scale, profile=task.profile)
                 lr = op.forward(hr)
                 label = int(codec.task_label(index, vol.modality))
                 source = interpolated(lr, hr.shape)
@@ -346,7 +354,7 @@ def pass_estimates(
                     source = planes_of(torch.from_numpy(cast(list, earlier)[done - 1].estimate.astype(np.float32)))
                 net = passes[-1]
                 estimate, _ = estimate_planes(
-                    (net, None), source, hr.shape, [d for d in range(3) if d != axis], label,
+                    (net, None), source, hr.shape, [d for d in range(3) if d != axis] if thick else [axis], label,
                     geometry_features(task.scale, 1.0), device=device,
                     per_call=partial(planes_per_call, device=device, multiple=net.multiple),
                 )  # fmt: skip
@@ -362,9 +370,9 @@ def pass_estimates(
 
 class LaterPassSampler:
     """Batches for a later pass: a slab of planes of the earlier passes' estimate, across one of the two axes that
-    are not thick, and the truth's centre plane, cut to the patch size (zero beyond the volume, as the first
-    pass's patches are), mirrored at random; biased towards the foreground like :class:`PairSampler`. A batch is
-    a pure function of (seed, step, rank, stream)."""
+    are not thick (k-space: across the axis the acquired planes are cut across), and the truth's centre plane,
+    cut to the patch size (zero beyond the volume, as the first pass's patches are), mirrored at random; biased
+    towards the foreground like :class:`PairSampler`. A batch is a pure function of (seed, step, rank, stream)."""
 
     def __init__(self, items: list[PassEstimate], config: Config, *, slab: int, rank: int = 0, across=None):
         if not items:
@@ -385,7 +393,8 @@ class LaterPassSampler:
         for _ in range(batch_size):
             item = self.items[rng.integers(len(self.items))]
             shape = item.estimate.shape
-            choices = self.across or [d for d in range(3) if d != item.axis]
+            thick = self.tasks[item.task].kind == "slice-profile"  # else k-space: the acquired planes only
+            choices = (self.across or [d for d in range(3) if d != item.axis]) if thick else [item.axis]
             across = choices[rng.integers(len(choices))]
             fg = item.volume.foreground
             centre = (
@@ -396,10 +405,10 @@ class LaterPassSampler:
             centre = np.minimum(centre, np.array(shape) - 1)  # the estimate may have lost a few end planes
             index = np.clip(np.arange(-r, r + 1) + centre[across], 0, shape[across] - 1)
             corner = np.delete(centre, across) - np.array(size) // 2 + rng.integers(-size[0] // 4, size[0] // 4 + 1, 2)
-            thick = [d for d in range(3) if d != across].index(item.axis)  # the thick axis in the plane
             factor = item.scale or self.tasks[item.task].scale
-            if float(factor).is_integer():  # the patch starts at an LR slice's edge, as training pairs do
-                corner[thick] -= corner[thick] % int(factor)
+            in_plane = [d for d in range(3) if d != across].index(item.axis) if thick else -1  # the thick axis
+            if thick and float(factor).is_integer():  # the patch starts at an LR slice's edge, as training pairs do
+                corner[in_plane] -= corner[in_plane] % int(factor)
             x = self._cut(np.take(item.estimate, index, axis=across), across, corner, size)
             y = self._cut(np.take(item.truth, index[r : r + 1], axis=across), across, corner, size)
             if rng.random() < 0.5:
@@ -410,7 +419,7 @@ class LaterPassSampler:
             task.append(item.task)
             modality.append(item.volume.modality)
             scale.append(float(factor))
-            axes.append(thick)
+            axes.append(in_plane)
         return {
             "hr": torch.stack(hr),
             "lr": torch.stack(lr),

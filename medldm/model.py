@@ -55,6 +55,14 @@ class LoadedModel:
         """The estimator's later passes, in the order they run (each on the previous pass's consistent estimate)."""
         return [net for net in (self.second_pass, self.third_pass) if net is not None]
 
+    def later_pass_names(self, kind: str) -> list[str]:
+        """The names of the later passes (medldm.stages.PASSES) that run on ``kind``, in order."""
+        spec = self.spec
+        return [
+            name for name in ("second_pass", "third_pass")
+            if getattr(self, name) is not None and kind in getattr(spec, name).kinds
+        ]  # fmt: skip
+
     def save(self, out: str | Path, **info) -> Path:
         """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""
         modules = {"autoencoder": self.autoencoder, "denoiser": self.denoiser}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from medldm.choices import Planes
-from medldm.degrade import consistency_residual, enforce_consistency, make_operator
+from medldm.degrade import KSpaceTruncation, consistency_residual, enforce_consistency, make_operator
 from medldm.diffusion import make_denoiser, randn, sample
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality, normaliser
@@ -487,9 +487,10 @@ class Upscaler:
         return encoded[key]
 
     def _later_passes(self, op) -> list[Estimator]:
-        """The model's later passes that run on ``op``: on thick slices (the task they were trained on; the one kind
-        whose operator degrades a single axis of the volume), none on other kinds."""
-        return self.model.later_passes if len(op.axes) == 1 else []
+        """The model's later passes that run on ``op``: those trained on its kind (thick slices, the one kind whose
+        operator degrades a single axis of the volume, or k-space), in order."""
+        kind = "slice-profile" if len(op.axes) == 1 else "kspace" if isinstance(op, KSpaceTruncation) else "other"
+        return [getattr(self.model, name) for name in self.model.later_pass_names(kind)]
 
     def _estimate(
         self, lr: torch.Tensor, hr_shape, op, label: int, tick, geometry

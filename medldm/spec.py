@@ -225,11 +225,18 @@ class Uncertainty(_Strict):
     num_res_blocks: int = Field(1, ge=1, le=4)
 
 
+# the task kinds a later pass can learn: those whose estimate the passes before it make on whole volumes
+LaterPassKind = Literal["slice-profile", "kspace"]
+
+
 class SecondPass(_Strict):
     """A second pass of the estimator (thick slices): a network of the estimator's design, initialised from its
     trained weights, that maps the slab of the first pass's consistent estimate (both stacks of planes averaged and
     projected) to the HR plane; inference runs it on both stacks of that estimate and projects again. The first
-    pass's output carries what the other stack of planes saw, so the second pass sees beyond one plane's stack."""
+    pass's output carries what the other stack of planes saw, so the second pass sees beyond one plane's stack.
+    ``kinds``: the tasks it learns and runs on (k-space: on the acquired planes, as the first pass does)."""
+
+    kinds: tuple[LaterPassKind, ...] = Field(default=("slice-profile",), min_length=1)
 
 
 class ThirdPass(_Strict):
@@ -237,6 +244,8 @@ class ThirdPass(_Strict):
     that maps the slab of the *two-pass* consistent estimate to the HR plane; inference runs it on both stacks of
     planes of that estimate and projects again. The second pass is not a fixed point of itself (run twice, it
     barely helps), so the third pass learns the second pass's own remaining error."""
+
+    kinds: tuple[LaterPassKind, ...] = Field(default=("slice-profile",), min_length=1)
 
 
 class ModelSpec(_Strict):
@@ -259,6 +268,11 @@ class ModelSpec(_Strict):
             raise ValueError("the second_pass section needs a 2D estimator section: it is a second pass of it")
         if self.third_pass is not None and self.second_pass is None:
             raise ValueError("the third_pass section needs a second_pass section: it starts from its weights")
+        for section in (self.second_pass, self.third_pass):
+            if section is not None and not set(section.kinds) <= {t.kind for t in self.data.tasks}:
+                raise ValueError(f"a later pass learns the config's tasks, and {section.kinds} are not all among them")
+        if self.third_pass and self.second_pass and not set(self.third_pass.kinds) <= set(self.second_pass.kinds):
+            raise ValueError("the third_pass runs on the second pass's estimate: its kinds must be the second's too")
         if self.estimator is not None and self.data.spatial_dims != 2:
             raise ValueError("the estimator is a 2D (2.5D slab) network: it needs data.spatial_dims 2")
         if self.diffusion.condition == "estimate" and (self.estimator is None or self.data.slab != 1):

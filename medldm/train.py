@@ -154,9 +154,11 @@ class Trainer:
         ``slab``: planes per input (default: the estimator's slab)."""
         self.pair_sampler()  # loads the training volumes
         if stage in PASSES:
-            before = list(PASSES[: PASSES.index(stage)])
-        else:  # the diffusion stage: after every pass the config has
-            before = [p for p in PASSES if getattr(self.config, p) is not None]
+            before, kinds = list(PASSES[: PASSES.index(stage)]), getattr(self.config, stage).kinds
+        else:  # the diffusion stage: after every pass the config runs on thick slices
+            kinds = ("slice-profile",)
+            sections = {p: getattr(self.config, p) for p in PASSES}
+            before = [p for p, s in sections.items() if s is not None and "slice-profile" in getattr(s, "kinds", kinds)]
         nets: list[torch.nn.Module] = []
         items = None
         for k, name in enumerate(before):
@@ -165,8 +167,9 @@ class Trainer:
             cache = self.stage_dir(learner) / f"{ORDINALS[k]}_pass.h5"
             with _Counting(self, f"{stage}: {ORDINALS[k]}-pass estimates") as counting:
                 items = pass_estimates(
-                    cast(list, self._volumes), self.config, nets, cache, earlier=items, progress=counting.update
-                )
+                    cast(list, self._volumes), self.config, nets, cache, earlier=items, kinds=kinds,
+                    progress=counting.update,
+                )  # fmt: skip
         slab = cast(EstimatorSection, self.config.estimator).slab if slab is None else slab
         return LaterPassSampler(cast(list, items), self.config, slab=slab, rank=self.rank)
 

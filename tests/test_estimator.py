@@ -21,6 +21,7 @@ from medldm.model import load_model
 from medldm.nets import build_autoencoder, build_denoiser, build_estimator, build_schedule, geometry_features
 from medldm.pipeline import Upscaler
 from medldm.resample import interpolate
+from medldm.spec import SecondPass
 from medldm.stages import unseen_error
 from medldm.volume import crop, load, save_nifti
 from tests.helpers import TINY_ESTIMATOR as ESTIMATOR
@@ -498,6 +499,68 @@ def test_a_third_pass_trains_from_the_second_on_its_estimates_and_upscale_runs_b
     three = Upscaler(model, device="cpu").upscale(lr, axis="z")
     two = Upscaler(dataclasses.replace(model, third_pass=None), device="cpu").upscale(lr, axis="z")
     assert np.abs(three.sr.data - two.sr.data).max() > 0.1 and three.residual < 1e-6
+
+
+def test_a_second_pass_for_kspace_learns_the_acquired_planes_and_upscale_runs_it_on_kspace_only(
+    estimator_run, tmp_path, ixi_path
+):
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["second_pass"] = {"kinds": ["kspace"]}
+    raw["training"]["second_pass"] = {**STAGE, "steps": 2}
+    config, _ = parse_config(raw, check_files=False)
+    t = trainer(config, tiny()[1], tmp_path / "run")
+    t.init_from(estimator_run / "model")
+    sampler = t.later_pass_sampler("second_pass")
+    assert {(config.data.tasks[i.task].kind, i.axis) for i in sampler.items} == {("kspace", a) for a in range(3)}
+    assert set(sampler.batch(0, 8)["axis"].tolist()) == {-1}  # in-plane pairs, like the first pass's
+    t.run("all")
+    folder, one = tmp_path / "run" / "model", estimator_run / "model"
+    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    kspace, _ = degrade_volume(block, kind="kspace", axis="z", scale=2)
+    two = Upscaler(folder, device="cpu").upscale(kspace, axis="z", kind="kspace")
+    assert np.abs(two.sr.data - Upscaler(one, device="cpu").upscale(kspace, axis="z", kind="kspace").sr.data).max() > 1
+    assert two.residual < 1e-6  # projected onto the acquired k-space again
+    thick, _ = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
+    np.testing.assert_array_equal(  # trained on k-space, it leaves thick slices alone
+        Upscaler(folder, device="cpu").upscale(thick, axis="z").sr.data,
+        Upscaler(one, device="cpu").upscale(thick, axis="z").sr.data,
+    )
+
+
+def test_later_pass_kinds_must_be_tasks_of_the_config_and_a_third_pass_runs_where_the_second_does(estimator_run):
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["training"]["second_pass"] = raw["training"]["third_pass"] = STAGE
+    thick_only = {**raw, "data": {**raw["data"], "tasks": raw["data"]["tasks"][:1]}}
+    with pytest.raises(MedldmError, match="not all among them"):
+        parse_config({**thick_only, "second_pass": {"kinds": ["kspace"]}}, check_files=False)
+    with pytest.raises(MedldmError, match="its kinds must be the second's too"):
+        parse_config({**raw, "second_pass": {}, "third_pass": {"kinds": ["kspace"]}}, check_files=False)
+    plain, _ = parse_config({**raw, "second_pass": {}}, check_files=False)
+    told, _ = parse_config({**raw, "second_pass": {"kinds": ["slice-profile"]}}, check_files=False)
+    assert plain.digest() == told.digest()  # the default kinds leave the digest of shipped models alone
+
+
+def test_pass_estimates_of_kspace_are_consistent_with_the_acquired_planes_and_what_inference_computes(
+    estimator_run, tmp_path, ixi_path
+):
+    model = load_model(estimator_run / "model")
+    real = load(ixi_path).to_canonical()
+    data = (np.asarray(real.data[:40, :48, :32], np.float32) / np.percentile(real.data, 99.5)).astype(np.float16)
+    volume = TrainingVolume("v", data, 0, np.argwhere(data > 0.05).astype(np.int32))
+    items = pass_estimates([volume], model.config, [model.estimator], tmp_path / "one.h5", kinds=["kspace"])
+    assert [(i.task, i.axis) for i in items] == [(1, 0), (1, 1), (1, 2)]  # the k-space task across each axis
+    op = make_operator("kspace", axis=2, scale=2)
+    lr = op.forward(torch.from_numpy(data.astype(np.float32)))
+    np.testing.assert_allclose(op.forward(torch.from_numpy(items[2].estimate.astype(np.float32))), lr, atol=2e-3)
+    other = build_estimator(model.config)
+    chained = pass_estimates(
+        [volume], model.config, [model.estimator, other], tmp_path / "two.h5", earlier=items, kinds=["kspace"]
+    )
+    spec = model.config.model_copy(update={"second_pass": SecondPass(kinds=("kspace",))})
+    upscaler = Upscaler(dataclasses.replace(model, config=spec, second_pass=other), device="cpu")
+    label = int(model.codec.task_label(1, 0))
+    inferred, _ = upscaler._estimate(lr, data.shape, op, label, lambda: None, geometry_features(2, 1.0))
+    np.testing.assert_allclose(chained[2].estimate.astype(np.float32), inferred, atol=2e-2)
 
 
 def test_pass_estimates_are_cached_and_redone_for_other_estimator_weights(estimator_run, tmp_path, ixi_path):
