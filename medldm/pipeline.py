@@ -11,7 +11,6 @@ original intensity scale on the HR grid (affine per DESIGN.md: field of view unc
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,6 +171,12 @@ class Upscaler:
         refine: float | None = None,
         refine_planes: str | None = None,
     ):
+        # the options as given (None: the model's default), so that another model's defaults apply in with_model
+        self._options = dict(
+            device=device, steps=steps, sampler=sampler, batch_size=batch_size, consistency=consistency,
+            condition_level=condition_level, bf16=bf16, planes=planes, channels_last=channels_last, refine=refine,
+            refine_planes=refine_planes,
+        )  # fmt: skip
         self.device = _device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=self.device)
         self.model.autoencoder.to(self.device)
@@ -219,10 +224,9 @@ class Upscaler:
         self.multiple = self.model.multiple
 
     def with_model(self, model: LoadedModel) -> Upscaler:
-        """The same settings with another model of the same kind (e.g. one adapted to a scan)."""
-        other = copy.copy(self)
-        other.model = model
-        return other
+        """The same options with another model of the same kind (e.g. one adapted to a scan); the sampling options
+        left to the model's defaults take the other model's (an adapted model refines less)."""
+        return Upscaler(model, **self._options)
 
     # ------------------------------------------------------------------------------------ choices
     def plan(

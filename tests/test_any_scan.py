@@ -240,10 +240,15 @@ def test_adaptation_lowers_its_own_loss_and_changes_the_output(default_upscaler,
     assert adapted.model.estimator is not default_upscaler.model.estimator
     assert adapted.model.second_pass is not default_upscaler.model.second_pass
     assert adapted.model.autoencoder is default_upscaler.model.autoencoder
-    after = default_upscaler.with_model(adapted.model).upscale(lr, plan=plan)
+    runner = default_upscaler.with_model(adapted.model)
+    assert default_upscaler.refine > 0 and runner.refine == 0  # the unadapted denoiser's detail is left out
+    after = runner.upscale(lr, plan=plan, keep_estimate=True)
+    np.testing.assert_array_equal(after.sr.data, after.estimate.data)  # the adapted estimate, as it is
     assert np.abs(after.sr.data - before).mean() > 1e-3 * np.ptp(before)
     assert after.residual < 1e-6  # still consistent with the input
     np.testing.assert_array_equal(default_upscaler.upscale(lr, plan=plan).sr.data, before)
+    asked = Upscaler(default_upscaler.model, device="cpu", refine=0.15).with_model(adapted.model)
+    assert asked.refine == 0.15  # a refinement the user asks for still applies
 
 
 def test_adaptation_needs_thick_slices_and_a_bound(default_upscaler, ixi_path):
