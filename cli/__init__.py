@@ -461,7 +461,9 @@ Strict = Annotated[
 Adapt = Annotated[
     bool,
     typer.Option(
-        "--adapt", help="first fine-tune the model's estimator on the scan's own slices (self-supervised; thick slices)"
+        "--adapt",
+        help="first fine-tune the model's estimator passes on the scan's own slices (self-supervised; thick "
+        "slices); the output is then the adapted estimate (add --refine for the diffusion detail)",
     ),
 ]
 AdaptSteps = Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps per estimator pass")]
