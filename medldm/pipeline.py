@@ -172,7 +172,7 @@ class Upscaler:
         refine_planes: str | None = None,
     ):
         # the options as given (None: the model's default), so that another model's defaults apply in with_model
-        self._options = dict(
+        self._options: dict[str, Any] = dict(
             device=device, steps=steps, sampler=sampler, batch_size=batch_size, consistency=consistency,
             condition_level=condition_level, bf16=bf16, planes=planes, channels_last=channels_last, refine=refine,
             refine_planes=refine_planes,
