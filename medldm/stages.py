@@ -368,8 +368,6 @@ class DiffusionStage(TrainingStage):
         # refining needs an estimator section (the Config checks it)
         self.pairs = t.pair_sampler(slab=cast(EstimatorSection, cfg.estimator).slab if refining else None)
         self.estimator = t.trained_estimator().to(self.acc.device) if refining else None
-        # refinement on what upscale refines: the final consistent estimates of thick slices, on a share of steps
-        self.finals: Any = t.later_pass_sampler(self.name, slab=1) if cfg.diffusion.final_estimate_share > 0 else None
         scale = state.get("latent_scale", self.init.get("latent_scale"))
         if scale is None:
             with self.acc.autocast():
@@ -381,6 +379,10 @@ class DiffusionStage(TrainingStage):
 
     def prepare(self) -> None:
         d_cfg = self.config.diffusion
+        # refinement on what upscale refines: the final consistent estimates of thick slices, on a share of steps
+        # (made here, when steps remain: a finished stage, e.g. one taken from a model folder, needs none)
+        share = d_cfg.final_estimate_share
+        self.finals: Any = self.trainer.later_pass_sampler(self.name, slab=1) if share > 0 else None
         # the timesteps trained: all, or those a refinement from ``refine`` of the schedule meets
         # (medldm.diffusion.timesteps_for starts it at round(refine * (T - 1)))
         refine = d_cfg.refine
