@@ -157,7 +157,12 @@ def evaluate(
         from medldm.pipeline import Upscaler
 
         upscaler = Upscaler(model, device=device, **sampling)
+        given = sampling["refine"]
         sampling = sampling_of(upscaler)  # the model's defaults where none was given
+        if adapt is not None and given is None:  # an adapted model refines as its own defaults say
+            from medldm.adapt import REFINE
+
+            sampling["unadapted refine"], sampling["refine"] = sampling["refine"], REFINE
     methods = _methods(kind, baselines, upscaler, adapt)
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
@@ -482,6 +487,7 @@ def _model_protocol(model, sampling: dict, adapt: dict | None) -> dict[str, str]
         how += (
             "; adapted to each degraded scan first (medldm.adapt: the estimator, then each later pass, fine-tuned "
             f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps each and "
-            f"{adapt['minutes'] or 'no limit in'} minutes in all; 'unadapted' is the same model without it)"
+            f"{adapt['minutes'] or 'no limit in'} minutes in all; 'unadapted' is the same model without it"
+            + (f", refine {sampling['unadapted refine']})" if "unadapted refine" in sampling else ")")
         )
     return {"model": described, "sampling": how}

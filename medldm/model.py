@@ -57,11 +57,9 @@ class LoadedModel:
 
     def later_pass_names(self, kind: str) -> list[str]:
         """The names of the later passes (medldm.stages.PASSES) that run on ``kind``, in order."""
-        spec = self.spec
-        return [
-            name for name in ("second_pass", "third_pass")
-            if getattr(self, name) is not None and kind in getattr(spec, name).kinds
-        ]  # fmt: skip
+        sections = {name: getattr(self.spec, name) for name in ("second_pass", "third_pass")}
+        kinds = {name: ("slice-profile",) if s is None else s.kinds for name, s in sections.items()}  # the default
+        return [name for name in sections if getattr(self, name) is not None and kind in kinds[name]]
 
     def save(self, out: str | Path, **info) -> Path:
         """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""

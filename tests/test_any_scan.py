@@ -3,6 +3,7 @@ Hounsfield units, and warnings when a scan lies outside what the model was train
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,8 @@ def test_evaluate_adapt_scores_the_model_adapted_and_unadapted(tmp_path, head_ct
         methods = [r["method"] for r in csv.DictReader(fh)]
     assert sorted(methods) == ["bspline-dc", "model", "unadapted"]
     assert "adapted to each degraded scan first" in (tmp_path / "report" / "report.html").read_text()
+    sampling = json.loads((tmp_path / "report" / "summary.json").read_text())["protocol"]["sampling"]
+    assert "refine 0.0 (" in sampling and "without it, refine 0.15)" in sampling  # what each of the two ran with
 
 
 @pytest.mark.slow
