@@ -157,12 +157,8 @@ def evaluate(
         from medldm.pipeline import Upscaler
 
         upscaler = Upscaler(model, device=device, **sampling)
-        given = sampling["refine"]
-        sampling = sampling_of(upscaler)  # the model's defaults where none was given
-        if adapt is not None and given is None:  # an adapted model refines as its own defaults say
-            from medldm.adapt import REFINE
-
-            sampling["unadapted refine"], sampling["refine"] = sampling["refine"], REFINE
+        # the model's defaults where none was given (an adapted model's own refinement, if none was)
+        sampling = sampling_of(upscaler, adapted=adapt is not None and refine is None)
     methods = _methods(kind, baselines, upscaler, adapt)
     if rd_only and upscaler is None:
         raise MedldmError("rate-distortion needs a model (--model)")
@@ -205,10 +201,16 @@ def evaluate(
     )
 
 
-def sampling_of(upscaler) -> dict[str, Any]:
-    """The sampling settings an Upscaler runs with (the model's defaults where none was given), for the protocol."""
+def sampling_of(upscaler, *, adapted: bool = False) -> dict[str, Any]:
+    """The sampling settings an Upscaler runs with (the model's defaults where none was given), for the protocol;
+    ``adapted``: the refinement a model adapted to the scan runs with by default, and the unadapted one's beside it."""
     names = ("sampler", "steps", "planes", "refine", "refine_planes")
-    return {name: getattr(upscaler, name) for name in names}
+    sampling = {name: getattr(upscaler, name) for name in names}
+    if adapted:
+        from medldm.adapt import REFINE
+
+        sampling["unadapted refine"], sampling["refine"] = sampling["refine"], REFINE
+    return sampling
 
 
 def _methods(kind: str, baselines, upscaler, adapt: dict | None) -> tuple[str, ...]:
