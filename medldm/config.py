@@ -21,6 +21,7 @@ from medldm.errors import MedldmError
 from medldm.spec import (
     MAX_PATCH,
     NAME_PATTERN,
+    THICK_ONLY,
     Autoencoder,
     DataSpec,
     Diffusion,
@@ -128,8 +129,8 @@ _LATER_OPTIONS: tuple[tuple[str, str, object], ...] = (
     ("estimator", "spatial_dims", 2),
     ("estimator", "patch_size", None),
     ("training", "estimator_loss", "l1"),
-    ("second_pass", "kinds", ("slice-profile",)),
-    ("third_pass", "kinds", ("slice-profile",)),
+    ("second_pass", "kinds", THICK_ONLY),
+    ("third_pass", "kinds", THICK_ONLY),
 )
 
 

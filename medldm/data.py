@@ -25,6 +25,7 @@ from medldm.errors import MedldmError
 from medldm.intensity import normaliser
 from medldm.nets import MODALITIES, geometry_features
 from medldm.resample import upsample
+from medldm.spec import THICK_ONLY
 from medldm.volume import load
 
 __all__ = [
@@ -299,7 +300,7 @@ def pass_estimates(
     cache: Path,
     *,
     earlier: list[PassEstimate] | None = None,
-    kinds: Sequence[str] = ("slice-profile",),
+    kinds: Sequence[str] = THICK_ONLY,
     progress=None,
 ) -> list[PassEstimate]:
     """The consistent estimate after ``passes`` (the estimator, then its later passes in order, each run as
@@ -341,12 +342,11 @@ def pass_estimates(
         for done, (vol, index, task, axis) in enumerate(todo, 1):
             key = f"{vol.name}/{index}/{axis}"
             if key not in h5:
+                op = make_operator(task.kind, axis=axis, scale=task.scale, profile=task.profile)
                 hr = torch.from_numpy(vol.data.astype(np.float32))
-                thick = task.kind == "slice-profile"
-                for d in [axis] if thick else [d for d in range(3) if d != axis]:  # whole LR samples
+                for d in op.axes:  # whole LR samples along the degraded axes
                     hr = hr.narrow(d, 0, hr.shape[d] - hr.shape[d] % task.scale)
                 hr = hr.contiguous()
-                op = make_operator(task.kind, axis=axis, scale=task.scale, profile=task.profile)
                 lr = op.forward(hr)
                 label = int(codec.task_label(index, vol.modality))
                 source = interpolated(lr, hr.shape)
@@ -354,7 +354,7 @@ def pass_estimates(
                     source = planes_of(torch.from_numpy(cast(list, earlier)[done - 1].estimate.astype(np.float32)))
                 net = passes[-1]
                 estimate, _ = estimate_planes(
-                    (net, None), source, hr.shape, [d for d in range(3) if d != axis] if thick else [axis], label,
+                    (net, None), source, hr.shape, [d for d in range(3) if d not in op.axes], label,
                     geometry_features(task.scale, 1.0), device=device,
                     per_call=partial(planes_per_call, device=device, multiple=net.multiple),
                 )  # fmt: skip

@@ -50,16 +50,10 @@ class LoadedModel:
     second_pass: Estimator | None = None  # the estimator's second pass (the second_pass section), if any
     third_pass: Estimator | None = None  # and its third (the third_pass section), if any
 
-    @property
-    def later_passes(self) -> list[Estimator]:
-        """The estimator's later passes, in the order they run (each on the previous pass's consistent estimate)."""
-        return [net for net in (self.second_pass, self.third_pass) if net is not None]
-
     def later_pass_names(self, kind: str) -> list[str]:
-        """The names of the later passes (medldm.stages.PASSES) that run on ``kind``, in order."""
-        sections = {name: getattr(self.spec, name) for name in ("second_pass", "third_pass")}
-        kinds = {name: ("slice-profile",) if s is None else s.kinds for name, s in sections.items()}  # the default
-        return [name for name in sections if getattr(self, name) is not None and kind in kinds[name]]
+        """The names of the later passes that run on ``kind``, in the order they run (each on the previous pass's
+        consistent estimate)."""
+        return [name for name in self.spec.passes_for(kind) if getattr(self, name) is not None]
 
     def save(self, out: str | Path, **info) -> Path:
         """Write this model as a checksummed model folder (e.g. an adapted one), ``info`` added to its model.json."""

@@ -227,6 +227,8 @@ class Uncertainty(_Strict):
 
 # the task kinds a later pass can learn: those whose estimate the passes before it make on whole volumes
 LaterPassKind = Literal["slice-profile", "kspace"]
+THICK_ONLY: tuple[LaterPassKind, ...] = ("slice-profile",)  # a later pass's kinds unless its section says otherwise
+LATER_PASSES = ("second_pass", "third_pass")  # in the order they run
 
 
 class SecondPass(_Strict):
@@ -236,7 +238,7 @@ class SecondPass(_Strict):
     pass's output carries what the other stack of planes saw, so the second pass sees beyond one plane's stack.
     ``kinds``: the tasks it learns and runs on (k-space: on the acquired planes, as the first pass does)."""
 
-    kinds: tuple[LaterPassKind, ...] = Field(default=("slice-profile",), min_length=1)
+    kinds: tuple[LaterPassKind, ...] = Field(default=THICK_ONLY, min_length=1)
 
 
 class ThirdPass(_Strict):
@@ -245,7 +247,7 @@ class ThirdPass(_Strict):
     planes of that estimate and projects again. The second pass is not a fixed point of itself (run twice, it
     barely helps), so the third pass learns the second pass's own remaining error."""
 
-    kinds: tuple[LaterPassKind, ...] = Field(default=("slice-profile",), min_length=1)
+    kinds: tuple[LaterPassKind, ...] = Field(default=THICK_ONLY, min_length=1)
 
 
 class ModelSpec(_Strict):
@@ -259,6 +261,10 @@ class ModelSpec(_Strict):
     uncertainty: Uncertainty | None = None  # the error model, for 2D estimators
     second_pass: SecondPass | None = None  # a second estimator on the first one's estimate, for thick slices
     third_pass: ThirdPass | None = None  # a third on the second pass's estimate
+
+    def passes_for(self, kind: str) -> list[str]:
+        """The later passes (LATER_PASSES) whose sections say they run on ``kind``, in order."""
+        return [name for name in LATER_PASSES if (s := getattr(self, name)) is not None and kind in s.kinds]
 
     @model_validator(mode="after")
     def _stages_fit(self):

@@ -32,6 +32,7 @@ from medldm.nets import (
     build_estimator,
     build_schedule,
 )
+from medldm.spec import LATER_PASSES
 
 __all__ = [
     "AutoencoderStage",
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 
-PASSES = ("estimator", "second_pass", "third_pass")  # the estimator's passes, in the order they run
+PASSES = ("estimator", *LATER_PASSES)  # the estimator's passes, in the order they run
 SCALE_BATCHES = 4  # batches used to measure the latent standard deviation
 
 

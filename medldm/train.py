@@ -47,6 +47,7 @@ from medldm.nets import (
 )
 from medldm.outputs import write_text
 from medldm.scope import measured_scope
+from medldm.spec import THICK_ONLY
 from medldm.stages import (
     PASSES,
     AutoencoderStage,
@@ -156,9 +157,8 @@ class Trainer:
         if stage in PASSES:
             before, kinds = list(PASSES[: PASSES.index(stage)]), getattr(self.config, stage).kinds
         else:  # the diffusion stage: after every pass the config runs on thick slices
-            kinds = ("slice-profile",)
-            sections = {p: getattr(self.config, p) for p in PASSES}
-            before = [p for p, s in sections.items() if s is not None and "slice-profile" in getattr(s, "kinds", kinds)]
+            kinds = THICK_ONLY
+            before = ["estimator", *self.config.passes_for("slice-profile")]
         nets: list[torch.nn.Module] = []
         items = None
         for k, name in enumerate(before):
