@@ -204,8 +204,11 @@ def evaluate(
 def sampling_of(upscaler, *, adapted: bool = False) -> dict[str, Any]:
     """The sampling settings an Upscaler runs with (the model's defaults where none was given), for the protocol;
     ``adapted``: the refinement a model adapted to the scan runs with by default, and the unadapted one's beside it."""
+    from medldm.pipeline import ESTIMATE_GRID
+
     names = ("sampler", "steps", "planes", "refine", "refine_planes")
     sampling = {name: getattr(upscaler, name) for name in names}
+    sampling["estimate_grid"] = ESTIMATE_GRID
     if adapted:
         from medldm.adapt import REFINE
 
@@ -484,6 +487,8 @@ def _model_protocol(model, sampling: dict, adapt: dict | None) -> dict[str, str]
             f"refine {sampling['refine']} (diffusion from the regression estimate; detail from planes "
             f"{sampling['refine_planes']}), "
         )
+    if staged and sampling.get("estimate_grid") == "trained":
+        how += "at a factor not trained on the estimate made on the nearest trained factor's grid (docs/grids.md), "
     how += "data consistency on"
     if adapt:
         how += (

@@ -4,10 +4,11 @@ A thick-slice scan is sharp within its slices. Degrading one in-plane axis of th
 own slice profile, factor and thickness gives training pairs from the scan itself, whatever its contrast or
 modality (SMORE, Zhao et al. 2021; ECLARE, Remedios et al. 2023). The model's estimator (its regression stage)
 is fine-tuned on them for a bounded time, then each later pass (second, third) on the same scan's pairs run
-through the adapted passes before it, and the model upscales the scan through the thick axis as usual. The
-autoencoder and denoiser stay as they are. (Adapting the first pass alone cost MR scans close to the training
-data up to 0.45 dB; adapting the later passes too turned that into gains: docs/model_card.md, "Per-scan
-adaptation".)
+through the adapted passes before it, and the model upscales the scan through the thick axis as usual. At a
+factor the model was not trained at, the pairs are made on the grid of its nearest trained factor, where the
+upscale then runs the adapted passes (GRID; medldm.pipeline.ESTIMATE_GRID). The autoencoder and denoiser stay as
+they are. (Adapting the first pass alone cost MR scans close to the training data up to 0.45 dB; adapting the
+later passes too turned that into gains: docs/model_card.md, "Per-scan adaptation".)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from medldm.degrade import enforce_consistency, make_operator
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality, normaliser
 from medldm.nets import MODALITIES, geometry_features
+from medldm.resample import resample_axis
 from medldm.spec import Task
 from medldm.stages import PASSES
 
@@ -51,6 +53,10 @@ LATER = "adapt"
 # detail cost an adapted estimate up to 0.57 dB (the estimate alone, 0, won by the rule written first; a refine
 # the caller gives still applies)
 REFINE = 0.0
+# at a factor the model never learnt (as medldm.pipeline.ESTIMATE_GRID): "trained", the pairs are made on the grid
+# of its nearest trained factor (each thickened in-plane axis resampled to the thick spacing / that factor), where
+# the adapted passes then run; "output", at the scan's own factor on the scan's own voxels
+GRID = "trained"
 
 
 @dataclass
@@ -80,7 +86,9 @@ def adapt(
     ``minutes`` minutes, whichever comes first (at least one of them must be set). ``plan`` is the
     medldm.pipeline.Plan of the upscale to come (thick slices)."""
     factor, thick_axes = _geometry(model, volume, plan, steps, minutes)
-    pairs, label, size = _own_pairs(model, volume, plan, factor, thick_axes, seed)
+    unknown = not model.scope.knows_factor(plan.task.kind, plan.scale)
+    grid = "trained" if GRID == "trained" and unknown else "output"
+    pairs, label, size, views = _own_pairs(model, volume, plan, factor, thick_axes, seed, grid)
     later = model.later_pass_names("slice-profile") if LATER == "adapt" else []
     rounds = 1 + len(later)  # the time bound is shared by the passes that are fine-tuned
     share = None if minutes is None else minutes / rounds
@@ -95,14 +103,17 @@ def adapt(
     adapted = replace(model, estimator=net.eval().requires_grad_(False))
     later_losses = []
     for k, name in enumerate(later, 1):
-        sampler = _later_pairs(adapted, pairs.volumes[0], plan, factor, thick_axes, int(label), name)
+        sampler = _later_pairs(adapted, views, plan, int(label), name)
         net = copy.deepcopy(getattr(model, name)).train().requires_grad_(True)
         tick = _round_progress(progress, k, rounds)
         later_losses.append(_fine_tune(net, sampler, label, size, steps=steps, minutes=share, seed=seed, progress=tick))
         _check(later_losses[-1], volume)
         adapted = replace(adapted, **{name: net.eval().requires_grad_(False)})
     seconds = time.perf_counter() - started
-    adapted = replace(adapted, info={**model.info, "sampling": {**model.defaults(), "refine": REFINE}})
+    # adapted_to tells the upscaler that the passes learnt this scan's own factor (they run on its output grid)
+    own = {"factor": round(factor, 6), "thickness": plan.thickness, "grid": grid}
+    sampling = {**model.defaults(), "refine": REFINE}
+    adapted = replace(adapted, info={**model.info, "sampling": sampling, "adapted_to": own})
     return Adaptation(adapted, len(losses), seconds, losses, factor, plan.thickness, later_losses)
 
 
@@ -118,23 +129,25 @@ def _round_progress(progress, k: int, rounds: int):
     return lambda done, total: progress(k * total + done, rounds * total)
 
 
-def _later_pairs(adapted, scan: TrainingVolume, plan, factor: float, thick_axes, label: int, name: str):
-    """Training batches for the later pass ``name`` from the scan itself: each in-plane axis of ``thick_axes``
-    thickened as in :func:`_own_pairs`, run through ``adapted``'s passes before ``name`` on the planes across the
-    thick axis (as the adapted first pass learnt them) and projected; slabs of that estimate across the thick axis
-    are the input, the scan's own planes the truth."""
+def _later_pairs(adapted, views: list[_View], plan, label: int, name: str):
+    """Training batches for the later pass ``name`` from the scan itself: each view's in-plane axis thickened as
+    in :func:`_own_pairs`, run through ``adapted``'s passes before ``name`` on the planes across the thick axis (as
+    the adapted first pass learnt them) and projected; slabs of that estimate across the thick axis are the input,
+    the view's own planes the truth."""
     from medldm.pipeline import estimate_planes, interpolated, planes_of, planes_per_call
 
     a, task = plan.axis, adapted.config.data.tasks.index(plan.task)
     in_plane = [d for d in range(3) if d != a]
     before = [getattr(adapted, n) for n in PASSES[: PASSES.index(name)]]
     items = []
-    for b in (in_plane[k] for k in thick_axes):
+    for view, k in ((v, k) for v in views for k in v.thick_axes):
+        b, factor, scan = in_plane[k], view.factor, view.volume
         hr = torch.from_numpy(scan.data)
         n = hr.shape[b]
+        scale: float
         if abs(factor - round(factor)) < 1e-6:  # an integer factor: whole LR slices, as training pairs have
-            scale: float = round(factor)
-            hr = hr.narrow(b, 0, n - n % scale)
+            whole = round(factor)
+            hr, scale = hr.narrow(b, 0, n - n % whole), whole
         else:
             scale = n / max(1, round(n / factor))
         op = make_operator("slice-profile", axis=b, scale=scale, profile=plan.task.profile, thickness=plan.thickness)
@@ -184,29 +197,70 @@ def _geometry(model, volume, plan, steps, minutes) -> tuple[float, tuple[int, ..
     return factor, thick_axes
 
 
-def _own_pairs(model, volume, plan, factor: float, thick_axes, seed: int):
-    """A PairSampler of the scan's own planes across its thick axis, degraded along an in-plane axis by
-    ``factor``; the networks' label; the patch size."""
+@dataclass
+class _View:
+    """The scan (normalised) as the pairs see it, the in-plane axes (0, 1: of the planes across the thick axis)
+    that are thickened, and the factor they are thickened by."""
+
+    volume: TrainingVolume
+    thick_axes: tuple[int, ...]
+    factor: float
+
+
+@dataclass
+class _InTurn:
+    """Batches from each of several samplers in turn (one per view)."""
+
+    samplers: list[PairSampler]
+
+    def batch(self, step: int, batch_size: int, patch_size=None, *, stream: int = 0) -> dict[str, torch.Tensor]:
+        n = len(self.samplers)
+        return self.samplers[step % n].batch(step // n, batch_size, patch_size, stream=stream)
+
+
+def _own_pairs(model, volume, plan, factor: float, thick_axes, seed: int, grid: str):
+    """Batches of the scan's own planes across its thick axis, degraded along an in-plane axis by ``factor`` (on
+    the ``grid`` "trained": that axis first resampled to the thick spacing / the nearest trained factor, and
+    degraded by that factor); the networks' label; the patch size; the views the batches come from."""
     a, config = plan.axis, model.config
     data = normaliser(config.data.intensity, volume.data).forward(volume.data.astype(np.float32))
     modality = MODALITIES.index(guess_modality(volume.data, volume.meta.get("modality")))
+    in_plane = [d for d in range(3) if d != a]
+    if grid == "trained":
+        f = float(plan.task.scale)
+        views = []
+        for k in thick_axes:
+            b = in_plane[k]
+            resampled = resample_axis(torch.from_numpy(data), b, round(data.shape[b] * f / factor)).numpy()
+            views.append(_View(_scan(resampled, modality, volume, seed), (k,), f))
+    else:
+        views = [_View(_scan(data, modality, volume, seed), tuple(thick_axes), factor)]
+    samplers = []
+    for view in views:
+        task = Task(
+            kind="slice-profile",
+            scale=plan.task.scale,
+            profile=plan.task.profile,
+            scale_range=(view.factor, view.factor),
+            thickness_range=(plan.thickness, plan.thickness),
+            range_share=1.0,
+        )
+        slab = model.estimator.slab
+        samplers.append(
+            PairSampler([view.volume], config, slab=slab, tasks=[task], plane_axes=(a,), thick_axes=view.thick_axes)
+        )
+    size = min(PATCH, *(v.volume.data.shape[d] for v in views for d in in_plane))
+    size -= size % model.estimator.multiple
+    label = model.codec.task_label(torch.tensor(config.data.tasks.index(plan.task)), torch.tensor(modality))
+    return (samplers[0] if len(samplers) == 1 else _InTurn(samplers)), label, size, views
+
+
+def _scan(data: np.ndarray, modality: int, volume, seed: int) -> TrainingVolume:
+    """``data`` (normalised) as a training volume, with up to 20000 foreground voxels to centre patches on."""
     fg = np.argwhere(data > FOREGROUND)
     if len(fg) > 20000:
         fg = fg[np.random.default_rng(seed).choice(len(fg), 20000, replace=False)]
-    scan = TrainingVolume(str(volume.path or "scan"), data, modality, fg.astype(np.int32))
-    task = Task(
-        kind="slice-profile",
-        scale=plan.task.scale,
-        profile=plan.task.profile,
-        scale_range=(factor, factor),
-        thickness_range=(plan.thickness, plan.thickness),
-        range_share=1.0,
-    )
-    size = min(PATCH, *(volume.shape[d] for d in range(3) if d != a))
-    size -= size % model.estimator.multiple
-    pairs = PairSampler([scan], config, slab=model.estimator.slab, tasks=[task], plane_axes=(a,), thick_axes=thick_axes)
-    label = model.codec.task_label(torch.tensor(config.data.tasks.index(plan.task)), torch.tensor(modality))
-    return pairs, label, size
+    return TrainingVolume(str(volume.path or "scan"), data, modality, fg.astype(np.int32))
 
 
 def _fine_tune(net, pairs, label, size: int, *, steps, minutes, seed: int, progress) -> list[float]:

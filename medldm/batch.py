@@ -180,7 +180,12 @@ def _adapted(upscaler, volume: Volume, plan, source: Path, request: Request, lis
     adaptation = adapt(upscaler.model, volume, plan, **settings.bounds(), seed=request.seed, progress=progress)
     listener.adapted(source, adaptation)
     if settings.save is not None:
-        done = {"scan": str(volume.path), "steps": adaptation.steps, "seconds": round(adaptation.seconds, 2)}
+        done = {
+            **adaptation.model.info["adapted_to"],
+            "scan": str(volume.path),
+            "steps": adaptation.steps,
+            "seconds": round(adaptation.seconds, 2),
+        }
         adaptation.model.save(settings.save, adapted_to=done)
     return upscaler.with_model(adaptation.model), adaptation
 

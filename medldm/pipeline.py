@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,7 +33,7 @@ from medldm.nets import (
     geometry_features,
     native_bf16,
 )
-from medldm.resample import upsample
+from medldm.resample import resample_axis, upsample
 from medldm.scope import scan_statistics
 from medldm.spec import Task
 from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, resolve_axis
@@ -41,6 +41,13 @@ from medldm.volume import ANISOTROPY, Volume, check_memory, rescaled_affine, res
 __all__ = ["PLANES", "Upscaler", "UpscaleResult", "RunningStats", "estimate_planes", "interpolated", "planes_per_call"]
 
 PLANES = Planes.values()
+# Where the estimate of thick slices is made at a factor the networks never learnt (e.g. x5.5 from a model trained
+# at x2 and x4, not told the factor): "trained" (the default since 2026-12-06), on the grid of the nearest trained
+# factor (the slices keep their place, only the HR voxels between them change), then interpolated onto the output
+# grid (cubic B-spline) and made consistent with the scan again; "output", on the output grid, the networks told
+# the nearest trained factor (0.4-2.3 dB worse on the tuning scans: docs/model_card.md, "The estimate on the
+# trained factor's grid").
+ESTIMATE_GRID = "trained"
 HU_MIN = -1024.0  # air: CT outputs are clipped here (and at the scan's maximum)
 Progress = Callable[[int, int], None]
 
@@ -312,23 +319,19 @@ class Upscaler:
         copies = 3 + (self.model.estimator is not None) + (self.model.error_model is not None) + keep_estimate
         copies += bool(self._later_passes(op))
         copies += 2 * (samples > 1)
-        check_memory(hr_shape, volume.path, copies=copies, what="the upscaled grid", share=0.8)
+        grid = self._estimate_grid(plan, hr_shape, op)  # finer than the output when the trained factor is larger
+        larger = max(hr_shape, grid[0], key=lambda shape: int(np.prod(shape)))
+        check_memory(larger, volume.path, copies=copies, what="the upscaled grid", share=0.8)
         norm, lr, modality, limits = self._normalised(volume)
         task_index = self.model.spec.data.tasks.index(task)
         label = self.model.label(task, modality, self.condition_level)
-        tick = _counter(self._total_units(hr_shape, op, samples), progress)
+        tick = _counter(self._total_units(hr_shape, op, samples, grid), progress)
         stats = RunningStats()
         encoded: dict = {}  # condition latents, encoded once and reused by every sample
         estimate = error_scale = None
         if self.model.estimator is not None:  # fidelity first: the regression estimate, made consistent
-            estimate, error_scale = self._estimate(
-                lr,
-                hr_shape,
-                op,
-                self.model.codec.task_label(task_index, modality),
-                tick,
-                geometry_features(plan.scale, plan.thickness),
-            )
+            label_of_task = self.model.codec.task_label(task_index, modality)
+            estimate, error_scale = self._estimate_on(grid, lr, hr_shape, op, plan, label_of_task, tick)
         for k in range(samples):
             if estimate is not None and self.refine == 0:
                 stats.add(estimate)  # already consistent; every sample is the same
@@ -340,6 +343,8 @@ class Upscaler:
         residual = consistency_residual(mean, lr, op)  # normalised LR: a fraction of the intensity range
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
         meta = self._output_meta(plan, samples, seed)
+        if grid[1] is not op:  # the factor of the grid the estimate was made on (docs/grids.md)
+            meta["upscale"]["estimate_scale"] = plan.task.scale
         kept = None  # before the in-place de-normalisation below: with refine 0 the mean is the estimate
         if keep_estimate and estimate is not None:
             kept = volume.with_data(
@@ -368,10 +373,11 @@ class Upscaler:
         limits = (HU_MIN, float(volume.data.max())) if modality_name == "CT" else None
         return norm, lr, MODALITIES.index(modality_name), limits
 
-    def _total_units(self, hr_shape, op, samples: int) -> int:
-        """Progress units of one upscale: the estimate's, and each sample's that needs the diffusion model."""
+    def _total_units(self, hr_shape, op, samples: int, grid) -> int:
+        """Progress units of one upscale: the estimate's (on ``grid``, :meth:`_estimate_grid`), and each sample's
+        that needs the diffusion model."""
         sampled = samples if self.model.estimator is None or self.refine > 0 else 0
-        estimated = self._estimate_units(hr_shape, op) if self.model.estimator is not None else 0
+        estimated = self._estimate_units(*grid) if self.model.estimator is not None else 0
         return estimated + sampled * self._units(hr_shape, op, self.refine_planes)
 
     def _output_meta(self, plan: Plan, samples: int, seed: int) -> dict[str, Any]:
@@ -495,6 +501,38 @@ class Upscaler:
         operator degrades a single axis of the volume, or k-space), in order."""
         kind = "slice-profile" if len(op.axes) == 1 else "kspace" if isinstance(op, KSpaceTruncation) else "other"
         return [getattr(self.model, name) for name in self.model.later_pass_names(kind)]
+
+    def _estimate_grid(self, plan: Plan, hr_shape, op) -> tuple[tuple[int, ...], Any]:
+        """The grid (shape) and forward model the estimate is made on: the output grid, or with ESTIMATE_GRID
+        "trained", for thick slices at a factor the networks never learnt (neither a trained factor nor in a trained
+        range, and not adapted to the scan), the grid of the nearest trained factor, where they see the slice profile
+        they were trained on; :meth:`upscale` then interpolates that estimate onto the output grid and projects it
+        again."""
+        learnt = (
+            self.model.estimator is None
+            or plan.task.kind != "slice-profile"
+            or self.model.scope.knows_factor(plan.task.kind, plan.scale)
+        )
+        # an adapted model's passes learnt the grid its pairs were made on (medldm.adapt.GRID)
+        adapted = self.model.info.get("adapted_to")
+        grid = adapted.get("grid", "output") if adapted else ESTIMATE_GRID
+        if grid == "output" or learnt:
+            return tuple(hr_shape), op
+        trained = replace(plan, scale=plan.task.scale).operator()
+        return tuple(trained.input_shape(op.output_shape(hr_shape))), trained
+
+    def _estimate_on(self, grid, lr: torch.Tensor, hr_shape, op, plan: Plan, label: int, tick):
+        """:meth:`_estimate` on ``grid`` (:meth:`_estimate_grid`), brought onto the output grid and made consistent
+        with ``lr`` there when the grid is another one."""
+        grid_shape, grid_op = grid
+        geometry = geometry_features(grid_op.factors(3)[plan.axis], plan.thickness)
+        estimate, error_scale = self._estimate(lr, grid_shape, grid_op, label, tick, geometry)
+        if grid_op is not op:  # made on the trained factor's grid: onto the output grid, consistent again
+            a = plan.axis
+            estimate = enforce_consistency(resample_axis(estimate, a, hr_shape[a]), lr, op, strength=self.consistency)
+            if error_scale is not None:
+                error_scale = resample_axis(error_scale, a, hr_shape[a]).clamp_min(0)
+        return estimate, error_scale
 
     def _estimate(
         self, lr: torch.Tensor, hr_shape, op, label: int, tick, geometry

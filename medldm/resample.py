@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from medldm.volume import Volume, rescaled_affine
 
-__all__ = ["SPLINE_ORDER", "interpolate", "upsample"]
+__all__ = ["SPLINE_ORDER", "interpolate", "resample_axis", "upsample"]
 
 SPLINE_ORDER = {"nearest": 0, "trilinear": 1, "bspline": 3}
 
@@ -58,3 +58,17 @@ def interpolate(lr: Volume, factors, *, method: str = "trilinear") -> Volume:
         data = ndimage.map_coordinates(data, grid, order=order, mode="nearest", prefilter=order > 1)
     affine = rescaled_affine(lr.affine, [1.0 / f for f in factors])
     return lr.with_data(data.astype(np.float32), affine, baseline=method)
+
+
+def resample_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """``x`` resampled along ``axis`` onto ``size`` voxels over the same field of view (cubic B-spline with scipy's
+    prefilter, edges replicated, as :func:`interpolate`): voxel ``j`` is read at input index
+    ``(j + 0.5) * n / size - 0.5``. One matrix product along the axis, in ``x``'s dtype."""
+    n = x.shape[axis]
+    if n == size:
+        return x
+    coords = (np.arange(size) + 0.5) * n / size - 0.5
+    # the interpolation is linear in the samples: its matrix, one column per input sample
+    weights = np.stack([ndimage.map_coordinates(e, [coords], order=3, mode="nearest") for e in np.eye(n)], axis=1)
+    w = torch.from_numpy(weights).to(x.dtype)
+    return torch.tensordot(w, x.movedim(axis, 0), dims=1).movedim(0, axis).contiguous()

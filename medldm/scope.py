@@ -99,6 +99,11 @@ class TrainingScope:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def knows_factor(self, kind: str, scale: float) -> bool:
+        """Whether the model was trained at this factor of this kind (one of its factors, or inside a range)."""
+        trained, ranges = self.factors.get(kind, ()), self.factor_ranges.get(kind, ())
+        return any(abs(scale - f) < 1e-6 for f in trained) or any(lo <= scale <= hi for lo, hi in ranges)
+
     def warnings(self, volume, plan, *, statistics: dict | None = None) -> list[str]:
         """One line per way ``volume`` (to be upscaled as ``plan``, a medldm.pipeline.Plan) lies outside this
         scope. ``statistics``: :func:`scan_statistics` of the normalised scan, when known."""
@@ -112,14 +117,13 @@ class TrainingScope:
         if modality == "MR" and self.contrasts and contrast and contrast not in self.contrasts:
             out.append(f"its name says {contrast}; the model was trained on {'/'.join(self.contrasts)}")
         trained, ranges = self.factors.get(plan.task.kind, ()), self.factor_ranges.get(plan.task.kind, ())
-        known = any(abs(plan.scale - f) < 1e-6 for f in trained) or any(lo <= plan.scale <= hi for lo, hi in ranges)
-        if trained and not known:
+        if trained and not self.knows_factor(plan.task.kind, plan.scale):
             listed = ", ".join([f"x{f:g}" for f in trained] + [f"x{lo:g}-{hi:g}" for lo, hi in ranges])
             where = "between" if min(trained) < plan.scale < max(trained) else "outside"
             out.append(
-                f"factor x{plan.scale:.3g} lies {where} the trained factors ({listed}); the networks are told "
-                f"x{plan.task.scale:g}; compare it with B-spline made consistent (medldm evaluate --baseline "
-                "bspline-dc): the shipped model was no better at such factors (docs/model_card.md)"
+                f"factor x{plan.scale:.3g} lies {where} the trained factors ({listed}); the networks run at "
+                f"x{plan.task.scale:g} and their estimate is interpolated onto the output grid (docs/grids.md); "
+                "--adapt fine-tunes them to the scan's own slices"
             )
         lo, hi = self.thickness
         if plan.task.kind == "slice-profile" and not lo - 1e-3 <= plan.thickness <= hi + 1e-3:

@@ -4,6 +4,7 @@ Hounsfield units, and warnings when a scan lies outside what the model was train
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,16 @@ import pytest
 import torch
 
 from medldm import MedldmError
-from medldm.degrade import SliceSampling, ThickSlice, degrade_volume, grid_for_factor, make_operator
+from medldm.degrade import (
+    SliceSampling,
+    ThickSlice,
+    degrade_volume,
+    enforce_consistency,
+    grid_for_factor,
+    make_operator,
+)
 from medldm.pipeline import Upscaler
+from medldm.resample import interpolate, resample_axis
 from medldm.scope import TrainingScope, contrast_hint
 from medldm.volume import Volume, crop, face_corners, load, save_nifti
 from tests.helpers import LPIPS, medldm, shared_path
@@ -118,10 +127,47 @@ def test_factor_between_trained_ones_warns_and_is_consistent(default_upscaler, i
     lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=2.5)
     plan = default_upscaler.plan(lr, axis="z", scale=2.5)
     assert plan.task.scale == 2
-    # the user is told the factor is off the trained ones, and what that costs (measured: model card)
-    assert any("between the trained factors" in w and "bspline-dc" in w and "no better" in w for w in plan.warnings)
+    # the user is told the factor is off the trained ones, how the model copes, and what helps
+    assert any("between the trained factors" in w and "run at x2" in w and "--adapt" in w for w in plan.warnings)
     result = default_upscaler.upscale(lr, plan=plan)
     assert result.sr.shape == hr.shape and result.residual < 1e-6
+
+
+def test_off_the_trained_factors_the_estimate_is_made_on_the_trained_grid_then_resampled_and_projected(
+    ixi_path, monkeypatch
+):
+    import medldm.pipeline as pipeline
+
+    vol = crop(load(ixi_path), (slice(40, 72), slice(None), slice(30, 62)))
+    lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=2.5)  # 5 mm slices of a 2 mm scan
+    up = Upscaler("default", device="cpu", refine=0)
+    monkeypatch.setattr(pipeline, "ESTIMATE_GRID", "trained")
+    result = up.upscale(lr, axis="z", scale=2.5)
+    assert result.sr.shape == hr.shape and result.residual < 1e-6
+    assert result.sr.meta["upscale"]["estimate_scale"] == 2  # the output records where the estimate was made
+    # exactly: the model's x2 estimate (its nearest trained factor) resampled onto the x2.5 grid (same field of
+    # view, cubic B-spline) and made consistent with the 5 mm slices
+    at_x2 = torch.from_numpy(up.upscale(lr, axis="z", scale=2).sr.data)
+    a = result.plan.axis
+    op = make_operator("slice-profile", axis=a, scale=result.plan.scale)
+    expected = enforce_consistency(resample_axis(at_x2, a, hr.shape[a]), torch.from_numpy(lr.data), op)
+    np.testing.assert_allclose(result.sr.data, expected.numpy(), atol=1e-3 * float(np.ptp(lr.data)))
+    # a factor the networks learnt, and a model adapted to the scan's own factor, keep the output grid
+    monkeypatch.setattr(pipeline, "ESTIMATE_GRID", "output")
+    on_output = up.upscale(lr, axis="z", scale=2.5).sr.data
+    assert np.abs(on_output - result.sr.data).max() > 1e-2 * float(np.ptp(lr.data))
+    monkeypatch.setattr(pipeline, "ESTIMATE_GRID", "trained")
+    adapted = up.with_model(replace(up.model, info={**up.model.info, "adapted_to": {"factor": 2.5}}))
+    np.testing.assert_array_equal(adapted.upscale(lr, axis="z", scale=2.5).sr.data, on_output)
+    at_x2_again = up.upscale(lr, axis="z", scale=2).sr.data
+    np.testing.assert_array_equal(at_x2_again, at_x2.numpy())
+
+
+def test_resample_axis_is_bspline_interpolation_over_the_same_field_of_view():
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 11, 4)))
+    for size in (44, 27, 8):
+        expected = interpolate(Volume(x.numpy(), np.eye(4)), [1, size / 11, 1], method="bspline").data
+        np.testing.assert_allclose(resample_axis(x, 1, size).numpy(), expected, atol=1e-5)
 
 
 def test_a_t1_brain_within_range_gets_no_warning(default_upscaler, ixi_path):
@@ -250,6 +296,31 @@ def test_adaptation_lowers_its_own_loss_and_changes_the_output(default_upscaler,
     np.testing.assert_array_equal(default_upscaler.upscale(lr, plan=plan).sr.data, before)
     asked = Upscaler(default_upscaler.model, device="cpu", refine=0.15).with_model(adapted.model)
     assert asked.refine == 0.15  # a refinement the user asks for still applies
+
+
+def test_adaptation_off_the_trained_factors_learns_and_runs_on_the_trained_grid(ixi_path, monkeypatch):
+    import medldm.adapt as adapt_module
+    import medldm.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "ESTIMATE_GRID", "trained")
+    vol = crop(load(ixi_path), (slice(20, 100), slice(None), slice(20, 100)))
+    lr, _ = degrade_volume(vol, kind="slice-profile", axis="y", scale=2.5)  # 5 mm slices, 2 mm in-plane
+    up = Upscaler("default", device="cpu")
+    plan = up.plan(lr, axis="y", scale=2.5)
+    adapted = adapt_module.adapt(up.model, lr, plan, steps=4, minutes=None, seed=0)
+    assert adapted.model.info["adapted_to"]["grid"] == "trained" and adapted.factor == pytest.approx(2.5)
+    runner = up.with_model(adapted.model)
+    result = runner.upscale(lr, plan=plan)
+    assert result.residual < 1e-6
+    # the adapted passes run where they learnt: on the x2 grid, then resampled onto the x2.5 grid and projected
+    at_x2 = torch.from_numpy(runner.upscale(lr, axis="y", scale=2).sr.data)
+    a = plan.axis
+    op = make_operator("slice-profile", axis=a, scale=plan.scale)
+    expected = enforce_consistency(resample_axis(at_x2, a, result.sr.shape[a]), torch.from_numpy(lr.data), op)
+    np.testing.assert_allclose(result.sr.data, expected.numpy(), atol=1e-3 * float(np.ptp(lr.data)))
+    monkeypatch.setattr(adapt_module, "GRID", "output")  # pairs at the scan's own factor: the output grid
+    own = adapt_module.adapt(up.model, lr, plan, steps=2, minutes=None, seed=0)
+    assert own.model.info["adapted_to"]["grid"] == "output"
 
 
 def test_adaptation_needs_thick_slices_and_a_bound(default_upscaler, ixi_path):
