@@ -128,8 +128,17 @@ def upscale_record(
         "batch_size": upscaler.batch_size,
     }
     how = sampling_summary(upscaler)
+    made = result.sr.meta.get("upscale", {})
+    # the output grid's exact factor (any number for thick slices), and the trained factor whose grid the estimate
+    # was made on when the model never learnt that one (docs/grids.md)
+    factor = {
+        "exact": made.get("scale", task.scale),
+        "thickness_ratio": made.get("thickness", 1.0),
+        "estimate_scale": made.get("estimate_scale", made.get("scale", task.scale)),
+    }
     description = (
-        f"Super-resolved by medldm {__version__}: {task.kind} x{task.scale} along voxel axis {result.axis}, "
+        f"Super-resolved by medldm {__version__}: {task.kind} x{factor['exact']:.4g} along voxel axis {result.axis}"
+        f" (the model's x{task.scale} task), "
         f"model {model.config.name} ({model_digest(model.path)[:12]}), {how}, made consistent with the "
         f"input (residual {100 * result.residual:.3g}% of range). Finer detail than the input's is a "
         "model's guess."
@@ -152,6 +161,7 @@ def upscale_record(
                 "config_digest": model.info.get("config_digest"),
             },
             "task": {"kind": task.kind, "scale": task.scale, "axis": result.axis, "profile": task.profile},
+            "factor": factor,
             "sampling": settings,
             "consistency_residual": result.residual,
             "wall_time_s": round(wall_s, 3),
@@ -171,8 +181,9 @@ def short_description(record: dict) -> str:
     """The record in one short line, for the NIfTI descrip field (save_nifti keeps its first 79 bytes)."""
     m = record["medldm"]
     s, t = m["sampling"], m["task"]
+    factor = m.get("factor", {}).get("exact", t["scale"])
     return (
-        f"medldm {record['GeneratedBy'][0]['Version']} {m['model']['sha256'][:12]} {t['kind']} x{t['scale']} "
+        f"medldm {record['GeneratedBy'][0]['Version']} {m['model']['sha256'][:12]} {t['kind']} x{factor:.4g} "
         f"ax{t['axis']} r{s['refine']:g} s{s['steps']} n{s['samples']} seed{s['seed']}"
     )
 

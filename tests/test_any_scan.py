@@ -134,9 +134,10 @@ def test_factor_between_trained_ones_warns_and_is_consistent(default_upscaler, i
 
 
 def test_off_the_trained_factors_the_estimate_is_made_on_the_trained_grid_then_resampled_and_projected(
-    ixi_path, monkeypatch
+    ixi_path, monkeypatch, tmp_path
 ):
     import medldm.pipeline as pipeline
+    from medldm.provenance import short_description, upscale_record
 
     vol = crop(load(ixi_path), (slice(40, 72), slice(None), slice(30, 62)))
     lr, hr = degrade_volume(vol, kind="slice-profile", axis="z", scale=2.5)  # 5 mm slices of a 2 mm scan
@@ -145,6 +146,12 @@ def test_off_the_trained_factors_the_estimate_is_made_on_the_trained_grid_then_r
     result = up.upscale(lr, axis="z", scale=2.5)
     assert result.sr.shape == hr.shape and result.residual < 1e-6
     assert result.sr.meta["upscale"]["estimate_scale"] == 2  # the output records where the estimate was made
+    save_nifti(lr, tmp_path / "lr.nii.gz")
+    record = upscale_record(
+        source=tmp_path / "lr.nii.gz", volume=lr, result=result, upscaler=up, output=tmp_path / "sr.nii.gz", wall_s=1
+    )
+    assert record["medldm"]["factor"] == {"exact": 2.5, "thickness_ratio": 1.0, "estimate_scale": 2}
+    assert "slice-profile x2.5 along" in record["Description"] and " x2.5 " in short_description(record)
     # exactly: the model's x2 estimate (its nearest trained factor) resampled onto the x2.5 grid (same field of
     # view, cubic B-spline) and made consistent with the 5 mm slices
     at_x2 = torch.from_numpy(up.upscale(lr, axis="z", scale=2).sr.data)
@@ -303,12 +310,12 @@ def test_adaptation_off_the_trained_factors_learns_and_runs_on_the_trained_grid(
     import medldm.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "ESTIMATE_GRID", "trained")
-    vol = crop(load(ixi_path), (slice(20, 100), slice(None), slice(20, 100)))
+    vol = crop(load(ixi_path), (slice(24, 88), slice(None), slice(24, 88)))
     lr, _ = degrade_volume(vol, kind="slice-profile", axis="y", scale=2.5)  # 5 mm slices, 2 mm in-plane
     up = Upscaler("default", device="cpu")
     plan = up.plan(lr, axis="y", scale=2.5)
     adapted = adapt_module.adapt(up.model, lr, plan, steps=4, minutes=None, seed=0)
-    assert adapted.model.info["adapted_to"]["grid"] == "trained" and adapted.factor == pytest.approx(2.5)
+    assert adapted.model.info["adapted_to"]["grid"] == "trained" and adapted.factor == pytest.approx(plan.scale)
     runner = up.with_model(adapted.model)
     result = runner.upscale(lr, plan=plan)
     assert result.residual < 1e-6
@@ -319,7 +326,7 @@ def test_adaptation_off_the_trained_factors_learns_and_runs_on_the_trained_grid(
     expected = enforce_consistency(resample_axis(at_x2, a, result.sr.shape[a]), torch.from_numpy(lr.data), op)
     np.testing.assert_allclose(result.sr.data, expected.numpy(), atol=1e-3 * float(np.ptp(lr.data)))
     monkeypatch.setattr(adapt_module, "GRID", "output")  # pairs at the scan's own factor: the output grid
-    own = adapt_module.adapt(up.model, lr, plan, steps=2, minutes=None, seed=0)
+    own = adapt_module.adapt(up.model, lr, plan, steps=1, minutes=None, seed=0)
     assert own.model.info["adapted_to"]["grid"] == "output"
 
 

@@ -44,6 +44,7 @@ def test_the_sidecar_records_the_run_and_reruns_it_to_the_same_output(tmp_path, 
     assert run["model"]["sha256"] == hashlib.sha256((model / "SHA256SUMS").read_bytes()).hexdigest()
     assert run["sampling"]["steps"] == 2 and run["sampling"]["seed"] == 7
     assert run["task"] == {"kind": "slice-profile", "scale": 4, "axis": 2, "profile": "gaussian"}
+    assert run["factor"] == {"exact": 4, "thickness_ratio": 1.0, "estimate_scale": 4}
     assert run["input"]["shape"] == list(nib.load(scan).shape) and run["output"]["shape"] == list(nib.load(out).shape)
     assert run["consistency_residual"] < 1e-4 and run["wall_time_s"] > 0
     assert record["Description"].startswith("Super-resolved by medldm") and record["Sources"] == [str(scan)]
