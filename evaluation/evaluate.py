@@ -242,6 +242,7 @@ class Case:
     outputs: dict[str, Volume] = field(default_factory=dict)
     uncertainty: Volume | None = None
     residual: float | None = None  # the model's consistency residual
+    adaptation: dict | None = None  # --adapt: steps over every adapted pass (200 each unless the time cap cut them), s
 
 
 def _timed(timings: dict[str, list[float]], method: str, tic: float) -> float:
@@ -290,6 +291,8 @@ def _run_model(case: Case, lr: Volume, upscaler, options, methods, timings, *, s
         adapted = run_adaptation(upscaler.model, lr, plan, seed=seed, **adapt)
         runner = upscaler.with_model(adapted.model)
         timings.setdefault("adaptation", []).append(adapted.seconds)
+        steps = adapted.steps + sum(len(losses) for losses in adapted.later_losses)
+        case.adaptation = {"adaptation_steps": steps, "adaptation_s": adapted.seconds}
     # the regression baseline is the strongest regression the model gives: its estimate over both stacks of
     # planes, made consistent; the model's own upscale provides it when it also uses both stacks
     shared = REGRESSION in methods and runner.planes == "both"
@@ -328,6 +331,7 @@ class Scores:
             }
             if method == "model":
                 row["consistency_residual"] = case.residual
+                row.update(case.adaptation or {})
                 unc = case.uncertainty
                 if unc is not None and np.ptp(unc.data) > 0:
                     cal = uncertainty_calibration(unc.data, pred.data, truth.data, mask=mask)

@@ -110,7 +110,7 @@ def adapt(
         _check(later_losses[-1], volume)
         adapted = replace(adapted, **{name: net.eval().requires_grad_(False)})
     seconds = time.perf_counter() - started
-    # adapted_to tells the upscaler that the passes learnt this scan's own factor (they run on its output grid)
+    # adapted_to tells the upscaler which grid the adapted passes learnt (and so run on: docs/grids.md)
     own = {"factor": round(factor, 6), "thickness": plan.thickness, "grid": grid}
     sampling = {**model.defaults(), "refine": REFINE}
     adapted = replace(adapted, info={**model.info, "sampling": sampling, "adapted_to": own})

@@ -362,8 +362,10 @@ def test_evaluate_adapt_scores_the_model_adapted_and_unadapted(tmp_path, head_ct
         lpips_weights=str(LPIPS),
     )
     with open(tmp_path / "report" / "metrics.csv") as fh:
-        methods = [r["method"] for r in csv.DictReader(fh)]
-    assert sorted(methods) == ["bspline-dc", "model", "unadapted"]
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert sorted(rows) == ["bspline-dc", "model", "unadapted"]
+    # each volume's adaptation: steps over the adapted passes (2 each: the estimator and the second pass), seconds
+    assert rows["model"]["adaptation_steps"] == "4" and float(rows["model"]["adaptation_s"]) > 0
     assert "adapted to each degraded scan first" in (tmp_path / "report" / "report.html").read_text()
     sampling = json.loads((tmp_path / "report" / "summary.json").read_text())["protocol"]["sampling"]
     assert "refine 0.0 (" in sampling and "without it, refine 0.15)" in sampling  # what each of the two ran with
