@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -115,3 +116,17 @@ def save(out: Path, name: str, data: dict) -> Path:
         )
     )
     return path
+
+
+def variant_cli(variants, worker, main) -> None:
+    """The command line of a benchmark whose workers take (variant, quick): ``--worker VARIANT [--quick]`` runs one
+    variant in this process, otherwise ``main(quick, out)`` runs them all."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", choices=list(variants))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench_output"))
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.quick)
+    else:
+        main(args.quick, args.out)

@@ -9,11 +9,10 @@ costs against upscaling one). PSNR / SSIM against the truth inside the head.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, save, table
+from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, save, table, variant_cli
 
 SCAN = "data/mri/colin27-mricron/ch2.nii.gz"
 VARIANTS = ("upscale-one-stack", "fuse-bspline", "fuse-model")
@@ -87,12 +86,4 @@ def main(quick: bool, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", choices=VARIANTS)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("bench_output"))
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.quick)
-    else:
-        main(args.quick, args.out)
+    variant_cli(VARIANTS, worker, main)

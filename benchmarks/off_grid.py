@@ -9,11 +9,10 @@ fresh process. ``--quick``: the same at x2.5 on a 2 mm IXI scan.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, save, table
+from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, save, table, variant_cli
 
 FULL = ("data/mri/colin27-mricron/ch2.nii.gz", 5.5)
 QUICK = ("data/mri/ixi-t1-2mm/IXI012-HH-1211_T1.nii.gz", 2.5)
@@ -47,7 +46,7 @@ def worker(grid: str, quick: bool) -> None:
             "wall_s": wall,
             "peak_rss_mb": peak_rss_mb(),
             "rss_before_run_mb": base,
-            "estimate_scale": result.sr.meta["upscale"].get("estimate_scale", scale),
+            "estimate_scale": result.sr.meta["upscale"]["estimate_scale"],
             **_scores(result.sr.data, truth, a),
         }
     )
@@ -73,12 +72,4 @@ def main(quick: bool, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", choices=GRIDS)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("bench_output"))
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.quick)
-    else:
-        main(args.quick, args.out)
+    variant_cli(GRIDS, worker, main)

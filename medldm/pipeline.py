@@ -342,9 +342,8 @@ class Upscaler:
         mean = stats.mean
         residual = consistency_residual(mean, lr, op)  # normalised LR: a fraction of the intensity range
         affine = rescaled_affine(volume.affine, [1.0 / f for f in op.factors(3)])
-        meta = self._output_meta(plan, samples, seed)
-        if grid[1] is not op:  # the factor of the grid the estimate was made on (docs/grids.md)
-            meta["upscale"]["estimate_scale"] = plan.task.scale
+        estimate_scale = plan.scale if grid[1] is op else plan.task.scale
+        meta = self._output_meta(plan, samples, seed, estimate_scale=estimate_scale)
         kept = None  # before the in-place de-normalisation below: with refine 0 the mean is the estimate
         if keep_estimate and estimate is not None:
             kept = volume.with_data(
@@ -380,14 +379,16 @@ class Upscaler:
         estimated = self._estimate_units(*grid) if self.model.estimator is not None else 0
         return estimated + sampled * self._units(hr_shape, op, self.refine_planes)
 
-    def _output_meta(self, plan: Plan, samples: int, seed: int) -> dict[str, Any]:
-        """What the output volume's metadata records of how it was made."""
+    def _output_meta(self, plan: Plan, samples: int, seed: int, *, estimate_scale: float) -> dict[str, Any]:
+        """What the output volume's metadata records of how it was made (``estimate_scale``: the factor of the grid
+        the estimate was made on, docs/grids.md)."""
         task = plan.task
         return {
             "slice_thickness": None,  # the input's no longer describes the output's slices
             "upscale": {
                 "kind": task.kind,
                 "scale": plan.scale,
+                "estimate_scale": estimate_scale,
                 "thickness": plan.thickness,
                 "axis": plan.axis,
                 "model_task": f"{task.kind} x{task.scale}",

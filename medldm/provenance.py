@@ -128,14 +128,10 @@ def upscale_record(
         "batch_size": upscaler.batch_size,
     }
     how = sampling_summary(upscaler)
-    made = result.sr.meta.get("upscale", {})
-    # the output grid's exact factor (any number for thick slices), and the trained factor whose grid the estimate
-    # was made on when the model never learnt that one (docs/grids.md)
-    factor = {
-        "exact": made.get("scale", task.scale),
-        "thickness_ratio": made.get("thickness", 1.0),
-        "estimate_scale": made.get("estimate_scale", made.get("scale", task.scale)),
-    }
+    made = result.sr.meta["upscale"]
+    # the output grid's exact factor (any number for thick slices), and the factor of the grid the estimate was made
+    # on (the nearest trained one where the model never learnt the exact one: docs/grids.md)
+    factor = {"exact": made["scale"], "thickness_ratio": made["thickness"], "estimate_scale": made["estimate_scale"]}
     description = (
         f"Super-resolved by medldm {__version__}: {task.kind} x{factor['exact']:.4g} along voxel axis {result.axis}"
         f" (the model's x{task.scale} task), "
@@ -181,7 +177,7 @@ def short_description(record: dict) -> str:
     """The record in one short line, for the NIfTI descrip field (save_nifti keeps its first 79 bytes)."""
     m = record["medldm"]
     s, t = m["sampling"], m["task"]
-    factor = m.get("factor", {}).get("exact", t["scale"])
+    factor = m["factor"]["exact"]
     return (
         f"medldm {record['GeneratedBy'][0]['Version']} {m['model']['sha256'][:12]} {t['kind']} x{factor:.4g} "
         f"ax{t['axis']} r{s['refine']:g} s{s['steps']} n{s['samples']} seed{s['seed']}"

@@ -38,37 +38,33 @@ def interpolate(lr: Volume, factors, *, method: str = "trilinear") -> Volume:
     """
     order = SPLINE_ORDER[method]
     factors = [int(round(f)) if abs(f - round(f)) < 1e-9 else float(f) for f in factors]
-    shape = tuple(int(round(n * f)) for n, f in zip(lr.shape, factors, strict=True))
-    coords = [(np.arange(n) - (f - 1) / 2.0) / f for n, f in zip(shape, factors, strict=True)]
-    data = lr.data.astype(np.float64)
-    # separable: interpolate one axis at a time (exact for these tensor-product kernels, and much cheaper)
-    for axis, (f, c) in enumerate(zip(factors, coords, strict=True)):
-        if f == 1:
-            continue
-        if order == 0:
-            data = np.take(data, np.clip(np.floor(c + 0.5).astype(int), 0, lr.shape[axis] - 1), axis=axis)
-            continue
-        grid = np.meshgrid(
-            *[
-                np.arange(n, dtype=np.float64) if a != axis else c
-                for a, n in enumerate(data.shape[:axis] + (len(c),) + data.shape[axis + 1 :])
-            ],
-            indexing="ij",
-        )
-        data = ndimage.map_coordinates(data, grid, order=order, mode="nearest", prefilter=order > 1)
+    data = torch.from_numpy(lr.data.astype(np.float64))
+    # separable: one axis at a time (exact for these tensor-product kernels, and much cheaper)
+    for axis, (n, f) in enumerate(zip(lr.shape, factors, strict=True)):
+        if f != 1:
+            data = resample_axis(data, axis, int(round(n * f)), factor=f, order=order)
     affine = rescaled_affine(lr.affine, [1.0 / f for f in factors])
-    return lr.with_data(data.astype(np.float32), affine, baseline=method)
+    return lr.with_data(data.numpy().astype(np.float32), affine, baseline=method)
 
 
-def resample_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    """``x`` resampled along ``axis`` onto ``size`` voxels over the same field of view (cubic B-spline with scipy's
-    prefilter, edges replicated, as :func:`interpolate`): voxel ``j`` is read at input index
-    ``(j + 0.5) * n / size - 0.5``. One matrix product along the axis, in ``x``'s dtype."""
+def resample_axis(
+    x: torch.Tensor, axis: int, size: int, *, factor: float | None = None, order: int = 3
+) -> torch.Tensor:
+    """``x`` resampled along ``axis`` onto ``size`` voxels over the same field of view, edges replicated: voxel ``j``
+    is read at input index ``(j - (f - 1) / 2) / f``, ``f = factor`` (default ``size / n``, the exact factor).
+    ``order``: 0 nearest, 1 linear, 3 cubic B-spline with scipy's prefilter. One matrix product along the axis (or
+    an index for nearest), in ``x``'s dtype."""
     n = x.shape[axis]
-    if n == size:
+    if n == size and factor is None:
         return x
-    coords = (np.arange(size) + 0.5) * n / size - 0.5
+    f = size / n if factor is None else factor
+    coords = (np.arange(size) - (f - 1) / 2.0) / f
+    if order == 0:
+        index = torch.from_numpy(np.clip(np.floor(coords + 0.5).astype(np.int64), 0, n - 1))
+        return x.index_select(axis, index)
     # the interpolation is linear in the samples: its matrix, one column per input sample
-    weights = np.stack([ndimage.map_coordinates(e, [coords], order=3, mode="nearest") for e in np.eye(n)], axis=1)
-    w = torch.from_numpy(weights).to(x.dtype)
+    columns = [
+        ndimage.map_coordinates(e, [coords], order=order, mode="nearest", prefilter=order > 1) for e in np.eye(n)
+    ]
+    w = torch.from_numpy(np.stack(columns, axis=1)).to(x.dtype)
     return torch.tensordot(w, x.movedim(axis, 0), dims=1).movedim(0, axis).contiguous()

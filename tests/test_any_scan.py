@@ -170,11 +170,26 @@ def test_off_the_trained_factors_the_estimate_is_made_on_the_trained_grid_then_r
     np.testing.assert_array_equal(at_x2_again, at_x2.numpy())
 
 
-def test_resample_axis_is_bspline_interpolation_over_the_same_field_of_view():
-    x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, 11, 4)))
-    for size in (44, 27, 8):
-        expected = interpolate(Volume(x.numpy(), np.eye(4)), [1, size / 11, 1], method="bspline").data
-        np.testing.assert_allclose(resample_axis(x, 1, size).numpy(), expected, atol=1e-5)
+def test_resample_axis_is_spline_interpolation_over_the_same_field_of_view():
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).normal(size=(5, 11, 4))
+    for size, factor in ((44, None), (27, None), (8, None), (28, 2.5)):
+        f = size / 11 if factor is None else factor
+        # scipy on the whole volume, each output voxel read at LR index (j - (f - 1) / 2) / f along axis 1
+        grid = np.meshgrid(np.arange(5.0), (np.arange(size) - (f - 1) / 2) / f, np.arange(4.0), indexing="ij")
+        for order in (0, 1, 3):
+            if order == 0:
+                expected = np.take(x, np.clip(np.floor(grid[1][0, :, 0] + 0.5).astype(int), 0, 10), axis=1)
+            else:
+                expected = ndimage.map_coordinates(x, grid, order=order, mode="nearest", prefilter=order > 1)
+            got = resample_axis(torch.from_numpy(x), 1, size, factor=factor, order=order).numpy()
+            np.testing.assert_allclose(got, expected, atol=1e-12)
+    # interpolate (the baselines' upsampling) is that, axis by axis
+    vol = Volume(x.astype(np.float32), np.eye(4))
+    expected = resample_axis(resample_axis(torch.from_numpy(x), 1, 28, factor=2.5), 2, 8, factor=2).numpy()
+    got = interpolate(vol, [1, 2.5, 2], method="bspline").data
+    np.testing.assert_allclose(got, expected.astype(np.float32), atol=1e-5)
 
 
 def test_a_t1_brain_within_range_gets_no_warning(default_upscaler, ixi_path):
