@@ -209,6 +209,7 @@ def sampling_of(upscaler, *, adapted: bool = False) -> dict[str, Any]:
     names = ("sampler", "steps", "planes", "refine", "refine_planes")
     sampling = {name: getattr(upscaler, name) for name in names}
     sampling["estimate_grid"] = ESTIMATE_GRID
+    sampling["unseen-modality refine"] = upscaler.unseen_modality_refine  # e.g. CT scored with an MR model
     if adapted:
         from medldm.adapt import REFINE
 
@@ -501,4 +502,7 @@ def _model_protocol(model, sampling: dict, adapt: dict | None) -> dict[str, str]
             f"{adapt['minutes'] or 'no limit in'} minutes in all; 'unadapted' is the same model without it"
             + (f", refine {sampling['unadapted refine']})" if "unadapted refine" in sampling else ")")
         )
+    unseen, default = sampling.get("unseen-modality refine"), sampling.get("unadapted refine", sampling["refine"])
+    if staged and unseen is not None and unseen != default:  # medldm.pipeline.Upscaler.unseen_modality_refine
+        how += f"; scans of a modality the model was not trained on (CT for an MR model) get refine {unseen:g}"
     return {"model": described, "sampling": how}

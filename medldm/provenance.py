@@ -90,12 +90,14 @@ def _geometry(volume) -> dict:
     }
 
 
-def sampling_summary(upscaler) -> str:
-    """How an Upscaler makes its output, in words (provenance records, the demo)."""
-    if upscaler.model.estimator is not None and upscaler.refine == 0:
+def sampling_summary(upscaler, refine: float | None = None) -> str:
+    """How an Upscaler makes its output, in words (provenance records, the demo); ``refine``: the level one output
+    was made with, where it differs from the upscaler's (medldm.pipeline.Plan.refine)."""
+    refine = upscaler.refine if refine is None else refine
+    if upscaler.model.estimator is not None and refine == 0:
         return "its regression estimate (no diffusion refinement)"
     if upscaler.model.estimator is not None:
-        return f"its regression estimate refined by {upscaler.steps} diffusion step(s) from {upscaler.refine:g}"
+        return f"its regression estimate refined by {upscaler.steps} diffusion step(s) from {refine:g}"
     return f"{upscaler.steps} diffusion sampler step(s) from noise"
 
 
@@ -113,9 +115,10 @@ def upscale_record(
     ``command`` defaults to this process's command line (``medldm`` and its arguments)."""
     model = upscaler.model
     task = result.task
+    made = result.sr.meta["upscale"]
     settings = {
         "steps": upscaler.steps,
-        "refine": upscaler.refine,
+        "refine": made["refine"],  # this scan's (a modality the model never learnt gets the estimate alone)
         "sampler": upscaler.sampler,
         "planes": upscaler.planes,
         "refine_planes": upscaler.refine_planes,
@@ -127,8 +130,7 @@ def upscale_record(
         "diffusion_bf16": upscaler.diffusion_bf16,
         "batch_size": upscaler.batch_size,
     }
-    how = sampling_summary(upscaler)
-    made = result.sr.meta["upscale"]
+    how = sampling_summary(upscaler, made["refine"])
     # the output grid's exact factor (any number for thick slices), and the factor of the grid the estimate was made
     # on (the nearest trained one where the model never learnt the exact one: docs/grids.md)
     factor = {"exact": made["scale"], "thickness_ratio": made["thickness"], "estimate_scale": made["estimate_scale"]}

@@ -242,8 +242,25 @@ def test_ct_warns_and_stays_in_hounsfield_range(default_upscaler, head_ct):
     lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="z", scale=4)
     plan = default_upscaler.plan(lr)
     assert any("looks like CT" in w for w in plan.warnings)
-    result = default_upscaler.upscale(lr, plan=plan)
+    result = default_upscaler.upscale(lr, plan=plan, keep_estimate=True)
     assert result.sr.data.min() >= -1024 and result.sr.data.max() <= lr.data.max()
+    # the MR model's diffusion refinement is not applied to CT by default: the output is its regression estimate
+    assert not plan.modality_seen and any("estimate alone" in w for w in plan.warnings)
+    assert result.sr.meta["upscale"]["refine"] == 0
+    np.testing.assert_array_equal(result.sr.data, result.estimate.data)
+
+
+def test_a_refinement_asked_for_applies_to_any_modality(default_upscaler, head_ct, ixi_path):
+    ct, _ = degrade_volume(head_ct, kind="slice-profile", axis="z", scale=4)
+    asked = Upscaler(default_upscaler.model, refine=default_upscaler.refine)
+    plan = asked.plan(ct)
+    assert not plan.modality_seen and not any("estimate alone" in w for w in plan.warnings)
+    assert asked.unseen_modality_refine == asked.refine > 0
+    out = asked.upscale(ct, plan=plan, keep_estimate=True)
+    assert out.sr.meta["upscale"]["refine"] == asked.refine
+    assert not np.array_equal(out.sr.data, out.estimate.data)  # the diffusion detail was added
+    mr = crop(load(ixi_path), (slice(40, 80), slice(40, 80), slice(None)))
+    assert default_upscaler.plan(mr, axis="z").modality_seen
 
 
 # ---------------------------------------------------------------------------------------------- the scope
@@ -289,6 +306,8 @@ def test_cli_warns_and_strict_refuses(tmp_path, head_ct):
     assert run.returncode == 0, run.stderr
     assert "warning: ct.nii.gz: the scan looks like CT" in run.stderr
     assert (tmp_path / "sr.nii.gz").exists()
+    record = json.loads((tmp_path / "sr.json").read_text())  # the provenance names the refinement this scan got
+    assert record["medldm"]["sampling"]["refine"] == 0 and "no diffusion refinement" in record["Description"]
 
 
 # ---------------------------------------------------------------------------------------------- adaptation
