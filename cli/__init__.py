@@ -469,7 +469,7 @@ Adapt = Annotated[
 AdaptSteps = Annotated[int | None, typer.Option(min=1, help="--adapt: at most this many steps per estimator pass")]
 AdaptMinutes = Annotated[
     float | None,
-    typer.Option(min=0.05, help="--adapt: at most this many minutes in all (default: 200 steps per pass within 4)"),
+    typer.Option(min=0.05, help="--adapt: at most this many minutes in all (default: 400 steps per pass within 4)"),
 ]
 SaveAdapted = Annotated[Path | None, typer.Option(help="--adapt: also write the adapted model folder here")]
 Axis = Annotated[str, typer.Option(help=AXIS_HELP)]

@@ -243,7 +243,7 @@ class Case:
     outputs: dict[str, Volume] = field(default_factory=dict)
     uncertainty: Volume | None = None
     residual: float | None = None  # the model's consistency residual
-    adaptation: dict | None = None  # --adapt: steps over every adapted pass (200 each unless the time cap cut them), s
+    adaptation: dict | None = None  # --adapt: steps over every adapted pass (400 each unless the time cap cut them), s
 
 
 def _timed(timings: dict[str, list[float]], method: str, tic: float) -> float:
