@@ -10,12 +10,11 @@ the truth inside the head, with cubic B-spline (plain, and with the model's data
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, save, table
+from benchmarks.common import SHARED, emit, peak_rss_mb, reset_peak_rss, rss_mb, run_worker, save, table, variant_cli
 
 SCAN = "data/mri/colin27-mricron/ch2.nii.gz"
 VARIANTS: dict[str, dict[str, Any]] = {  # Upscaler options
@@ -46,7 +45,8 @@ def _scores(pred, truth, axis: int) -> dict:
     }
 
 
-def worker(variant: str) -> None:
+def worker(variant: str, quick: bool = False) -> None:
+    """One variant on the whole brain (``quick`` is main's: it runs fewer variants, each the same)."""
     from medldm.pipeline import Upscaler
 
     up = Upscaler("default", device="cpu", **VARIANTS[variant])
@@ -108,12 +108,4 @@ def main(quick: bool, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", choices=list(VARIANTS))
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path("bench_output"))
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker)
-    else:
-        main(args.quick, args.out)
+    variant_cli(VARIANTS, worker, main)

@@ -266,7 +266,7 @@ class Upscaler:
             thickness: the slice thickness in mm (default: the DICOM SliceThickness, else the slice spacing).
         """
         tasks = self.model.spec.data.tasks
-        normalised = self._normalised(volume)[1].numpy()  # first: an unusable scan (a constant image) is named
+        _, normalised, modality, _ = self._normalised(volume)  # first: an unusable scan (a constant image) is named
         voxel_spacing = np.asarray(volume.spacing, dtype=np.float64)
         anisotropic = voxel_spacing.max() / voxel_spacing.min() > ANISOTROPY
         if kind is None:
@@ -285,16 +285,21 @@ class Upscaler:
         exact = _exact_factor(volume, a, kind, spacing=spacing, scale=scale, trained=trained, anisotropic=anisotropic)
         ratio = _thickness_ratio(volume, a, kind, thickness)
         task = min(trained, key=lambda t: abs(math.log(t.scale / exact)))
-        plan = Plan(task, a, round(exact) if abs(exact - round(exact)) < 1e-9 else exact, ratio)
         scope = self.model.scope
-        warnings = scope.warnings(volume, plan, statistics=scan_statistics(normalised))
-        seen = guess_modality(volume.data, volume.meta.get("modality")) in scope.modalities
-        if not seen and self.unseen_modality_refine != self.refine:
+        seen = MODALITIES[modality] in scope.modalities
+        plan = Plan(task, a, round(exact) if abs(exact - round(exact)) < 1e-9 else exact, ratio, modality_seen=seen)
+        warnings = scope.warnings(volume, plan, statistics=scan_statistics(normalised.numpy()))
+        if self.refine_for(plan) != self.refine:
             warnings.append(
                 f"the diffusion refinement learnt {'/'.join(scope.modalities)} only, so this scan gets the "
                 f"regression estimate alone (--refine {self.refine:g} adds it)"
             )
-        return Plan(task, a, plan.scale, ratio, tuple(warnings), seen)
+        return replace(plan, warnings=tuple(warnings))
+
+    def refine_for(self, plan: Plan) -> float:
+        """The refinement level the scan ``plan`` was made for gets: this upscaler's, or for a modality the model
+        never learnt, :attr:`unseen_modality_refine`."""
+        return self.refine if plan.modality_seen else self.unseen_modality_refine
 
     def choose(
         self, volume: Volume, *, axis: str | int = "auto", scale: int | None = None, kind: str | None = None
@@ -327,9 +332,9 @@ class Upscaler:
             raise MedldmError(f"samples must be at least 1, got {samples}")
         if plan is None:
             plan = self.plan(volume, axis=axis, scale=scale, kind=kind, spacing=spacing, thickness=thickness)
-        if not plan.modality_seen and self.unseen_modality_refine != self.refine:
+        if self.refine_for(plan) != self.refine:
             runner = copy.copy(self)  # the same networks, without the refinement the model never learnt here
-            runner.refine = self.unseen_modality_refine
+            runner.refine = self.refine_for(plan)
             return runner.upscale(
                 volume, samples=samples, seed=seed, progress=progress, keep_estimate=keep_estimate, plan=plan
             )

@@ -92,7 +92,7 @@ def _geometry(volume) -> dict:
 
 def sampling_summary(upscaler, refine: float | None = None) -> str:
     """How an Upscaler makes its output, in words (provenance records, the demo); ``refine``: the level one output
-    was made with, where it differs from the upscaler's (medldm.pipeline.Plan.refine)."""
+    was made with, where it differs from the upscaler's (medldm.pipeline.Upscaler.refine_for)."""
     refine = upscaler.refine if refine is None else refine
     if upscaler.model.estimator is not None and refine == 0:
         return "its regression estimate (no diffusion refinement)"
