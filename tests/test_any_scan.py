@@ -302,9 +302,10 @@ def test_cli_warns_and_strict_refuses(tmp_path, head_ct):
     strict = medldm("upscale", scan, "--strict", "-o", tmp_path / "strict.nii.gz")
     assert strict.returncode == 1 and "looks like CT" in strict.stderr and "--strict" in strict.stderr
     assert not (tmp_path / "strict.nii.gz").exists()
-    run = medldm("upscale", scan, "-o", tmp_path / "sr.nii.gz")
+    run = medldm("upscale", scan, "--samples", "2", "-o", tmp_path / "sr.nii.gz")
     assert run.returncode == 0, run.stderr
     assert "warning: ct.nii.gz: the scan looks like CT" in run.stderr
+    assert "the 2 samples are all the regression estimate" in run.stderr  # a zero spread is said, not hidden
     assert (tmp_path / "sr.nii.gz").exists()
     record = json.loads((tmp_path / "sr.json").read_text())  # the provenance names the refinement this scan got
     assert record["medldm"]["sampling"]["refine"] == 0 and "no diffusion refinement" in record["Description"]
