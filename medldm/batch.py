@@ -143,10 +143,11 @@ def upscale_to_files(upscaler, volume: Volume, source: Path, target: Path, reque
     dropped = runner.refine_for(plan) == 0 and upscaler.refine != 0
     if request.samples > 1 and runner.model.estimator is not None and dropped:
         # the CLI's note covers a --refine 0 the user gave; this is the refinement the scan or --adapt dropped
+        steps = "" if upscaler.steps >= 8 else " --steps 8"
         listener.warn(
             source,
-            f"the {request.samples} samples are all the regression estimate (no diffusion refinement here), so "
-            f"their spread, the uncertainty map, is zero; --refine {upscaler.refine:g} draws samples that differ",
+            f"the {request.samples} samples are all the regression estimate (no diffusion refinement here), so their "
+            f"spread, the uncertainty map, is zero; --refine {upscaler.refine:g}{steps} draws samples that differ",
         )
     progress = listener.progress(source.name)
     result = runner.upscale(volume, plan=plan, samples=request.samples, seed=request.seed, progress=progress)
