@@ -140,9 +140,9 @@ def upscale_to_files(upscaler, volume: Volume, source: Path, target: Path, reque
     runner, adaptation = upscaler, None
     if request.adapt is not None:
         runner, adaptation = _adapted(upscaler, volume, plan, source, request, listener)
-    dropped = runner.refine_for(plan) == 0 and upscaler.refine != 0
-    if request.samples > 1 and runner.model.estimator is not None and dropped:
-        # the CLI's note covers a --refine 0 the user gave; this is the refinement the scan or --adapt dropped
+    # the refinement this scan or --adapt dropped (only models with an estimator drop it; the CLI's note covers a
+    # --refine 0 the user gave): every sample is then the same estimate
+    if request.samples > 1 and runner.refine_for(plan) == 0 and upscaler.refine != 0:
         steps = "" if upscaler.steps >= 8 else " --steps 8"
         listener.warn(
             source,
