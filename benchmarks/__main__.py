@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks import brain_1mm, fusion, off_grid, scaling, steps_quality, training, upscale_reference
+from benchmarks import adapt, brain_1mm, fusion, off_grid, scaling, steps_quality, training, upscale_reference
 
 BENCHMARKS = {
     "upscale_reference": upscale_reference,
@@ -16,10 +16,11 @@ BENCHMARKS = {
     "brain_1mm": brain_1mm,
     "fusion": fusion,
     "off_grid": off_grid,
+    "adapt": adapt,
 }
-# brain_1mm (a whole 1 mm brain with three sampling variants, several minutes), fusion (three stacks of one) and
-# off_grid (a whole 1 mm brain at x5.5, two variants) run only when asked for with --only, so that the default run
-# stays within about 30 minutes on 2 CPU cores
+# brain_1mm (a whole 1 mm brain with three sampling variants, several minutes), fusion (three stacks of one),
+# off_grid (a whole 1 mm brain at x5.5, two variants) and adapt (two adaptations of a clinical scan) run only when
+# asked for with --only, so that the default run stays within about 30 minutes on 2 CPU cores
 DEFAULT = ["upscale_reference", "scaling", "steps_quality", "training"]
 
 
