@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.common import SHARED, emit, save, table, variant_cli
+from benchmarks.common import SHARED, emit, run_worker, save, table, variant_cli
 
 SCAN = "data/mri/lesjak-ms-clinical-2d/lesjak_patient12_study1_FLAIR.nii.gz"
 PRECISIONS = ("no", "auto")
@@ -25,7 +25,6 @@ def worker(precision: str, quick: bool) -> None:
     import medldm.adapt as adapt
     from benchmarks.brain_1mm import _scores
     from medldm.degrade import degrade_volume
-    from medldm.nets import native_bf16
     from medldm.pipeline import Upscaler
     from medldm.volume import load
 
@@ -39,7 +38,7 @@ def worker(precision: str, quick: bool) -> None:
     result = up.with_model(done.model).upscale(lr, axis="x", scale=4, kind="slice-profile")
     emit(
         {
-            "precision": "bf16" if precision == "auto" and native_bf16(torch.device("cpu")) else "float32",
+            "precision": "bf16" if adapt.in_bf16(torch.device("cpu")) else "float32",
             "adapt_s": wall,
             "steps": done.steps,
             "first_pass_loss_last_50": float(np.mean(done.losses[-50:])),
@@ -49,8 +48,6 @@ def worker(precision: str, quick: bool) -> None:
 
 
 def main(quick: bool, out: Path) -> dict:
-    from benchmarks.common import run_worker
-
     results = [run_worker("adapt", p, *(["--quick"] if quick else [])) for p in PRECISIONS]
     reference = results[0]["adapt_s"]
     rows = [

@@ -240,30 +240,21 @@ class PairSampler:
         hr = torch.from_numpy(region.astype(np.float32))  # (C, *spatial)
         if rng.random() < 0.5:  # mirror augmentation, the same for every plane of a slab
             hr = hr.flip(1 + int(rng.integers(self.dims)))
-        g, sigma = None, 0.0
         if self.config.data.noise > 0:
+            # every plane through the same operator and noise level, one at a time; the centre plane first, so that
+            # it draws the same noise as it would alone
             g = torch.Generator().manual_seed(int(rng.integers(2**31)))
             sigma = float(rng.random()) * self.config.data.noise
-        if g is None:  # no noise to draw in order: the whole slab in one call (the same values, faster)
+            up_planes: list[torch.Tensor | None] = [None] * len(hr)
+            for k in [r, *(k for k in range(len(hr)) if k != r)]:
+                low = add_rician_noise(op.forward(hr[k]), sigma, generator=g)
+                up_planes[k] = upsample(low[None, None], hr.shape[1:])[0, 0]
+            up = torch.stack(cast(list[torch.Tensor], up_planes))  # the loop set every plane
+        else:  # no noise to draw in order: the whole slab in one call (the same values, faster)
             up = upsample(op.forward(hr)[:, None], hr.shape[1:])[:, 0]
-            return (*self._cropped(hr[r], up, size), axis, scale, thickness)
-        # with noise every plane goes through the same operator and noise level, one at a time; the centre plane
-        # first, so that it draws the same noise as it would alone
-        up_planes: list[torch.Tensor | None] = [None] * len(hr)
-        for k in [r, *(k for k in range(len(hr)) if k != r)]:
-            low = op.forward(hr[k])
-            if g is not None:
-                low = add_rician_noise(low, sigma, generator=g)
-            up_planes[k] = upsample(low[None, None], hr.shape[1:])[0, 0]
-        up = torch.stack(cast(list[torch.Tensor], up_planes))  # the loop set every plane
-        return (*self._cropped(hr[r], up, size), axis, scale, thickness)
-
-    @staticmethod
-    def _cropped(hr: torch.Tensor, up: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
-        """The centre ``size`` of the HR plane (or volume) ``hr`` and of each channel of ``up``."""
-        margin = [(m - s) // 2 for m, s in zip(hr.shape, size, strict=True)]
+        margin = [(m - s) // 2 for m, s in zip(hr.shape[1:], size, strict=True)]
         crop = tuple(slice(m, m + s) for m, s in zip(margin, size, strict=True))
-        return hr[crop].contiguous(), up[(slice(None), *crop)].contiguous()
+        return hr[r][crop].contiguous(), up[(slice(None), *crop)].contiguous(), axis, scale, thickness
 
     @staticmethod
     def _region(data, centre, size, degraded, scale, rng) -> np.ndarray:
