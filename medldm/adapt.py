@@ -31,7 +31,7 @@ from medldm.intensity import guess_modality, normaliser
 from medldm.nets import MODALITIES, geometry_features, native_bf16
 from medldm.resample import resample_axis
 from medldm.spec import Task
-from medldm.stages import PASSES
+from medldm.stages import PASSES, unseen_error
 
 if TYPE_CHECKING:
     from medldm.model import LoadedModel
@@ -62,6 +62,9 @@ GRID = "trained"
 # the fine-tuning steps under bf16 autocast where the device runs it natively (float32 master weights; 1.8x faster
 # per step on the 2-core CPU): "auto", or "no" for float32 everywhere
 PRECISION = "auto"
+# the fine-tuning's L1 on "all" of the error, or on the "unseen" part that the data-consistency projection keeps
+# (medldm.stages.unseen_error: the error of what the upscale returns)
+LOSS = "all"
 
 
 @dataclass
@@ -172,7 +175,8 @@ def _later_pairs(adapted, views: list[_View], plan, label: int, name: str):
             estimate = enforce_consistency(estimate, lr, op)
             source = planes_of(estimate)
         truth = hr.numpy()
-        items.append(PassEstimate(estimate.numpy().astype(np.float16), truth, task, b, scan, scale=scale))
+        estimate16 = estimate.numpy().astype(np.float16)
+        items.append(PassEstimate(estimate16, truth, task, b, scan, scale=scale, thickness=plan.thickness))
     return LaterPassSampler(items, adapted.config, slab=before[0].slab, across=(a,))
 
 
@@ -222,6 +226,10 @@ class _InTurn:
     """Batches from each of several samplers in turn (one per view)."""
 
     samplers: list[PairSampler]
+
+    @property
+    def tasks(self):  # the views' tasks differ only in their factor range; each batch carries its factor
+        return self.samplers[0].tasks
 
     def batch(self, step: int, batch_size: int, patch_size=None, *, stream: int = 0) -> dict[str, torch.Tensor]:
         n = len(self.samplers)
@@ -289,7 +297,10 @@ def _fine_tune(net, pairs, label, size: int, *, steps, minutes, seed: int, progr
             lr = lr[:, net.slab // 2 : net.slab // 2 + 1].expand_as(lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             out = net(lr, labels, batch["geometry"])
-        loss = (out.float() - batch["hr"]).abs().mean()
+        error = out.float() - batch["hr"]
+        if LOSS == "unseen":
+            error = unseen_error(error, batch, pairs.tasks)
+        loss = error.abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

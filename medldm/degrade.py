@@ -79,6 +79,7 @@ class LinearOperator(ABC):
         # integral factors stay ints, so records and messages read "x4", not "x4.0"
         scale = int(round(scale)) if abs(scale - round(scale)) < 1e-9 else float(scale)
         self.axes, self.scale, self.spatial_dims = tuple(sorted(axes)), scale, spatial_dims
+        self._row_projectors: dict[int, Tensor] = {}  # A^+ A along one axis, by its length (see unseen)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(axes={self.axes}, scale={self.scale}, spatial_dims={self.spatial_dims})"
@@ -152,8 +153,22 @@ class LinearOperator(ABC):
 
     def unseen(self, x: Tensor) -> Tensor:
         """``x - A^+ A x``: the part of ``x`` that the acquisition cannot see (its null-space component), which is
-        all that the data-consistency projection keeps of an estimate's error. Differentiable in ``x``."""
-        return x - self.back_project(self.forward(x))
+        all that the data-consistency projection keeps of an estimate's error. Differentiable in ``x``. ``A^+ A``
+        of a separable operator is the product of the per-axis projectors, each an (n, n) matrix kept per length:
+        a training loss calls this on every patch, and forming them anew cost as much as the network's step."""
+        self.output_shape(x.shape)  # validates
+        seen = x
+        for a in self.axes:
+            dim = self._dim(a)
+            seen = _matmul_along(seen, self._row_projector(x.shape[dim]).to(device=x.device, dtype=x.dtype), dim)
+        return x - seen
+
+    def _row_projector(self, n: int) -> Tensor:
+        """``A^+ A`` of the 1D operator on ``n`` samples: the orthogonal projector onto its row space (float64)."""
+        if n not in self._row_projectors:
+            a = self.matrix(n)
+            self._row_projectors[n] = a.T @ torch.linalg.solve(a @ a.T, a)
+        return self._row_projectors[n]
 
     def matrix(self, n: int, *, device=None) -> Tensor:
         """The 1D operator along one axis of ``n`` samples, as an ``(n / scale, n)`` float64 matrix."""

@@ -8,6 +8,7 @@ loop reseeds before each step.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from abc import ABC, abstractmethod
@@ -68,13 +69,13 @@ def unseen_error(error: torch.Tensor, batch: dict, tasks) -> torch.Tensor:
     parts = []
     for i, err in enumerate(error):
         task, axis = tasks[int(batch["task"][i])], int(batch["axis"][i])
-        op = make_operator(
+        op = _patch_operator(
             task.kind,
-            axis=None if axis < 0 else axis,
-            scale=float(batch["scale"][i]),
-            spatial_dims=dims,
-            profile=task.profile,
-            thickness=float(batch["thickness"][i]),
+            None if axis < 0 else axis,
+            float(batch["scale"][i]),
+            dims,
+            task.profile,
+            float(batch["thickness"][i]),
         )
         try:
             op.output_shape(err.shape)
@@ -83,6 +84,12 @@ def unseen_error(error: torch.Tensor, batch: dict, tasks) -> torch.Tensor:
             continue
         parts.append(op.unseen(err))
     return torch.stack(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _patch_operator(kind: str, axis: int | None, scale: float, dims: int, profile: str, thickness: float):
+    """A patch's forward model, kept: its row projectors are then formed once per patch length (unseen_error)."""
+    return make_operator(kind, axis=axis, scale=scale, spatial_dims=dims, profile=profile, thickness=thickness)
 
 
 def encode_planes(autoencoder, x: torch.Tensor) -> torch.Tensor:

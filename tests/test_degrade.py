@@ -181,6 +181,20 @@ def test_back_project_is_the_pseudo_inverse(op):
     torch.testing.assert_close(op.back_project(op(x)), x, rtol=0, atol=1e-10)  # minimum norm: in range(A^T)
 
 
+@pytest.mark.parametrize(
+    "op", [*OPERATORS, make_operator("slice-profile", axis=1, scale=2.5, thickness=1.4, spatial_dims=2)], ids=repr
+)
+def test_unseen_is_the_null_space_part(op):
+    """unseen(x) = x - A^+ A x (the error the data-consistency projection keeps), with its projectors kept between
+    calls: invisible to the acquisition, and what is left of x once its seen part is restored."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):  # the second call uses the kept projectors
+        x = torch.randn(tuple(int(n) for n in _shape(op)), generator=gen, dtype=torch.float64)
+        unseen = op.unseen(x)
+        torch.testing.assert_close(op(unseen), torch.zeros_like(op(x)), rtol=0, atol=1e-10)
+        torch.testing.assert_close(unseen, x - op.back_project(op(x)), rtol=0, atol=1e-10)
+
+
 def test_back_project_of_boxcar_replicates_blocks_and_keeps_float32():
     op = ThickSlice((0,), 4, profile="boxcar", spatial_dims=2)
     y = torch.randn(3, 2)
