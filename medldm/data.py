@@ -49,6 +49,11 @@ class TrainingVolume:
     modality: int  # index into nets.MODALITIES
     foreground: np.ndarray  # (N, 3) voxel coordinates above FOREGROUND_LEVEL
 
+    def __post_init__(self):
+        # C order: a slab (np.take) of a Fortran-ordered volume (nibabel's) copies the whole volume first, which
+        # made a batch 3-5x slower
+        self.data = np.ascontiguousarray(self.data)
+
 
 def _prepare(path: Path, modality: str, config: Config) -> TrainingVolume:
     vol = load(path).to_canonical()
@@ -290,6 +295,10 @@ class PassEstimate:
     axis: int
     volume: TrainingVolume
     scale: float | None = None  # the exact factor, where it is not the task's (a scan's own pairs, medldm.adapt)
+    thickness: float = 1.0  # slice thickness / spacing of the pairs
+
+    def __post_init__(self):  # C order, as TrainingVolume's
+        self.estimate, self.truth = np.ascontiguousarray(self.estimate), np.ascontiguousarray(self.truth)
 
 
 def pass_estimates(
@@ -388,7 +397,7 @@ class LaterPassSampler:
         """Batch number ``step`` of this rank, with the keys of :meth:`PairSampler.batch`."""
         rng = np.random.default_rng([self.config.training.seed, step, self.rank, stream])
         size, r = tuple(patch_size or self.config.data.patch_size), self.slab // 2
-        lr, hr, task, modality, scale, axes = [], [], [], [], [], []
+        lr, hr, task, modality, scale, thickness, axes = [], [], [], [], [], [], []
         for _ in range(batch_size):
             item = self.items[rng.integers(len(self.items))]
             shape = item.estimate.shape
@@ -418,16 +427,17 @@ class LaterPassSampler:
             task.append(item.task)
             modality.append(item.volume.modality)
             scale.append(float(factor))
+            thickness.append(item.thickness)
             axes.append(in_plane)
         return {
             "hr": torch.stack(hr),
             "lr": torch.stack(lr),
             "task": torch.tensor(task),
             "modality": torch.tensor(modality),
-            "geometry": geometry_features(scale, [1.0] * len(scale)),
+            "geometry": geometry_features(scale, thickness),
             "axis": torch.tensor(axes),
             "scale": torch.tensor(scale, dtype=torch.float64),
-            "thickness": torch.ones(len(scale), dtype=torch.float64),
+            "thickness": torch.tensor(thickness, dtype=torch.float64),
         }
 
     @staticmethod

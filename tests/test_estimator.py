@@ -420,11 +420,14 @@ def test_later_pass_batches_can_be_cut_across_one_axis_at_an_exact_factor():
     """--adapt's own pairs: planes across the scan's thick axis only, thickened in-plane at a non-integer factor."""
     config, _ = tiny_with_estimator()
     truth = np.broadcast_to(np.arange(1, 41, dtype=np.float32)[None, None], (64, 72, 40)).copy()  # constant across z
-    item = PassEstimate(truth, truth, 0, 0, TrainingVolume("v", truth, 0, np.argwhere(truth > 0)[::97]), scale=5.5)
+    scan = TrainingVolume("v", truth, 0, np.argwhere(truth > 0)[::97])
+    item = PassEstimate(truth, truth, 0, 0, scan, scale=5.5, thickness=1.5)
     batch = LaterPassSampler([item], config, slab=3, across=(2,)).batch(0, 16)
     for hr in batch["hr"]:  # a plane across z holds one value (zero beyond the volume)
         assert len(set(hr[hr != 0].tolist())) == 1
-    assert (batch["scale"] == 5.5).all()
+    # each patch's forward model as the pairs were made (a loss on the unseen error rebuilds it from these)
+    assert (batch["scale"] == 5.5).all() and (batch["thickness"] == 1.5).all()
+    torch.testing.assert_close(batch["geometry"], geometry_features([5.5] * 16, [1.5] * 16))
     across_any = LaterPassSampler([item], config, slab=3).batch(0, 16)["hr"]
     assert any(len(set(hr[hr != 0].tolist())) > 1 for hr in across_any)  # planes across x hold every z
 
