@@ -179,7 +179,7 @@ def autoencoder_rd(
         mse = sse / voxels
         return math.sqrt(mse), psnr_from_mse(mse, data_range)
 
-    with _EvalMode(autoencoder):
+    with _EvalMode(autoencoder), torch.no_grad():  # scoring only: no graph kept
         if kind == "vq":
             return [_vq_point(autoencoder, batches, device, voxels, label, distortion)]
         latents = [autoencoder.encode(x.to(device)).float().cpu() * latent_scale for x in batches]
