@@ -63,7 +63,8 @@ GRID = "trained"
 # per step on the 2-core CPU): "auto", or "no" for float32 everywhere
 PRECISION = "auto"
 # the fine-tuning's L1 on "all" of the error, or on the "unseen" part that the data-consistency projection keeps
-# (medldm.stages.unseen_error: the error of what the upscale returns)
+# (medldm.stages.unseen_error: the error of what the upscale returns), or on that in the first pass only
+# ("unseen-first")
 LOSS = "all"
 
 
@@ -106,7 +107,8 @@ def adapt(
             p.requires_grad_(name.endswith("bias") or ".norm" in name or p.ndim == 1)
     started = time.perf_counter()
     tick = _round_progress(progress, 0, rounds)
-    losses = _fine_tune(net, pairs, label, size, steps=steps, minutes=share, seed=seed, progress=tick)
+    unseen = LOSS in ("unseen", "unseen-first")
+    losses = _fine_tune(net, pairs, label, size, steps=steps, minutes=share, seed=seed, progress=tick, unseen=unseen)
     _check(losses, volume)
     adapted = replace(model, estimator=net.eval().requires_grad_(False))
     later_losses = []
@@ -114,7 +116,10 @@ def adapt(
         sampler = _later_pairs(adapted, views, plan, int(label), name)
         net = copy.deepcopy(getattr(model, name)).train().requires_grad_(True)
         tick = _round_progress(progress, k, rounds)
-        later_losses.append(_fine_tune(net, sampler, label, size, steps=steps, minutes=share, seed=seed, progress=tick))
+        unseen = LOSS == "unseen"
+        later_losses.append(
+            _fine_tune(net, sampler, label, size, steps=steps, minutes=share, seed=seed, progress=tick, unseen=unseen)
+        )
         _check(later_losses[-1], volume)
         adapted = replace(adapted, **{name: net.eval().requires_grad_(False)})
     seconds = time.perf_counter() - started
@@ -281,8 +286,9 @@ def _scan(data: np.ndarray, modality: int, volume, seed: int) -> TrainingVolume:
     return TrainingVolume(str(volume.path or "scan"), data, modality, fg.astype(np.int32))
 
 
-def _fine_tune(net, pairs, label, size: int, *, steps, minutes, seed: int, progress) -> list[float]:
-    """L1 steps on the pairs until ``steps`` steps or ``minutes`` minutes; the losses, one per step."""
+def _fine_tune(net, pairs, label, size: int, *, steps, minutes, seed: int, progress, unseen=False) -> list[float]:
+    """L1 steps on the pairs (on the error's unseen part with ``unseen``) until ``steps`` steps or ``minutes``
+    minutes; the losses, one per step."""
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LR)
     device = next(net.parameters()).device
     fast = in_bf16(device)
@@ -298,7 +304,7 @@ def _fine_tune(net, pairs, label, size: int, *, steps, minutes, seed: int, progr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             out = net(lr, labels, batch["geometry"])
         error = out.float() - batch["hr"]
-        if LOSS == "unseen":
+        if unseen:
             error = unseen_error(error, batch, pairs.tasks)
         loss = error.abs().mean()
         opt.zero_grad(set_to_none=True)
