@@ -107,8 +107,10 @@ def adapt(
             p.requires_grad_(name.endswith("bias") or ".norm" in name or p.ndim == 1)
     started = time.perf_counter()
     tick = _round_progress(progress, 0, rounds)
-    unseen = LOSS in ("unseen", "unseen-first")
-    losses = _fine_tune(net, pairs, label, size, steps=steps, minutes=share, seed=seed, progress=tick, unseen=unseen)
+    unseen_first, unseen_later = LOSS in ("unseen", "unseen-first"), LOSS == "unseen"
+    losses = _fine_tune(
+        net, pairs, label, size, steps=steps, minutes=share, seed=seed, progress=tick, unseen=unseen_first
+    )
     _check(losses, volume)
     adapted = replace(model, estimator=net.eval().requires_grad_(False))
     later_losses = []
@@ -116,10 +118,8 @@ def adapt(
         sampler = _later_pairs(adapted, views, plan, int(label), name)
         net = copy.deepcopy(getattr(model, name)).train().requires_grad_(True)
         tick = _round_progress(progress, k, rounds)
-        unseen = LOSS == "unseen"
-        later_losses.append(
-            _fine_tune(net, sampler, label, size, steps=steps, minutes=share, seed=seed, progress=tick, unseen=unseen)
-        )
+        bounds = {"steps": steps, "minutes": share, "seed": seed, "progress": tick, "unseen": unseen_later}
+        later_losses.append(_fine_tune(net, sampler, label, size, **bounds))
         _check(later_losses[-1], volume)
         adapted = replace(adapted, **{name: net.eval().requires_grad_(False)})
     seconds = time.perf_counter() - started

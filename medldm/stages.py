@@ -71,11 +71,11 @@ def unseen_error(error: torch.Tensor, batch: dict, tasks) -> torch.Tensor:
         task, axis = tasks[int(batch["task"][i])], int(batch["axis"][i])
         op = _patch_operator(
             task.kind,
-            None if axis < 0 else axis,
-            float(batch["scale"][i]),
-            dims,
-            task.profile,
-            float(batch["thickness"][i]),
+            axis=None if axis < 0 else axis,
+            scale=float(batch["scale"][i]),
+            spatial_dims=dims,
+            profile=task.profile,
+            thickness=float(batch["thickness"][i]),
         )
         try:
             op.output_shape(err.shape)
@@ -87,9 +87,10 @@ def unseen_error(error: torch.Tensor, batch: dict, tasks) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _patch_operator(kind: str, axis: int | None, scale: float, dims: int, profile: str, thickness: float):
-    """A patch's forward model, kept: its row projectors are then formed once per patch length (unseen_error)."""
-    return make_operator(kind, axis=axis, scale=scale, spatial_dims=dims, profile=profile, thickness=thickness)
+def _patch_operator(kind: str, **options):
+    """make_operator, kept per arguments: a kept operator forms its row projectors once per patch length
+    (LinearOperator.unseen), where unseen_error asks for one per patch of every step."""
+    return make_operator(kind, **options)
 
 
 def encode_planes(autoencoder, x: torch.Tensor) -> torch.Tensor:
