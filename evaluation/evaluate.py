@@ -474,10 +474,12 @@ def _metrics_protocol(use_mask: bool, lpips_sums: dict) -> dict[str, Any]:
     }
 
 
-def _adapt_precision(model) -> str:
-    from medldm.adapt import in_bf16
+def _adapt_recipe(model) -> str:
+    from medldm.adapt import LOSS, in_bf16
 
-    return ", the steps under bf16 autocast" if in_bf16(next(model.estimator.parameters()).device) else ""
+    loss = {"all": "", "unseen": ", L1 on the unseen error", "unseen-first": ", L1 on the first pass's unseen error"}
+    bf16 = ", the steps under bf16 autocast" if in_bf16(next(model.estimator.parameters()).device) else ""
+    return loss[LOSS] + bf16
 
 
 def _model_protocol(model, sampling: dict, adapt: dict | None) -> dict[str, str]:
@@ -505,7 +507,7 @@ def _model_protocol(model, sampling: dict, adapt: dict | None) -> dict[str, str]
         how += (
             "; adapted to each degraded scan first (medldm.adapt: the estimator, then each later pass, fine-tuned "
             f"on the scan's own slices, at most {adapt['steps'] or 'any number of'} steps each and "
-            f"{adapt['minutes'] or 'no limit in'} minutes in all{_adapt_precision(model)}; 'unadapted' is the same "
+            f"{adapt['minutes'] or 'no limit in'} minutes in all{_adapt_recipe(model)}; 'unadapted' is the same "
             "model without it"
             + (f", refine {sampling['unadapted refine']})" if "unadapted refine" in sampling else ")")
         )
