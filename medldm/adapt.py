@@ -109,8 +109,8 @@ def adapt(
     started = time.perf_counter()
     tick = _round_progress(progress, 0, rounds)
     unseen_first, unseen_later = LOSS in ("unseen", "unseen-first"), LOSS == "unseen"
-    bounds = {"steps": steps, "minutes": share, "seed": seed}
-    losses = _fine_tune(net, pairs, label, size, progress=tick, unseen=unseen_first, **bounds)
+    fine_tune = partial(_fine_tune, steps=steps, minutes=share, seed=seed)  # each pass under the same bounds
+    losses = fine_tune(net, pairs, label, size, progress=tick, unseen=unseen_first)
     _check(losses, volume)
     adapted = replace(model, estimator=net.eval().requires_grad_(False))
     later_losses = []
@@ -118,7 +118,7 @@ def adapt(
         sampler = _later_pairs(adapted, views, plan, int(label), name)
         net = copy.deepcopy(getattr(model, name)).train().requires_grad_(True)
         tick = _round_progress(progress, k, rounds)
-        later_losses.append(_fine_tune(net, sampler, label, size, progress=tick, unseen=unseen_later, **bounds))
+        later_losses.append(fine_tune(net, sampler, label, size, progress=tick, unseen=unseen_later))
         _check(later_losses[-1], volume)
         adapted = replace(adapted, **{name: net.eval().requires_grad_(False)})
     seconds = time.perf_counter() - started
