@@ -25,7 +25,8 @@ def pair():
 
 @pytest.mark.slow
 def test_psnr_and_ssim_match_scikit_image(pair):
-    pred, ref = pair
+    box = (slice(40, 140), slice(40, 180), slice(50, 110))  # a central block of the brain: the same checks, 20x sooner
+    pred, ref = (np.ascontiguousarray(a[box]) for a in pair)
     r = float(ref.max())
     assert psnr(pred, ref) == pytest.approx(peak_signal_noise_ratio(ref, pred, data_range=r), abs=1e-6)
     assert ssim(pred, ref, mode="3d") == pytest.approx(structural_similarity(ref, pred, data_range=r), abs=1e-6)
