@@ -123,7 +123,7 @@ def adapt(
         adapted = replace(adapted, **{name: net.eval().requires_grad_(False)})
     seconds = time.perf_counter() - started
     # adapted_to tells the upscaler which grid the adapted passes learnt (and so run on: docs/grids.md)
-    own = {"factor": round(factor, 6), "thickness": plan.thickness, "grid": grid}
+    own = {"factor": round(factor, 6), "thickness": plan.thickness, "grid": grid, "loss_on": LOSS}
     sampling = {**model.defaults(), "refine": REFINE}
     adapted = replace(adapted, info={**model.info, "sampling": sampling, "adapted_to": own})
     return Adaptation(adapted, len(losses), seconds, losses, factor, plan.thickness, later_losses)

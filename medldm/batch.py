@@ -160,6 +160,7 @@ def upscale_to_files(upscaler, volume: Volume, source: Path, target: Path, reque
             "seconds": round(adaptation.seconds, 2),
             "factor": adaptation.factor,
             "thickness": adaptation.thickness,
+            "loss_on": adaptation.model.info["adapted_to"]["loss_on"],  # the error the L1 was taken on (LOSS)
             "loss_first": losses[0],
             "loss_last": losses[-1],
         }

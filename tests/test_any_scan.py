@@ -430,9 +430,9 @@ def test_cli_adapt_saves_a_checksummed_model_that_loads(tmp_path, head_ct):
     from medldm.model import load_model
 
     model = load_model(tmp_path / "adapted")  # checksums verified
-    assert model.info["adapted_to"]["steps"] == 3
+    assert model.info["adapted_to"]["steps"] == 3 and model.info["adapted_to"]["loss_on"] == "unseen"
     sidecar = (tmp_path / "sr.json").read_text()
-    assert '"adaptation"' in sidecar
+    assert json.loads(sidecar)["medldm"]["adaptation"]["loss_on"] == "unseen"  # how it was adapted
     again = medldm(
         "upscale",
         scan,
