@@ -475,11 +475,9 @@ def _metrics_protocol(use_mask: bool, lpips_sums: dict) -> dict[str, Any]:
 
 
 def _adapt_recipe(model) -> str:
-    from medldm.adapt import LOSS, in_bf16
+    from medldm.adapt import recipe
 
-    loss = {"all": "", "unseen": ", L1 on the unseen error", "unseen-first": ", L1 on the first pass's unseen error"}
-    bf16 = ", the steps under bf16 autocast" if in_bf16(next(model.estimator.parameters()).device) else ""
-    return loss[LOSS] + bf16
+    return recipe(next(model.estimator.parameters()).device)
 
 
 def _model_protocol(model, sampling: dict, adapt: dict | None) -> dict[str, str]:

@@ -36,7 +36,7 @@ from medldm.stages import PASSES, unseen_error
 if TYPE_CHECKING:
     from medldm.model import LoadedModel
 
-__all__ = ["Adaptation", "adapt", "in_bf16", "DEFAULT_STEPS", "DEFAULT_MINUTES"]
+__all__ = ["Adaptation", "adapt", "in_bf16", "recipe", "DEFAULT_STEPS", "DEFAULT_MINUTES"]
 
 DEFAULT_STEPS = 400  # per pass; tuned on scans outside every validation set (docs/model_card.md: 200 until 2026-12-06)
 DEFAULT_MINUTES = 4.0  # the cap on slow machines: with the inference after it, about 5 minutes on 2 CPU cores
@@ -67,6 +67,7 @@ PRECISION = "auto"
 # unseen part in the first pass only ("unseen-first"); tuning: unseen +0.07 dB on the nine cases' mean, the two CT
 # phantoms over three seeds each (docs/model_card.md, "Per-scan adaptation")
 LOSS = "unseen"
+_LOSS_WORDS = {"all": "", "unseen": ", L1 on the unseen error", "unseen-first": ", L1 on the first pass's unseen error"}
 
 
 @dataclass
@@ -132,6 +133,11 @@ def adapt(
 def in_bf16(device: torch.device) -> bool:
     """Whether the fine-tuning steps run under bf16 autocast on ``device`` (PRECISION)."""
     return PRECISION == "auto" and native_bf16(device)
+
+
+def recipe(device: torch.device) -> str:
+    """The fine-tuning's loss and precision on ``device`` in words, for a report's protocol line (", ..." or "")."""
+    return _LOSS_WORDS[LOSS] + (", the steps under bf16 autocast" if in_bf16(device) else "")
 
 
 def _check(losses: list[float], volume) -> None:
