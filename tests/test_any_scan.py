@@ -404,7 +404,7 @@ def test_evaluate_adapt_scores_the_model_adapted_and_unadapted(tmp_path, head_ct
     assert "adapted to each degraded scan first" in (tmp_path / "report" / "report.html").read_text()
     sampling = json.loads((tmp_path / "report" / "summary.json").read_text())["protocol"]["sampling"]
     assert "refine 0.0 (" in sampling and "without it, refine 0.15)" in sampling  # what each of the two ran with
-    assert "L1 on the unseen error" in sampling  # the loss the adaptation was fine-tuned with
+    assert "32 patches of 64^2 a step, L1 on the unseen error" in sampling  # the batch and loss it was tuned with
 
 
 @pytest.mark.slow
