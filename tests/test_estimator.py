@@ -80,6 +80,20 @@ def test_by_default_only_the_refinement_runs_in_bf16_and_only_where_native(estim
     assert not Upscaler(loaded, device="cpu", refine=0.3).diffusion_bf16
 
 
+def test_the_estimate_in_channels_last_is_the_same_estimate(estimator_run, ixi_path):
+    """channels_last (the default) lays out the estimator's weights channels-last, a speed-up only: the estimate is
+    the float32 one in the plain layout up to summation order."""
+    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
+    fast = Upscaler(load_model(estimator_run / "model"), device="cpu", refine=0.0)
+    plain = Upscaler(load_model(estimator_run / "model"), device="cpu", refine=0.0, channels_last=False)
+    for up, layout in ((fast, True), (plain, False)):
+        conv = next(m for m in up.model.estimator.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == layout
+    a, b = (up.upscale(lr, axis="z").sr.data for up in (fast, plain))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * hr.data.max())
+
+
 def test_an_untrained_estimator_reproduces_linear_interpolation_made_consistent(tmp_path, ixi_path):
     config, _ = tiny_with_estimator()
     modules = {
