@@ -150,8 +150,8 @@ class Upscaler:
             averages the two (twice the time; their errors are less correlated than two samples of one stack).
             None: the model's default (model.json; "both" for models that do not say). With an estimator stage it
             sets the stacks the estimate averages; ``refine_planes`` those the refinement's detail comes from.
-        channels_last: channels-last memory format for the autoencoder and the estimator passes (the same output
-            up to float rounding; their speed on the CPUs measured: docs/performance.md).
+        channels_last: channels-last memory format for the autoencoder and the 2D estimator passes (the same
+            output up to float rounding; their speed on the CPUs measured: docs/performance.md).
         refine: models with an estimator (fidelity) stage: the fraction of the noise schedule from which the
             diffusion model refines the estimate (its latent is noised to that level, then ``steps`` sampler steps
             run back to 0, and only the detail the diffusion adds, ``decode(z_0) - decode(z_estimate)``, is added
@@ -230,7 +230,7 @@ class Upscaler:
             # on a 2-core CPU (docs/performance.md); the denoiser (slower there) and 3D estimators (not measured) not
             for net in (self.model.estimator, self.model.second_pass, self.model.third_pass):
                 if net is not None and net.spatial_dims == 2:
-                    net.to(memory_format=torch.channels_last)
+                    net.to(memory_format=channels_last_format(net.spatial_dims))
         self.steps, self.sampler, self.batch_size, self.planes = steps, sampler, batch_size, planes
         self.refine_planes = refine_planes if self.model.estimator is not None else planes
         self.channels_last = channels_last

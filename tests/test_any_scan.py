@@ -314,10 +314,9 @@ def test_cli_warns_and_strict_refuses(tmp_path, head_ct):
 # ---------------------------------------------------------------------------------------------- adaptation
 @pytest.mark.slow
 def test_adaptation_lowers_its_own_loss_and_changes_the_output(default_upscaler, head_ct, monkeypatch):
-    import medldm.adapt
     from medldm.adapt import adapt
 
-    monkeypatch.setattr(medldm.adapt, "BATCH", 16)  # half the shipped batch: the same behaviour in half the time
+    monkeypatch.setattr("medldm.adapt.BATCH", 16)  # half the shipped batch: the same behaviour in half the time
     lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="x", scale=4)  # in-plane axis thickened
     plan = default_upscaler.plan(lr, axis="x", scale=4)
     before = default_upscaler.upscale(lr, plan=plan).sr.data
@@ -387,6 +386,8 @@ def test_evaluate_adapt_scores_the_model_adapted_and_unadapted(tmp_path, head_ct
 
     from medldm.evaluation.evaluate import evaluate
 
+    from medldm.adapt import BATCH, PATCH
+
     scan = save_nifti(head_ct, tmp_path / "ct.nii.gz")
     evaluate(
         scan,
@@ -406,7 +407,8 @@ def test_evaluate_adapt_scores_the_model_adapted_and_unadapted(tmp_path, head_ct
     assert "adapted to each degraded scan first" in (tmp_path / "report" / "report.html").read_text()
     sampling = json.loads((tmp_path / "report" / "summary.json").read_text())["protocol"]["sampling"]
     assert "refine 0.0 (" in sampling and "without it, refine 0.15)" in sampling  # what each of the two ran with
-    assert "32 patches of 64^2 a step, L1 on the unseen error" in sampling  # the batch and loss it was tuned with
+    # the batch and loss it was tuned with
+    assert f"{BATCH} patches of {PATCH}^2 a step, L1 on the unseen error" in sampling
 
 
 @pytest.mark.slow
