@@ -431,7 +431,10 @@ def train(
 OutScan = Annotated[
     Path | None,
     typer.Option(
-        "-o", "--out", help="output .nii.gz (a folder in batch mode); default: <name>_sr.nii.gz beside the input"
+        "-o",
+        "--out",
+        help="output .nii.gz, or an existing folder that takes <name>_sr.nii.gz (in batch mode a folder); "
+        "default: <name>_sr.nii.gz beside the input",
     ),
 ]
 ModelFolder = Annotated[str, typer.Option(help="model folder, or 'default' for the shipped model")]
@@ -704,7 +707,9 @@ def _upscale_jobs(scan: Path, out: Path | None, fmt: Format, bids: bool):
         return runs.bids_jobs(scan, out, fmt)
     batch = runs.batch_inputs(scan, out) if scan.is_dir() else None
     if batch is None:
-        return None, [(scan, out or runs.outputs_of(scan, None, fmt)[0])], out or scan
+        if out is None or (out.is_dir() and fmt == Format.nifti):  # like cp: a folder takes <name>_sr.nii.gz
+            return None, [(scan, runs.outputs_of(scan, out, fmt)[0])], out or scan
+        return None, [(scan, out)], out
     if out is not None and out.name.lower().endswith((".nii", ".nii.gz")):
         raise MedldmError("in batch mode --out is a folder", out)
     return batch, [(s, runs.outputs_of(s, out, fmt)[0]) for s in batch], out or scan

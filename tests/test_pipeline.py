@@ -256,6 +256,12 @@ def test_cli_upscale_leaves_the_input_untouched(trained_models, degraded, tmp_pa
     assert (tmp_path / "preview.png").stat().st_size > 10_000
     again = medldm("upscale", scan, "--model", trained_models["tiny_2d"], "--steps", "2")
     assert again.returncode == 1 and "--overwrite" in again.stderr
+    folder = tmp_path / "results"  # an existing folder takes <name>_sr.nii.gz and its sidecar, as cp would
+    folder.mkdir()
+    into = medldm("upscale", scan, "--model", trained_models["tiny_2d"], "--steps", "2", "-o", folder)
+    assert into.returncode == 0, into.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["thick_sr.json", "thick_sr.nii.gz"]
+    np.testing.assert_allclose(load(folder / "thick_sr.nii.gz").affine, hr.affine, atol=1e-4)
 
 
 def test_batch_mode_survives_a_corrupt_file_and_resumes(trained_models, degraded, tmp_path):
