@@ -143,7 +143,7 @@ class PairSampler:
             raise MedldmError("no training volumes")
         self.volumes, self.config, self.rank = volumes, config, rank
         self.dims = spatial_dims or config.data.spatial_dims  # a 3D estimator draws 3D patches beside 2D models
-        self.tasks = config.data.tasks
+        self.tasks = tasks or config.data.tasks  # batch["task"] indexes this list (--adapt: the scan's own task)
         self.slab = slab or config.data.slab  # the estimator sees its own slab
         self.plane_axes = plane_axes  # 2D: planes are cut across one of these axes (None: any of the three)
         self.thick_axes = thick_axes  # thick slices along one of these patch axes (None: any)

@@ -366,6 +366,23 @@ def test_adaptation_off_the_trained_factors_learns_and_runs_on_the_trained_grid(
     assert own.model.info["adapted_to"]["grid"] == "output"
 
 
+def test_the_adaptation_pairs_are_the_scans_own_slice_profile_factor_and_thickness(default_upscaler, ixi_path):
+    """Every first-pass pair is the scan's thick axis's degradation applied to an in-plane axis: slice profile,
+    exact factor and thickness of the plan (on the output grid), never another task the model was trained on."""
+    import medldm.adapt as adapt_module
+
+    vol = crop(load(ixi_path), (slice(24, 88), slice(None), slice(24, 88)))
+    lr, _ = degrade_volume(vol, kind="slice-profile", axis="y", scale=3, thickness=0.75)  # 6 mm slices, 4.5 thick
+    plan = default_upscaler.plan(lr, axis="y", scale=3, thickness=4.5)  # mm
+    factor, thick_axes = adapt_module._geometry(default_upscaler.model, lr, plan, 1, None)
+    pairs, *_ = adapt_module._own_pairs(default_upscaler.model, lr, plan, factor, thick_axes, 0, "output")
+    batch = pairs.batch(0, 32, (32, 32), stream=0)
+    assert [t.kind for t in pairs.tasks] == ["slice-profile"]
+    assert set(batch["task"].tolist()) == {0} and set(batch["axis"].tolist()) <= set(thick_axes)
+    assert batch["scale"].tolist() == pytest.approx([factor] * 32) and factor == pytest.approx(3.0)
+    assert batch["thickness"].tolist() == pytest.approx([0.75] * 32)
+
+
 def test_adaptation_needs_thick_slices_and_a_bound(default_upscaler, ixi_path):
     from medldm.adapt import adapt
 
