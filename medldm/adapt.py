@@ -3,7 +3,8 @@
 A thick-slice scan is sharp within its slices. Degrading one in-plane axis of those slices with the thick axis's
 own slice profile, factor and thickness gives training pairs from the scan itself, whatever its contrast or
 modality (SMORE, Zhao et al. 2021; ECLARE, Remedios et al. 2023). The model's estimator (its regression stage)
-is fine-tuned on them for a bounded time, then each later pass (second, third) on the same scan's pairs run
+is fine-tuned for a bounded time on the scan's planes degraded as in the model's own training (PAIRS: measured
+better than the thick axis's degradation alone), then each later pass (second, third) on the scan's own pairs run
 through the adapted passes before it, and the model upscales the scan through the thick axis as usual. At a
 factor the model was not trained at, the pairs are made on the grid of its nearest trained factor, where the
 upscale then runs the adapted passes (GRID; medldm.pipeline.ESTIMATE_GRID). The autoencoder and denoiser stay as
@@ -69,6 +70,16 @@ PRECISION = "auto"
 # unseen part in the first pass only ("unseen-first"); tuning: unseen +0.07 dB on the nine cases' mean, the two CT
 # phantoms over three seeds each (docs/model_card.md, "Per-scan adaptation")
 LOSS = "unseen"
+# which degradations the first pass's pairs apply to the scan's own planes: "own", the thick axis's slice profile,
+# factor and thickness only; "trained", the model's training tasks (thick slices x2/x4, k-space x2/x4, thickness
+# 1); "mixed", half of each. Tuning (two scans): trained 0.15 dB above own, mixed between (docs/model_card.md,
+# "The first pass's pairs"). The later passes always learn the scan's own degradation.
+PAIRS = "trained"
+_PAIRS_WORDS = {
+    "own": ", the first pass's pairs thickened as the thick axis is",
+    "trained": ", the first pass's pairs degraded as in the model's training",
+    "mixed": ", the first pass's pairs half thickened as the thick axis is, half degraded as in the model's training",
+}
 _LOSS_WORDS = {"all": "", "unseen": ", L1 on the unseen error", "unseen-first": ", L1 on the first pass's unseen error"}
 
 
@@ -126,7 +137,7 @@ def adapt(
         adapted = replace(adapted, **{name: net.eval().requires_grad_(False)})
     seconds = time.perf_counter() - started
     # adapted_to tells the upscaler which grid the adapted passes learnt (and so run on: docs/grids.md)
-    own = {"factor": round(factor, 6), "thickness": plan.thickness, "grid": grid, "loss_on": LOSS}
+    own = {"factor": round(factor, 6), "thickness": plan.thickness, "grid": grid, "loss_on": LOSS, "pairs": PAIRS}
     sampling = {**model.defaults(), "refine": REFINE}
     adapted = replace(adapted, info={**model.info, "sampling": sampling, "adapted_to": own})
     return Adaptation(adapted, len(losses), seconds, losses, factor, plan.thickness, later_losses)
@@ -138,9 +149,10 @@ def in_bf16(device: torch.device) -> bool:
 
 
 def recipe(device: torch.device) -> str:
-    """The fine-tuning's batch, loss and precision on ``device`` in words, for a report's protocol line (", ...")."""
+    """The fine-tuning's batch, loss, pairs and precision on ``device`` in words, for a report's protocol line
+    (", ...")."""
     precision = "the steps under bf16 autocast" if in_bf16(device) else "in float32"
-    return f", {BATCH} patches of {PATCH}^2 a step{_LOSS_WORDS[LOSS]}, {precision}"
+    return f", {BATCH} patches of {PATCH}^2 a step{_LOSS_WORDS[LOSS]}{_PAIRS_WORDS[PAIRS]}, {precision}"
 
 
 def _check(losses: list[float], volume) -> None:
@@ -277,8 +289,10 @@ def _own_pairs(model, volume, plan, factor: float, thick_axes, seed: int, grid: 
             range_share=1.0,
         )
         slab = model.estimator.slab
+        trained = list(config.data.tasks)
+        tasks = {"own": [task], "trained": trained, "mixed": [task] * len(trained) + trained}[PAIRS]
         samplers.append(
-            PairSampler([view.volume], config, slab=slab, tasks=[task], plane_axes=(a,), thick_axes=view.thick_axes)
+            PairSampler([view.volume], config, slab=slab, tasks=tasks, plane_axes=(a,), thick_axes=view.thick_axes)
         )
     size = min(PATCH, *(v.volume.data.shape[d] for v in views for d in in_plane))
     size -= size % model.estimator.multiple

@@ -161,6 +161,7 @@ def upscale_to_files(upscaler, volume: Volume, source: Path, target: Path, reque
             "factor": adaptation.factor,
             "thickness": adaptation.thickness,
             "loss_on": adaptation.model.info["adapted_to"]["loss_on"],  # the error the L1 was taken on (LOSS)
+            "pairs": adaptation.model.info["adapted_to"]["pairs"],  # the first pass's degradations (PAIRS)
             "loss_first": losses[0],
             "loss_last": losses[-1],
         }

@@ -366,21 +366,33 @@ def test_adaptation_off_the_trained_factors_learns_and_runs_on_the_trained_grid(
     assert own.model.info["adapted_to"]["grid"] == "output"
 
 
-def test_the_adaptation_pairs_are_the_scans_own_slice_profile_factor_and_thickness(default_upscaler, ixi_path):
-    """Every first-pass pair is the scan's thick axis's degradation applied to an in-plane axis: slice profile,
-    exact factor and thickness of the plan (on the output grid), never another task the model was trained on."""
+@pytest.mark.parametrize("pairs", ["own", "trained", "mixed"])
+def test_the_adaptation_pairs_take_the_degradations_asked_for(default_upscaler, ixi_path, monkeypatch, pairs):
+    """First-pass pairs from the scan's own planes: "own", the thick axis's slice profile, exact factor and
+    thickness of the plan (on the output grid) applied to an in-plane axis; "trained", the model's training tasks
+    (the default); "mixed", half of each."""
     import medldm.adapt as adapt_module
 
+    monkeypatch.setattr(adapt_module, "PAIRS", pairs)
     vol = crop(load(ixi_path), (slice(24, 88), slice(None), slice(24, 88)))
     lr, _ = degrade_volume(vol, kind="slice-profile", axis="y", scale=3, thickness=0.75)  # 6 mm slices, 4.5 thick
     plan = default_upscaler.plan(lr, axis="y", scale=3, thickness=4.5)  # mm
-    factor, thick_axes = adapt_module._geometry(default_upscaler.model, lr, plan, 1, None)
-    pairs, *_ = adapt_module._own_pairs(default_upscaler.model, lr, plan, factor, thick_axes, 0, "output")
-    batch = pairs.batch(0, 32, (32, 32), stream=0)
-    assert [t.kind for t in pairs.tasks] == ["slice-profile"]
-    assert set(batch["task"].tolist()) == {0} and set(batch["axis"].tolist()) <= set(thick_axes)
-    assert batch["scale"].tolist() == pytest.approx([factor] * 32) and factor == pytest.approx(3.0)
-    assert batch["thickness"].tolist() == pytest.approx([0.75] * 32)
+    model = default_upscaler.model
+    factor, thick_axes = adapt_module._geometry(model, lr, plan, 1, None)
+    sampler, *_ = adapt_module._own_pairs(model, lr, plan, factor, thick_axes, 0, "output")
+    batch = sampler.batch(0, 64, (32, 32), stream=0)
+    trained = list(model.config.data.tasks)
+    own = [i for i, t in enumerate(sampler.tasks) if t not in trained]  # the scan's own task (x3, 0.75)
+    expected = {"own": (1, 0), "trained": (0, len(trained)), "mixed": (len(trained), len(trained))}[pairs]
+    assert (len(own), len(sampler.tasks) - len(own)) == expected
+    rows = list(zip(*(batch[k].tolist() for k in ("task", "scale", "thickness", "axis")), strict=True))
+    for task, scale, thickness, axis in rows:
+        if task in own:  # an in-plane axis thickened as the thick axis is
+            assert (scale, thickness) == pytest.approx((3.0, 0.75)) and axis in thick_axes
+        else:  # one of the model's training tasks, at its factor and contiguous slices
+            assert scale == sampler.tasks[task].scale and thickness == 1.0
+    if pairs == "mixed":
+        assert 16 < sum(task in own for task, *_ in rows) < 48  # about half of 64
 
 
 def test_adaptation_needs_thick_slices_and_a_bound(default_upscaler, ixi_path):
@@ -454,7 +466,8 @@ def test_cli_adapt_saves_a_checksummed_model_that_loads(tmp_path, head_ct):
     model = load_model(tmp_path / "adapted")  # checksums verified
     assert model.info["adapted_to"]["steps"] == 3 and model.info["adapted_to"]["loss_on"] == "unseen"
     sidecar = (tmp_path / "sr.json").read_text()
-    assert json.loads(sidecar)["medldm"]["adaptation"]["loss_on"] == "unseen"  # how it was adapted
+    recorded = json.loads(sidecar)["medldm"]["adaptation"]
+    assert (recorded["loss_on"], recorded["pairs"]) == ("unseen", "trained")  # how it was adapted
     again = medldm(
         "upscale",
         scan,
