@@ -3,12 +3,12 @@
 A thick-slice scan is sharp within its slices. Degrading one in-plane axis of those slices with the thick axis's
 own slice profile, factor and thickness gives training pairs from the scan itself, whatever its contrast or
 modality (SMORE, Zhao et al. 2021; ECLARE, Remedios et al. 2023). The model's estimator (its regression stage)
-is fine-tuned for a bounded time on the scan's planes degraded as in the model's own training (PAIRS: measured
-better than the thick axis's degradation alone), then each later pass (second, third) on the scan's own pairs run
-through the adapted passes before it, and the model upscales the scan through the thick axis as usual. At a
-factor the model was not trained at, the pairs are made on the grid of its nearest trained factor, where the
-upscale then runs the adapted passes (GRID; medldm.pipeline.ESTIMATE_GRID). The autoencoder and denoiser stay as
-they are. (Adapting the first pass alone cost MR scans close to the training data up to 0.45 dB; adapting the
+is fine-tuned for a bounded time on the scan's planes degraded as in the model's own training (PAIRS; on the
+tuning scans about as good as the thick axis's degradation alone), then each later pass (second, third) on the
+scan's own pairs run through the adapted passes before it, and the model upscales the scan through the thick axis
+as usual. At a factor the model was not trained at, the pairs are made on the grid of its nearest trained factor,
+where the upscale then runs the adapted passes (GRID; medldm.pipeline.ESTIMATE_GRID). The autoencoder and denoiser
+stay as they are. (Adapting the first pass alone cost MR scans close to the training data up to 0.45 dB; adapting the
 later passes too turned that into gains: docs/model_card.md, "Per-scan adaptation".)
 """
 
@@ -279,7 +279,7 @@ def _own_pairs(model, volume, plan, factor: float, thick_axes, seed: int, grid: 
             views.append(_View(_scan(resampled, modality, volume, seed), (k,), f))
     else:
         views = [_View(_scan(data, modality, volume, seed), tuple(thick_axes), factor)]
-    samplers = []
+    samplers, trained = [], list(config.data.tasks)
     for view in views:
         task = Task(
             kind="slice-profile",
@@ -290,7 +290,6 @@ def _own_pairs(model, volume, plan, factor: float, thick_axes, seed: int, grid: 
             range_share=1.0,
         )
         slab = model.estimator.slab
-        trained = list(config.data.tasks)
         tasks = {"own": [task], "trained": trained, "mixed": [task] * len(trained) + trained}[PAIRS]
         samplers.append(
             PairSampler([view.volume], config, slab=slab, tasks=tasks, plane_axes=(a,), thick_axes=view.thick_axes)

@@ -26,6 +26,7 @@ import yaml
 from medldm.config import parse_config
 from medldm.data import PairSampler
 from medldm.train import Trainer
+from medldm.volume import Volume, crop, load
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDLDM_SHARED", REPO.parent / "shared"))
@@ -88,6 +89,12 @@ def assert_refused(result: subprocess.CompletedProcess, *phrases: str | Path, ou
 @functools.cache
 def _ixi_path() -> Path:
     return sorted(shared_path(IXI).glob("*.nii.gz"))[0]
+
+
+def ixi_block(path: Path) -> Volume:
+    """A real IXI block, 48 x 120 x 40 of the scan's 120 x 120 x 90 (the whole extent along z, voxel axis 1): real
+    anatomy for the thick-slice tests, small enough for short upscales."""
+    return crop(load(path), (slice(36, 84), slice(None), slice(25, 65)))
 
 
 @functools.cache

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from medldm import MedldmError
+from medldm.adapt import BATCH, PATCH
 from medldm.degrade import (
     SliceSampling,
     ThickSlice,
@@ -414,8 +415,6 @@ def test_evaluate_adapt_scores_the_model_adapted_and_unadapted(tmp_path, head_ct
     import csv
 
     from medldm.evaluation.evaluate import evaluate
-
-    from medldm.adapt import BATCH, PATCH
 
     scan = save_nifti(head_ct, tmp_path / "ct.nii.gz")
     evaluate(

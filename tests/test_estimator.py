@@ -26,7 +26,7 @@ from medldm.stages import unseen_error
 from medldm.volume import crop, load, save_nifti
 from tests.helpers import TINY_ESTIMATOR as ESTIMATOR
 from tests.helpers import TINY_STAGE as STAGE
-from tests.helpers import _one_batch, medldm, rows, tiny, tiny_with_estimator, trainer
+from tests.helpers import _one_batch, ixi_block, medldm, rows, tiny, tiny_with_estimator, trainer
 
 
 def test_all_stages_train_and_the_model_folder_holds_the_estimators_ema(estimator_run):
@@ -43,7 +43,7 @@ def test_all_stages_train_and_the_model_folder_holds_the_estimators_ema(estimato
 
 
 def test_refine_zero_gives_the_consistent_estimate_and_refining_adds_detail(estimator_run, ixi_path):
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))  # all of z: a short run
+    block = ixi_block(ixi_path)
     lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
     loaded = load_model(estimator_run / "model")
     estimate = Upscaler(loaded, device="cpu", steps=2, refine=0.0).upscale(lr, axis="z", keep_estimate=True)
@@ -84,7 +84,7 @@ def test_by_default_only_the_refinement_runs_in_bf16_and_only_where_native(estim
 def test_the_estimate_in_channels_last_is_the_same_estimate(estimator_run, ixi_path):
     """channels_last (the default) lays out the estimator's weights channels-last, a speed-up only: the estimate is
     the float32 one in the plain layout up to summation order."""
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    block = ixi_block(ixi_path)
     lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
     fast = Upscaler(load_model(estimator_run / "model"), device="cpu", refine=0.0)
     plain = Upscaler(load_model(estimator_run / "model"), device="cpu", refine=0.0, channels_last=False)
@@ -233,7 +233,7 @@ def test_a_refinement_model_fine_tuned_from_a_model_folder(estimator_run, tmp_pa
             getattr(tuned, name).state_dict(), getattr(source, name).state_dict(), rtol=0, atol=0
         )
     assert tuned.info["latent_scale"] == source.info["latent_scale"] and tuned.defaults()["refine"] == 0.3
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    block = ixi_block(ixi_path)
     lr, _ = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
     out = Upscaler(tuned, device="cpu", steps=2).upscale(lr, axis="z", keep_estimate=True)  # refines by default
     assert out.residual < 1e-6 and np.abs(out.sr.data - out.estimate.data).mean() > 1e-4 * lr.data.max()
@@ -297,7 +297,7 @@ def test_a_3d_estimator_trains_on_patches_and_the_upscaler_runs_it_in_chunks(tmp
     trainer(config, root, tmp_path / "run").run("all")
     log = rows(tmp_path / "run" / "estimator" / "metrics.csv")
     assert len(log) == 4 and all(np.isfinite(float(r["loss"])) for r in log)
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    block = ixi_block(ixi_path)
     lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
     loaded = load_model(tmp_path / "run" / "model")
     assert loaded.estimator.spatial_dims == 3
@@ -395,7 +395,7 @@ def test_a_config_that_adds_an_error_model_trains_only_that_and_upscale_returns_
     assert not (tmp_path / "run" / "diffusion" / "metrics.csv").exists()  # nothing but the error model trained
     folder = tmp_path / "run" / "model"
     assert (folder / "uncertainty.safetensors").is_file()
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    block = ixi_block(ixi_path)
     lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
     with_map = Upscaler(folder, device="cpu").upscale(lr, axis="z")
     without = Upscaler(estimator_run / "model", device="cpu").upscale(lr, axis="z")
@@ -464,7 +464,7 @@ def test_a_config_that_adds_a_second_pass_trains_it_from_the_estimator_and_upsca
     assert len(rows(tmp_path / "run" / "second_pass" / "metrics.csv")) == 3
     folder = tmp_path / "run" / "model"
     assert load_model(folder).second_pass is not None and load_model(estimator_run / "model").second_pass is None
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    block = ixi_block(ixi_path)
     lr, hr = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
     two = Upscaler(folder, device="cpu").upscale(lr, axis="z")
     one = Upscaler(estimator_run / "model", device="cpu").upscale(lr, axis="z")
@@ -513,7 +513,7 @@ def test_a_third_pass_trains_from_the_second_on_its_estimates_and_upscale_runs_b
     assert (tmp_path / "run" / "third_pass" / "second_pass.h5").is_file()  # the two-pass estimates, cached
     model = load_model(tmp_path / "run" / "model")
     assert [net is not None for net in (model.second_pass, model.third_pass)] == [True, True]
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    block = ixi_block(ixi_path)
     lr, _ = degrade_volume(block, kind="slice-profile", axis="z", scale=4)
     three = Upscaler(model, device="cpu").upscale(lr, axis="z")
     two = Upscaler(dataclasses.replace(model, third_pass=None), device="cpu").upscale(lr, axis="z")
@@ -534,7 +534,7 @@ def test_a_second_pass_for_kspace_learns_the_acquired_planes_and_upscale_runs_it
     assert set(sampler.batch(0, 8)["axis"].tolist()) == {-1}  # in-plane pairs, like the first pass's
     t.run("all")
     folder, one = tmp_path / "run" / "model", estimator_run / "model"
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
+    block = ixi_block(ixi_path)
     kspace, _ = degrade_volume(block, kind="kspace", axis="z", scale=2)
     two = Upscaler(folder, device="cpu").upscale(kspace, axis="z", kind="kspace")
     assert np.abs(two.sr.data - Upscaler(one, device="cpu").upscale(kspace, axis="z", kind="kspace").sr.data).max() > 1

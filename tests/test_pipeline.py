@@ -13,15 +13,13 @@ from medldm.degrade import degrade_volume, make_operator
 from medldm.model import load_model
 from medldm.pipeline import RunningStats, Upscaler
 from medldm.volume import crop, face_corners, load, rescaled_affine, save_nifti
-from tests.helpers import medldm, tiny, trainer
+from tests.helpers import ixi_block, medldm, tiny, trainer
 
 
 @pytest.fixture(scope="module")
 def degraded(ixi_path):
-    """A real IXI block (48 x 120 x 40 of 120 x 120 x 90: the whole extent along z) with thick slices: x4 along z
-    (voxel axis 1), plus its ground truth. A block, not the whole head, keeps the many upscales below short."""
-    block = crop(load(ixi_path), (slice(36, 84), slice(None), slice(25, 65)))
-    return degrade_volume(block, kind="slice-profile", axis="z", scale=4)
+    """The IXI block (tests.helpers.ixi_block) with thick slices x4 along z (voxel axis 1), and its ground truth."""
+    return degrade_volume(ixi_block(ixi_path), kind="slice-profile", axis="z", scale=4)
 
 
 @pytest.mark.parametrize("name", ["tiny_2d", "tiny_3d"])
