@@ -73,8 +73,8 @@ LOSS = "unseen"
 # which degradations the first pass's pairs apply to the scan's own planes: "own", the thick axis's slice profile,
 # factor and thickness only; "trained", the model's training tasks (thick slices x2/x4, k-space x2/x4, thickness
 # 1); "mixed", half of each. Tuning: trained +0.17 dB over own on the rule's two scans (mixed +0.07), a tie over
-# four (own better on a T2 and a CT: docs/model_card.md, "The first pass's pairs"). The later passes always learn
-# the scan's own degradation.
+# four (own better on a T2 and a CT: docs/model_card.md, "The first pass's pairs"), and a tie on the HU phantom
+# CT over three seeds (own for CT only: not adopted). The later passes always learn the scan's own degradation.
 PAIRS = "trained"
 _PAIRS_WORDS = {
     "own": ", the first pass's pairs thickened as the thick axis is",
