@@ -390,6 +390,28 @@ class Upscaler:
             unc = volume.with_data(std.numpy() * (norm.high - norm.low), affine, **meta)
         return UpscaleResult(sr, unc, residual, task, a, kept, plan)
 
+    def autoencode(self, lr: Volume, truth: Volume, plan: Plan) -> Volume:
+        """``truth`` (the HR volume of ``lr`` under ``plan``) encoded and decoded by the autoencoder, plane by plane
+        on the stack the refinement adds its detail from, normalised as the upscale normalises ``lr``: what the
+        latent bottleneck keeps of the true image (medldm.evaluation.ceiling). 2D models only."""
+        if self.dims != 2:
+            raise MedldmError("the reconstruction ceiling is measured plane by plane: 2D models only", self.model.path)
+        op = plan.operator()
+        if tuple(op.input_shape(lr.shape)) != truth.shape:
+            raise MedldmError(f"the truth is {truth.shape}, but this plan upscales to {op.input_shape(lr.shape)}")
+        norm, _, _, limits = self._normalised(lr)
+        axis = self._plane_axes(truth.shape, op, "one")[0]
+        planes = torch.from_numpy(norm.forward(truth.data.astype(np.float32))).movedim(axis, 0)
+        out = torch.empty_like(planes)
+        per_call, scale = self._planes_per_call(planes.shape[1:]), float(self.model.info["latent_scale"])
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.diffusion_bf16):
+            for start in range(0, len(planes), per_call):
+                block = planes[start : start + per_call, None]
+                decoded = self._decode(self._encode(block) / scale)  # as the refinement decodes its latents
+                out[start : start + len(block)] = decoded[:, 0, : planes.shape[1], : planes.shape[2]].float().cpu()
+        data = out.movedim(0, axis).contiguous().numpy()
+        return truth.with_data(_clip(norm.inverse(data, out=data), limits))
+
     def _normalised(self, volume: Volume):
         """The model's intensity normaliser fitted to ``volume``, the normalised scan, its modality's index and
         the output's intensity limits (CT stays within physical Hounsfield units: nothing below air, nothing above
