@@ -318,6 +318,7 @@ def test_adaptation_lowers_its_own_loss_and_changes_the_output(default_upscaler,
     from medldm.adapt import adapt
 
     monkeypatch.setattr("medldm.adapt.BATCH", 16)  # half the shipped batch: the same behaviour in half the time
+    monkeypatch.setattr("medldm.adapt.PATCH", 32)  # and a quarter of its patch
     lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="x", scale=4)  # in-plane axis thickened
     plan = default_upscaler.plan(lr, axis="x", scale=4)
     before = default_upscaler.upscale(lr, plan=plan).sr.data
