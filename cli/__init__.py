@@ -759,6 +759,12 @@ class _UpscaleListener:
                 f"adapted to {source.name}: {adaptation.steps} steps in {adaptation.seconds:.0f} s, L1 "
                 f"{adaptation.losses[0]:.4f} -> {sum(last) / len(last):.4f}"
             )
+            if adaptation.cut_short:  # say so: the result is a shorter adaptation than the one asked for
+                done = "/".join(str(len(r)) for r in (adaptation.losses, *adaptation.later_losses))
+                self._line(
+                    f"note: {source.name}: the {adaptation.minutes:g}-minute bound stopped the adaptation at {done} "
+                    f"of {adaptation.steps_asked} steps per pass; a larger --adapt-minutes lets it finish"
+                )
 
     def done(self, row, result=None) -> None:
         from rich.markup import escape

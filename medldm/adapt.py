@@ -94,6 +94,14 @@ class Adaptation:
     factor: float  # the in-plane factor the pairs were made with
     thickness: float  # slice thickness / spacing of the pairs
     later_losses: list[list[float]] = field(default_factory=list)  # per adapted later pass, L1 per step
+    steps_asked: int | None = None  # the step bound per pass (None: the time bound alone)
+    minutes: float | None = None  # the time bound of all the passes together
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether the time bound stopped a pass before its step bound (a slow machine or a large scan)."""
+        runs = [self.losses, *self.later_losses]
+        return self.steps_asked is not None and any(len(r) < self.steps_asked for r in runs)
 
 
 def adapt(
@@ -141,7 +149,7 @@ def adapt(
     own = {"factor": round(factor, 6), "thickness": plan.thickness, "grid": grid, "loss_on": LOSS, "pairs": PAIRS}
     sampling = {**model.defaults(), "refine": REFINE}
     adapted = replace(adapted, info={**model.info, "sampling": sampling, "adapted_to": own})
-    return Adaptation(adapted, len(losses), seconds, losses, factor, plan.thickness, later_losses)
+    return Adaptation(adapted, len(losses), seconds, losses, factor, plan.thickness, later_losses, steps, minutes)
 
 
 def in_bf16(device: torch.device) -> bool:

@@ -343,6 +343,25 @@ def test_adaptation_lowers_its_own_loss_and_changes_the_output(default_upscaler,
     assert asked.refine == 0.15  # a refinement the user asks for still applies
 
 
+def test_an_adaptation_cut_short_by_its_time_bound_says_so(default_upscaler, head_ct, monkeypatch, capsys):
+    from medldm.cli import _UpscaleListener
+
+    import medldm.adapt as adapt_module
+
+    monkeypatch.setattr(adapt_module, "BATCH", 4)
+    monkeypatch.setattr(adapt_module, "PATCH", 32)
+    lr, _ = degrade_volume(head_ct, kind="slice-profile", axis="x", scale=4)
+    plan = default_upscaler.plan(lr, axis="x", scale=4)
+    finished = adapt_module.adapt(default_upscaler.model, lr, plan, steps=2, minutes=5, seed=0)
+    assert not finished.cut_short  # the step bound came first
+    cut = adapt_module.adapt(default_upscaler.model, lr, plan, steps=10_000, minutes=0.01, seed=0)
+    assert cut.cut_short and cut.steps < 10_000 and (cut.steps_asked, cut.minutes) == (10_000, 0.01)
+    _UpscaleListener(quiet=False, json_lines=False, scans=1).adapted(Path("ct.nii.gz"), cut)
+    told = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert f"the 0.01-minute bound stopped the adaptation at {cut.steps}/" in told
+    assert "of 10000 steps per pass; a larger --adapt-minutes lets it finish" in told
+
+
 def test_adaptation_off_the_trained_factors_learns_and_runs_on_the_trained_grid(ixi_path, monkeypatch):
     import medldm.adapt as adapt_module
     import medldm.pipeline as pipeline
@@ -460,7 +479,7 @@ def test_cli_adapt_saves_a_checksummed_model_that_loads(tmp_path, head_ct):
         tmp_path / "sr.nii.gz",
     )
     assert run.returncode == 0, run.stderr
-    assert "adapted to ct.nii.gz: 3 steps" in run.stderr
+    assert "adapted to ct.nii.gz: 3 steps" in run.stderr and "note:" not in run.stderr  # a step bound alone: all done
     from medldm.model import load_model
 
     model = load_model(tmp_path / "adapted")  # checksums verified
