@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from medldm.evaluation.metrics import foreground_mask, psnr
 
-from medldm.degrade import degrade_volume, enforce_consistency
+from medldm.degrade import acquisition_operator, degrade_volume, enforce_consistency
 from medldm.errors import MedldmError
 from medldm.pipeline import Upscaler
 from medldm.volume import Volume, load
@@ -33,12 +33,11 @@ __all__ = ["ceiling", "main"]
 def ceiling(upscaler: Upscaler, lr: Volume, truth: Volume) -> dict[str, float]:
     """PSNR (dB) of the autoencoder's reconstruction of ``truth``, as it is (``psnr``) and projected onto the
     volumes consistent with ``lr`` (``psnr_projected``); ``lr`` is ``truth`` degraded by
-    medldm.degrade.degrade_volume (its ``meta["degrade"]`` names the acquisition)."""
-    acquired = lr.meta["degrade"]
-    plan = upscaler.plan(lr, axis=acquired["axis"], scale=acquired["scale"], kind=acquired["kind"])
-    rec = upscaler.autoencode(lr, truth, plan)
+    medldm.degrade.degrade_volume, whose record gives the acquisition's forward model."""
+    op = acquisition_operator(lr)
+    rec = upscaler.autoencode(lr, truth, op)
     projected = enforce_consistency(
-        torch.from_numpy(rec.data.astype(np.float64)), torch.from_numpy(lr.data.astype(np.float64)), plan.operator()
+        torch.from_numpy(rec.data.astype(np.float64)), torch.from_numpy(lr.data.astype(np.float64)), op
     ).numpy()
     mask = foreground_mask(truth.data)
     return {"psnr": psnr(rec.data, truth.data, mask=mask), "psnr_projected": psnr(projected, truth.data, mask=mask)}
@@ -53,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=4, help="its factor")
     parser.add_argument("--csv", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
-    scale = int(args.scale) if float(args.scale).is_integer() else args.scale
     try:
         upscaler = Upscaler(args.model, device="cpu")
         rows = []
         for path in args.scans:
-            lr, truth = degrade_volume(load(path), kind=args.kind, axis=args.axis, scale=scale)
+            lr, truth = degrade_volume(load(path), kind=args.kind, axis=args.axis, scale=args.scale)
             rows.append({"volume": path.name, **{k: round(v, 4) for k, v in ceiling(upscaler, lr, truth).items()}})
             print(f"{path.name}: {rows[-1]['psnr']:.2f} dB, {rows[-1]['psnr_projected']:.2f} dB projected", flush=True)
     except MedldmError as err:

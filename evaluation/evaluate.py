@@ -28,7 +28,7 @@ from medldm.evaluation.metrics import (
 )
 
 from medldm import __version__, cohort
-from medldm.degrade import degrade_volume, make_operator
+from medldm.degrade import acquisition_operator, degrade_volume
 from medldm.errors import MedldmError
 from medldm.resample import interpolate
 from medldm.volume import SCAN_SUFFIXES, Volume, load
@@ -259,7 +259,7 @@ def _run_case(path: Path, acquisition: dict, methods, upscaler, timings, *, seed
     lr, truth = degrade_volume(load(path), **acquisition)
     kind, thickness = acquisition["kind"], acquisition["thickness"]
     op_axis, exact = lr.meta["degrade"]["axis"], lr.meta["degrade"]["scale"]  # non-integer: the grid's factor
-    op = make_operator(kind, axis=op_axis, scale=exact, profile=acquisition["profile"], thickness=thickness)
+    op = acquisition_operator(lr)
     case = Case(truth, op_axis)
     for method in (m for m in methods if m not in (REGRESSION, UNADAPTED)):  # the model makes these two
         tic = time.perf_counter()

@@ -47,6 +47,7 @@ __all__ = [
     "add_rician_noise",
     "Degraded",
     "degrade_volume",
+    "acquisition_operator",
 ]
 
 PROFILES = Profile.values()
@@ -587,3 +588,16 @@ def degrade_volume(
         "cropped_from": volume.shape,
     }
     return Degraded(hr.with_data(lr.numpy(), rescaled_affine(hr.affine, op.factors(3)), degrade=record), hr)
+
+
+def acquisition_operator(lr: Volume) -> LinearOperator:
+    """The forward model that made ``lr`` from its truth, as :func:`degrade_volume` recorded it in
+    ``lr.meta["degrade"]`` (the exact factor, the profile and the thickness it used)."""
+    record = lr.meta["degrade"]
+    return make_operator(
+        record["kind"],
+        axis=record["axis"],
+        scale=record["scale"],
+        profile=record["profile"],
+        thickness=record["thickness"],
+    )

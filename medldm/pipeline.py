@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from medldm.choices import Planes
-from medldm.degrade import KSpaceTruncation, consistency_residual, enforce_consistency, make_operator
+from medldm.degrade import KSpaceTruncation, LinearOperator, consistency_residual, enforce_consistency, make_operator
 from medldm.diffusion import make_denoiser, randn, sample
 from medldm.errors import MedldmError
 from medldm.intensity import guess_modality, normaliser
@@ -390,15 +390,15 @@ class Upscaler:
             unc = volume.with_data(std.numpy() * (norm.high - norm.low), affine, **meta)
         return UpscaleResult(sr, unc, residual, task, a, kept, plan)
 
-    def autoencode(self, lr: Volume, truth: Volume, plan: Plan) -> Volume:
-        """``truth`` (the HR volume of ``lr`` under ``plan``) encoded and decoded by the autoencoder, plane by plane
-        on the stack the refinement adds its detail from, normalised as the upscale normalises ``lr``: what the
-        latent bottleneck keeps of the true image (medldm.evaluation.ceiling). 2D models only."""
+    def autoencode(self, lr: Volume, truth: Volume, op: LinearOperator) -> Volume:
+        """``truth`` (the HR volume that the forward model ``op`` turned into ``lr``) encoded and decoded by the
+        autoencoder, plane by plane on the stack the refinement adds its detail from, normalised as the upscale
+        normalises ``lr``: what the latent bottleneck keeps of the true image (medldm.evaluation.ceiling). 2D models
+        only."""
         if self.dims != 2:
             raise MedldmError("the reconstruction ceiling is measured plane by plane: 2D models only", self.model.path)
-        op = plan.operator()
         if tuple(op.input_shape(lr.shape)) != truth.shape:
-            raise MedldmError(f"the truth is {truth.shape}, but this plan upscales to {op.input_shape(lr.shape)}")
+            raise MedldmError(f"the truth is {truth.shape}, but this acquisition comes from {op.input_shape(lr.shape)}")
         norm, _, _, limits = self._normalised(lr)
         axis = self._plane_axes(truth.shape, op, "one")[0]
         planes = torch.from_numpy(norm.forward(truth.data.astype(np.float32))).movedim(axis, 0)
@@ -408,7 +408,7 @@ class Upscaler:
             for start in range(0, len(planes), per_call):
                 block = planes[start : start + per_call, None]
                 decoded = self._decode(self._encode(block) / scale)  # as the refinement decodes its latents
-                out[start : start + len(block)] = decoded[:, 0, : planes.shape[1], : planes.shape[2]].float().cpu()
+                out[start : start + len(block)] = decoded[:, 0, : planes.shape[1], : planes.shape[2]].cpu()
         data = out.movedim(0, axis).contiguous().numpy()
         return truth.with_data(_clip(norm.inverse(data, out=data), limits))
 

@@ -11,7 +11,7 @@ from medldm.evaluation.ceiling import ceiling, main
 from medldm.evaluation.metrics import foreground_mask, psnr
 
 from medldm import MedldmError
-from medldm.degrade import degrade_volume
+from medldm.degrade import acquisition_operator, degrade_volume
 from medldm.pipeline import Upscaler
 from medldm.volume import crop, save_nifti
 from tests.helpers import ixi_block
@@ -19,20 +19,19 @@ from tests.helpers import ixi_block
 
 def test_the_ceiling_scores_the_autoencoders_reconstruction_of_the_truth(ixi_path):
     lr, truth = degrade_volume(ixi_block(ixi_path), kind="slice-profile", axis="z", scale=4)
-    up = Upscaler("default", device="cpu")
-    plan = up.plan(lr, axis="z", scale=4, kind="slice-profile")
-    rec = up.autoencode(lr, truth, plan)
+    up, op = Upscaler("default", device="cpu"), acquisition_operator(lr)
+    rec = up.autoencode(lr, truth, op)
     assert rec.shape == truth.shape and np.array_equal(rec.affine, truth.affine)
     mask = foreground_mask(truth.data)
     scores = ceiling(up, lr, truth)
     assert scores["psnr"] == pytest.approx(psnr(rec.data, truth.data, mask=mask))
     # the bottleneck keeps much more of the truth than B-spline recovers from the thick slices (a wrong plane
     # axis, normalisation or crop would not), but not all of it
-    bspline_dc = psnr(baseline("bspline-dc", lr, plan.operator()).data, truth.data, mask=mask)
+    bspline_dc = psnr(baseline("bspline-dc", lr, op).data, truth.data, mask=mask)
     assert bspline_dc + 2 < scores["psnr"] < 45
     assert scores["psnr_projected"] > scores["psnr"]  # the acquired slices put back what the bottleneck lost of them
-    with pytest.raises(MedldmError, match="upscales to"):
-        up.autoencode(lr, crop(truth, (slice(0, 40), slice(None), slice(None))), plan)
+    with pytest.raises(MedldmError, match="comes from"):
+        up.autoencode(lr, crop(truth, (slice(0, 40), slice(None), slice(None))), op)
 
 
 def test_the_ceiling_command_writes_its_table_and_names_a_bad_file(ixi_path, tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch
 from medldm.degrade import (
     KSpaceTruncation,
     ThickSlice,
+    acquisition_operator,
     add_gaussian_noise,
     add_rician_noise,
     degrade_volume,
@@ -344,3 +345,15 @@ def test_degrade_volume_ixi_kspace(ixi):
     np.testing.assert_allclose(lr.spacing, (4.0, 2.0, 4.0), rtol=1e-9)
     np.testing.assert_allclose(face_corners(lr.shape, lr.affine), face_corners(hr.shape, hr.affine), atol=1e-6)
     assert float(lr.data.mean()) == pytest.approx(float(hr.data.mean()), rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "kind,scale,profile,thickness", [("slice-profile", 5.5, "boxcar", 0.75), ("kspace", 2, "gaussian", 1.0)]
+)
+def test_the_acquisition_operator_remakes_the_degraded_volume(kind, scale, profile, thickness):
+    rng = np.random.default_rng(0)
+    hr = Volume(rng.random((40, 36, 44)).astype(np.float32), np.diag([1.0, 1.0, 1.0, 1.0]), {})
+    lr, truth = degrade_volume(hr, kind=kind, axis=2, scale=scale, profile=profile, thickness=thickness)
+    op = acquisition_operator(lr)
+    remade = op(torch.from_numpy(truth.data).to(torch.float64)).numpy()
+    np.testing.assert_allclose(remade, lr.data, rtol=0, atol=1e-6)  # lr is stored in float32
