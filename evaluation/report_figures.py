@@ -46,6 +46,8 @@ class Figures:
         while f"{name}.png" in self.files:
             name += "_"
         try:
+            fig.draw_without_rendering()  # the constrained layout once, not again for each format
+            fig.set_layout_engine("none")
             png, svg = io.BytesIO(), io.BytesIO()
             fig.savefig(png, format="png", dpi=DPI, facecolor="white")
             fig.savefig(svg, format="svg", facecolor="white")
