@@ -251,6 +251,7 @@ def test_ct_warns_and_stays_in_hounsfield_range(default_upscaler, head_ct):
     np.testing.assert_array_equal(result.sr.data, result.estimate.data)
 
 
+@pytest.mark.slow
 def test_a_refinement_asked_for_applies_to_any_modality(default_upscaler, head_ct, ixi_path):
     ct, _ = degrade_volume(head_ct, kind="slice-profile", axis="z", scale=4)
     asked = Upscaler(default_upscaler.model, refine=default_upscaler.refine)
@@ -362,6 +363,7 @@ def test_an_adaptation_cut_short_by_its_time_bound_says_so(default_upscaler, hea
     assert "of 10000 steps per pass; a larger --adapt-minutes lets it finish" in told
 
 
+@pytest.mark.slow
 def test_adaptation_off_the_trained_factors_learns_and_runs_on_the_trained_grid(ixi_path, monkeypatch):
     import medldm.adapt as adapt_module
     import medldm.pipeline as pipeline

@@ -50,6 +50,7 @@ def test_data_consistent_baselines_reproduce_the_input(scan, kind, scale):
     torch.testing.assert_close(unseen(dc), unseen(as64(bspline)), rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, scale", [("kspace", 2), ("slice-profile", 4)])
 def test_evaluate_scores_each_baseline_on_the_acquired_slices(scan, tmp_path, kind, scale):
     out = tmp_path / "report"
