@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from medldm.evaluation.metrics import foreground_mask, psnr
 
+from medldm.choices import Kind
 from medldm.degrade import acquisition_operator, degrade_volume, enforce_consistency
 from medldm.errors import MedldmError
 from medldm.pipeline import Upscaler
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medldm.evaluation.ceiling", description=__doc__.split("\n")[0])
     parser.add_argument("scans", nargs="+", type=Path, help="high-resolution scans (the truth)")
     parser.add_argument("--model", default="default", help="a model folder, or 'default'")
-    parser.add_argument("--kind", default="slice-profile", help="the simulated acquisition (slice-profile, kspace)")
+    parser.add_argument("--kind", default="slice-profile", choices=Kind.values(), help="the simulated acquisition")
     parser.add_argument("--axis", default="z", help="its axis (x, y, z or a voxel index)")
     parser.add_argument("--scale", type=float, default=4, help="its factor")
     parser.add_argument("--csv", type=Path, help="also write the table here")

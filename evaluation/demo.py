@@ -34,7 +34,7 @@ def main() -> None:
     from medldm.evaluation.baselines import BSPLINE_DC, baseline
     from rich.console import Console
 
-    from medldm.degrade import degrade_volume, make_operator
+    from medldm.degrade import acquisition_operator, degrade_volume
     from medldm.figures import before_after
     from medldm.model import DEFAULT_MODEL
     from medldm.volume import load, save_nifti
@@ -45,7 +45,7 @@ def main() -> None:
     console.print(f"[bold]medldm demo[/]: {scan.name} (MNI152 2009 T1, 1 mm, shipped with nilearn)")
     lr, truth = degrade_volume(load(scan), kind="slice-profile", axis="z", scale=4)
     axis = lr.meta["degrade"]["axis"]
-    op = make_operator("slice-profile", axis=axis, scale=4)
+    op = acquisition_operator(lr)
     console.print(
         f"simulated thick slices: {truth.shape} at {truth.spacing[axis]:.1f} mm -> {lr.shape} at "
         f"{lr.spacing[axis]:.1f} mm along z (voxel axis {axis})"

@@ -55,8 +55,8 @@ TINY_CONFIG = REPO / "configs" / "tiny_2d.yaml"
 def medldm(*args: str | Path) -> subprocess.CompletedProcess:
     """``medldm ARGS`` run in this process, as a user's shell would see it: the exit code, stdout and stderr apart,
     and an exception other than the command line's own exits shown as a traceback on stderr. In-process because a
-    new interpreter spends about 5 s importing torch and MONAI again. Tests of process behaviour (signals, several
-    processes, an installed copy) start real processes themselves."""
+    new interpreter spends seconds importing torch and MONAI again (docs/performance.md, "Start-up"). Tests of
+    process behaviour (signals, several processes, an installed copy) start real processes themselves."""
     from medldm.cli import app
     from typer.testing import CliRunner
 

@@ -44,3 +44,6 @@ def test_the_ceiling_command_writes_its_table_and_names_a_bad_file(ixi_path, tmp
     assert [r["volume"] for r in rows] == ["block.nii.gz"] and float(rows[0]["psnr_projected"]) > float(rows[0]["psnr"])
     assert main([str(tmp_path / "missing.nii.gz")]) == 1
     assert "missing.nii.gz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the kinds are medldm.choices.Kind's, refused before any model is loaded
+        main([str(scan), "--kind", "thick"])
+    assert "invalid choice: 'thick'" in capsys.readouterr().err
