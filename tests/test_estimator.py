@@ -19,7 +19,7 @@ from medldm.data import LaterPassSampler, PassEstimate, TrainingVolume, pass_est
 from medldm.degrade import degrade_volume, enforce_consistency, make_operator
 from medldm.model import load_model
 from medldm.nets import build_autoencoder, build_denoiser, build_estimator, build_schedule, geometry_features
-from medldm.pipeline import Upscaler
+from medldm.pipeline import Upscaler, estimate_planes, interpolated
 from medldm.resample import interpolate
 from medldm.spec import SecondPass
 from medldm.stages import unseen_error
@@ -430,6 +430,40 @@ def test_second_pass_batches_pair_each_estimate_slab_with_the_truth_at_the_same_
     assert set(batch["axis"].tolist()) == {0, 1} and (batch["scale"] == 4).all()
     np.testing.assert_array_equal(sampler.batch(0, 24)["lr"], batch["lr"])  # a pure function of the step
     assert not torch.equal(sampler.batch(1, 24)["lr"], batch["lr"])
+
+
+def test_every_pass_sees_its_planes_from_an_lr_slice_edge_in_training_and_at_inference():
+    """The passes read where a plane lies between the thick slices from their own 8-voxel grid (model card, "Where
+    the thick slices lie": half a slice off costs about 1 dB), so patches and planes must start at a slice's edge."""
+    config, _ = tiny_with_estimator()
+    index = np.arange(1, 41, dtype=np.float32)  # a value per plane along the thick axis (z): its index + 1
+    truth = np.broadcast_to(index[None, None], (64, 72, 40)).copy()
+    batch = LaterPassSampler([_first_pass(truth, truth.copy(), 2)], config, slab=3).batch(0, 16)
+    assert (batch["scale"] == 4).all()
+    for hr, thick in zip(batch["hr"][:, 0], batch["axis"].tolist(), strict=True):
+        line = hr.movedim(thick, 0)[:, 0]  # along the thick axis (mirrored or not)
+        slices = (line[line > 0] - 1).long() // 4  # the LR slice of each voxel inside the volume
+        positions = (line > 0).nonzero()[:, 0] // 4
+        for p in positions.unique():  # each run of 4 patch voxels holds a single LR slice
+            assert len(slices[positions == p].unique()) == 1
+
+    class Recorder(torch.nn.Module):  # the identity on the centre plane, recording what it is given
+        slab, multiple, seen = 1, 16, []
+
+        def forward(self, x, label, geometry):
+            self.seen.append(x)
+            return x
+
+    net, hr_shape = Recorder(), (20, 18, 40)
+    lr = torch.rand(20, 18, 10)
+    estimate, _ = estimate_planes(
+        (net, None), interpolated(lr, hr_shape), hr_shape, [0, 1], 0, geometry_features(4, 1), per_call=lambda _: 7,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    source = interpolated(lr, hr_shape)(0, 0, 20)
+    torch.testing.assert_close(estimate, source)  # every plane back where it came from
+    first = net.seen[0][:, 0]  # planes across x: (7, 18 -> 32, 40 -> 48), padded at the far ends only
+    torch.testing.assert_close(first[:, :18, :40], source[:7])
 
 
 def test_later_pass_batches_can_be_cut_across_one_axis_at_an_exact_factor():
