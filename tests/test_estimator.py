@@ -448,22 +448,26 @@ def test_every_pass_sees_its_planes_from_an_lr_slice_edge_in_training_and_at_inf
             assert len(slices[positions == p].unique()) == 1
 
     class Recorder(torch.nn.Module):  # the identity on the centre plane, recording what it is given
-        slab, multiple, seen = 1, 16, []
+        slab, multiple = 1, 16
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[torch.Tensor] = []
 
         def forward(self, x, label, geometry):
             self.seen.append(x)
             return x
 
     net, hr_shape = Recorder(), (20, 18, 40)
-    lr = torch.rand(20, 18, 10)
+    source = interpolated(torch.rand(20, 18, 10), hr_shape)
     estimate, _ = estimate_planes(
-        (net, None), interpolated(lr, hr_shape), hr_shape, [0, 1], 0, geometry_features(4, 1), per_call=lambda _: 7,
+        (net, None), source, hr_shape, [0, 1], 0, geometry_features(4, 1), per_call=lambda _: 7,
         device=torch.device("cpu"),
     )  # fmt: skip
-    source = interpolated(lr, hr_shape)(0, 0, 20)
-    torch.testing.assert_close(estimate, source)  # every plane back where it came from
+    whole = source(0, 0, 20)
+    torch.testing.assert_close(estimate, whole)  # every plane back where it came from
     first = net.seen[0][:, 0]  # planes across x: (7, 18 -> 32, 40 -> 48), padded at the far ends only
-    torch.testing.assert_close(first[:, :18, :40], source[:7])
+    torch.testing.assert_close(first[:, :18, :40], whole[:7])
 
 
 def test_later_pass_batches_can_be_cut_across_one_axis_at_an_exact_factor():

@@ -212,21 +212,10 @@ def test_training_killed_with_sigkill_resumes_from_a_complete_checkpoint(tmp_pat
     cfg_path = tmp_path / "long.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     run = tmp_path / "run"
-    base = [
-        sys.executable,
-        "-m",
-        "medldm.cli",
-        "train",
-        "--config",
-        str(cfg_path),
-        "--data-root",
-        str(DATA),
-        "--lpips-weights",
-        str(LPIPS),
-        "--stage",
-        "autoencoder",
-    ]
-    proc = subprocess.Popen([*base, "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["train", "--config", str(cfg_path), "--data-root", str(DATA), "--lpips-weights", str(LPIPS)]
+    args += ["--stage", "autoencoder"]
+    command = [sys.executable, "-m", "medldm.cli", *args, "--run-dir", str(run)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((run / "autoencoder").glob("step_*"))) < 3:
         time.sleep(0.2)
@@ -237,7 +226,7 @@ def test_training_killed_with_sigkill_resumes_from_a_complete_checkpoint(tmp_pat
     state, _ = load_state(ckpt)  # the newest complete checkpoint reads back whole
     step = int(state["step"])
     assert all((ckpt / f"{n}.safetensors").is_file() for n in ("model", "ema", "discriminator"))
-    result = medldm(*base[3:], "--resume", run, "--max-steps", str(step + 2))  # in this process: a quicker start
+    result = medldm(*args, "--resume", run, "--max-steps", str(step + 2))  # in this process: a quicker start
     assert result.returncode == 0, result.stderr[-2000:]
     assert latest_checkpoint(run / "autoencoder").name == f"step_{step + 2:07d}"
 
