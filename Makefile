@@ -31,14 +31,18 @@ browser:
 	else echo "note: chromium is missing and cannot be installed here (needs apt-get as root);" \
 	"install the Debian package chromium to run the report test" >&2; fi; }
 
+# Tests run in JOBS worker processes (pytest-xdist; each uses one torch thread, tests/conftest.py), so that on 2
+# cores one worker's imports, process start-ups and file work overlap the other's computing. JOBS=0: one process.
+JOBS    ?= 2
+
 # pytest exits 5 when it collected no test: a broken suite, reported as such.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q; rc=$$?; \
+	$(BIN)/python -m pytest -q -n $(JOBS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # The quick lane for your own loop: every test not marked slow (CONTRIBUTING.md).
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"; rc=$$?; \
+	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # Speed and memory (docs/performance.md): every benchmark prints a table and writes JSON to bench_output/.
