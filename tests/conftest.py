@@ -12,7 +12,7 @@ from tests.helpers import REPO, SHARED, TINY_CONFIG, shared_path
 
 __all__ = ["REPO", "SHARED", "shared_path"]
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs pytest-xdist workers, one per core
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs JOBS pytest-xdist workers (Makefile)
     # one torch thread per worker and per process it starts: two workers of two threads on 2 cores contend
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
