@@ -390,8 +390,8 @@ def train(
         Path | None,
         typer.Option(
             help="start a new run from this model folder (fine-tuning): stages "
-            "whose settings equal the folder's are taken as finished, and "
-            "the denoiser starts from its weights"
+            "whose settings equal the folder's are taken as finished; an estimator "
+            "pass or denoiser of the same shape is fine-tuned from its weights"
         ),
     ] = None,
 ):

@@ -333,8 +333,12 @@ class SecondPassStage(EstimatorStage):
     def build(self) -> None:
         torch.manual_seed(self.config.training.seed + self.stream - 1)
         self.model = build_estimator(self.config)
-        previous = PASSES[PASSES.index(self.name) - 1]
-        self.model.load_state_dict(self.trainer.trained_pass(previous).state_dict())
+        init = self.trainer.stage_dir(self.name) / "init.safetensors"  # init_from: fine-tune a folder's pass
+        if init.is_file():
+            load_partial_weights(self.model, init, new="geometry.")
+        else:
+            previous = PASSES[PASSES.index(self.name) - 1]
+            self.model.load_state_dict(self.trainer.trained_pass(previous).state_dict())
         self._ema_and_optimiser()
 
     def _sampler(self):

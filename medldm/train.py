@@ -219,7 +219,8 @@ class Trainer:
     def init_from(self, folder: Path) -> dict[str, str]:
         """Start this (new) run from a trained model folder, to fine-tune it. A stage whose network and training
         settings equal the folder's, and that the folder trained for the configured steps, is taken as finished
-        (the folder's weights become its last checkpoint); a denoiser of the same shape starts the diffusion stage
+        (the folder's weights become its last checkpoint); an estimator pass of the same shape whose settings differ
+        is fine-tuned from the folder's weights of that pass; a denoiser of the same shape starts the diffusion stage
         from the folder's weights and latent scale, or is taken as finished too when its data, settings and steps
         are the folder's and it sits on the folder's own autoencoder and estimator (so a config that only adds a
         stage trains just that one). A taken network of the estimator's design (a later pass, the error model) that
@@ -246,15 +247,16 @@ class Trainer:
                 and info.get(f"{stage}_steps") == getattr(cfg.training, stage).steps
                 and (stage != "autoencoder" or cfg.data.intensity == old.data.intensity)
             )
-            if not same and stage == "estimator" and (folder / "estimator.safetensors").is_file():
+            weights = folder / f"{stage}.safetensors"
+            if not same and stage in PASSES and weights.is_file():
                 try:  # the same network, perhaps told the geometry too: fine-tune the folder's weights
-                    load_partial_weights(build_estimator(cfg), folder / "estimator.safetensors", new="geometry.")
+                    load_partial_weights(build_estimator(cfg), weights, new="geometry.")
                 except MedldmError:
                     pass
                 else:
                     self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(folder / "estimator.safetensors", self.stage_dir(stage) / "init.safetensors")
-                    taken[stage] = f"fine-tuned from {folder}'s estimator"
+                    shutil.copyfile(weights, self.stage_dir(stage) / "init.safetensors")
+                    taken[stage] = f"fine-tuned from {folder}'s {stage}"
                     continue
             if not same:
                 taken[stage] = f"trained {_starting_point(stage)} (its settings differ from the folder's)"

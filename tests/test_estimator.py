@@ -539,6 +539,29 @@ def test_telling_a_two_pass_model_the_geometry_fine_tunes_its_estimator_and_keep
     torch.testing.assert_close(told(x, label, geometry_features([5.5, 2.5], [1.0, 0.75])), before(x, label))
 
 
+def test_a_second_pass_with_new_training_settings_is_fine_tuned_from_the_folders_second_pass(estimator_run, tmp_path):
+    """Retraining a two-pass model's second pass (say, on a new first pass's estimates) starts from the folder's
+    second pass, not again from the estimator's weights: at a negligible learning rate it stays the folder's."""
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["second_pass"] = {}
+    raw["training"]["second_pass"] = {**STAGE, "steps": 2}
+    two = trainer(parse_config(raw, check_files=False)[0], tiny()[1], tmp_path / "two")
+    two.init_from(estimator_run / "model")
+    two.run("all")
+    folder = tmp_path / "two" / "model"
+    raw["training"]["second_pass"] = {**STAGE, "steps": 1, "lr": 1e-12}
+    t = trainer(parse_config(raw, check_files=False)[0], tiny()[1], tmp_path / "run")
+    taken = t.init_from(folder)
+    assert taken["second_pass"] == f"fine-tuned from {folder}'s second_pass"
+    assert taken["estimator"] == f"taken as finished from {folder}"
+    t.run("second_pass")
+    before, estimator = load_model(folder).second_pass, load_model(folder).estimator
+    after = t.trained_pass("second_pass")
+    x, label = torch.rand(2, after.slab, 32, 32), torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(after(x, label), before(x, label))
+    assert (after(x, label) - estimator(x, label)).abs().max() > 1e-4  # the estimator's weights would differ
+
+
 def test_a_third_pass_trains_from_the_second_on_its_estimates_and_upscale_runs_both(estimator_run, tmp_path, ixi_path):
     raw, _ = read_model_folder(estimator_run / "model")
     raw["second_pass"], raw["third_pass"] = {}, {}
