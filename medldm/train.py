@@ -219,13 +219,12 @@ class Trainer:
     def init_from(self, folder: Path) -> dict[str, str]:
         """Start this (new) run from a trained model folder, to fine-tune it. A stage whose network and training
         settings equal the folder's, and that the folder trained for the configured steps, is taken as finished
-        (the folder's weights become its last checkpoint); an estimator pass of the same shape whose settings differ
-        is fine-tuned from the folder's weights of that pass; a denoiser of the same shape starts the diffusion stage
-        from the folder's weights and latent scale, or is taken as finished too when its data, settings and steps
-        are the folder's and it sits on the folder's own autoencoder and estimator (so a config that only adds a
-        stage trains just that one). A taken network of the estimator's design (a later pass, the error model) that
-        this config tells the geometry, and the folder's did not, gets that part at zero: it computes what the
-        folder's did. Returns what happened to each stage, for the log."""
+        (the folder's weights become its last checkpoint); an estimator pass of the same shape with other settings
+        is fine-tuned from the folder's weights; so is a denoiser (with the folder's latent scale), which is taken
+        as finished when its data, settings and steps are the folder's and it sits on the folder's own autoencoder
+        and estimator (so a config that only adds a stage trains just that one). A taken network of the estimator's
+        design that this config tells the geometry, and the folder's did not, gets that part at zero: it computes
+        what the folder's did. Returns what happened to each stage, for the log."""
         folder = Path(folder)
         raw, info = read_model_folder(folder)
         old, _ = parse_config(raw, source=str(folder / "config.json"), check_files=False)
@@ -247,8 +246,7 @@ class Trainer:
                 and info.get(f"{stage}_steps") == getattr(cfg.training, stage).steps
                 and (stage != "autoencoder" or cfg.data.intensity == old.data.intensity)
             )
-            weights = folder / f"{stage}.safetensors"
-            if not same and stage in PASSES and weights.is_file():
+            if not same and stage in PASSES and (weights := folder / f"{stage}.safetensors").is_file():
                 try:  # the same network, perhaps told the geometry too: fine-tune the folder's weights
                     load_partial_weights(build_estimator(cfg), weights, new="geometry.")
                 except MedldmError:
