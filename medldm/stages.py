@@ -243,12 +243,17 @@ class EstimatorStage(TrainingStage):
     stream = 3  # the training batches' random stream
 
     def build(self) -> None:
-        torch.manual_seed(self.config.training.seed + 2)
+        torch.manual_seed(self.config.training.seed + self.stream - 1)
         self.model = build_estimator(self.config)  # refuses configs without an estimator section
-        init = self.trainer.stage_dir(self.name) / "init.safetensors"  # init_from: fine-tune a folder's estimator
+        init = self.trainer.stage_dir(self.name) / "init.safetensors"  # init_from: fine-tune a folder's pass
         if init.is_file():
             load_partial_weights(self.model, init, new="geometry.")
+        else:
+            self._start()
         self._ema_and_optimiser()
+
+    def _start(self) -> None:
+        """The weights a new run starts from without a folder to fine-tune: the estimator's, random."""
 
     def prepare(self) -> None:
         self.section = cast(EstimatorSection, self.config.estimator)  # build_estimator checked it
@@ -323,23 +328,17 @@ class UncertaintyStage(EstimatorStage):
 
 class SecondPassStage(EstimatorStage):
     """The estimator's second pass (thick slices): a network of the estimator's design, starting from its trained
-    weights, learns to map the slab of the first pass's consistent estimate to the truth, with the estimator's loss.
-    The earlier passes run once per training volume, thick-slice task and axis before the first step
-    (medldm.data.pass_estimates, cached in the stage's folder)."""
+    weights (or, fine-tuned, from a model folder's second pass), learns to map the slab of the first pass's
+    consistent estimate to the truth, with the estimator's loss. The earlier passes run once per training volume,
+    thick-slice task and axis before the first step (medldm.data.pass_estimates, cached in the stage's folder)."""
 
     name = "second_pass"
     stream = 5
 
-    def build(self) -> None:
-        torch.manual_seed(self.config.training.seed + self.stream - 1)
-        self.model = build_estimator(self.config)
-        init = self.trainer.stage_dir(self.name) / "init.safetensors"  # init_from: fine-tune a folder's pass
-        if init.is_file():
-            load_partial_weights(self.model, init, new="geometry.")
-        else:
-            previous = PASSES[PASSES.index(self.name) - 1]
-            self.model.load_state_dict(self.trainer.trained_pass(previous).state_dict())
-        self._ema_and_optimiser()
+    def _start(self) -> None:
+        """A later pass starts from the previous pass's trained weights."""
+        previous = PASSES[PASSES.index(self.name) - 1]
+        self.model.load_state_dict(self.trainer.trained_pass(previous).state_dict())
 
     def _sampler(self):
         """The earlier passes' estimates of the training volumes (thick slices)."""

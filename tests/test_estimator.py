@@ -515,19 +515,24 @@ def test_a_config_that_adds_a_second_pass_trains_it_from_the_estimator_and_upsca
     )
 
 
+def _two_pass_model(estimator_run, run_dir):
+    """The estimator run's model with a second pass added and trained 2 steps: its config (raw) and folder."""
+    raw, _ = read_model_folder(estimator_run / "model")
+    raw["second_pass"] = {}
+    raw["training"]["second_pass"] = {**STAGE, "steps": 2}
+    two = trainer(parse_config(raw, check_files=False)[0], tiny()[1], run_dir)
+    two.init_from(estimator_run / "model")
+    two.run("all")
+    return raw, run_dir / "model"
+
+
 def test_telling_a_two_pass_model_the_geometry_fine_tunes_its_estimator_and_keeps_its_second_pass(
     estimator_run, tmp_path
 ):
     """An any-factor fine-tune (estimator.geometry) of a two-pass model: the second pass shares the estimator's
     design, so it is told the geometry too, through a part that starts at zero: taken as it is, it must compute
     what the folder's second pass did, whatever factor it is told."""
-    raw, _ = read_model_folder(estimator_run / "model")
-    raw["second_pass"] = {}
-    raw["training"]["second_pass"] = {**STAGE, "steps": 2}
-    two = trainer(parse_config(raw, check_files=False)[0], tiny()[1], tmp_path / "two")
-    two.init_from(estimator_run / "model")
-    two.run("all")
-    folder = tmp_path / "two" / "model"
+    raw, folder = _two_pass_model(estimator_run, tmp_path / "two")
     raw["estimator"] = {**raw["estimator"], "geometry": True}
     t = trainer(parse_config(raw, check_files=False)[0], tiny()[1], tmp_path / "run")
     taken = t.init_from(folder)
@@ -542,13 +547,7 @@ def test_telling_a_two_pass_model_the_geometry_fine_tunes_its_estimator_and_keep
 def test_a_second_pass_with_new_training_settings_is_fine_tuned_from_the_folders_second_pass(estimator_run, tmp_path):
     """Retraining a two-pass model's second pass (say, on a new first pass's estimates) starts from the folder's
     second pass, not again from the estimator's weights: at a negligible learning rate it stays the folder's."""
-    raw, _ = read_model_folder(estimator_run / "model")
-    raw["second_pass"] = {}
-    raw["training"]["second_pass"] = {**STAGE, "steps": 2}
-    two = trainer(parse_config(raw, check_files=False)[0], tiny()[1], tmp_path / "two")
-    two.init_from(estimator_run / "model")
-    two.run("all")
-    folder = tmp_path / "two" / "model"
+    raw, folder = _two_pass_model(estimator_run, tmp_path / "two")
     raw["training"]["second_pass"] = {**STAGE, "steps": 1, "lr": 1e-12}
     t = trainer(parse_config(raw, check_files=False)[0], tiny()[1], tmp_path / "run")
     taken = t.init_from(folder)
